@@ -14,6 +14,7 @@ import logging
 import os
 import pickle
 import shutil
+import signal
 import socket
 import sys
 import time
@@ -109,6 +110,15 @@ def _attach(state: dict, kind: str) -> submitit.Job | None:
     return job if done or _pid_alive(int(job_id)) else None
 
 
+def _cancel_stale(state: dict) -> None:
+    """A job submitted for other params or inputs must not finish later and swap a stale out into place."""
+    if state.get("executor") == "slurm":
+        submitit.SlurmJob(folder=Path(state["folder"]), job_id=str(state["job_id"])).cancel(check=False)
+    elif state.get("executor") == "local" and _pid_alive(int(state["job_id"])):
+        os.kill(int(state["job_id"]), signal.SIGTERM)
+    print(f"cancelled stale {state.get('executor')} job {state.get('job_id')} (its inputs or params changed)", file=sys.stderr)
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -172,6 +182,8 @@ def submit(spec: JobSpec, cluster: Cluster) -> Any:
             job = _attach(state, kind)
             if job is not None:
                 print(f"{spec.stage}: re-attached to {kind} job {job.job_id}", file=sys.stderr)
+        else:
+            _cancel_stale(state)
     if job is None:
         folder = log_folder(cluster, spec.stage)
         executor = _make_executor(kind, folder, spec.stage, spec.resources)

@@ -14,6 +14,7 @@ from stages.models import ModelSource, import_model, resolve_model
 from stages.params import load_params
 
 STAGE = "import_model"
+OUT = Path("models/base")  # declared in dvc.yaml; later stages read the base model from here
 
 
 def job(source: ModelSource, out: Path, dtype: str, params: dict, inputs: dict) -> str:
@@ -28,16 +29,15 @@ def main() -> None:
     source = resolve_model(params.model.base)
     inputs = input_refs({"model": source.path}) if source.path else {}
     subset = {"model": {"base": params.model.base, "dtype": params.model.dtype}}
-    out = Path(params.model.out)
     spec = JobSpec(
         stage=STAGE,
-        fn=functools.partial(job, source, out, params.model.dtype, subset, inputs),
+        fn=functools.partial(job, source, OUT, params.model.dtype, subset, inputs),
         resources=params.cluster.import_model,
-        target=out,
+        target=OUT,
         key={"params": subset, "inputs": inputs, "code": code_revision(), "source": source.location},
     )
     artifact_id = submit(spec, params.cluster)
-    print(f"{STAGE}: {out} {artifact_id}")
+    print(f"{STAGE}: {OUT} {artifact_id}")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -51,7 +51,6 @@ class Cluster(Strict):
 class Model(Strict):
     base: str = Field("embedded", min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    out: str = Field("models/base", min_length=1)
 
 
 class Generation(Strict):
@@ -87,13 +86,14 @@ class Params(Strict):
 def _describe(field: Any) -> str:
     """'an integer >= 0', 'one of auto, slurm', … from a pydantic FieldInfo's annotation and constraints."""
     ann = field.annotation
-    args = getattr(ann, "__args__", ())
-    if getattr(ann, "__origin__", None) is Literal:
+    args = get_args(ann)
+    if get_origin(ann) is Literal:
         return "one of " + ", ".join(str(a) for a in args)
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false", list: "a list"}
-    kind = next((names[t] for t in (ann, *args) if t in names), None)
-    if kind is None:
-        kind = "a list" if "list" in str(ann) else "a mapping"
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    if get_origin(ann) is list:
+        kind = "a list"
+    else:
+        kind = next((names[t] for t in (ann, *args) if t in names), "a mapping")
     bounds = []
     for meta in field.metadata:
         for attr, sign in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"), ("min_length", "of length >=")):

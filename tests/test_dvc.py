@@ -1,0 +1,58 @@
+"""The DVC pipeline for real: `dvc repro` runs the stage through the submission layer, a second repro is a
+no-op, and `dvc exp run -S model.base=...` imports another model into an experiment."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from stages.artifacts import read_manifest, verify_artifact
+from tests.conftest import ROOT
+from tests.tiny import make_tiny_model
+
+PROJECT_FILES = ["stages", "slurm", "dvc.yaml", "params.yaml", ".gitignore"]
+
+
+def sh(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def test_repro_is_idempotent_and_exp_run_switches_model(tmp_path: Path, tiny_model: Path) -> None:
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["model"]["base"] = str(tiny_model)
+    params["cluster"]["executor"] = "local"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(repo, "git", "init", "-q")
+    sh(repo, "dvc", "init", "-q")
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "init")
+
+    first = sh(repo, "dvc", "repro")
+    assert "Running stage 'import_model'" in first.stdout
+    base_id = verify_artifact(repo / "models" / "base")
+    second = sh(repo, "dvc", "repro")
+    assert "Running stage" not in second.stdout and "up to date" in second.stdout
+    assert verify_artifact(repo / "models" / "base") == base_id
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "import")
+
+    other = make_tiny_model(tmp_path / "other", seed=1)
+    sh(repo, "dvc", "exp", "run", "-S", f"model.base={other}")
+    assert verify_artifact(repo / "models" / "base") != base_id
+    assert read_manifest(repo / "models" / "base")["params"]["model"]["base"] == str(other)
+    shown = sh(repo, "dvc", "exp", "show", "--csv").stdout
+    assert str(other) in shown

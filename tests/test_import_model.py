@@ -1,0 +1,99 @@
+"""Stage `import_model`: a local HF folder and the packaged SmolLM2 GGUF become a verified safetensors folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.artifacts import MANIFEST, verify_artifact
+from tests.conftest import ROOT
+
+
+def project(tmp_path: Path, **overrides) -> Path:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    for dotted, value in overrides.items():
+        group, key = dotted.split("__")
+        raw[group][key] = value
+    raw["cluster"]["log_dir"] = str(tmp_path / "logs")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path
+
+
+def run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_local_folder_through_local_executor(tmp_path: Path, tiny_model: Path) -> None:
+    cwd = project(tmp_path, model__base=str(tiny_model), cluster__executor="local")
+    proc = run_stage(cwd, "stages.import_model")
+    assert proc.returncode == 0, proc.stderr
+    out = cwd / "models" / "base"
+    artifact_id = verify_artifact(out)
+    assert proc.stdout.strip() == f"import_model: models/base {artifact_id}"
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["stage"] == "import_model"
+    assert manifest["params"] == {"model": {"base": str(tiny_model), "dtype": "float32"}}
+    assert manifest["inputs"]["model"]["path"] == str(tiny_model)
+    assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
+    assert "submitted local job" in proc.stderr and list((cwd / "logs" / "import_model").glob("*_0_log.out"))
+
+    lineage = run_stage(cwd, "stages.lineage", "models/base")
+    assert lineage.returncode == 0, lineage.stderr
+    assert f"artifact {artifact_id[:16]}  stage=import_model" in lineage.stdout
+
+
+def test_bfloat16_import_inline(tmp_path: Path, tiny_model: Path) -> None:
+    from safetensors import safe_open
+
+    cwd = project(tmp_path, model__base=str(tiny_model), model__dtype="bfloat16", cluster__executor="inline")
+    proc = run_stage(cwd, "stages.import_model")
+    assert proc.returncode == 0, proc.stderr
+    with safe_open(cwd / "models/base/model.safetensors", "pt") as weights:
+        assert str(weights.get_tensor(next(iter(weights.keys()))).dtype) == "torch.bfloat16"
+
+
+def test_folder_without_config_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "not-a-model").mkdir()
+    cwd = project(tmp_path, model__base=str(tmp_path / "not-a-model"))
+    proc = run_stage(cwd, "stages.import_model")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"params.yaml: model.base: {tmp_path / 'not-a-model'} has no config.json; expected a Hugging Face model folder"
+
+
+@pytest.mark.slow
+def test_embedded_smollm2_imports_answers_and_detects_corruption(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cwd = project(tmp_path, cluster__executor="local")
+    proc = run_stage(cwd, "stages.import_model")
+    assert proc.returncode == 0, proc.stderr
+    out = cwd / "models" / "base"
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["inputs"]["model"]["path"].endswith(".gguf")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "llama"
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                           add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    answer = tokenizer.decode(model.generate(**prompt, max_new_tokens=20, do_sample=False)[0][prompt["input_ids"].shape[1]:])
+    assert "Paris" in answer
+
+    weights = out / "model.safetensors"
+    with weights.open("r+b") as fh:
+        fh.seek(weights.stat().st_size // 2)
+        byte = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    lineage = run_stage(cwd, "stages.lineage", "models/base")
+    assert lineage.returncode == 1
+    assert lineage.stderr.strip() == f"lineage: models/base/model.safetensors: content does not match models/base/{MANIFEST} (altered after it was written)"

@@ -1,0 +1,120 @@
+"""params.yaml validation: every mistake is one line naming the file, the key and what was expected."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.errors import UserError
+from stages.params import Params, load_params, parse_params
+from tests.conftest import ROOT
+
+
+def error_for(raw: dict) -> str:
+    with pytest.raises(UserError) as exc:
+        parse_params(raw)
+    return str(exc.value)
+
+
+def test_project_params_file_is_valid() -> None:
+    params = load_params(ROOT / "params.yaml")
+    assert params.cluster.executor == "auto"
+    assert params.model.base == "embedded"
+
+
+@pytest.mark.parametrize(
+    "raw, message",
+    [
+        (
+            {"cluster": {"import_model": {"gpus_per_node": "two"}}},
+            "params.yaml: cluster.import_model.gpus_per_node: expected an integer >= 0, got 'two'",
+        ),
+        (
+            {"cluster": {"import_model": {"gpus_per_node": -1}}},
+            "params.yaml: cluster.import_model.gpus_per_node: expected an integer >= 0, got -1",
+        ),
+        (
+            {"cluster": {"import_model": {"gpus_per_nod": 2}}},
+            "params.yaml: cluster.import_model.gpus_per_nod: unknown key; did you mean 'gpus_per_node'?",
+        ),
+        ({"modle": {}}, "params.yaml: modle: unknown key; did you mean 'model'?"),
+        (
+            {"cluster": {"executor": "pbs"}},
+            "params.yaml: cluster.executor: expected one of auto, slurm, local, inline, got 'pbs'",
+        ),
+        (
+            {"generation": {"gpu_memory_utilization": 1.5}},
+            "params.yaml: generation.gpu_memory_utilization: expected a number > 0 <= 1, got 1.5",
+        ),
+        ({"cluster": {"import_model": {"setup": "module load cuda"}}},
+         "params.yaml: cluster.import_model.setup: expected a list, got 'module load cuda'"),
+        ({"training": {"zero_stage": 4}}, "params.yaml: training.zero_stage: expected one of 0, 1, 2, 3, got 4"),
+        ({"cluster": {"import_model": {"partition": ""}}},
+         "params.yaml: cluster.import_model.partition: expected a string of length >= 1, got ''"),
+    ],
+)
+def test_bad_values_give_one_line(raw: dict, message: str) -> None:
+    assert error_for(raw) == message
+
+
+def test_unknown_key_without_close_match_lists_the_known_ones() -> None:
+    msg = error_for({"cluster": {"import_model": {"zzzz": 1}}})
+    assert msg.startswith("params.yaml: cluster.import_model.zzzz: unknown key; expected one of partition, nodes,")
+
+
+def test_defaults_fill_missing_groups() -> None:
+    params = parse_params({"seed": 3})
+    assert params.seed == 3 and params.cluster.import_model.tasks == 1
+    assert Params().cluster.import_model.partition == "cpu"
+
+
+def test_tasks_default_to_one_per_gpu() -> None:
+    params = parse_params({"cluster": {"import_model": {"gpus_per_node": 4}}})
+    assert params.cluster.import_model.tasks == 4
+
+
+def test_invalid_yaml_and_missing_file(tmp_path: Path) -> None:
+    bad = tmp_path / "params.yaml"
+    bad.write_text("model:\n  base: [unclosed\n")
+    with pytest.raises(UserError, match=r"params.yaml: line \d+: not valid YAML"):
+        load_params(bad)
+    with pytest.raises(UserError, match="file not found"):
+        load_params(tmp_path / "nope.yaml")
+
+
+def test_stage_with_bad_params_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["cluster"]["import_model"]["gpus_per_node"] = "two"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.import_model"], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "params.yaml: cluster.import_model.gpus_per_node: expected an integer >= 0, got 'two'"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_missing_model_folder_exits_2(tmp_path: Path) -> None:
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["base"] = str(tmp_path / "no-such-model")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run(
+        [sys.executable, "-m", "stages.import_model"], cwd=tmp_path, capture_output=True, text=True,
+        env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1"},
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"params.yaml: model.base: {tmp_path / 'no-such-model'} not found; expected 'embedded', a local HF folder or a hub id"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
+
+
+def test_hub_id_offline_fails_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stages.models import resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(UserError, match=r"^params.yaml: model.base: 'HuggingFaceTB/SmolLM2-135M' is a hub id and the hub is not reachable"):
+        resolve_model("HuggingFaceTB/SmolLM2-135M")

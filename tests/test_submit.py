@@ -1,0 +1,125 @@
+"""The submission layer with the executors that run here without a cluster: inline and local (real
+subprocesses through submitit), multi-task distributed environment, failures, and re-attach after the
+submitting process dies."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm.submit import JobFailed, JobSpec, state_path, submit
+from stages.artifacts import verify_artifact
+from stages.errors import UserError
+from stages.params import Cluster, Resources
+from tests.conftest import ROOT
+
+
+def dist_env() -> dict:
+    keys = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+    return {k: os.environ.get(k) for k in keys}
+
+
+def all_reduce_ranks() -> tuple[int, int, float]:
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    total = torch.tensor([float(dist.get_rank() + 1)])
+    dist.all_reduce(total)
+    result = (dist.get_rank(), dist.get_world_size(), total.item())
+    dist.destroy_process_group()
+    return result
+
+
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
+def spec(fn, tmp_path: Path, **resources) -> JobSpec:
+    return JobSpec(stage="t", fn=fn, resources=Resources(time_min=5, **resources), target=tmp_path / "out", key={})
+
+
+def test_inline_runs_in_process_with_a_single_rank_env(tmp_path: Path) -> None:
+    env = submit(spec(dist_env, tmp_path), Cluster(executor="inline", log_dir=str(tmp_path / "logs")))
+    assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_RANK"] == "0"
+    assert not (tmp_path / "logs").exists()
+
+
+def test_inline_refuses_more_than_one_task(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="cluster.t: the inline executor runs one task"):
+        submit(spec(dist_env, tmp_path, tasks_per_node=2), Cluster(executor="inline"))
+
+
+def test_local_two_tasks_form_one_torch_distributed_group(tmp_path: Path) -> None:
+    cluster = Cluster(executor="local", log_dir=str(tmp_path / "logs"))
+    rank, world, total = submit(spec(all_reduce_ranks, tmp_path, tasks_per_node=2), cluster)
+    assert (rank, world, total) == (0, 2, 3.0)
+    logs = sorted(p.name for p in (tmp_path / "logs" / "t").iterdir())
+    assert any(name.endswith("_0_log.out") for name in logs) and any(name.endswith("_1_log.err") for name in logs)
+    assert not state_path(tmp_path / "out").exists()
+
+
+def test_local_failure_names_job_error_and_log(tmp_path: Path) -> None:
+    cluster = Cluster(executor="local", log_dir=str(tmp_path / "logs"))
+    with pytest.raises(JobFailed) as exc:
+        submit(spec(functools.partial(fail, "tokenizer exploded"), tmp_path), cluster)
+    message = str(exc.value)
+    first = message.splitlines()[0]
+    assert first.startswith("t: job ") and "failed on rank 0" in first
+    assert "ValueError: tokenizer exploded" in message
+    log = message.splitlines()[-1].split("log: ")[1]
+    assert Path(log).is_file() and log.endswith("_0_log.err")
+    assert not state_path(tmp_path / "out").exists()
+
+
+def test_local_nodes_above_one_is_a_params_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"cluster.t.nodes: the local executor runs on one node, got 2"):
+        submit(spec(dist_env, tmp_path, nodes=2), Cluster(executor="local", log_dir=str(tmp_path / "logs")))
+
+
+def test_local_job_survives_the_submitter_and_is_re_attached(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "tests.stage_sleep", "local", str(tmp_path / "logs"), "6"]
+    first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stderr=subprocess.PIPE, text=True)
+    line = first.stderr.readline()
+    assert "submitted local job" in line, line
+    job_id = line.split("local job ")[1].split()[0]
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    assert (tmp_path / ".out.job.json").exists() and not (tmp_path / "out").exists()
+
+    second = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert f"re-attached to local job {job_id}" in second.stderr
+    assert "submitted" not in second.stderr
+    assert f"result: {job_id}" in second.stdout
+    verify_artifact(tmp_path / "out")
+    assert not (tmp_path / ".out.job.json").exists()
+    logs = {p.name.split("_")[0] for p in (tmp_path / "logs" / "sleep").glob("*_log.out")}
+    assert logs == {job_id}  # one job only
+
+
+def test_a_changed_submission_is_not_re_attached(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    first = subprocess.Popen([sys.executable, "-m", "tests.stage_sleep", "local", "logs", "30"], cwd=tmp_path,
+                             env=env, stderr=subprocess.PIPE, text=True)
+    line = first.stderr.readline()
+    assert "submitted local job" in line
+    stale_pid = int(line.split("local job ")[1].split()[0])
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    second = subprocess.run([sys.executable, "-m", "tests.stage_sleep", "local", "logs", "0.1"], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=120)
+    assert second.returncode == 0, second.stderr
+    assert f"cancelled stale local job {stale_pid}" in second.stderr
+    assert "submitted local job" in second.stderr and "re-attached" not in second.stderr
+    time.sleep(1)
+    with pytest.raises(ProcessLookupError):
+        os.kill(stale_pid, 0)
