@@ -16,6 +16,8 @@ import pickle
 import shutil
 import signal
 import socket
+import subprocess
+import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -25,6 +27,7 @@ from typing import Any, Callable
 import submitit
 import submitit.helpers
 from submitit.core.utils import FailedJobError, UncompletedJobError
+from submitit.slurm.slurm import SlurmInfoWatcher
 
 from stages.artifacts import digest
 from stages.errors import UserError
@@ -60,16 +63,85 @@ class _Task:
         return self.fn()
 
 
+_GONE = "GONE"  # the state of a job that slurmctld no longer lists and sacct cannot tell about
+_SLURM_FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
+
+
+class _SlurmWatcher(SlurmInfoWatcher):
+    """Job states from sacct where accounting works, else from squeue. submitit itself only asks sacct: on a
+    cluster without slurmdbd every state stayed UNKNOWN (a job that ended without a result, cancelled or out of
+    time, was waited on forever) and sacct's complaint went to stderr on every poll."""
+
+    def __init__(self, delay_s: int) -> None:
+        super().__init__(delay_s=delay_s)
+        self._sacct_works: bool | None = None
+
+    def update(self) -> None:
+        ids = sorted({x.split("_")[0] for x in self._registered - self._finished})
+        if not ids:
+            return
+        self._num_calls += 1
+        info = None
+        if self._sacct_works is not False:
+            info = self._run(["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", ",".join(ids)])
+            self._sacct_works = info is not None
+        if info is None:
+            info = self._squeue(ids)
+        if info is not None:
+            self._info_dict.update(info)
+        self._last_status_check = time.time()
+        for job_id in self._registered - self._finished:
+            if self.is_done(job_id, mode="cache"):
+                self._finished.add(job_id)
+
+    def _run(self, command: list[str]) -> dict | None:
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return self.read_info(proc.stdout) if proc.returncode == 0 else None
+
+    def _squeue(self, ids: list[str]) -> dict | None:
+        """squeue lists pending, running and recently ended jobs (MinJobAge); a job it does not list is gone."""
+        command = ["squeue", "-h", "-t", "all", "-o", "%i|%T|%N", "-j", ",".join(ids)]
+        try:
+            proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
+            return None  # controller unreachable: keep the states known so far
+        listed = proc.stdout if proc.returncode == 0 else ""
+        info = self.read_info("JobID|State|NodeList\n" + listed)
+        for job_id in ids:
+            info.setdefault(job_id, {"JobID": job_id, "State": _GONE, "NodeList": ""})
+        return info
+
+
+class _SlurmJob(submitit.SlurmJob):
+    watcher = _SlurmWatcher(delay_s=600)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
+def slurm_answers() -> bool:
+    """A SLURM controller is reachable from here (sbatch installed alone is not enough: no config, no daemon)."""
+    if not shutil.which("sbatch") or not shutil.which("sinfo"):
+        return False
+    try:
+        return subprocess.run(["sinfo", "-h", "-o", "%P"], capture_output=True, timeout=15).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
 def choose_executor(cluster: Cluster) -> str:
+    """`auto`: slurm where a controller answers, else local subprocesses."""
     if cluster.executor != "auto":
         return cluster.executor
-    return "slurm" if shutil.which("sbatch") else "local"
+    return "slurm" if slurm_answers() else "local"
 
 
 def state_path(target: Path) -> Path:
@@ -83,6 +155,7 @@ def log_folder(cluster: Cluster, stage: str) -> Path:
 def _make_executor(kind: str, folder: Path, stage: str, res: Resources) -> submitit.Executor:
     if kind == "slurm":
         executor = submitit.SlurmExecutor(folder=folder)
+        executor.job_class = _SlurmJob
         extra = {k: getattr(res, k) for k in ("account", "qos", "constraint") if getattr(res, k)}
         executor.update_parameters(
             job_name=stage, partition=res.partition, nodes=res.nodes, ntasks_per_node=res.tasks,
@@ -103,8 +176,13 @@ def _attach(state: dict, kind: str) -> submitit.Job | None:
     """The job a previous submission left running or finished, when it can still deliver a result."""
     folder, job_id, tasks = Path(state["folder"]), str(state["job_id"]), list(range(state["tasks"]))
     if kind == "slurm":
-        job = submitit.SlurmJob(folder=folder, job_id=job_id, tasks=tasks)
-        return None if job.state in ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY") else job
+        job = _SlurmJob(folder=folder, job_id=job_id, tasks=tasks)
+        slurm_state = job.watcher.get_state(job_id, mode="force").split(" ")[0]  # sacct: "CANCELLED by 0"
+        if slurm_state in _SLURM_FAILED:
+            return None
+        if slurm_state == _GONE and not all(job.task(t).paths.result_pickle.exists() for t in tasks):
+            return None
+        return job
     job = submitit.LocalJob(folder=folder, job_id=job_id, tasks=tasks)
     done = all(job.task(t).paths.result_pickle.exists() for t in tasks)
     return job if done or _pid_alive(int(job_id)) else None
@@ -188,7 +266,11 @@ def submit(spec: JobSpec, cluster: Cluster) -> Any:
         folder = log_folder(cluster, spec.stage)
         executor = _make_executor(kind, folder, spec.stage, spec.resources)
         one_gpu_per_task = spec.resources.gpus_per_node > 0 and spec.resources.tasks == spec.resources.gpus_per_node
-        job = executor.submit(_Task(spec.fn, one_gpu_per_task))
+        try:
+            job = executor.submit(_Task(spec.fn, one_gpu_per_task))
+        except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller
+            lines = [line for line in str(exc).splitlines() if line.strip()]
+            raise JobFailed(f"{spec.stage}: {kind} refused the job: {lines[-1] if lines else exc}") from None
         state_file.parent.mkdir(parents=True, exist_ok=True)
         tmp = state_file.with_suffix(".tmp")
         tmp.write_text(json.dumps({
