@@ -17,7 +17,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ from typing import Any, Callable
 import submitit
 import submitit.helpers
 from submitit.core.utils import FailedJobError, UncompletedJobError
-from submitit.slurm.slurm import SlurmInfoWatcher
 
 from stages.artifacts import digest
 from stages.errors import UserError
+from slurm.watcher import GONE, SLURM_FAILED, SlurmJob
 from stages.params import Cluster, Resources
 
 STDERR_TAIL_LINES = 20
@@ -61,64 +60,6 @@ class _Task:
             set_cuda_visible_devices=self.one_gpu_per_task, overwrite=True
         )
         return self.fn()
-
-
-_GONE = "GONE"  # the state of a job that slurmctld no longer lists and sacct cannot tell about
-_SLURM_FAILED = ("FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE", "PREEMPTED")
-
-
-class _SlurmWatcher(SlurmInfoWatcher):
-    """Job states from sacct where accounting works, else from squeue. submitit itself only asks sacct: on a
-    cluster without slurmdbd every state stayed UNKNOWN (a job that ended without a result, cancelled or out of
-    time, was waited on forever) and sacct's complaint went to stderr on every poll."""
-
-    def __init__(self, delay_s: int) -> None:
-        super().__init__(delay_s=delay_s)
-        self._sacct_works: bool | None = None
-
-    def update(self) -> None:
-        ids = sorted({x.split("_")[0] for x in self._registered - self._finished})
-        if not ids:
-            return
-        self._num_calls += 1
-        info = None
-        if self._sacct_works is not False:
-            info = self._run(["sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", ",".join(ids)])
-            self._sacct_works = info is not None
-        if info is None:
-            info = self._squeue(ids)
-        if info is not None:
-            self._info_dict.update(info)
-        self._last_status_check = time.time()
-        for job_id in self._registered - self._finished:
-            if self.is_done(job_id, mode="cache"):
-                self._finished.add(job_id)
-
-    def _run(self, command: list[str]) -> dict | None:
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        return self.read_info(proc.stdout) if proc.returncode == 0 else None
-
-    def _squeue(self, ids: list[str]) -> dict | None:
-        """squeue lists pending, running and recently ended jobs (MinJobAge); a job it does not list is gone."""
-        command = ["squeue", "-h", "-t", "all", "-o", "%i|%T|%N", "-j", ",".join(ids)]
-        try:
-            proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired):
-            return None
-        if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
-            return None  # controller unreachable: keep the states known so far
-        listed = proc.stdout if proc.returncode == 0 else ""
-        info = self.read_info("JobID|State|NodeList\n" + listed)
-        for job_id in ids:
-            info.setdefault(job_id, {"JobID": job_id, "State": _GONE, "NodeList": ""})
-        return info
-
-
-class _SlurmJob(submitit.SlurmJob):
-    watcher = _SlurmWatcher(delay_s=600)
 
 
 def _free_port() -> int:
@@ -155,7 +96,7 @@ def log_folder(cluster: Cluster, stage: str) -> Path:
 def _make_executor(kind: str, folder: Path, stage: str, res: Resources) -> submitit.Executor:
     if kind == "slurm":
         executor = submitit.SlurmExecutor(folder=folder)
-        executor.job_class = _SlurmJob
+        executor.job_class = SlurmJob
         extra = {k: getattr(res, k) for k in ("account", "qos", "constraint") if getattr(res, k)}
         executor.update_parameters(
             job_name=stage, partition=res.partition, nodes=res.nodes, ntasks_per_node=res.tasks,
@@ -176,11 +117,11 @@ def _attach(state: dict, kind: str) -> submitit.Job | None:
     """The job a previous submission left running or finished, when it can still deliver a result."""
     folder, job_id, tasks = Path(state["folder"]), str(state["job_id"]), list(range(state["tasks"]))
     if kind == "slurm":
-        job = _SlurmJob(folder=folder, job_id=job_id, tasks=tasks)
+        job = SlurmJob(folder=folder, job_id=job_id, tasks=tasks)
         slurm_state = job.watcher.get_state(job_id, mode="force").split(" ")[0]  # sacct: "CANCELLED by 0"
-        if slurm_state in _SLURM_FAILED:
+        if slurm_state in SLURM_FAILED:
             return None
-        if slurm_state == _GONE and not all(job.task(t).paths.result_pickle.exists() for t in tasks):
+        if slurm_state == GONE and not all(job.task(t).paths.result_pickle.exists() for t in tasks):
             return None
         return job
     job = submitit.LocalJob(folder=folder, job_id=job_id, tasks=tasks)

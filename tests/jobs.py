@@ -1,0 +1,25 @@
+"""Job functions for the SLURM tests: module-level, so that submitit pickles them by reference and the job's
+Python imports them from this repository (PYTHONPATH is exported to the job)."""
+
+from __future__ import annotations
+
+import os
+
+
+def all_reduce_rank() -> tuple[int, int, float, str | None]:
+    """Join the torch.distributed group from the exported env (gloo, env://), sum rank+1 over all ranks."""
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method="env://")
+    try:
+        total = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(total)
+        return dist.get_rank(), dist.get_world_size(), total.item(), os.environ.get("CUDA_VISIBLE_DEVICES")
+    finally:
+        dist.destroy_process_group()
+
+
+def fail(message: str) -> None:
+    raise RuntimeError(message)
+

@@ -1,0 +1,193 @@
+"""The submission layer on a real one-node SLURM cluster (slurm/testcluster.sh, started by the `slurm_cluster`
+session fixture): a 2-task torch.distributed job on the gpu partition, a failing job, a cancelled job, a stage
+whose submitter is killed and re-attached, and import_model end to end."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import submitit
+import yaml
+
+from slurm.submit import JobFailed, JobSpec, _attach, state_path, submit
+from stages.artifacts import MANIFEST, verify_artifact
+from stages.params import Cluster, Resources
+from tests.conftest import ROOT
+from tests.jobs import all_reduce_rank, fail
+
+pytestmark = pytest.mark.slurm
+
+
+def job_ids(folder: Path) -> set[str]:
+    return {p.name.split("_")[0] for p in folder.glob("*_submitted.pkl")}
+
+
+def squeue_jobs(name: str) -> dict[str, str]:
+    """{job id: state} of the jobs called `name` that slurmctld lists (pending, running, recently ended)."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+def project(tmp_path: Path, tiny_model: Path) -> Path:
+    """A project folder whose params.yaml imports the tiny model through the slurm executor."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["model"]["base"] = str(tiny_model)
+    raw["cluster"]["executor"] = "slurm"
+    raw["cluster"]["log_dir"] = str(tmp_path / "logs")
+    raw["cluster"]["import_model"] = {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    return tmp_path
+
+
+def stage_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+class SqueueWatch:
+    """Polls squeue in a thread and keeps every job id it lists under `name` (as a set of snapshots)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.snapshots, self._stop = name, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.snapshots.append(squeue_jobs(self.name))
+            except (subprocess.SubprocessError, OSError):
+                pass  # slurmctld busy for a moment: the next poll sees the same jobs
+            time.sleep(0.2)
+
+    def __enter__(self) -> "SqueueWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+
+def test_two_tasks_on_the_gpu_partition_form_one_gloo_group(slurm_cluster, tmp_path: Path) -> None:
+    cluster = Cluster(executor="slurm", log_dir=str(tmp_path / "logs"))
+    resources = Resources(partition="gpu", gpus_per_node=2, cpus_per_task=1, mem_gb=1, time_min=5)
+    spec = JobSpec(stage="allreduce", fn=all_reduce_rank, resources=resources, target=tmp_path / "out", key={})
+
+    rank, world_size, reduced, cuda = submit(spec, cluster)
+    assert (rank, world_size, reduced) == (0, 2, 3.0)
+    assert cuda == "0"  # one GPU per task: rank 0 sees the node's first GPU
+    assert not state_path(tmp_path / "out").exists()
+
+    folder = tmp_path / "logs" / "allreduce"
+    (job_id,) = job_ids(folder)
+    results = submitit.SlurmJob(folder=folder, job_id=job_id, tasks=[0, 1]).results()
+    assert results == [(0, 2, 3.0, "0"), (1, 2, 3.0, "1")]
+    shown = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True, timeout=30).stdout
+    assert "Partition=gpu" in shown and "gpu:2" in shown and "NumTasks=2" in shown, shown
+
+
+def test_a_failing_job_names_its_id_error_and_log(slurm_cluster, tmp_path: Path) -> None:
+    cluster = Cluster(executor="slurm", log_dir=str(tmp_path / "logs"))
+    spec = JobSpec(stage="failing", fn=functools.partial(fail, "tokenizer exploded on the cluster"),
+                   resources=Resources(partition="cpu", mem_gb=1, time_min=5), target=tmp_path / "out", key={})
+    with pytest.raises(JobFailed) as exc:
+        submit(spec, cluster)
+    (job_id,) = job_ids(tmp_path / "logs" / "failing")
+    message = str(exc.value)
+    assert message.splitlines()[0].startswith(f"failing: job {job_id} failed on rank 0")
+    assert "RuntimeError: tokenizer exploded on the cluster" in message
+    log = Path(message.splitlines()[-1].split("log: ")[1])
+    assert log == tmp_path / "logs" / "failing" / f"{job_id}_0_log.err" and log.is_file()
+    assert not state_path(tmp_path / "out").exists()
+
+
+def test_a_job_cancelled_before_its_result_fails_instead_of_waiting_forever(slurm_cluster, tmp_path: Path) -> None:
+    cluster = Cluster(executor="slurm", log_dir=str(tmp_path / "logs"))
+    spec = JobSpec(stage="cancelled", fn=functools.partial(time.sleep, 120),
+                   resources=Resources(partition="cpu", mem_gb=1, time_min=5), target=tmp_path / "out", key={})
+    raised: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            submit(spec, cluster)
+        except BaseException as exc:  # noqa: BLE001 - handed to the test thread
+            raised.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    state_file = state_path(tmp_path / "out")
+    deadline = time.monotonic() + 60
+    while not (state_file.exists() and squeue_jobs("cancelled").get(json.loads(state_file.read_text())["job_id"]) == "RUNNING"):
+        assert time.monotonic() < deadline, "the job never ran"
+        time.sleep(0.1)
+    job_id = json.loads(state_file.read_text())["job_id"]
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    thread.join(timeout=90)
+    assert not thread.is_alive(), "submit() still waits for a cancelled job"
+    assert len(raised) == 1 and isinstance(raised[0], JobFailed), raised
+    assert f"job {job_id} failed" in str(raised[0]) and "CANCELLED" in str(raised[0])
+    assert not state_file.exists()
+    # a job-state file naming a cancelled job, or one slurmctld does not know, is not re-attached
+    folder = str(tmp_path / "logs" / "cancelled")
+    assert _attach({"folder": folder, "job_id": job_id, "tasks": 1}, "slurm") is None
+    assert _attach({"folder": folder, "job_id": "987654", "tasks": 1}, "slurm") is None
+
+
+def test_a_killed_submitter_is_re_attached_to_its_running_job(slurm_cluster, tmp_path: Path, tiny_model: Path) -> None:
+    cwd = project(tmp_path, tiny_model)
+    cmd = [sys.executable, "-m", "stages.import_model"]
+    state_file = cwd / "models" / ".base.job.json"
+    before = set(squeue_jobs("import_model"))
+    with SqueueWatch("import_model") as watch:
+        with (tmp_path / "first.err").open("w") as err:
+            first = subprocess.Popen(cmd, cwd=cwd, env=stage_env(), stdout=subprocess.DEVNULL, stderr=err)
+        job_id, deadline = None, time.monotonic() + 120
+        while True:
+            assert first.poll() is None, (tmp_path / "first.err").read_text()
+            assert time.monotonic() < deadline, "the import job never ran"
+            if state_file.exists():
+                job_id = json.loads(state_file.read_text())["job_id"]
+                if squeue_jobs("import_model").get(job_id) == "RUNNING":
+                    break
+            time.sleep(0.1)
+        first.kill()
+        first.wait()
+        assert not (cwd / "models" / "base").exists(), "the job finished before the submitter was killed"
+        assert state_file.exists()
+
+        second = subprocess.run(cmd, cwd=cwd, env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr
+    assert f"import_model: re-attached to slurm job {job_id}" in second.stderr
+    assert "submitted" not in second.stderr
+    new = set().union(*watch.snapshots) - before
+    assert new == {job_id}, f"squeue showed {sorted(new)} for import_model"
+    assert all(len(set(snapshot) - before) <= 1 for snapshot in watch.snapshots)
+    out = cwd / "models" / "base"
+    assert second.stdout.strip() == f"import_model: models/base {verify_artifact(out)}"
+    assert json.loads((out / MANIFEST).read_text())["slurm_job_id"] == job_id
+    assert not state_file.exists()
+
+
+def test_import_model_end_to_end_through_slurm(slurm_cluster, tmp_path: Path, tiny_model: Path) -> None:
+    cwd = project(tmp_path, tiny_model)
+    proc = subprocess.run([sys.executable, "-m", "stages.import_model"], cwd=cwd, env=stage_env(),
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "import_model: submitted slurm job " in proc.stderr
+    job_id = proc.stderr.split("submitted slurm job ")[1].split()[0]
+    out = cwd / "models" / "base"
+    artifact_id = verify_artifact(out)
+    assert proc.stdout.strip() == f"import_model: models/base {artifact_id}"
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["slurm_job_id"] == job_id
+    assert manifest["stage"] == "import_model" and manifest["inputs"]["model"]["path"] == str(tiny_model)
+    assert "accounting storage is disabled" not in proc.stderr  # job states come from squeue, quietly
+    assert job_ids(tmp_path / "logs" / "import_model") == {job_id}
