@@ -1,0 +1,370 @@
+"""Text generation behind one interface with two backends of the same semantics: vLLM where it imports (CUDA or
+CPU build), else transformers `generate`. A `Generator` holds the loaded backend, so a loop that generates
+every step (PPO, evaluation sweeps) loads the model once and only swaps LoRA adapters.
+
+Semantics shared by both backends (what the tests pin down):
+- prompts are text, tokenized with the tokenizer's special tokens (as vLLM does for text prompts);
+- greedy when temperature == 0; otherwise temperature then top-p (no top-k, no repetition penalty);
+- generation ends at an eos token or a stop string ("stop") or after max_new_tokens ("length");
+  `num_tokens` counts generated tokens up to and including the one that ended it; the text skips special
+  tokens and ends before the first stop string;
+- the same seed, prompts and settings give the same samples again (on the same backend: the two backends draw
+  different random numbers); a prompt repeated within a call gets independent samples.
+
+vLLM starts its engine in spawned processes, which re-import the calling script: a script that builds a vLLM
+`Generator` needs the `if __name__ == "__main__":` guard (under pytest nothing is needed).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from stages import params
+from stages.errors import UserError
+
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+MIN_SHARED_PREFIX = 8  # hf: shorter common prefixes are not worth a separate forward pass
+
+
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    max_new_tokens: int = 128
+    stop: tuple[str, ...] = ()  # stop strings; the returned text excludes the stop string (vLLM's default)
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Generation:
+    text: str
+    num_tokens: int  # generated tokens (up to and including the stop/eos token)
+    finish_reason: str  # "stop" (eos or stop string) | "length"
+
+
+def vllm_importable() -> bool:
+    """True where `import vllm` works (a broken install counts as absent, so `auto` falls back to hf)."""
+    try:
+        import vllm  # noqa: F401
+    except Exception:  # noqa: BLE001 - any failure to import means: not usable here
+        return False
+    return True
+
+
+def resolve_backend(choice: str) -> str:
+    """`generation.backend` → "vllm" | "hf"; a forced vllm that cannot import is the user's to fix."""
+    if choice == "hf":
+        return "hf"
+    if vllm_importable():
+        return "vllm"
+    if choice == "vllm":
+        raise UserError("params.yaml: generation.backend: 'vllm' but vllm does not import here; install it or use hf")
+    return "hf"
+
+
+def config_dtype(model: Path | str) -> str:
+    """The dtype the model was saved in (config.json `dtype`, `torch_dtype` before transformers 5)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
+
+
+def adapter_rank(adapter: Path) -> int:
+    """LoRA rank from a PEFT adapter folder's adapter_config.json."""
+    path = Path(adapter) / "adapter_config.json"
+    if not path.is_file():
+        raise UserError(f"{adapter}: no adapter_config.json; expected a PEFT LoRA adapter folder")
+    return int(json.loads(path.read_text())["r"])
+
+
+def adapter_key(adapter: Path) -> str:
+    """Content hash of an adapter folder: changes exactly when the adapter does (a PPO step rewrites it in place)."""
+    from stages.artifacts import digest, hash_tree
+
+    return digest(hash_tree(Path(adapter)))
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict], system: str | None = None) -> str:
+    """The prompt text the model's chat template makes of `messages`, ending where the assistant's turn starts."""
+    turns = ([{"role": "system", "content": system}] if system is not None else []) + list(messages)
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
+class Generator:
+    """A loaded backend; `generate` may be called any number of times, with or without a LoRA adapter.
+
+    `lora_rank` > 0 enables adapters (vLLM must reserve room for them at start); adapters of a higher rank, or any
+    adapter when it is 0, are refused on both backends so that a config works the same on either.
+    """
+
+    def __init__(self, model: Path | str, settings: params.Generation, *, lora_rank: int = 0):
+        self.model = str(model)
+        self.settings = settings
+        self.lora_rank = lora_rank
+        self.backend = resolve_backend(settings.backend)
+        self._impl = _VLLM(self.model, settings, lora_rank) if self.backend == "vllm" else _HF(self.model, settings)
+
+    @property
+    def tokenizer(self) -> Any:
+        return self._impl.tokenizer
+
+    def generate(self, prompts: list[str], sampling: Sampling, *, adapter: Path | None = None) -> list[Generation]:
+        if adapter is not None and (rank := adapter_rank(adapter)) > self.lora_rank:
+            raise UserError(f"{adapter}: LoRA rank {rank} but the generator was started with lora_rank={self.lora_rank}")
+        return self._impl.generate(list(prompts), sampling, None if adapter is None else Path(adapter))
+
+    def close(self) -> None:
+        """Stop vLLM's engine processes now rather than at interpreter exit."""
+        self._impl.close()
+
+    def __enter__(self) -> Generator:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def generate(
+    model: Path | str,
+    prompts: list[str],
+    sampling: Sampling,
+    settings: params.Generation | None = None,
+    *,
+    adapter: Path | None = None,
+) -> list[Generation]:
+    """One-shot: load, generate, release. Loops should keep a `Generator` instead."""
+    rank = adapter_rank(adapter) if adapter is not None else 0
+    with Generator(model, settings or params.Generation(), lora_rank=rank) as generator:
+        return generator.generate(prompts, sampling, adapter=adapter)
+
+
+# ---------------------------------------------------------------------------------------------------- vLLM
+
+
+class _VLLM:
+    """vLLM's offline engine with automatic prefix caching; adapters are served unmerged via LoRARequest."""
+
+    def __init__(self, model: str, settings: params.Generation, lora_rank: int):
+        from vllm import LLM
+        from vllm.platforms import current_platform
+
+        kwargs: dict[str, Any] = dict(
+            model=model,
+            # vLLM's CPU kernels want float32; elsewhere the saved dtype ("auto" would turn float32 into bf16)
+            dtype="float32" if current_platform.is_cpu() else config_dtype(model),
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,  # on CPU: the fraction of RAM vLLM reserves
+            enforce_eager=settings.enforce_eager,
+            enable_prefix_caching=True,
+            seed=0,
+        )
+        if settings.kv_cache_gb:  # a fixed size skips the memory-profiling warm-up (on CPU: RAM, not GPU memory)
+            kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_gb * 2**30)
+        if lora_rank > 0:
+            kwargs.update(enable_lora=True, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora_rank))
+        self.llm = LLM(**kwargs)
+        self.tokenizer = self.llm.get_tokenizer()
+        self.loras: dict[str, Any] = {}  # "adapter path:content hash" → LoRARequest
+
+    def _lora(self, adapter: Path | None) -> Any:
+        """The same request (so vLLM's cached weights) while the folder is unchanged; a new id once it changes."""
+        if adapter is None:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        key = f"{adapter.resolve()}:{adapter_key(adapter)}"  # vLLM re-reads the path after evicting an adapter
+        if key not in self.loras:
+            n = len(self.loras) + 1
+            self.loras[key] = LoRARequest(f"adapter-{n}", n, str(adapter.resolve()))
+        return self.loras[key]
+
+    def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | None) -> list[Generation]:
+        from vllm import SamplingParams
+
+        per_prompt = [
+            SamplingParams(
+                temperature=sampling.temperature,
+                top_p=sampling.top_p,
+                max_tokens=sampling.max_new_tokens,
+                stop=list(sampling.stop),
+                seed=sampling.seed + i,  # independent per prompt, reproducible per call
+            )
+            for i in range(len(prompts))
+        ]
+        outputs = self.llm.generate(prompts, per_prompt, lora_request=self._lora(adapter), use_tqdm=False)
+        records = []
+        for out in outputs:
+            done = out.outputs[0]
+            reason = "length" if done.finish_reason == "length" else "stop"
+            records.append(Generation(done.text, len(done.token_ids), reason))
+        return records
+
+    def close(self) -> None:
+        engine = getattr(getattr(self, "llm", None), "llm_engine", None)
+        core = getattr(engine, "engine_core", None)
+        if core is not None:
+            core.shutdown()
+        self.llm = None
+
+
+# ------------------------------------------------------------------------------------------------ transformers
+
+
+class _HF:
+    """transformers `generate`, left-padded batches, with the KV cache of a token prefix shared by all prompts of a
+    batch computed once (a system prompt or few-shot exemplars are typically most of every prompt).
+
+    Layout of a batch with shared prefix P (n tokens) and suffixes of different lengths:
+        [P | pad pad | suffix_0]      attention mask [1]*n + [0]*pads + [1]*len(suffix)
+        [P |     pad | suffix_1]
+    P's cache is computed once (batch 1), copied and repeated to the batch, and `generate` continues from it with the
+    padding *between* prefix and suffix. transformers derives position ids from the cumulative attention mask, so
+    every suffix token gets the position it has in the unpadded prompt, and masked pads are never attended to:
+    the same computation as plain left padding (n = 0 is exactly that). The last prefix cache is kept, keyed by
+    (adapter, prefix tokens), so consecutive batches sharing a system prompt compute it once.
+    """
+
+    def __init__(self, model: str, settings: params.Generation):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        dtype = config_dtype(model) if self.device.type == "cuda" else "float32"  # as vLLM: float32 on CPU
+        self.tokenizer = AutoTokenizer.from_pretrained(model)
+        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.batch_size = settings.batch_size
+        self.peft: Any = None  # PeftModel wrapping self.base once an adapter was asked for
+        self.adapter: str | None = None  # content hash of the adapter loaded into self.peft
+        self.prefix: tuple[Any, Any] | None = None  # ((adapter, prefix tokens), cache for batch size 1)
+        self.reuse_prefix = True  # switch for tests/benchmarks: False = plain left padding
+        eos = self.base.generation_config.eos_token_id
+        eos = [eos] if isinstance(eos, int) else list(eos or [])
+        self.eos = set(eos) | ({self.tokenizer.eos_token_id} - {None})
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else min(self.eos, default=0)  # pads are masked: any id will do
+
+    def _use_adapter(self, adapter: Path | None) -> tuple[Any, Any]:
+        """(model to call, context to call it in): the PeftModel with `adapter` active, or the plain base model
+        (with any loaded adapter disabled). A changed adapter folder is loaded beside the old one, then the old
+        one is deleted; the base weights are never reloaded."""
+        if adapter is None:
+            return (self.base, nullcontext()) if self.peft is None else (self.peft, self.peft.disable_adapter())
+        from peft import PeftModel
+
+        key = adapter_key(adapter)
+        if key != self.adapter:
+            name = f"a{key[:16]}"
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, str(adapter), adapter_name=name)
+            else:
+                old = self.peft.active_adapter
+                self.peft.load_adapter(str(adapter), adapter_name=name)
+                self.peft.set_adapter(name)
+                self.peft.delete_adapter(old)
+            self.peft.eval()
+            self.adapter = key
+        return self.peft, nullcontext()
+
+    def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | None) -> list[Generation]:
+        import torch
+
+        model, context = self._use_adapter(adapter)
+        key = self.adapter if adapter is not None else None
+        ids = self.tokenizer(prompts)["input_ids"]
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        records: list[Generation] = []
+        with context, torch.inference_mode(), torch.random.fork_rng(devices=devices):
+            torch.manual_seed(sampling.seed)  # one stream per call: reproducible, rows of a batch differ
+            for start in range(0, len(ids), self.batch_size):
+                records += self._batch(model, key, ids[start : start + self.batch_size], sampling)
+        return records
+
+    def _shared_prefix(self, ids: list[list[int]]) -> int:
+        """Length of the token prefix common to all rows, leaving each row at least one token to feed."""
+        n = min(len(row) for row in ids) - 1
+        for i in range(n):
+            if any(row[i] != ids[0][i] for row in ids):
+                return i
+        return max(n, 0)
+
+    def _prefix_cache(self, model: Any, key: tuple, batch: int) -> Any:
+        """A fresh cache holding the prefix's keys/values for `batch` rows (generate appends to it in place)."""
+        import torch
+
+        if self.prefix is None or self.prefix[0] != key:
+            prefix = torch.tensor([key[1]], device=self.device)
+            self.prefix = (key, model(input_ids=prefix, use_cache=True).past_key_values)
+        cache = copy.deepcopy(self.prefix[1])
+        cache.batch_repeat_interleave(batch)
+        return cache
+
+    def _batch(self, model: Any, adapter: str | None, ids: list[list[int]], sampling: Sampling) -> list[Generation]:
+        import torch
+
+        n = self._shared_prefix(ids) if self.reuse_prefix and len(ids) > 1 else 0
+        n = n if n >= MIN_SHARED_PREFIX else 0
+        width = max(len(row) - n for row in ids)
+        rows, mask = [], []
+        for row in ids:
+            pads = width - (len(row) - n)
+            rows.append(row[:n] + [self.pad_id] * pads + row[n:])
+            mask.append([1] * n + [0] * pads + [1] * (len(row) - n))
+        kwargs: dict[str, Any] = dict(
+            max_new_tokens=sampling.max_new_tokens,
+            do_sample=sampling.temperature > 0,
+            eos_token_id=sorted(self.eos),
+            pad_token_id=self.pad_id,
+            repetition_penalty=1.0,
+        )
+        if sampling.temperature > 0:  # unset fields fall back to the model's generation_config: pin them
+            kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+        if sampling.stop:  # an early exit only; the cut below decides, on the decoded text, as vLLM does
+            kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if n:
+            kwargs["past_key_values"] = self._prefix_cache(model, (adapter, tuple(ids[0][:n])), len(ids))
+        out = model.generate(
+            input_ids=torch.tensor(rows, device=self.device),
+            attention_mask=torch.tensor(mask, device=self.device),
+            **kwargs,
+        )
+        return [self._record(row, new.tolist(), sampling.stop) for row, new in zip(ids, out[:, n + width :])]
+
+    def _record(self, prompt: list[int], new: list[int], stop: tuple[str, ...]) -> Generation:
+        """Finish reason, token count and text of one row of generated ids, detokenized as vLLM does: token by
+        token with a DecodeStream primed with the prompt (a partial UTF-8 character is held back until completed,
+        so a trailing one never shows), stopping at the first eos token or the stop string that completes first.
+        Rows that ended early are padded; the padding is never reached."""
+        from tokenizers.decoders import DecodeStream
+
+        backend = self.tokenizer.backend_tokenizer
+        stream = DecodeStream(ids=prompt, skip_special_tokens=True)
+        text = ""
+        for k, token in enumerate(new, 1):
+            if token in self.eos:
+                return Generation(text, k, "stop")
+            try:
+                piece = stream.step(backend, token)
+            except Exception as exc:  # tokenizers' stream breaks on non-monotonic output; vLLM restarts it too
+                if not str(exc).startswith("Invalid prefix encountered"):
+                    raise
+                stream = DecodeStream(skip_special_tokens=True)
+                piece = stream.step(backend, token)
+            if not piece:
+                continue
+            text += piece
+            hits = [  # (end, list order, start) of each stop string that the new piece completes
+                (i + len(s), j, i)
+                for j, s in enumerate(stop)
+                if (i := text.find(s, max(len(text) - len(piece) - len(s) + 1, 0))) >= 0
+            ]
+            if hits:
+                return Generation(text[: min(hits)[2]], k, "stop")
+        return Generation(text, len(new), "length")
+
+    def close(self) -> None:
+        self.prefix = None
+

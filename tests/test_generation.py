@@ -1,0 +1,235 @@
+"""stages/generation.py on real transformers, PEFT and vLLM (CPU build) with the tiny model.
+
+The tiny model is built with hidden=128 (head_dim 32: vLLM's CPU attention has no kernel for the default head_dim
+16) and its matrices re-drawn with std 0.2: at the default init std 0.02 a random tied-embedding model just repeats
+the last prompt token, so greedy outputs would agree even if the shared-prefix cache were ignored. With std 0.2 each
+continuation depends on the whole prompt.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from stages import generation as gen
+from stages import params
+from stages.errors import UserError
+from tests.tiny import make_tiny_model
+
+SYSTEM = "An assistant answers questions helpfully, honestly and harmlessly. Principles: be ethical and candid. " * 3
+QUESTIONS = ["What is the capital of France?", "1 2 3", "def add(a, b):\n    return a + b", "The quick brown fox", "Hi"]
+GREEDY = gen.Sampling(max_new_tokens=24)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = make_tiny_model(tmp_path_factory.mktemp("gen") / "model", hidden=128)
+    lm = AutoModelForCausalLM.from_pretrained(folder)
+    rng = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for weight in lm.parameters():
+            if weight.dim() == 2:
+                weight.normal_(0, 0.2, generator=rng)
+    lm.save_pretrained(folder)
+    return folder
+
+
+def make_adapter(model: Path, out: Path, seed: int) -> Path:
+    """A rank-8 LoRA on every projection with non-zero B (PEFT's default B = 0 would change nothing)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = LoraConfig(
+        r=8, lora_alpha=16, init_lora_weights=False,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    )
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model), config).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapters(model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    folder = tmp_path_factory.mktemp("adapters")
+    return make_adapter(model, folder / "a", 1), make_adapter(model, folder / "b", 2)
+
+
+@pytest.fixture(scope="module")
+def hf(model: Path) -> gen.Generator:
+    return gen.Generator(model, params.Generation(backend="hf", batch_size=3), lora_rank=8)
+
+
+@pytest.fixture(scope="module")
+def prompts(hf: gen.Generator) -> list[str]:
+    """Chat prompts sharing a long system prompt, with user turns of different token lengths."""
+    return [gen.chat_prompt(hf.tokenizer, [{"role": "user", "content": q}], system=SYSTEM) for q in QUESTIONS]
+
+
+def stop_string(text: str) -> str:
+    """Two letters from the middle of a greedy output: a stop string that really occurs, not at its start."""
+    match = re.search(r"[A-Za-z]{2}", text[3:])
+    assert match, f"no letters to stop at in {text!r}"
+    return match.group()
+
+
+# ----------------------------------------------------------------------------------------------------------- hf
+
+
+def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert gen.resolve_backend("hf") == "hf"
+    monkeypatch.setattr(gen, "vllm_importable", lambda: False)
+    assert gen.resolve_backend("auto") == "hf"
+    with pytest.raises(UserError, match=r"params.yaml: generation.backend"):
+        gen.resolve_backend("vllm")
+
+
+def test_chat_prompt(hf: gen.Generator) -> None:
+    text = gen.chat_prompt(hf.tokenizer, [{"role": "user", "content": "Hi"}], system="Be brief.")
+    assert text == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_prefix_reuse_matches_plain_left_padding(hf: gen.Generator, prompts: list[str]) -> None:
+    ids = hf.tokenizer(prompts)["input_ids"]
+    assert len({len(row) for row in ids}) == len(ids), "suffixes of different lengths exercise the padding"
+    sampled = gen.Sampling(temperature=1.0, max_new_tokens=16, seed=3)
+    impl = hf._impl
+    try:
+        impl.reuse_prefix, impl.prefix = True, None
+        reused, reused_sampled = hf.generate(prompts, GREEDY), hf.generate(prompts, sampled)
+        key, cache = impl.prefix
+        assert cache.get_seq_length() == len(key[1]) >= len(hf.tokenizer(SYSTEM)["input_ids"])  # it was used
+        impl.reuse_prefix, impl.prefix = False, None
+        plain, plain_sampled = hf.generate(prompts, GREEDY), hf.generate(prompts, sampled)
+        assert impl.prefix is None
+    finally:
+        impl.reuse_prefix = True
+    assert reused == plain  # greedy, token for token (text and count)
+    assert reused_sampled == plain_sampled  # same random stream consumed the same way
+    assert len({r.text for r in reused}) == len(prompts), "outputs depend on the prompt"
+
+
+def test_batch_equals_one_by_one(hf: gen.Generator, prompts: list[str]) -> None:
+    batched = hf.generate(prompts, GREEDY)  # batches of 3 and 2; the second reuses the first's prefix cache
+    assert batched == [hf.generate([p], GREEDY)[0] for p in prompts]
+    assert all(r.finish_reason == "length" and r.num_tokens == GREEDY.max_new_tokens for r in batched)
+
+
+def test_stop_strings(hf: gen.Generator, prompts: list[str]) -> None:
+    full = hf.generate(prompts[:2], GREEDY)
+    stops = [stop_string(r.text) for r in full]
+    for prompt, whole, stop in zip(prompts, full, stops):
+        (cut,) = hf.generate([prompt], gen.Sampling(max_new_tokens=24, stop=(stop, "never-seen")))
+        assert cut.text == whole.text[: whole.text.index(stop)]
+        assert cut.finish_reason == "stop" and 0 < cut.num_tokens < GREEDY.max_new_tokens
+        assert cut.text, "the stop string is not at the start"
+    # in a batch, a row that stops early is padded while the other goes on; its record ignores the padding
+    both = hf.generate(prompts[:2], gen.Sampling(max_new_tokens=24, stop=(stops[0],)))
+    assert both[0].text == full[0].text[: full[0].text.index(stops[0])] and both[0].finish_reason == "stop"
+    assert (stops[0] in full[1].text) == (both[1].finish_reason == "stop")
+
+
+def test_eos_record(hf: gen.Generator) -> None:
+    """An eos token ends a row: counted, not in the text; the padding after it is ignored."""
+    tok = hf.tokenizer
+    prompt, body = tok("Hi")["input_ids"], tok(" The quick brown fox")["input_ids"]
+    row = body + [tok.eos_token_id] + [tok.pad_token_id] * 3
+    assert hf._impl._record(prompt, row, ()) == gen.Generation(" The quick brown fox", len(body) + 1, "stop")
+    assert hf._impl._record(prompt, row, ("brown", "quick")).text == " The "
+    assert hf._impl._record(prompt, body[:2], ()).finish_reason == "length"
+
+
+def test_seeded_sampling(hf: gen.Generator, prompts: list[str]) -> None:
+    def sample(seed: int) -> list[gen.Generation]:
+        return hf.generate(prompts[:2] * 2, gen.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=seed))
+
+    first = sample(7)
+    assert first == sample(7)
+    assert first != sample(8)
+    assert first[0] != first[2], "a repeated prompt gets an independent sample"
+
+
+def test_adapter_swaps_without_reload(hf: gen.Generator, prompts: list[str], adapters: tuple[Path, Path],
+                                      tmp_path: Path) -> None:
+    import shutil
+
+    base = hf.generate(prompts, GREEDY)
+    with_a = hf.generate(prompts, GREEDY, adapter=adapters[0])
+    assert with_a != base
+    assert hf.generate(prompts, GREEDY) == base  # adapter disabled again
+    live = tmp_path / "policy"  # one folder rewritten in place, as a PPO loop does
+    shutil.copytree(adapters[0], live)
+    assert hf.generate(prompts, GREEDY, adapter=live) == with_a
+    shutil.copytree(adapters[1], live, dirs_exist_ok=True)
+    with_b = hf.generate(prompts, GREEDY, adapter=live)
+    assert with_b not in (with_a, base)
+    assert with_b == gen.generate(hf.model, prompts, GREEDY, params.Generation(backend="hf"), adapter=adapters[1])
+
+
+def test_adapter_rank_is_checked(model: Path, adapters: tuple[Path, Path]) -> None:
+    with pytest.raises(UserError, match="lora_rank=0"):
+        gen.Generator(model, params.Generation(backend="hf")).generate(["x"], GREEDY, adapter=adapters[0])
+
+
+# --------------------------------------------------------------------------------------------------------- vLLM
+
+
+@pytest.fixture(scope="module")
+def vllm(model: Path) -> Iterator[gen.Generator]:
+    """One engine for every vLLM test (each start costs ~30 s here): LoRA on, so it serves base and adapters."""
+    pytest.importorskip("vllm")
+    # a fixed 1 GiB KV cache: else vLLM reserves gpu_memory_utilization x RAM on CPU and profiles memory first
+    generator = gen.Generator(model, params.Generation(backend="auto", kv_cache_gb=1), lora_rank=8)
+    yield generator
+    generator.close()
+
+
+@pytest.mark.slow
+def test_vllm_is_auto_and_matches_hf_greedy(vllm: gen.Generator, hf: gen.Generator, prompts: list[str]) -> None:
+    assert vllm.backend == "vllm"
+    messages = [{"role": "user", "content": "Hi"}]
+    assert gen.chat_prompt(vllm.tokenizer, messages, "Be.") == gen.chat_prompt(hf.tokenizer, messages, "Be.")
+    assert vllm.generate(prompts, GREEDY) == hf.generate(prompts, GREEDY)
+
+
+@pytest.mark.slow
+def test_vllm_stop_strings_match_hf(vllm: gen.Generator, hf: gen.Generator, prompts: list[str]) -> None:
+    stops = tuple(stop_string(r.text) for r in hf.generate(prompts[:2], GREEDY))
+    sampling = gen.Sampling(max_new_tokens=24, stop=stops)
+    got = vllm.generate(prompts, sampling)
+    assert got == hf.generate(prompts, sampling)
+    assert got[0].finish_reason == "stop"
+
+
+@pytest.mark.slow
+def test_vllm_seeded_sampling(vllm: gen.Generator, prompts: list[str]) -> None:
+    def sample(seed: int) -> list[gen.Generation]:
+        return vllm.generate(prompts[:2] * 2, gen.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=seed))
+
+    first = sample(7)
+    assert first == sample(7)
+    assert first != sample(8)
+    assert first[0] != first[2]
+
+
+@pytest.mark.slow
+def test_vllm_lora_matches_hf(vllm: gen.Generator, hf: gen.Generator, prompts: list[str],
+                              adapters: tuple[Path, Path], tmp_path: Path) -> None:
+    import shutil
+
+    base = vllm.generate(prompts, GREEDY)
+    with_a = vllm.generate(prompts, GREEDY, adapter=adapters[0])
+    assert with_a != base
+    assert with_a == hf.generate(prompts, GREEDY, adapter=adapters[0])
+    live = tmp_path / "policy"
+    shutil.copytree(adapters[0], live)
+    assert vllm.generate(prompts, GREEDY, adapter=live) == with_a
+    shutil.copytree(adapters[1], live, dirs_exist_ok=True)  # the policy moved: a new LoRARequest id
+    assert vllm.generate(prompts, GREEDY, adapter=live) == hf.generate(prompts, GREEDY, adapter=adapters[1])
+    assert vllm.generate(prompts, GREEDY) == base
