@@ -57,6 +57,7 @@ class Generation(Strict):
     backend: Literal["auto", "vllm", "hf"] = "auto"
     tensor_parallel_size: int = Field(1, ge=1)
     gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+    kv_cache_gb: float | None = Field(None, gt=0)  # vLLM KV cache size; None: from gpu_memory_utilization
     enforce_eager: bool = True
     batch_size: int = Field(16, ge=1)
 
@@ -68,6 +69,7 @@ class Training(Strict):
     micro_batch_size: int = Field(1, ge=1)
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
+    max_grad_norm: float = Field(1.0, ge=0)  # gradient clipping; 0 disables
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
