@@ -19,9 +19,10 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import submitit
 import submitit.helpers
@@ -177,11 +178,27 @@ def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed:
     )
 
 
+DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
+
+
+@contextmanager
+def _environ(**values: str | None) -> Iterator[None]:
+    """Set (or, with None, unset) environment variables for the duration of the block."""
+    saved = {key: os.environ.get(key) for key in values}
+    try:
+        for key, value in values.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
+
+
 def _run_inline(spec: JobSpec) -> Any:
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
-    return spec.fn()
+    """One rank in this process, its distributed variables set for the call only."""
+    with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"):
+        return spec.fn()
 
 
 def submit(spec: JobSpec, cluster: Cluster) -> Any:
@@ -207,8 +224,9 @@ def submit(spec: JobSpec, cluster: Cluster) -> Any:
         folder = log_folder(cluster, spec.stage)
         executor = _make_executor(kind, folder, spec.stage, spec.resources)
         one_gpu_per_task = spec.resources.gpus_per_node > 0 and spec.resources.tasks == spec.resources.gpus_per_node
-        try:
-            job = executor.submit(_Task(spec.fn, one_gpu_per_task))
+        try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
+            with _environ(**dict.fromkeys(DIST_VARS)):
+                job = executor.submit(_Task(spec.fn, one_gpu_per_task))
         except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller
             lines = [line for line in str(exc).splitlines() if line.strip()]
             raise JobFailed(f"{spec.stage}: {kind} refused the job: {lines[-1] if lines else exc}") from None

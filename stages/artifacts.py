@@ -1,5 +1,9 @@
 """Content-hashed artifacts: every out is a folder with a MANIFEST.json whose digest is the artifact's id.
 
+The id covers what the artifact is (files, inputs, params, code); the manifest's record of the run that made it
+(host, SLURM job id, start and end time) is kept beside and left out of the digest, so two runs with the same
+params, seed and backend give the same id.
+
 An out is built in a temporary folder beside its target and swapped into place only when complete (an atomic
 RENAME_EXCHANGE where the filesystem has one), so a crash at any moment leaves the previous out intact.
 """
@@ -23,6 +27,7 @@ import blake3
 from stages.errors import UserError
 
 MANIFEST = "MANIFEST.json"
+RUN_RECORD = ("host", "slurm_job_id", "started", "ended")  # in the manifest, not in the id
 _RENAME_EXCHANGE = 2
 
 
@@ -37,6 +42,10 @@ def hash_file(path: Path) -> str:
 def digest(obj: Any) -> str:
     """blake3 of the canonical JSON form of `obj`: the id of a manifest, or of a job's inputs."""
     return blake3.blake3(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def artifact_id(manifest: dict[str, Any]) -> str:
+    return digest({key: value for key, value in manifest.items() if key not in RUN_RECORD})
 
 
 def hash_tree(folder: Path) -> dict[str, dict[str, Any]]:
@@ -76,7 +85,7 @@ def verify_artifact(folder: Path) -> str:
         rel = path.relative_to(folder).as_posix()
         if rel != MANIFEST and rel not in expected:
             raise UserError(f"{path}: not listed in {folder / MANIFEST} (added after it was written)")
-    return digest(manifest)
+    return artifact_id(manifest)
 
 
 def input_id(path: Path) -> str:

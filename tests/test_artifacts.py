@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from stages import lineage
-from stages.artifacts import MANIFEST, digest, hash_file, input_id, input_refs, recover, staged_out, verify_artifact
+from stages.artifacts import MANIFEST, artifact_id, hash_file, input_id, input_refs, recover, staged_out, verify_artifact
 from stages.errors import UserError
 from tests.conftest import ROOT
 
@@ -30,7 +30,7 @@ def test_manifest_records_files_inputs_params_code_and_times(tmp_path: Path) -> 
     asset = tmp_path / "seed.jsonl"
     asset.write_text('{"text": "hi"}\n')
     out = tmp_path / "data"
-    artifact_id = write_out(out, {"a.txt": "alpha", "sub/b.txt": "beta"}, input_refs({"seeds": asset}), {"x": 2})
+    out_id = write_out(out, {"a.txt": "alpha", "sub/b.txt": "beta"}, input_refs({"seeds": asset}), {"x": 2})
     manifest = json.loads((out / MANIFEST).read_text())
     assert set(manifest["files"]) == {"a.txt", "sub/b.txt"}
     assert manifest["files"]["a.txt"] == {"blake3": hash_file(out / "a.txt"), "size": 5}
@@ -38,8 +38,19 @@ def test_manifest_records_files_inputs_params_code_and_times(tmp_path: Path) -> 
     assert manifest["params"] == {"x": 2} and manifest["stage"] == "test"
     assert set(manifest["code"]) == {"commit", "dirty"}
     assert manifest["host"] and manifest["started"] <= manifest["ended"]
-    assert artifact_id == digest(manifest) == input_id(out)
+    assert out_id == input_id(out) == verify_artifact(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "seed.jsonl"]  # no temporary folder left
+
+
+def test_id_covers_content_inputs_params_and_code_not_the_run_record(tmp_path: Path) -> None:
+    first = write_out(tmp_path / "a", {"x.txt": "same"}, params={"seed": 1})
+    time.sleep(1.1)  # a later run: other start and end times
+    assert write_out(tmp_path / "b", {"x.txt": "same"}, params={"seed": 1}) == first
+    assert write_out(tmp_path / "c", {"x.txt": "other"}, params={"seed": 1}) != first
+    assert write_out(tmp_path / "d", {"x.txt": "same"}, params={"seed": 2}) != first
+    manifest = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert artifact_id({**manifest, "host": "elsewhere", "slurm_job_id": "7"}) == first
+    assert artifact_id({**manifest, "code": {"commit": "abc", "dirty": False}}) != first
 
 
 def test_failure_inside_the_block_keeps_the_previous_out(tmp_path: Path) -> None:

@@ -60,6 +60,17 @@ def test_bfloat16_import_inline(tmp_path: Path, tiny_model: Path) -> None:
         assert str(weights.get_tensor(next(iter(weights.keys()))).dtype) == "torch.bfloat16"
 
 
+def test_two_imports_give_the_same_id(tmp_path: Path, tiny_model: Path) -> None:
+    ids = []
+    for run in ("one", "two"):
+        (tmp_path / run).mkdir()
+        cwd = project(tmp_path / run, model__base=str(tiny_model), cluster__executor="inline")
+        proc = run_stage(cwd, "stages.import_model")
+        assert proc.returncode == 0, proc.stderr
+        ids.append(verify_artifact(cwd / "models" / "base"))
+    assert ids[0] == ids[1]
+
+
 def test_folder_without_config_is_refused(tmp_path: Path) -> None:
     (tmp_path / "not-a-model").mkdir()
     cwd = project(tmp_path, model__base=str(tmp_path / "not-a-model"))

@@ -1,0 +1,360 @@
+"""The training base every learning stage builds on (SFT / principle engraving, reward model, PPO, DPO).
+
+LoRA adapters (PEFT) on a model loaded from an HF folder, trained by a DeepSpeed engine whose config comes from
+`params.training`, in 1 process or N (the submission layer exports MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK).
+
+The loop is generic: a stage supplies `batches(i)`, the i-th micro-batch of one global deterministic stream, and
+`loss_fn(engine, batch)`. At step s, rank r, accumulation micro-step a, the loop takes micro-batch
+`(s * accumulation + a) * world_size + r`, so the data of a step depends only on the step and the global batch
+(not on how it is split over ranks), and resuming needs no replay of an iterator.
+
+Checkpoints are DeepSpeed's (`save_checkpoint`, trainable parameters and optimizer state only) in
+`ckpt_dir/step_XXXXXXXX`; the `latest` file naming the newest one is written by rank 0 with write-then-rename only
+after every rank has finished writing, so whatever `latest` names is complete. A rerun resumes from it with the
+same step count, data position, RNG states and loss curve.
+
+Typical use, inside the job function a stage hands to `slurm.submit.submit`:
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    batches = shuffled_batches([tokenize_pair(tok, p, r) for p, r in pairs], training.micro_batch_size, seed,
+                               functools.partial(collate, pad_id=tok.pad_token_id))
+    result = train(model_dir, batches, sft_loss, ckpt_dir, training, max_steps, adapter_dir=out, seed=seed)
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import random
+import re
+import shutil
+import socket
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from stages.params import Training
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Llama-style
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LATEST = "latest"
+TAG = re.compile(r"^step_(\d{8})$")
+
+Batch = dict[str, torch.Tensor]
+Batches = Callable[[int], Batch]  # global micro-batch index -> micro-batch
+LossFn = Callable[[Any, Batch], torch.Tensor]  # (engine or model, micro-batch) -> scalar loss
+
+
+# ---------------------------------------------------------------------------------------------- configuration
+
+
+def deepspeed_config(training: Training, world_size: int) -> dict:
+    """The DeepSpeed config for `training` on `world_size` data-parallel ranks.
+
+    The optimizer is torch's AdamW (`torch_adam`): LoRA optimizer state is small, and DeepSpeed's FusedAdam /
+    DeepSpeedCPUAdam are C++ ops JIT-compiled on first use (about a minute, and a compiler on every node). With
+    CPU offload that also needs `zero_force_ds_cpu_optimizer: false`. Parameter offload exists only in ZeRO-3.
+    """
+    zero: dict[str, Any] = {"stage": training.zero_stage}
+    offload = training.offload == "cpu" and training.zero_stage > 0
+    if offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if training.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_batch_size": training.micro_batch_size * training.gradient_accumulation_steps * world_size,
+        "train_micro_batch_size_per_gpu": training.micro_batch_size,
+        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "gradient_clipping": training.max_grad_norm,
+        "optimizer": {
+            "type": "AdamW",
+            "params": {"lr": training.learning_rate, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.0,
+                       "torch_adam": True},
+        },
+        "zero_optimization": zero,
+        "bf16": {"enabled": training.precision == "bf16"},
+        "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "steps_per_print": 10**9,  # the loop logs; DeepSpeed's own step log would be noise
+        "wall_clock_breakdown": False,
+    }
+    if offload:
+        config["zero_force_ds_cpu_optimizer"] = False
+    return config
+
+
+# ------------------------------------------------------------------------------------------- distributed setup
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group described by the environment (1 process where none is set); returns (rank, world).
+
+    On a machine without CUDA, DeepSpeed must be told to use its CPU accelerator before it first looks
+    (DS_ACCELERATOR), and the backend is gloo; on CUDA each task uses the GPU of its local rank, with nccl.
+    """
+    cuda = torch.cuda.is_available()
+    if not cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if "RANK" not in os.environ:
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    import deepspeed
+
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# ---------------------------------------------------------------------------------------------- model, engine
+
+
+def lora_model(model_dir: Path | str, training: Training, seed: int = 0) -> torch.nn.Module:
+    """The HF causal LM in `model_dir` with fresh LoRA adapters on its attention and MLP projections; only the
+    adapters are trainable. Seeded so every rank (and every rerun) starts from the same adapter init."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[training.precision])
+    config = LoraConfig(
+        r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
+        target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def make_engine(model: torch.nn.Module, training: Training, world_size: int) -> Any:
+    """A DeepSpeed engine over the trainable parameters of `model` (call `init_distributed` first)."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+                                      config=deepspeed_config(training, world_size))
+    return engine
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def latest_checkpoint(ckpt_dir: Path | str) -> str | None:
+    """The tag of the newest complete checkpoint (what `latest` names), or None."""
+    path = Path(ckpt_dir) / LATEST
+    return path.read_text().strip() if path.is_file() else None
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def save_checkpoint(engine: Any, ckpt_dir: Path | str, state: dict, keep: int) -> None:
+    """Save engine + `state` (+ every rank's RNG state) as `step_<step>`, then point `latest` at it, then drop
+    all but the newest `keep` (collective: every rank calls it).
+
+    DeepSpeed's own `latest` is written by rank 0 as soon as rank 0's files are written, before the closing
+    barrier, so it may name a checkpoint whose other-rank shards are still being written; it is switched off
+    here and `latest` is written after `save_checkpoint` returns (its final barrier: every rank is done).
+    """
+    import torch.distributed as dist
+
+    ckpt_dir = Path(ckpt_dir)
+    tag = f"step_{state['step']:08d}"
+    rngs: list = [None] * dist.get_world_size()
+    dist.all_gather_object(rngs, _rng_state())
+    if dist.get_rank() == 0:  # a folder of this name can only be a crashed attempt's: start it clean
+        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # (the others wait in save_checkpoint's first barrier)
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": {**state, "rng": rngs}}, save_latest=False,
+                           exclude_frozen_parameters=True)
+    if dist.get_rank() == 0:
+        tmp = ckpt_dir / f".{LATEST}.tmp"
+        tmp.write_text(tag)
+        os.replace(tmp, ckpt_dir / LATEST)
+        kept = sorted((p for p in ckpt_dir.iterdir() if TAG.match(p.name) and p.name <= tag), reverse=True)[:keep]
+        for path in ckpt_dir.iterdir():  # older ones, and any left by an abandoned later run
+            if TAG.match(path.name) and path not in kept:
+                shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+
+
+def load_checkpoint(engine: Any, ckpt_dir: Path | str) -> dict | None:
+    """Restore engine, optimizer and this rank's RNG from the newest complete checkpoint; its client state or
+    None where there is none. Frozen base weights are not in checkpoints (they come from the model folder)."""
+    import torch.distributed as dist
+
+    tag = latest_checkpoint(ckpt_dir)
+    if tag is None:
+        return None
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
+    if path is None:
+        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+    state = client_state["loop"]  # the rest of client_state is DeepSpeed's own metadata
+    rngs = state.pop("rng")
+    if len(rngs) == dist.get_world_size():
+        _set_rng_state(rngs[dist.get_rank()])
+    return state
+
+
+# ------------------------------------------------------------------------------------------------------- loop
+
+
+def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: Training,
+        max_steps: int, log: Callable[[str], None] | None = print) -> dict:
+    """Train `engine` up to optimizer step `max_steps`, resuming from `ckpt_dir` where a checkpoint exists.
+
+    Checkpoints every `training.save_every` steps and at `max_steps` (so a rerun with a larger `max_steps`
+    continues exactly there). Returns {"losses": the per-step loss of every step 0..max_steps-1, resumed steps
+    included, each the mean over the global batch; "start_step": where this run began; "step": where it ended}.
+    """
+    import torch.distributed as dist
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    accum = engine.gradient_accumulation_steps()
+    global_batch = engine.train_batch_size()
+    state = load_checkpoint(engine, ckpt_dir) or {"step": 0, "data_position": 0, "losses": [],
+                                                  "train_batch_size": global_batch}
+    if state["train_batch_size"] != global_batch:
+        raise RuntimeError(f"{ckpt_dir}: checkpoint was trained with a global batch of {state['train_batch_size']}, "
+                           f"this run has {global_batch}; use a new checkpoint folder")
+    start = state["step"]
+    if log and rank == 0 and start:
+        log(f"resumed from {ckpt_dir}/{latest_checkpoint(ckpt_dir)} at step {start}")
+    engine.train()
+    while state["step"] < max_steps:
+        total = torch.zeros((), dtype=torch.float32, device=engine.device)
+        for micro in range(accum):
+            index = state["data_position"] + micro * world + rank
+            batch = {k: v.to(engine.device) for k, v in batches(index).items()}
+            loss = loss_fn(engine, batch)
+            engine.backward(loss)
+            engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
+            total += loss.detach().float()
+        dist.all_reduce(total)
+        state["losses"].append(total.item() / (accum * world))
+        state["step"] += 1
+        state["data_position"] += accum * world
+        if log and rank == 0:
+            log(f"step {state['step']}/{max_steps} loss {state['losses'][-1]:.4f}")
+        if state["step"] % training.save_every == 0 or state["step"] == max_steps:
+            save_checkpoint(engine, ckpt_dir, state, training.keep_checkpoints)
+    return {"losses": list(state["losses"]), "start_step": start, "step": state["step"]}
+
+
+def save_adapter(engine: Any, out: Path | str) -> None:
+    """Write the trained LoRA adapter with PEFT's `save_pretrained` (rank 0; collective under ZeRO-3).
+
+    Under ZeRO-3 each rank holds only a shard of every parameter (the module's own tensors are empty), so
+    PEFT's plain `save_pretrained` would write empty tensors; the adapter weights are gathered first and passed
+    in as `state_dict`. Written beside `out` and renamed into place so `out` is never half-written.
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    model, out = engine.module, Path(out)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    zero3 = engine.zero_optimization_stage() == 3
+    with deepspeed.zero.GatheredParameters([p for _, p in named], modifier_rank=None, enabled=zero3):
+        if dist.get_rank() == 0:
+            tmp = out.with_name(f".{out.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            model.save_pretrained(tmp, state_dict={n: p.detach().cpu().clone() for n, p in named})
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(tmp, out)
+    dist.barrier()
+
+
+def train(model_dir: Path | str, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: Training,
+          max_steps: int, *, adapter_dir: Path | str | None = None, seed: int = 0,
+          log: Callable[[str], None] | None = print) -> dict:
+    """The whole recipe in one call (every rank calls it): join the process group, LoRA-wrap the model, build the
+    engine, `fit`, and save the final adapter to `adapter_dir`. Returns `fit`'s result (the same on every rank)."""
+    _, world = init_distributed()
+    engine = make_engine(lora_model(model_dir, training, seed), training, world)
+    result = fit(engine, batches, loss_fn, ckpt_dir, training, max_steps, log)
+    if adapter_dir is not None:
+        save_adapter(engine, adapter_dir)
+    return result
+
+
+def sft_job(model_dir: Path | str, pairs: list[tuple[str, str]], ckpt_dir: Path | str, training: Training,
+            max_steps: int, *, adapter_dir: Path | str | None = None, seed: int = 0, loss_fn: LossFn | None = None,
+            log: Callable[[str], None] | None = print) -> dict:
+    """A job function for `submit` (picklable with functools.partial): LoRA-SFT on chat (prompt, response) pairs,
+    response tokens only, batches shuffled from `seed`."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    examples = [tokenize_pair(tokenizer, prompt, response) for prompt, response in pairs]
+    batches = shuffled_batches(examples, training.micro_batch_size, seed,
+                               functools.partial(collate, pad_id=tokenizer.pad_token_id))
+    return train(model_dir, batches, loss_fn or sft_loss, ckpt_dir, training, max_steps, adapter_dir=adapter_dir,
+                 seed=seed, log=log)
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, response: str) -> dict[str, list[int]]:
+    """Chat-formatted (prompt, response) as input_ids, with labels -100 on the prompt so only the response
+    (through its end-of-turn token) is learned. Prompt and response are tokenized separately so the boundary is
+    exact whatever the tokenizer merges across it."""
+    user = [{"role": "user", "content": prompt}]
+    prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
+    full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
+    if not full_text.startswith(prompt_text):
+        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+
+
+def collate(examples: list[dict[str, list[int]]], pad_id: int) -> Batch:
+    """Right-pad tokenized examples into input_ids / attention_mask / labels tensors (labels padded with -100)."""
+    width = max(len(e["input_ids"]) for e in examples)
+    batch: dict[str, list] = {"input_ids": [], "attention_mask": [], "labels": []}
+    for e in examples:
+        pad = width - len(e["input_ids"])
+        batch["input_ids"].append(e["input_ids"] + [pad_id] * pad)
+        batch["attention_mask"].append([1] * len(e["input_ids"]) + [0] * pad)
+        batch["labels"].append(e["labels"] + [-100] * pad)
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in batch.items()}
+
+
+def _batch_at(examples: list, micro_batch_size: int, seed: int, collate_fn: Callable[[list], Batch],
+              index: int) -> Batch:
+    picked = []
+    for position in range(index * micro_batch_size, (index + 1) * micro_batch_size):
+        epoch, offset = divmod(position, len(examples))
+        order = torch.randperm(len(examples), generator=torch.Generator().manual_seed(seed + epoch))
+        picked.append(examples[order[offset]])
+    return collate_fn(picked)
+
+
+def shuffled_batches(examples: list, micro_batch_size: int, seed: int,
+                     collate_fn: Callable[[list], Batch]) -> Batches:
+    """`batches` for `fit`: micro-batch i holds examples i*m .. i*m+m-1 of an endless stream that visits
+    `examples` once per epoch in an order drawn from `seed + epoch`. A pure function of i (picklable)."""
+    return functools.partial(_batch_at, examples, micro_batch_size, seed, collate_fn)
+
+
+def sft_loss(model: Any, batch: Batch) -> torch.Tensor:
+    """Causal-LM cross-entropy over the labelled (response) tokens of the micro-batch; the model shifts labels."""
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss

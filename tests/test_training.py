@@ -1,0 +1,235 @@
+"""stages/training.py on the tiny Llama: DeepSpeed config mapping, LoRA-only updates, adapter round trip, exact
+resume (also after a crash), and 2-process ZeRO-2/ZeRO-3 runs through the submission layer."""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from slurm.submit import JobSpec, submit
+from stages.params import Cluster, Resources, Training
+from stages.training import (
+    collate, deepspeed_config, fit, init_distributed, latest_checkpoint, lora_model, make_engine, save_adapter,
+    sft_job, sft_loss, shuffled_batches, tokenize_pair,
+)
+
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Add 1 and 2.", "1 2 3"),
+    ("What colour is the quick fox?", "brown"),
+    ("Say something helpful.", "An assistant answers questions helpfully."),
+]
+# dropout on, so an exact resume needs the RNG states restored
+TINY = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1, micro_batch_size=1)
+
+
+@pytest.fixture(scope="module")
+def roomy_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_model with its final RMSNorm weight x5. The random tied embeddings (std 0.02) cap every logit at
+    about +-1.3 and LoRA cannot touch them or the norm, so on tiny_model itself LoRA can only take the loss from
+    6.0 to about 5.5; with the norm scaled it can overfit (6.6 -> ~1.5 in 16 steps) - a clear signal."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5.0)
+    out = tmp_path_factory.mktemp("roomy") / "model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def _inline(fn: functools.partial) -> dict:
+    """Run `fn` as one process through the submission layer (it exports RANK/WORLD_SIZE/MASTER_* itself)."""
+    spec = JobSpec(stage="train_test", fn=fn, resources=Resources(), target=Path("unused"), key={})
+    return submit(spec, Cluster(executor="inline"))
+
+
+def _crash_after(calls: int, counter: list[int], model, batch: dict) -> torch.Tensor:  # noqa: ANN001
+    """sft_loss that raises on its `calls`+1-th call: a job killed in the middle of a step."""
+    counter[0] += 1
+    if counter[0] > calls:
+        raise RuntimeError("simulated crash")
+    return sft_loss(model, batch)
+
+
+# ------------------------------------------------------------------------------------------------ pure parts
+
+
+def test_deepspeed_config_maps_params() -> None:
+    cfg = deepspeed_config(Training(micro_batch_size=3, gradient_accumulation_steps=4, learning_rate=5e-5), 2)
+    assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) \
+        == (24, 3, 4)
+    assert cfg["zero_optimization"] == {"stage": 2}
+    assert cfg["optimizer"]["type"] == "AdamW" and cfg["optimizer"]["params"]["lr"] == 5e-5
+    assert cfg["gradient_clipping"] == 1.0
+    assert not cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
+
+    cfg = deepspeed_config(Training(zero_stage=3, offload="cpu", precision="bf16", max_grad_norm=0.5), 1)
+    assert cfg["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
+                                        "offload_param": {"device": "cpu"}}
+    assert cfg["zero_force_ds_cpu_optimizer"] is False
+    assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and cfg["gradient_clipping"] == 0.5
+    assert cfg["train_batch_size"] == 1
+
+    cfg = deepspeed_config(Training(zero_stage=2, offload="cpu", precision="fp16"), 8)
+    assert cfg["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}  # no param offload
+    assert cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"] and cfg["train_batch_size"] == 8
+
+    cfg = deepspeed_config(Training(zero_stage=0, offload="cpu"), 1)
+    assert cfg["zero_optimization"] == {"stage": 0} and "zero_force_ds_cpu_optimizer" not in cfg
+
+
+def test_tokenize_pair_masks_the_prompt(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ex = tokenize_pair(tok, "Say hi.", "hi there")
+    learned = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert tok.decode(ex["input_ids"]).endswith("<|im_start|>assistant\nhi there<|im_end|>\n")
+    assert tok.decode(learned) == "hi there<|im_end|>\n"
+    assert ex["labels"][: len(ex["labels"]) - len(learned)] == [-100] * (len(ex["labels"]) - len(learned))
+
+    batch = collate([ex, tokenize_pair(tok, "Q", "A")], pad_id=tok.pad_token_id)
+    assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape
+    short = batch["attention_mask"][1].sum()
+    assert (batch["labels"][1, short:] == -100).all() and (batch["input_ids"][1, short:] == tok.pad_token_id).all()
+
+    batches = shuffled_batches(list(range(5)), 2, seed=3, collate_fn=lambda xs: torch.tensor(xs))
+    stream = torch.cat([batches(i) for i in range(5)]).tolist()  # two epochs of 5 examples
+    assert sorted(stream[:5]) == sorted(stream[5:]) == list(range(5)) and torch.equal(batches(2), batches(2))
+
+
+# --------------------------------------------------------------------------------------------- one process
+
+
+def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    training = Training(**TINY, zero_stage=2, gradient_accumulation_steps=2, save_every=100)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        monkeypatch.delenv(name, raising=False)
+    assert init_distributed() == (0, 1)  # no environment: one process on a free local port
+    model = lora_model(roomy_model, training, seed=0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    engine = make_engine(model, training, world_size=1)
+    tok = AutoTokenizer.from_pretrained(roomy_model)
+    # 2 pairs and a global batch of 2: every step sees the whole set, so the curve is the full-data loss
+    batches = shuffled_batches([tokenize_pair(tok, p, r) for p, r in PAIRS[:2]], 1, 0,
+                               functools.partial(collate, pad_id=tok.pad_token_id))
+    result = fit(engine, batches, sft_loss, tmp_path / "ckpt", training, max_steps=16, log=None)
+    save_adapter(engine, tmp_path / "adapter")
+
+    losses = result["losses"]
+    assert len(losses) == 16 and result["start_step"] == 0
+    assert losses[-1] < 0.4 * losses[0] and sum(losses[-4:]) < 0.5 * sum(losses[:4]), losses  # overfits
+    after = dict(engine.module.named_parameters())
+    changed = {n for n in before if not torch.equal(before[n], after[n].detach())}
+    assert changed and all("lora_" in n for n in changed)
+    assert {n for n, p in after.items() if p.requires_grad} == {n for n in before if "lora_" in n}
+    assert all(torch.equal(before[n], after[n]) for n in before if "lora_" not in n)  # base weights untouched
+    assert latest_checkpoint(tmp_path / "ckpt") == "step_00000016"  # the final step is always checkpointed
+
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(roomy_model), tmp_path / "adapter")
+    ids = collate([tokenize_pair(tok, *PAIRS[0])], tok.pad_token_id)["input_ids"]
+    engine.module.eval()
+    reloaded.eval()
+    with torch.no_grad():
+        assert torch.allclose(engine.module(input_ids=ids).logits, reloaded(input_ids=ids).logits, atol=1e-5)
+
+
+def test_resume_continues_the_same_loss_curve(tiny_model: Path, tmp_path: Path) -> None:
+    training = Training(**TINY, gradient_accumulation_steps=2, save_every=3, keep_checkpoints=2)
+    run = functools.partial(sft_job, tiny_model, PAIRS, training=training, log=None)
+    full = _inline(functools.partial(run, tmp_path / "a", max_steps=10))
+    first = _inline(functools.partial(run, tmp_path / "b", max_steps=4))  # checkpoints at 3 and 4 (the end)
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_00000003", "step_00000004"]
+    rest = _inline(functools.partial(run, tmp_path / "b", max_steps=10, adapter_dir=tmp_path / "adapter"))
+
+    assert first["losses"] == full["losses"][:4]
+    assert rest["start_step"] == 4 and rest["step"] == 10
+    # the same computation replayed from restored weights, Adam moments, data position and dropout RNG: exact
+    assert rest["losses"] == pytest.approx(full["losses"], abs=1e-6)
+    assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_00000009", "step_00000010"]
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_crash_mid_run_loses_at_most_one_checkpoint_interval(tiny_model: Path, tmp_path: Path) -> None:
+    training = Training(**TINY, gradient_accumulation_steps=2, save_every=3)
+    run = functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt", training, 10, log=None)
+    full = _inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "full", training, 10, log=None))
+    crash_step = 8  # raises in the middle of step 8's accumulation (after one of its two micro-batches)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _inline(functools.partial(run, loss_fn=functools.partial(_crash_after, 7 * 2 + 1, [0])))
+    assert latest_checkpoint(tmp_path / "ckpt") == "step_00000006"
+    (tmp_path / "ckpt" / "step_00000009").mkdir()  # a half-written checkpoint of a crash during save: ignored
+    (tmp_path / "ckpt" / "step_00000009" / "junk").write_text("partial")
+
+    resumed = _inline(run)
+    assert crash_step - resumed["start_step"] <= training.save_every
+    assert resumed["start_step"] == 6
+    assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)
+    assert not (tmp_path / "ckpt" / "step_00000009" / "junk").exists()  # re-saved clean at step 9
+
+
+# ---------------------------------------------------------------------------------------------- two processes
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_two_processes_match_one_process(tiny_model: Path, tmp_path: Path, stage: int) -> None:
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # the same global batch of 2: 1 rank x 2 accumulation micro-batches, or 2 ranks x 1, over the same stream;
+    # no dropout: with it each rank draws its own masks, so the runs would differ by more than arithmetic order
+    setup = {**TINY, "lora_dropout": 0.0, "zero_stage": stage, "save_every": 3}
+    one = Training(**setup, gradient_accumulation_steps=2)
+    two = Training(**setup, gradient_accumulation_steps=1)
+    single = _inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1", one, 6,
+                                       adapter_dir=tmp_path / "adapter1", log=None))
+
+    def two_processes(max_steps: int) -> dict:
+        spec = JobSpec(
+            stage=f"train_zero{stage}",
+            fn=functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt2", two, max_steps,
+                                 adapter_dir=tmp_path / "adapter2"),
+            resources=Resources(tasks_per_node=2, cpus_per_task=1, time_min=10),
+            target=tmp_path / "adapter2", key={"stage": stage, "max_steps": max_steps},
+        )
+        start = time.monotonic()
+        result = submit(spec, Cluster(executor="local", log_dir=str(tmp_path / "logs")))
+        print(f"ZeRO-{stage}, 2 processes, to step {max_steps}: {time.monotonic() - start:.1f} s")
+        return result
+
+    first = two_processes(3)  # then a second job resumes from its sharded checkpoint
+    tag = tmp_path / "ckpt2" / "step_00000003"
+    assert latest_checkpoint(tmp_path / "ckpt2") == tag.name
+    assert {p.name for p in tag.glob("*optim_states.pt")} == {
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt", "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+    result = two_processes(6)
+
+    assert first["step"] == 3 and result["start_step"] == 3 and result["step"] == 6 and len(result["losses"]) == 6
+    # Tolerance 1e-6 relative. Seen: bitwise equal (1 rank: g1/2 + g2/2 accumulated; 2 ranks: (g1 + g2)/2 by
+    # all-reduce - the same in floating point for two terms); more ranks or bf16 would reorder sums.
+    assert result["losses"] == pytest.approx(single["losses"], rel=1e-6)
+    assert result["losses"][-1] < result["losses"][0]
+    assert latest_checkpoint(tmp_path / "ckpt2") == "step_00000006"
+
+    weights = load_file(tmp_path / "adapter2" / "adapter_model.safetensors")
+    reference = load_file(tmp_path / "adapter1" / "adapter_model.safetensors")
+    assert weights.keys() == reference.keys() and all(weights[k].shape == reference[k].shape for k in weights)
+    assert all(w.numel() > 0 for w in weights.values())  # ZeRO-3 shards gathered, not empty placeholders
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    ids = collate([tokenize_pair(tok, *PAIRS[0])], tok.pad_token_id)["input_ids"]
+    with torch.no_grad():
+        a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter1")
+        b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter2")
+        assert torch.allclose(a.eval()(input_ids=ids).logits, b.eval()(input_ids=ids).logits, atol=1e-5)
