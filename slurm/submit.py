@@ -149,11 +149,21 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _wait_local_orphan(job: submitit.Job) -> None:
-    """A local job re-attached from a new process has no Popen handle: poll its pid and result files."""
-    pid = int(job.job_id)
-    while _pid_alive(pid) and not all(job.task(t).paths.result_pickle.exists() for t in range(job.num_tasks)):
-        time.sleep(0.5)
+def _finished(job: submitit.Job) -> bool:
+    if isinstance(job, submitit.LocalJob) and getattr(job, "_process", None) is None:
+        # re-attached from a new process: no Popen handle, so watch the pid and the result files
+        results = all(job.task(t).paths.result_pickle.exists() for t in range(job.num_tasks))
+        return results or not _pid_alive(int(job.job_id))
+    return job.done()
+
+
+def _wait(job: submitit.Job) -> None:
+    """Poll fast at first, then back off to every 2 s: submitit's own wait checks once a second, which is most
+    of the overhead of a short job."""
+    delay = 0.05
+    while not _finished(job):
+        time.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
 
 
 def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed:
@@ -239,8 +249,7 @@ def submit(spec: JobSpec, cluster: Cluster) -> Any:
         os.replace(tmp, state_file)
         print(f"{spec.stage}: submitted {kind} job {job.job_id} (logs: {job.paths.stdout.parent})", file=sys.stderr)
     try:
-        if kind == "local" and getattr(job, "_process", None) is None:
-            _wait_local_orphan(job)
+        _wait(job)
         results = job.results()
     except (FailedJobError, UncompletedJobError) as exc:
         state_file.unlink(missing_ok=True)
