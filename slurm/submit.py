@@ -63,7 +63,8 @@ class _Task:
         return self.fn()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port nothing listens on now, for a single-process rendezvous."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
@@ -122,12 +123,11 @@ def _attach(state: dict, kind: str) -> submitit.Job | None:
         slurm_state = job.watcher.get_state(job_id, mode="force").split(" ")[0]  # sacct: "CANCELLED by 0"
         if slurm_state in SLURM_FAILED:
             return None
-        if slurm_state == GONE and not all(job.task(t).paths.result_pickle.exists() for t in tasks):
+        if slurm_state == GONE and not _has_results(job):
             return None
         return job
     job = submitit.LocalJob(folder=folder, job_id=job_id, tasks=tasks)
-    done = all(job.task(t).paths.result_pickle.exists() for t in tasks)
-    return job if done or _pid_alive(int(job_id)) else None
+    return job if _has_results(job) or _pid_alive(int(job_id)) else None
 
 
 def _cancel_stale(state: dict) -> None:
@@ -149,11 +149,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _has_results(job: submitit.Job) -> bool:
+    return all(job.task(t).paths.result_pickle.exists() for t in range(job.num_tasks))
+
+
 def _finished(job: submitit.Job) -> bool:
     if isinstance(job, submitit.LocalJob) and getattr(job, "_process", None) is None:
         # re-attached from a new process: no Popen handle, so watch the pid and the result files
-        results = all(job.task(t).paths.result_pickle.exists() for t in range(job.num_tasks))
-        return results or not _pid_alive(int(job.job_id))
+        return _has_results(job) or not _pid_alive(int(job.job_id))
     return job.done()
 
 
@@ -206,7 +209,7 @@ def _environ(**values: str | None) -> Iterator[None]:
 
 def _run_inline(spec: JobSpec) -> Any:
     """One rank in this process, its distributed variables set for the call only."""
-    with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), RANK="0", WORLD_SIZE="1",
+    with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"):
         return spec.fn()
 

@@ -28,13 +28,13 @@ import os
 import random
 import re
 import shutil
-import socket
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 import torch
 
+from slurm.submit import free_port
 from stages.params import Training
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Llama-style
@@ -99,19 +99,13 @@ def init_distributed() -> tuple[int, int]:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     import deepspeed
 
     if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
     deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- model, engine
