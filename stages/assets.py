@@ -1,0 +1,80 @@
+"""The human-written inputs in assets/, read with a schema: a malformed line is one error naming the file, the
+line and the key, before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stages.errors import UserError
+
+ASSETS = Path("assets")
+T = TypeVar("T", bound=BaseModel)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SeedPrompt(_Record):
+    id: str = Field(min_length=1)
+    category: str = Field(min_length=1)
+    text: str = Field(min_length=1)
+
+
+class Principle(_Record):
+    id: int = Field(ge=1)
+    name: str = Field(min_length=1)
+    definition: str = Field(min_length=1)
+
+
+class Exemplar(_Record):
+    id: int = Field(ge=1)
+    query: str = Field(min_length=1)
+    thoughts: str = Field(min_length=1)
+    answer: str = Field(min_length=1)
+
+
+class QuestionType(_Record):
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    description: str = Field(min_length=1)
+
+
+def load_jsonl(path: Path, record: type[T]) -> list[T]:
+    """Every line of `path` as a `record`; ids must be unique."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    rows: list[T] = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(record.model_validate(json.loads(line)))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(k) for k in err["loc"]) or "(record)"
+            raise UserError(f"{path}: line {number}: {key}: {err['msg'].lower()}") from None
+    if not rows:
+        raise UserError(f"{path}: empty; expected one JSON object per line")
+    ids = [row.id for row in rows]  # type: ignore[attr-defined]
+    duplicate = next((i for i in ids if ids.count(i) > 1), None)
+    if duplicate is not None:
+        raise UserError(f"{path}: id {duplicate!r} appears more than once")
+    return rows
+
+
+def load_text(path: Path) -> str:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    text = path.read_text(encoding="utf-8").strip()
+    if not text:
+        raise UserError(f"{path}: empty; expected the instruction text")
+    return text

@@ -1,0 +1,45 @@
+"""assets/ is the human input of the method: it must load under its schema, and a broken line must be named."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from stages.assets import Exemplar, Principle, QuestionType, load_jsonl, load_text
+from stages.errors import UserError
+from tests.conftest import ROOT
+
+ASSETS = ROOT / "assets"
+
+
+def test_principles_exemplars_and_question_types() -> None:
+    principles = load_jsonl(ASSETS / "principles.jsonl", Principle)
+    assert len(principles) == 16 and len({p.name for p in principles}) == 16
+    names = {p.name for p in principles}
+    exemplars = load_jsonl(ASSETS / "exemplars.jsonl", Exemplar)
+    assert len(exemplars) == 5
+    for exemplar in exemplars:  # the internal thoughts name the principles that apply
+        assert any(name in exemplar.thoughts for name in names), exemplar.id
+    types = load_jsonl(ASSETS / "tgrt_question_types.jsonl", QuestionType)
+    assert len(types) >= 20 and len({t.name for t in types}) == len(types)
+    assert all("\n" not in t.description for t in types)
+    assert len(load_text(ASSETS / "verbose_instruction.txt").split()) >= 20
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"id": 1, "name": "ethical", "definition": "x"}\n{"id": 2, "name": "x"\n', r"principles.jsonl: line 2: not valid JSON"),
+        ('{"id": 1, "name": "ethical"}\n', r"principles.jsonl: line 1: definition: field required"),
+        ('{"id": "one", "name": "a", "definition": "b"}\n', r"principles.jsonl: line 1: id: input should be a valid integer"),
+        ('{"id": 1, "name": "a", "definition": "b", "extra": 1}\n', r"principles.jsonl: line 1: extra: extra inputs are not permitted"),
+        ('{"id": 1, "name": "a", "definition": "b"}\n{"id": 1, "name": "c", "definition": "d"}\n', r"principles.jsonl: id 1 appears more than once"),
+        ("\n", r"principles.jsonl: empty"),
+    ],
+)
+def test_broken_asset_is_one_line_naming_file_line_and_key(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "principles.jsonl"
+    path.write_text(content)
+    with pytest.raises(UserError, match=message):
+        load_jsonl(path, Principle)
