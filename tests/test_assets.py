@@ -6,11 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from stages.assets import Exemplar, Principle, QuestionType, load_jsonl, load_text
+from stages.assets import Exemplar, Principle, QuestionType, SeedPrompt, load_jsonl, load_text
 from stages.errors import UserError
 from tests.conftest import ROOT
 
 ASSETS = ROOT / "assets"
+
+
+def test_seed_prompts_are_many_varied_and_self_contained() -> None:
+    seeds = load_jsonl(ASSETS / "seed_prompts.jsonl", SeedPrompt)
+    assert 120 <= len(seeds) <= 200
+    categories = {s.category for s in seeds}
+    assert len(categories) >= 8 and "refusal_worthy" in categories
+    assert len({s.text.lower() for s in seeds}) == len(seeds)
+    for seed in seeds:
+        assert not any(word in seed.text.lower() for word in ("attached image", "see the photo", "this url")), seed.id
 
 
 def test_principles_exemplars_and_question_types() -> None:
