@@ -11,7 +11,6 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.errors import UserError
 
-ASSETS = Path("assets")
 T = TypeVar("T", bound=BaseModel)
 
 

@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lineage: {exc}", file=sys.stderr)
         return 1
     print("\n".join(lines))
-    print(f"ok: every file re-hashed and matches")
+    print("ok: every file re-hashed and matches")
     return 0
 
 
