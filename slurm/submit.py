@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -185,7 +186,10 @@ def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed:
     if paths.stderr.exists():
         lines = [line for line in paths.stderr.read_text(errors="replace").splitlines() if line.strip()]
         tail = "\n".join("  | " + line for line in lines[-STDERR_TAIL_LINES:])
-    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    # a job that raised: submitit's message holds its traceback between two dashed lines, the exception last
+    parts = re.split(r"^-{8,}$", str(exc), flags=re.MULTILINE)
+    lines = (parts[1] if isinstance(exc, FailedJobError) and len(parts) > 2 else str(exc)).strip().splitlines()
+    reason = (lines[-1] if len(parts) > 2 else lines[0]).strip() if lines else type(exc).__name__
     return JobFailed(
         f"{stage}: job {job.job_id} failed on rank {failing}: {reason}\n{tail}\n  log: {paths.stderr}"
     )

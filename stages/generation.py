@@ -67,6 +67,15 @@ def resolve_backend(choice: str) -> str:
     return "hf"
 
 
+def one_task(resources: params.Resources, stage: str) -> params.Resources:
+    """`resources` of a generation job, which runs as one task (vLLM spreads a model over the node's GPUs by
+    tensor parallelism, not by ranks); several tasks would each generate everything."""
+    if resources.tasks != 1 or resources.nodes != 1:
+        raise UserError(f"params.yaml: cluster.{stage}: a generation job runs as one task on one node (vLLM uses "
+                        f"the node's GPUs through generation.tensor_parallel_size); set nodes: 1, tasks_per_node: 1")
+    return resources
+
+
 def config_dtype(model: Path | str) -> str:
     """The dtype the model was saved in (config.json `dtype`, `torch_dtype` before transformers 5)."""
     config = json.loads((Path(model) / "config.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from stages.errors import UserError
 
@@ -46,6 +46,11 @@ class Cluster(Strict):
     executor: Literal["auto", "slurm", "local", "inline"] = "auto"
     log_dir: str = Field("logs", min_length=1)
     import_model: Resources = Field(default_factory=Resources)
+    prompts: Resources = Field(default_factory=Resources)
+    self_align: Resources = Field(default_factory=Resources)
+    engrave: Resources = Field(default_factory=Resources)
+    verbose_answers: Resources = Field(default_factory=Resources)  # verbose_clone's generation job
+    verbose_clone: Resources = Field(default_factory=Resources)  # verbose_clone's training job
 
 
 class Model(Strict):
@@ -73,8 +78,67 @@ class Training(Strict):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
+    lora_targets: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1)  # module names PEFT wraps (Llama-style projections by default)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after a linear warm-up
+    warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of the optimizer steps spent warming up
     save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+
+
+class Tgrt(Strict):
+    """Topic-guided red-teaming: topics per question type, then questions per (type, topic)."""
+
+    enabled: bool = True
+    topics_per_type: int = Field(4, ge=1)
+    questions_per_topic: int = Field(2, ge=1)
+
+
+class Prompts(Strict):
+    num_self_instruct: int = Field(200, ge=0)  # machine-written instructions to keep
+    shots: int = Field(6, ge=1)  # instructions shown per request
+    machine_shots: int = Field(2, ge=0)  # of which drawn from already-kept machine instructions (once there are)
+    requests_per_round: int = Field(32, ge=1)
+    max_rounds: int = Field(20, ge=1)  # give up (and report) after this many rounds
+    rouge_threshold: float = Field(0.7, gt=0, le=1)  # keep a candidate only if ROUGE-L to every kept one is below
+    min_words: int = Field(3, ge=1)
+    max_words: int = Field(150, ge=1)
+    max_new_tokens: int = Field(160, ge=1)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    tgrt: Tgrt = Field(default_factory=Tgrt)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Prompts:
+        if self.machine_shots > self.shots:
+            raise ValueError(f"machine_shots ({self.machine_shots}) must not exceed shots ({self.shots})")
+        if self.min_words > self.max_words:
+            raise ValueError(f"min_words ({self.min_words}) must not exceed max_words ({self.max_words})")
+        return self
+
+
+class SelfAlign(Strict):
+    max_new_tokens: int = Field(256, ge=1)  # internal thoughts + answer
+    temperature: float = Field(0.0, ge=0)  # 0 = greedy (the Dromedary recipe decodes greedily)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_prompts: int | None = Field(None, ge=1)  # answer only the first N prompts (None: all)
+    max_repeated_ngram_share: float = Field(0.5, gt=0, le=1)  # degenerate: this share of 4-grams are repeats
+    echo_threshold: float = Field(0.5, gt=0, le=1)  # ROUGE-L to a principle's definition that counts as an echo
+
+
+class Engrave(Strict):
+    epochs: float = Field(1.0, gt=0)
+    max_prompt_tokens: int = Field(256, ge=1)
+    max_answer_tokens: int = Field(384, ge=1)
+
+
+class VerboseClone(Strict):
+    enabled: bool = False
+    max_new_tokens: int = Field(384, ge=1)
+    temperature: float = Field(0.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    epochs: float = Field(1.0, gt=0)
 
 
 class Params(Strict):
@@ -82,6 +146,10 @@ class Params(Strict):
     model: Model = Field(default_factory=Model)
     generation: Generation = Field(default_factory=Generation)
     training: Training = Field(default_factory=Training)
+    prompts: Prompts = Field(default_factory=Prompts)
+    self_align: SelfAlign = Field(default_factory=SelfAlign)
+    engrave: Engrave = Field(default_factory=Engrave)
+    verbose_clone: VerboseClone = Field(default_factory=VerboseClone)
     cluster: Cluster = Field(default_factory=Cluster)
 
 
@@ -124,6 +192,8 @@ def format_error(err: dict, source: str) -> str:
         close = difflib.get_close_matches(str(loc[-1]), known, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else f"; expected one of {', '.join(known)}"
         return f"{source}: {where}: unknown key{hint}"
+    if err["type"] == "value_error":  # a cross-field check (validator) with its own message
+        return f"{source}: {where}: {err['msg'].removeprefix('Value error, ')}"
     if err["type"] == "missing":
         return f"{source}: {where}: missing required key"
     expected = _describe(field) if field is not None else err["msg"]

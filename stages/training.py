@@ -24,6 +24,7 @@ Typical use, inside the job function a stage hands to `slurm.submit.submit`:
 from __future__ import annotations
 
 import functools
+import math
 import os
 import random
 import re
@@ -37,7 +38,6 @@ import torch
 from slurm.submit import free_port
 from stages.params import Training
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]  # Llama-style
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATEST = "latest"
 TAG = re.compile(r"^step_(\d{8})$")
@@ -45,6 +45,7 @@ TAG = re.compile(r"^step_(\d{8})$")
 Batch = dict[str, torch.Tensor]
 Batches = Callable[[int], Batch]  # global micro-batch index -> micro-batch
 LossFn = Callable[[Any, Batch], torch.Tensor]  # (engine or model, micro-batch) -> scalar loss
+OnStep = Callable[[int, dict], None]  # (step index, {"loss", "lr"}) on rank 0, resumed steps replayed first
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -121,17 +122,32 @@ def lora_model(model_dir: Path | str, training: Training, seed: int = 0) -> torc
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[training.precision])
     config = LoraConfig(
         r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
-        target_modules=LORA_TARGETS, task_type="CAUSAL_LM",
+        target_modules=list(training.lora_targets), task_type="CAUSAL_LM",
     )
     return get_peft_model(model, config)
 
 
-def make_engine(model: torch.nn.Module, training: Training, world_size: int) -> Any:
-    """A DeepSpeed engine over the trainable parameters of `model` (call `init_distributed` first)."""
+def lr_scheduler(training: Training, total_steps: int) -> Callable[[Any], Any]:
+    """`training.lr_schedule` after a linear warm-up over `warmup_ratio` of `total_steps` (rounded up, as the HF
+    Trainer does), as a callable DeepSpeed applies to its optimizer; DeepSpeed steps it at every optimizer step
+    and keeps its state in checkpoints."""
+    from transformers import get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    warmup = math.ceil(total_steps * training.warmup_ratio)
+    if training.lr_schedule == "cosine":
+        return functools.partial(get_cosine_schedule_with_warmup, num_warmup_steps=warmup,
+                                 num_training_steps=total_steps)
+    return functools.partial(get_constant_schedule_with_warmup, num_warmup_steps=warmup)
+
+
+def make_engine(model: torch.nn.Module, training: Training, world_size: int, total_steps: int | None = None) -> Any:
+    """A DeepSpeed engine over the trainable parameters of `model` (call `init_distributed` first); with
+    `total_steps`, the learning rate follows `training.lr_schedule`, else it stays constant."""
     import deepspeed
 
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=params,
+    schedule = lr_scheduler(training, total_steps) if total_steps else None
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=params, lr_scheduler=schedule,
                                       config=deepspeed_config(training, world_size))
     return engine
 
@@ -211,19 +227,21 @@ def load_checkpoint(engine: Any, ckpt_dir: Path | str) -> dict | None:
 
 
 def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: Training,
-        max_steps: int, log: Callable[[str], None] | None = print) -> dict:
+        max_steps: int, log: Callable[[str], None] | None = print, on_step: OnStep | None = None) -> dict:
     """Train `engine` up to optimizer step `max_steps`, resuming from `ckpt_dir` where a checkpoint exists.
 
     Checkpoints every `training.save_every` steps and at `max_steps` (so a rerun with a larger `max_steps`
     continues exactly there). Returns {"losses": the per-step loss of every step 0..max_steps-1, resumed steps
-    included, each the mean over the global batch; "start_step": where this run began; "step": where it ended}.
+    included, each the mean over the global batch; "lrs": the learning rate of each of those steps;
+    "start_step": where this run began; "step": where it ended}. `on_step` sees every step on rank 0, the
+    resumed ones first (replayed from the checkpoint), so a curve written by it is continuous across restarts.
     """
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
     accum = engine.gradient_accumulation_steps()
     global_batch = engine.train_batch_size()
-    state = load_checkpoint(engine, ckpt_dir) or {"step": 0, "data_position": 0, "losses": [],
+    state = load_checkpoint(engine, ckpt_dir) or {"step": 0, "data_position": 0, "losses": [], "lrs": [],
                                                   "train_batch_size": global_batch}
     if state["train_batch_size"] != global_batch:
         raise RuntimeError(f"{ckpt_dir}: checkpoint was trained with a global batch of {state['train_batch_size']}, "
@@ -231,8 +249,12 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
     start = state["step"]
     if log and rank == 0 and start:
         log(f"resumed from {ckpt_dir}/{latest_checkpoint(ckpt_dir)} at step {start}")
+    if on_step and rank == 0:
+        for step, (loss, lr) in enumerate(zip(state["losses"], state["lrs"])):
+            on_step(step, {"loss": loss, "lr": lr})
     engine.train()
     while state["step"] < max_steps:
+        lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves after it)
         total = torch.zeros((), dtype=torch.float32, device=engine.device)
         for micro in range(accum):
             index = state["data_position"] + micro * world + rank
@@ -243,13 +265,16 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
             total += loss.detach().float()
         dist.all_reduce(total)
         state["losses"].append(total.item() / (accum * world))
+        state["lrs"].append(lr)
         state["step"] += 1
         state["data_position"] += accum * world
         if log and rank == 0:
-            log(f"step {state['step']}/{max_steps} loss {state['losses'][-1]:.4f}")
+            log(f"step {state['step']}/{max_steps} loss {state['losses'][-1]:.4f} lr {lr:.3g}")
+        if on_step and rank == 0:
+            on_step(state["step"] - 1, {"loss": state["losses"][-1], "lr": lr})
         if state["step"] % training.save_every == 0 or state["step"] == max_steps:
             save_checkpoint(engine, ckpt_dir, state, training.keep_checkpoints)
-    return {"losses": list(state["losses"]), "start_step": start, "step": state["step"]}
+    return {"losses": list(state["losses"]), "lrs": list(state["lrs"]), "start_step": start, "step": state["step"]}
 
 
 def save_adapter(engine: Any, out: Path | str) -> None:
@@ -277,12 +302,13 @@ def save_adapter(engine: Any, out: Path | str) -> None:
 
 def train(model_dir: Path | str, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: Training,
           max_steps: int, *, adapter_dir: Path | str | None = None, seed: int = 0,
-          log: Callable[[str], None] | None = print) -> dict:
+          log: Callable[[str], None] | None = print, on_step: OnStep | None = None) -> dict:
     """The whole recipe in one call (every rank calls it): join the process group, LoRA-wrap the model, build the
-    engine, `fit`, and save the final adapter to `adapter_dir`. Returns `fit`'s result (the same on every rank)."""
+    engine (learning-rate schedule over `max_steps`), `fit`, and save the final adapter to `adapter_dir`.
+    Returns `fit`'s result (the same on every rank)."""
     _, world = init_distributed()
-    engine = make_engine(lora_model(model_dir, training, seed), training, world)
-    result = fit(engine, batches, loss_fn, ckpt_dir, training, max_steps, log)
+    engine = make_engine(lora_model(model_dir, training, seed), training, world, total_steps=max_steps)
+    result = fit(engine, batches, loss_fn, ckpt_dir, training, max_steps, log, on_step)
     if adapter_dir is not None:
         save_adapter(engine, adapter_dir)
     return result
@@ -290,26 +316,30 @@ def train(model_dir: Path | str, batches: Batches, loss_fn: LossFn, ckpt_dir: Pa
 
 def sft_job(model_dir: Path | str, pairs: list[tuple[str, str]], ckpt_dir: Path | str, training: Training,
             max_steps: int, *, adapter_dir: Path | str | None = None, seed: int = 0, loss_fn: LossFn | None = None,
-            log: Callable[[str], None] | None = print) -> dict:
+            max_prompt_tokens: int | None = None, max_response_tokens: int | None = None,
+            log: Callable[[str], None] | None = print, on_step: OnStep | None = None) -> dict:
     """A job function for `submit` (picklable with functools.partial): LoRA-SFT on chat (prompt, response) pairs,
     response tokens only, batches shuffled from `seed`."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    examples = [tokenize_pair(tokenizer, prompt, response) for prompt, response in pairs]
+    examples = [tokenize_pair(tokenizer, prompt, response, max_prompt_tokens, max_response_tokens)
+                for prompt, response in pairs]
     batches = shuffled_batches(examples, training.micro_batch_size, seed,
                                functools.partial(collate, pad_id=tokenizer.pad_token_id))
     return train(model_dir, batches, loss_fn or sft_loss, ckpt_dir, training, max_steps, adapter_dir=adapter_dir,
-                 seed=seed, log=log)
+                 seed=seed, log=log, on_step=on_step)
 
 
 # ------------------------------------------------------------------------------------------------------ data
 
 
-def tokenize_pair(tokenizer: Any, prompt: str, response: str) -> dict[str, list[int]]:
+def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_prompt_tokens: int | None = None,
+                  max_response_tokens: int | None = None) -> dict[str, list[int]]:
     """Chat-formatted (prompt, response) as input_ids, with labels -100 on the prompt so only the response
     (through its end-of-turn token) is learned. Prompt and response are tokenized separately so the boundary is
-    exact whatever the tokenizer merges across it."""
+    exact whatever the tokenizer merges across it. Over-long prompts lose their start (the template's opening
+    and the question's beginning, keeping the turn header the response follows); over-long responses their end."""
     user = [{"role": "user", "content": prompt}]
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
@@ -317,7 +347,26 @@ def tokenize_pair(tokenizer: Any, prompt: str, response: str) -> dict[str, list[
         raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
     prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
     response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
+    prompt_ids = prompt_ids[-max_prompt_tokens:] if max_prompt_tokens else prompt_ids
+    response_ids = response_ids[:max_response_tokens] if max_response_tokens else response_ids
     return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+
+
+def merge_adapter(model_dir: Path | str, adapter_dir: Path | str, out: Path | str) -> None:
+    """A plain HF folder (weights + tokenizer) of the model in `model_dir` with the LoRA adapter folded in, for
+    stages that load a model rather than a model plus adapter (generation with vLLM, the next training stage)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from stages.generation import config_dtype
+
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config_dtype(model_dir)))
+    merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+    merged.save_pretrained(out, safe_serialization=True)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(out)
+    generation_config = Path(model_dir) / "generation_config.json"
+    if generation_config.is_file():
+        shutil.copy(generation_config, Path(out) / "generation_config.json")
 
 
 def collate(examples: list[dict[str, list[int]]], pad_id: int) -> Batch:

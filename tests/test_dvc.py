@@ -15,7 +15,7 @@ from stages.artifacts import read_manifest, verify_artifact
 from tests.conftest import ROOT
 from tests.tiny import make_tiny_model
 
-PROJECT_FILES = ["stages", "slurm", "dvc.yaml", "params.yaml", ".gitignore"]
+PROJECT_FILES = ["stages", "slurm", "assets", "dvc.yaml", "params.yaml", ".gitignore"]
 
 
 def sh(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
@@ -41,17 +41,17 @@ def test_repro_is_idempotent_and_exp_run_switches_model(tmp_path: Path, tiny_mod
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "init")
 
-    first = sh(repo, "dvc", "repro")
+    first = sh(repo, "dvc", "repro", "import_model")
     assert "Running stage 'import_model'" in first.stdout
     base_id = verify_artifact(repo / "models" / "base")
-    second = sh(repo, "dvc", "repro")
+    second = sh(repo, "dvc", "repro", "import_model")
     assert "Running stage" not in second.stdout and "up to date" in second.stdout
     assert verify_artifact(repo / "models" / "base") == base_id
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "import")
 
     other = make_tiny_model(tmp_path / "other", seed=1)
-    sh(repo, "dvc", "exp", "run", "-S", f"model.base={other}")
+    sh(repo, "dvc", "exp", "run", "-S", f"model.base={other}", "import_model")
     assert verify_artifact(repo / "models" / "base") != base_id
     assert read_manifest(repo / "models" / "base")["params"]["model"]["base"] == str(other)
     shown = sh(repo, "dvc", "exp", "show", "--csv").stdout

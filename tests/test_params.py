@@ -10,6 +10,7 @@ import pytest
 import yaml
 
 from stages.errors import UserError
+from stages.generation import one_task
 from stages.params import Params, load_params, parse_params
 from tests.conftest import ROOT
 
@@ -118,3 +119,15 @@ def test_hub_id_offline_fails_with_one_line(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"^params.yaml: model.base: 'HuggingFaceTB/SmolLM2-135M' is a hub id and the hub is not reachable"):
         resolve_model("HuggingFaceTB/SmolLM2-135M")
+
+
+def test_the_readme_cluster_example_is_valid_params() -> None:
+    """The README's 70B-on-8-GPU-nodes block parses under the schema (it cannot run here)."""
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("### Example: a 70B base on 8-GPU nodes", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
+    params = parse_params(yaml.safe_load(block), "README.md")
+    assert params.generation.tensor_parallel_size == 8 and params.training.zero_stage == 3
+    assert params.cluster.prompts.tasks == 1 and params.cluster.engrave.tasks == 8
+    assert one_task(params.cluster.self_align, "self_align") is params.cluster.self_align
+    with pytest.raises(UserError, match=r"^params.yaml: cluster.engrave: a generation job runs as one task"):
+        one_task(params.cluster.engrave, "engrave")

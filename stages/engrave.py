@@ -1,0 +1,47 @@
+"""Stage `engrave`: principle engraving. LoRA SFT of the base model on the self-aligned (query → answer) pairs
+with no principles or exemplars in the context: only the user's query in the model's chat template, loss on the
+answer tokens. The model learns to answer as the principles made it answer, without being shown them.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+from slurm.submit import JobSpec, submit
+from stages import cli, sft
+from stages.artifacts import code_revision, input_refs
+from stages.params import load_params
+from stages.records import publish_metrics, read_jsonl
+
+STAGE = "engrave"
+OUT = Path("models/engraved")
+BASE = Path("models/base")
+DATA = Path("data/self_align")
+LIVE = Path("dvclive/engrave")
+
+
+def pairs(data: Path) -> list[tuple[str, str]]:
+    """(user query, answer) per kept self-aligned record: the query exactly as the user wrote it."""
+    return [(row["prompt"], row["answer"]) for row in read_jsonl(data / "sft.jsonl")]
+
+
+def main() -> None:
+    params = load_params()
+    inputs = input_refs({"model": BASE, "data": DATA})
+    subset = {"seed": params.seed, "training": params.training.model_dump(), "engrave": params.engrave.model_dump()}
+    ckpt_dir = sft.checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
+    fn = functools.partial(
+        sft.job, STAGE, BASE, pairs(DATA), OUT, LIVE, ckpt_dir, params.training, params.engrave.epochs,
+        params.engrave.max_prompt_tokens, params.engrave.max_answer_tokens, params.seed, subset, inputs, {},
+    )
+    spec = JobSpec(stage=STAGE, fn=fn, resources=params.cluster.engrave, target=OUT,
+                   key={"params": subset, "inputs": inputs, "code": code_revision()})
+    artifact_id = submit(spec, params.cluster)
+    publish_metrics(OUT, STAGE)
+    print(f"{STAGE}: {OUT} {artifact_id}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

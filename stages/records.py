@@ -1,0 +1,37 @@
+"""JSONL data and metrics files of the stages' artifacts, and the copy of each stage's metrics that DVC tracks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+METRICS_DIR = Path("metrics")  # metrics/<stage>.json: what `dvc metrics show/diff` reads (declared in dvc.yaml)
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with Path(path).open("w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Rows of a JSONL file inside a verified artifact (written by `write_jsonl`)."""
+    with Path(path).open(encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]
+
+
+def write_json(path: Path, data: dict) -> None:
+    """Write `data` as indented JSON through a temporary file, so a reader never sees half of it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def publish_metrics(artifact: Path, stage: str) -> Path:
+    """Copy `artifact/metrics.json` (hashed in its manifest) to metrics/<stage>.json for DVC."""
+    out = METRICS_DIR / f"{stage}.json"
+    write_json(out, json.loads((Path(artifact) / "metrics.json").read_text()))
+    return out

@@ -1,0 +1,113 @@
+"""Stage `self_align`: principle-driven answers. For every prompt the base model continues the principles, the
+exemplars and the query into internal thoughts and an answer; the thoughts are dropped and the answer is kept
+only if it survives the filters (every dropped answer is counted under its reason).
+
+The principles + exemplars prefix is identical for every prompt and is most of each prompt's tokens: the hf
+backend computes its KV cache once and reuses it for every batch, vLLM's prefix caching does the same.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+from slurm.submit import JobSpec, submit
+from stages import cli, templates
+from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from stages.assets import Exemplar, Principle, load_jsonl
+from stages.errors import UserError
+from stages.filters import repeated_ngram_share, rouge_l, tokens
+from stages.generation import Generation, Generator, Sampling, one_task
+from stages.params import Generation as GenerationSettings
+from stages.params import SelfAlign, load_params
+from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
+
+STAGE = "self_align"
+OUT = Path("data/self_align")
+BASE = Path("models/base")
+PROMPTS = Path("data/prompts")
+PRINCIPLES = Path("assets/principles.jsonl")
+EXEMPLARS = Path("assets/exemplars.jsonl")
+
+
+def answer_problem(generation: Generation, answer: str | None, principles: list[Principle],
+                   cfg: SelfAlign) -> str | None:
+    """Why an answer is not kept (None: kept)."""
+    if generation.finish_reason == "length":
+        return "cut_off"
+    if answer is None:
+        return "no_answer"
+    if not answer.strip():
+        return "empty"
+    if repeated_ngram_share(answer) > cfg.max_repeated_ngram_share:
+        return "repetitive"
+    lowered = answer.lower()
+    if "internal thoughts" in lowered or any(f"({p.name.lower()})" in lowered for p in principles):
+        return "echoes_principles"
+    words = tokens(answer)
+    if any(rouge_l(words, tokens(p.definition)) >= cfg.echo_threshold for p in principles):
+        return "echoes_principles"
+    return None
+
+
+def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, params: dict, inputs: dict) -> str:
+    """Runs inside the allocation: answer every prompt, filter, write sft.jsonl + metrics.json."""
+    principles = load_jsonl(PRINCIPLES, Principle)
+    exemplars = load_jsonl(EXEMPLARS, Exemplar)
+    prompts = read_jsonl(PROMPTS / "prompts.jsonl")[: cfg.max_prompts]
+    prefix = templates.self_align_prefix(principles, exemplars)
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=templates.SELF_ALIGN_STOP)
+    with Generator(model, settings) as generator:
+        generations = generator.generate([templates.self_align_prompt(prefix, p["text"]) for p in prompts], sampling)
+    kept, rejected = [], Counter()
+    for prompt, generation in zip(prompts, generations):
+        _thoughts, answer = templates.split_thoughts(generation.text)
+        reason = answer_problem(generation, answer, principles, cfg)
+        if reason:
+            rejected[reason] += 1
+            continue
+        kept.append({"id": prompt["id"], "prompt": prompt["text"], "answer": answer, "source": prompt["source"]})
+    if not kept:
+        reasons = ", ".join(f"{k} {v}" for k, v in rejected.most_common())
+        raise UserError(f"{STAGE}: all {len(prompts)} answers were rejected ({reasons}); nothing written")
+    lengths = sorted(len(row["answer"].split()) for row in kept)
+    metrics = {
+        "prompts": len(prompts),
+        "kept": len(kept),
+        "kept_share": len(kept) / len(prompts),
+        "rejected": dict(sorted(rejected.items())),
+        "answer_words_mean": statistics.fmean(lengths),
+        "answer_words_p50": lengths[len(lengths) // 2],
+        "answer_words_p90": lengths[min(len(lengths) - 1, int(0.9 * len(lengths)))],
+        "answer_words_max": lengths[-1],
+        "generated_tokens": sum(g.num_tokens for g in generations),
+        "prefix_chars": len(prefix),
+    }
+    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+        write_jsonl(tmp / "sft.jsonl", kept)
+        write_json(tmp / "metrics.json", metrics)
+    return verify_artifact(OUT)
+
+
+def main() -> None:
+    params = load_params()
+    load_jsonl(PRINCIPLES, Principle), load_jsonl(EXEMPLARS, Exemplar)  # bad assets fail here, before a job
+    inputs = input_refs({"model": BASE, "prompts": PROMPTS, "principles": PRINCIPLES, "exemplars": EXEMPLARS})
+    subset = {"self_align": params.self_align.model_dump(), "generation": params.generation.model_dump()}
+    spec = JobSpec(
+        stage=STAGE,
+        fn=functools.partial(job, BASE, params.self_align, params.generation, subset, inputs),
+        resources=one_task(params.cluster.self_align, STAGE),
+        target=OUT,
+        key={"params": subset, "inputs": inputs, "code": code_revision()},
+    )
+    artifact_id = submit(spec, params.cluster)
+    publish_metrics(OUT, STAGE)
+    print(f"{STAGE}: {OUT} {artifact_id}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

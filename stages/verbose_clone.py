@@ -1,0 +1,132 @@
+"""Stage `verbose_clone`: the final SFT policy, `models/sft`.
+
+With `verbose_clone.enabled`, the engraved model answers the SFT prompts again with the verbose-cloning
+instruction in front of each query (one generation job), and the base model is LoRA-trained on (query →
+that answer) without the instruction (one training job): context distillation, so the policy answers in the
+detailed style unprompted. The answers are kept under checkpoints/ until the policy is written, so a rerun after
+a failed training job does not generate them again.
+
+Disabled, the SFT policy is the engraved model: models/sft holds hard links to its files (no copy) and a
+manifest naming it as input. The stage depends on the flag, so toggling it and running `dvc repro` rebuilds
+models/sft either way.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import shutil
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+from slurm.submit import JobSpec, submit
+from stages import cli, sft, templates
+from stages.artifacts import MANIFEST, code_revision, input_refs, staged_out, verify_artifact
+from stages.assets import load_text
+from stages.errors import UserError
+from stages.generation import Generator, Sampling, chat_prompt, one_task
+from stages.params import Generation, Params, SelfAlign, VerboseClone, load_params
+from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from stages.self_align import answer_problem
+
+STAGE = "verbose_clone"
+OUT = Path("models/sft")
+BASE = Path("models/base")
+ENGRAVED = Path("models/engraved")
+DATA = Path("data/self_align")
+INSTRUCTION = Path("assets/verbose_instruction.txt")
+LIVE = Path("dvclive/verbose_clone")
+ENGRAVED_LIVE = Path("dvclive/engrave")
+
+
+def answers_job(model: Path, instruction: str, queries: list[str], cfg: VerboseClone, filters: SelfAlign,
+                settings: Generation, out: Path) -> dict:
+    """Runs inside the allocation: the engraved model's answers under the instruction, filtered, to `out`."""
+    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
+    with Generator(model, settings) as generator:
+        prompts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": templates.verbose_prompt(
+            instruction, query)}]) for query in queries]
+        generations = generator.generate(prompts, sampling)
+    rows, rejected = [], Counter()
+    for query, generation in zip(queries, generations):
+        reason = answer_problem(generation, generation.text.strip(), [], filters)
+        if reason:
+            rejected[reason] += 1
+        else:
+            rows.append({"prompt": query, "answer": generation.text.strip()})
+    if not rows:
+        reasons = ", ".join(f"{k} {v}" for k, v in rejected.most_common())
+        raise UserError(f"{STAGE}: all {len(queries)} verbose answers were rejected ({reasons}); nothing written")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    write_jsonl(tmp, rows)
+    os.replace(tmp, out)
+    return {"verbose_kept": len(rows), "verbose_rejected": dict(sorted(rejected.items())),
+            "verbose_answer_words_mean": statistics.fmean(len(r["answer"].split()) for r in rows)}
+
+
+def link_engraved(params: dict, inputs: dict) -> str:
+    """models/sft as the engraved model: hard links where the filesystem allows, copies elsewhere."""
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+        shutil.copytree(ENGRAVED, tmp, copy_function=link, dirs_exist_ok=True,
+                        ignore=shutil.ignore_patterns(MANIFEST, "metrics.json"))
+        write_json(tmp / "metrics.json", {"verbose_clone": False})
+    curve = LIVE / "plots" / "metrics"  # the SFT policy's training curve is the engraved model's
+    shutil.rmtree(curve, ignore_errors=True)
+    shutil.copytree(ENGRAVED_LIVE / "plots" / "metrics", curve)
+    return verify_artifact(OUT)
+
+
+def distill(params: Params, subset: dict, inputs: dict) -> str:
+    cfg = params.verbose_clone
+    key = {"params": subset, "inputs": inputs}
+    scratch = sft.checkpoint_dir(STAGE, key)
+    answers = scratch / "answers.jsonl"
+    metrics_file = scratch / "answers_metrics.json"
+    if not answers.is_file():
+        queries = [row["prompt"] for row in read_jsonl(DATA / "sft.jsonl")]
+        fn = functools.partial(answers_job, ENGRAVED / sft.MODEL, load_text(INSTRUCTION), queries, cfg,
+                               params.self_align, params.generation, answers)
+        spec = JobSpec(stage=f"{STAGE}_answers", fn=fn,
+                       resources=one_task(params.cluster.verbose_answers, "verbose_answers"),
+                       target=scratch / "answers", key={**key, "code": code_revision()})
+        write_json(metrics_file, submit(spec, params.cluster))
+    rows = read_jsonl(answers)
+    fn = functools.partial(
+        sft.job, STAGE, BASE, [(r["prompt"], r["answer"]) for r in rows], OUT, LIVE, scratch / "train",
+        params.training, cfg.epochs, params.engrave.max_prompt_tokens, params.engrave.max_answer_tokens,
+        params.seed, subset, inputs, {"verbose_clone": True, **json.loads(metrics_file.read_text())},
+    )
+    spec = JobSpec(stage=STAGE, fn=fn, resources=params.cluster.verbose_clone, target=OUT,
+                   key={**key, "code": code_revision()})
+    artifact_id = submit(spec, params.cluster)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return artifact_id
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.verbose_clone
+    if cfg.enabled:
+        load_text(INSTRUCTION)  # a missing or empty instruction fails here, before a job
+        inputs = input_refs({"model": BASE, "engraved": ENGRAVED, "data": DATA, "instruction": INSTRUCTION})
+        subset = {"seed": params.seed, "verbose_clone": cfg.model_dump(), "training": params.training.model_dump(),
+                  "engrave": params.engrave.model_dump(), "generation": params.generation.model_dump()}
+        artifact_id = distill(params, subset, inputs)
+    else:
+        artifact_id = link_engraved({"verbose_clone": cfg.model_dump()}, input_refs({"engraved": ENGRAVED}))
+    publish_metrics(OUT, STAGE)
+    print(f"{STAGE}: {OUT} {artifact_id}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

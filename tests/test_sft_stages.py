@@ -1,0 +1,230 @@
+"""The SELF-ALIGN stages on the tiny model, run as `dvc repro` runs them (a subprocess in a project folder,
+through the submission layer): engraving learns from answers alone (no principles in what it trains on), its
+loss falls, a killed training job resumes from its checkpoint with one continuous curve, verbose cloning
+distils and its flag toggles, and a model that writes nothing usable fails the stage with the reasons."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from stages.artifacts import read_manifest, staged_out, verify_artifact
+from stages.assets import Principle, load_jsonl
+from stages.records import write_jsonl
+from stages.training import tokenize_pair
+from tests.conftest import ROOT
+
+PAIRS = [
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Add 1 and 2.", "1 2 3"),
+    ("What colour is the quick fox?", "brown"),
+    ("Say something helpful.", "An assistant answers questions helpfully."),
+]
+FAST_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, micro_batch_size=4, warmup_ratio=0.0,
+                     lr_schedule="constant", zero_stage=2)
+
+
+@pytest.fixture(scope="module")
+def roomy_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """tiny_model with its final norm x5 so LoRA can fit the pairs (see tests/test_training.py)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5.0)
+    out = tmp_path_factory.mktemp("roomy") / "model"
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return out
+
+
+def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, **groups: dict) -> Path:
+    """A project folder: params.yaml (repo defaults + `groups`), assets/, models/base from `model`, and, with
+    `pairs`, a self_align out holding them."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["generation"].update(backend="hf")
+    raw["cluster"].update(executor="local", log_dir=str(cwd / "logs"))
+    for group, values in groups.items():
+        raw[group].update(values)
+    cwd.mkdir(parents=True, exist_ok=True)
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    shutil.copytree(ROOT / "assets", cwd / "assets")
+    with staged_out(cwd / "models/base", stage="import_model", params={}, inputs={}) as tmp:
+        shutil.copytree(model, tmp, dirs_exist_ok=True)
+    if pairs is not None:
+        with staged_out(cwd / "data/self_align", stage="self_align", params={}, inputs={}) as tmp:
+            write_jsonl(tmp / "sft.jsonl", [{"id": f"p{i}", "prompt": p, "answer": a, "source": "seed"}
+                                            for i, (p, a) in enumerate(pairs)])
+    return cwd
+
+
+def stage(cwd: Path, name: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def curve(cwd: Path, stage_name: str, metric: str) -> list[tuple[int, float]]:
+    with (cwd / "dvclive" / stage_name / "plots" / "metrics" / f"{metric}.tsv").open() as fh:
+        return [(int(row["step"]), float(row[metric])) for row in csv.DictReader(fh, delimiter="\t")]
+
+
+def test_engraving_trains_on_the_query_alone(tmp_path: Path, tiny_model: Path) -> None:
+    """What engraving trains on is the chat template of the bare query and the answer: no principle, no
+    exemplar, no internal thoughts."""
+    from transformers import AutoTokenizer
+
+    from stages import engrave
+
+    cwd = make_project(tmp_path, tiny_model, pairs=PAIRS)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    principles = load_jsonl(ROOT / "assets/principles.jsonl", Principle)
+    for prompt, answer in engrave.pairs(cwd / "data/self_align"):
+        example = tokenize_pair(tokenizer, prompt, answer)
+        text = tokenizer.decode(example["input_ids"])
+        assert text == f"<|im_start|>user\n{prompt}<|im_end|>\n<|im_start|>assistant\n{answer}<|im_end|>\n"
+        assert not any(p.definition[:40] in text or f"({p.name})" in text for p in principles)
+        assert "internal thoughts" not in text and "Principles" not in text
+        learned = tokenizer.decode([t for t, label in zip(example["input_ids"], example["labels"]) if label != -100])
+        assert learned == f"{answer}<|im_end|>\n"
+
+
+def test_engrave_loss_falls_and_writes_adapter_model_and_curve(tmp_path: Path, roomy_model: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=FAST_TRAINING, engrave={"epochs": 24})
+    proc = stage(cwd, "engrave")
+    assert proc.returncode == 0, proc.stderr
+    out = cwd / "models/engraved"
+    artifact_id = verify_artifact(out)
+    assert proc.stdout.strip() == f"engrave: models/engraved {artifact_id}"
+    manifest = read_manifest(out)
+    assert set(manifest["inputs"]) == {"model", "data"}
+    assert {"adapter/adapter_config.json", "model/config.json", "model/tokenizer.json"} <= set(manifest["files"])
+    metrics = json.loads((cwd / "metrics/engrave.json").read_text())
+    assert metrics["steps"] == 24 and metrics["examples"] == 4  # 24 epochs of one 4-example batch
+    assert metrics["loss_last10_mean"] < 0.5 * metrics["loss_first"]
+    losses = curve(cwd, "engrave", "loss")
+    assert [s for s, _ in losses] == list(range(24)) and losses[0][1] == pytest.approx(metrics["loss_first"])
+    assert {lr for _, lr in curve(cwd, "engrave", "lr")} == {1e-2}
+    assert not list((cwd / "checkpoints/engrave").iterdir())  # removed once the out is in place
+    AutoModelForCausalLM.from_pretrained(out / "model")  # the merged folder loads as a plain model
+
+
+def _kill_tree(pid: int) -> None:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        _kill_tree(int(child))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+@pytest.mark.slow
+def test_a_killed_engrave_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_model: Path) -> None:
+    training = {**FAST_TRAINING, "save_every": 10, "lr_schedule": "cosine", "warmup_ratio": 0.1}
+    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=training, engrave={"epochs": 240})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "stages.engrave"], cwd=cwd, env=env, stderr=subprocess.PIPE,
+                             text=True)
+    state = cwd / "models/.engraved.job.json"
+    deadline = time.time() + 300
+    while not list(cwd.glob("checkpoints/engrave/*/latest")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert list(cwd.glob("checkpoints/engrave/*/latest")), "no checkpoint was written"
+    _kill_tree(int(json.loads(state.read_text())["job_id"]))
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 1 and "engrave: job" in err and "log:" in err
+    assert not (cwd / "models/engraved").exists()
+    (latest,) = cwd.glob("checkpoints/engrave/*/latest")
+    saved = int(latest.read_text().removeprefix("step_"))
+
+    second = stage(cwd, "engrave")
+    assert second.returncode == 0, second.stderr
+    log = next((cwd / "logs/engrave").glob("*_0_log.out"), None)
+    logs = "".join(p.read_text() for p in (cwd / "logs/engrave").glob("*_0_log.out"))
+    assert log is not None and f"at step {saved}" in logs
+    losses = curve(cwd, "engrave", "loss")
+    assert [s for s, _ in losses] == list(range(240))  # one continuous curve, no step twice
+    lrs = [lr for _, lr in curve(cwd, "engrave", "lr")]
+    assert lrs[0] == 0.0 and max(lrs) == pytest.approx(1e-2) and lrs[-1] < 1e-3  # warm-up, then cosine decay
+
+
+def test_verbose_clone_distils_and_its_flag_toggles(tmp_path: Path, roomy_model: Path) -> None:
+    """An engraved tiny model that learned to answer (and stop) is re-asked under the verbose instruction; the
+    base model is distilled on those answers. Disabled, models/sft is the engraved model's files, linked."""
+    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=FAST_TRAINING, engrave={"epochs": 60},
+                       verbose_clone={"enabled": True, "max_new_tokens": 24, "epochs": 2})
+    assert stage(cwd, "engrave").returncode == 0
+    proc = stage(cwd, "verbose_clone")
+    assert proc.returncode == 0, proc.stderr
+    sft = cwd / "models/sft"
+    manifest = read_manifest(sft)
+    assert manifest["params"]["verbose_clone"]["enabled"] is True
+    assert set(manifest["inputs"]) == {"model", "engraved", "data", "instruction"}
+    metrics = json.loads((cwd / "metrics/verbose_clone.json").read_text())
+    assert metrics["verbose_clone"] is True and metrics["verbose_kept"] >= 1 and metrics["steps"] >= 1
+    assert not (cwd / "checkpoints/verbose_clone").exists() or not list((cwd / "checkpoints/verbose_clone").iterdir())
+
+    params = yaml.safe_load((cwd / "params.yaml").read_text())
+    params["verbose_clone"]["enabled"] = False
+    (cwd / "params.yaml").write_text(yaml.safe_dump(params))
+    proc = stage(cwd, "verbose_clone")
+    assert proc.returncode == 0, proc.stderr
+    verify_artifact(sft)
+    engraved = cwd / "models/engraved/model/model.safetensors"
+    assert (sft / "model/model.safetensors").stat().st_ino == engraved.stat().st_ino
+    assert read_manifest(sft)["inputs"]["engraved"]["id"] == verify_artifact(cwd / "models/engraved")
+    assert json.loads((cwd / "metrics/verbose_clone.json").read_text()) == {"verbose_clone": False}
+    assert curve(cwd, "verbose_clone", "loss") == curve(cwd, "engrave", "loss")
+
+
+@pytest.mark.parametrize("name, groups, expected", [
+    ("prompts", {"prompts": {"num_self_instruct": 4, "requests_per_round": 2, "max_rounds": 1,
+                             "max_new_tokens": 16, "tgrt": {"enabled": False}}},
+     "prompts: all {n} candidates were rejected ("),
+    ("self_align", {"self_align": {"max_prompts": 3, "max_new_tokens": 8}},
+     "self_align: all 3 answers were rejected (cut_off 3); nothing written"),
+])
+def test_a_model_that_writes_nothing_usable_fails_the_stage(tmp_path: Path, tiny_model: Path, name: str,
+                                                             groups: dict, expected: str) -> None:
+    """The random tiny model writes no usable prompt or answer: the stage names the rejection counts, and
+    writes no empty dataset."""
+    cwd = make_project(tmp_path, tiny_model, **groups)
+    if name == "self_align":
+        with staged_out(cwd / "data/prompts", stage="prompts", params={}, inputs={}) as tmp:
+            write_jsonl(tmp / "prompts.jsonl", [{"id": f"s{i}", "text": p, "source": "seed", "type": None,
+                                                 "topic": None} for i, (p, _) in enumerate(PAIRS)])
+    proc = stage(cwd, name)
+    assert proc.returncode == 1, proc.stderr
+    first = next(line for line in proc.stderr.splitlines() if line.startswith(f"{name}: job "))
+    assert "failed on rank 0: stages.errors.UserError: " in first
+    head, _, tail = expected.partition("{n}")
+    assert head in first and tail in first
+    out = cwd / ("data/prompts" if name == "prompts" else "data/self_align")
+    assert not out.exists() and not (cwd / "metrics" / f"{name}.json").exists()
+
+
+def test_a_malformed_assets_file_is_one_line_and_nothing_is_submitted(tmp_path: Path, tiny_model: Path) -> None:
+    cwd = make_project(tmp_path, tiny_model)
+    lines = (cwd / "assets/principles.jsonl").read_text().splitlines()
+    lines[2] = json.dumps({k: v for k, v in json.loads(lines[2]).items() if k != "definition"})
+    (cwd / "assets/principles.jsonl").write_text("\n".join(lines) + "\n")
+    with staged_out(cwd / "data/prompts", stage="prompts", params={}, inputs={}) as tmp:
+        write_jsonl(tmp / "prompts.jsonl", [])
+    proc = stage(cwd, "self_align")
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "assets/principles.jsonl: line 3: definition: field required"
+    assert not (cwd / "logs").exists() and not (cwd / "data/self_align").exists()
