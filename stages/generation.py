@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,14 +109,21 @@ class Generator:
 
     `lora_rank` > 0 enables adapters (vLLM must reserve room for them at start); adapters of a higher rank, or any
     adapter when it is 0, are refused on both backends so that a config works the same on either.
+    `prefix_caching=False` recomputes every prompt's prefix (vLLM without prefix caching, hf with plain left
+    padding): the baseline the benchmarks compare with.
     """
 
-    def __init__(self, model: Path | str, settings: params.Generation, *, lora_rank: int = 0):
+    def __init__(self, model: Path | str, settings: params.Generation, *, lora_rank: int = 0,
+                 prefix_caching: bool = True):
         self.model = str(model)
         self.settings = settings
         self.lora_rank = lora_rank
         self.backend = resolve_backend(settings.backend)
-        self._impl = _VLLM(self.model, settings, lora_rank) if self.backend == "vllm" else _HF(self.model, settings)
+        if self.backend == "vllm":
+            self._impl: _VLLM | _HF = _VLLM(self.model, settings, lora_rank, prefix_caching)
+        else:
+            self._impl = _HF(self.model, settings)
+            self._impl.reuse_prefix = prefix_caching
 
     @property
     def tokenizer(self) -> Any:
@@ -157,10 +165,12 @@ def generate(
 class _VLLM:
     """vLLM's offline engine with automatic prefix caching; adapters are served unmerged via LoRARequest."""
 
-    def __init__(self, model: str, settings: params.Generation, lora_rank: int):
+    def __init__(self, model: str, settings: params.Generation, lora_rank: int, prefix_caching: bool = True):
         from vllm import LLM
         from vllm.platforms import current_platform
 
+        if current_platform.is_cpu() and (os.cpu_count() or 1) <= 4:  # vLLM keeps a core for its scheduler; on a
+            os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # small box the model needs it (~25% here)
         kwargs: dict[str, Any] = dict(
             model=model,
             # vLLM's CPU kernels want float32; elsewhere the saved dtype ("auto" would turn float32 into bf16)
@@ -168,7 +178,7 @@ class _VLLM:
             tensor_parallel_size=settings.tensor_parallel_size,
             gpu_memory_utilization=settings.gpu_memory_utilization,  # on CPU: the fraction of RAM vLLM reserves
             enforce_eager=settings.enforce_eager,
-            enable_prefix_caching=True,
+            enable_prefix_caching=prefix_caching,
             seed=0,
         )
         if settings.kv_cache_gb:  # a fixed size skips the memory-profiling warm-up (on CPU: RAM, not GPU memory)

@@ -23,8 +23,9 @@ from stages.artifacts import code_revision, input_refs, staged_out, verify_artif
 from stages.assets import QuestionType, SeedPrompt, load_jsonl
 from stages.errors import UserError
 from stages.filters import RougePool, distinct_n, prompt_problem
-from stages.generation import Generator, Sampling, one_task
-from stages.params import Generation, Prompts, load_params
+from stages.generation import Generation, Generator, Sampling, one_task
+from stages.params import Generation as GenerationSettings
+from stages.params import Prompts, load_params
 from stages.records import publish_metrics, write_json, write_jsonl
 
 STAGE = "prompts"
@@ -58,7 +59,7 @@ class _Collector:
         self.kept.append({"text": text, **record})
         return True
 
-    def candidates(self, generation, first: int) -> list[str]:  # noqa: ANN001 - stages.generation.Generation
+    def candidates(self, generation: Generation, first: int) -> list[str]:
         """The list items of one completion; a last item cut by the token limit is counted, not offered."""
         items = templates.parse_numbered(generation.text, first)
         if generation.finish_reason == "length" and "\n\n" not in generation.text:
@@ -107,7 +108,7 @@ def tgrt(generator: Generator, cfg: Prompts, types: list[QuestionType], collecto
                 kept += collector.offer(text, {"source": "tgrt", "type": qtype.name, "topic": topic})
 
 
-def job(model: Path, cfg: Prompts, settings: Generation, seed: int, params: dict, inputs: dict) -> str:
+def job(model: Path, cfg: Prompts, settings: GenerationSettings, seed: int, params: dict, inputs: dict) -> str:
     """Runs inside the allocation: generate, filter, write prompts.jsonl + metrics.json, return the artifact id."""
     seeds = load_jsonl(SEEDS, SeedPrompt)
     types = load_jsonl(QUESTION_TYPES, QuestionType)
@@ -151,7 +152,8 @@ def job(model: Path, cfg: Prompts, settings: Generation, seed: int, params: dict
 
 def main() -> None:
     params = load_params()
-    load_jsonl(SEEDS, SeedPrompt), load_jsonl(QUESTION_TYPES, QuestionType)  # bad assets fail here, before a job
+    load_jsonl(SEEDS, SeedPrompt)  # bad assets fail here, before a job
+    load_jsonl(QUESTION_TYPES, QuestionType)
     inputs = input_refs({"model": BASE, "seeds": SEEDS, "question_types": QUESTION_TYPES})
     subset = {"seed": params.seed, "prompts": params.prompts.model_dump(), "generation": params.generation.model_dump()}
     spec = JobSpec(

@@ -9,6 +9,7 @@ backend computes its KV cache once and reuses it for every batch, vLLM's prefix 
 from __future__ import annotations
 
 import functools
+import random
 import statistics
 import sys
 from collections import Counter
@@ -53,11 +54,18 @@ def answer_problem(generation: Generation, answer: str | None, principles: list[
     return None
 
 
-def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, params: dict, inputs: dict) -> str:
+def chosen(prompts: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """All prompts, or `limit` of them drawn at random from every source (file order kept)."""
+    if limit is None or limit >= len(prompts):
+        return prompts
+    return [prompts[i] for i in sorted(random.Random(seed).sample(range(len(prompts)), limit))]
+
+
+def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, seed: int, params: dict, inputs: dict) -> str:
     """Runs inside the allocation: answer every prompt, filter, write sft.jsonl + metrics.json."""
     principles = load_jsonl(PRINCIPLES, Principle)
     exemplars = load_jsonl(EXEMPLARS, Exemplar)
-    prompts = read_jsonl(PROMPTS / "prompts.jsonl")[: cfg.max_prompts]
+    prompts = chosen(read_jsonl(PROMPTS / "prompts.jsonl"), cfg.max_prompts, seed)
     prefix = templates.self_align_prefix(principles, exemplars)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=templates.SELF_ALIGN_STOP)
     with Generator(model, settings) as generator:
@@ -94,12 +102,14 @@ def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, params: dict,
 
 def main() -> None:
     params = load_params()
-    load_jsonl(PRINCIPLES, Principle), load_jsonl(EXEMPLARS, Exemplar)  # bad assets fail here, before a job
+    load_jsonl(PRINCIPLES, Principle)  # bad assets fail here, before a job
+    load_jsonl(EXEMPLARS, Exemplar)
     inputs = input_refs({"model": BASE, "prompts": PROMPTS, "principles": PRINCIPLES, "exemplars": EXEMPLARS})
-    subset = {"self_align": params.self_align.model_dump(), "generation": params.generation.model_dump()}
+    subset = {"seed": params.seed, "self_align": params.self_align.model_dump(),
+              "generation": params.generation.model_dump()}
     spec = JobSpec(
         stage=STAGE,
-        fn=functools.partial(job, BASE, params.self_align, params.generation, subset, inputs),
+        fn=functools.partial(job, BASE, params.self_align, params.generation, params.seed, subset, inputs),
         resources=one_task(params.cluster.self_align, STAGE),
         target=OUT,
         key={"params": subset, "inputs": inputs, "code": code_revision()},

@@ -217,14 +217,25 @@ def test_a_model_that_writes_nothing_usable_fails_the_stage(tmp_path: Path, tiny
     assert not out.exists() and not (cwd / "metrics" / f"{name}.json").exists()
 
 
-def test_a_malformed_assets_file_is_one_line_and_nothing_is_submitted(tmp_path: Path, tiny_model: Path) -> None:
-    cwd = make_project(tmp_path, tiny_model)
-    lines = (cwd / "assets/principles.jsonl").read_text().splitlines()
+def _drop_definition(lines: list[str]) -> list[str]:
     lines[2] = json.dumps({k: v for k, v in json.loads(lines[2]).items() if k != "definition"})
-    (cwd / "assets/principles.jsonl").write_text("\n".join(lines) + "\n")
+    return lines
+
+
+@pytest.mark.parametrize("edit, expected", [
+    (_drop_definition, "assets/principles.jsonl: line 3: definition: field required"),
+    (lambda lines: lines[:4] + ['{"id": 5, "name": "x",'] + lines[5:],
+     "assets/principles.jsonl: line 5: not valid JSON (Expecting property name enclosed in double quotes)"),
+    (lambda lines: [], "assets/principles.jsonl: empty; expected one JSON object per line"),
+])
+def test_a_malformed_assets_file_is_one_line_and_nothing_is_submitted(tmp_path: Path, tiny_model: Path,
+                                                                       edit, expected: str) -> None:  # noqa: ANN001
+    cwd = make_project(tmp_path, tiny_model)
+    path = cwd / "assets/principles.jsonl"
+    path.write_text("".join(line + "\n" for line in edit(path.read_text().splitlines())))
     with staged_out(cwd / "data/prompts", stage="prompts", params={}, inputs={}) as tmp:
         write_jsonl(tmp / "prompts.jsonl", [])
     proc = stage(cwd, "self_align")
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "assets/principles.jsonl: line 3: definition: field required"
+    assert proc.stderr.strip() == expected
     assert not (cwd / "logs").exists() and not (cwd / "data/self_align").exists()
