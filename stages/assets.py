@@ -37,6 +37,16 @@ class Exemplar(_Record):
     answer: str = Field(min_length=1)
 
 
+class PreferencePrinciple(_Record):
+    """A principle the judge and the reward model read; `negation` is the opposite stated as a preference, shown
+    to the reward model in its place to flip the label."""
+
+    id: str = Field(min_length=1)
+    name: str = Field(min_length=1)
+    definition: str = Field(min_length=1)
+    negation: str = Field(min_length=1)
+
+
 class QuestionType(_Record):
     id: str = Field(min_length=1)
     name: str = Field(min_length=1)
@@ -76,4 +86,15 @@ def load_text(path: Path) -> str:
     text = path.read_text(encoding="utf-8").strip()
     if not text:
         raise UserError(f"{path}: empty; expected the instruction text")
+    return text
+
+
+def load_template(path: Path, placeholders: tuple[str, ...]) -> str:
+    """A prompt template whose `{name}` placeholders code fills in; each must appear exactly once, since a missing
+    one would silently drop its text from every prompt and a repeated one would show it twice."""
+    text = load_text(path)
+    for name in placeholders:
+        found = text.count("{" + name + "}")
+        if found != 1:
+            raise UserError(f"{path}: placeholder {{{name}}} must appear exactly once, found {found}")
     return text

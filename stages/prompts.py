@@ -115,11 +115,13 @@ def job(model: Path, cfg: Prompts, settings: GenerationSettings, seed: int, para
     pool = RougePool(cfg.rouge_threshold)
     pool.extend(s.text for s in seeds)  # a near-copy of a seed is no new prompt either
     collector = _Collector(cfg, pool)
-    with Generator(model, settings) as generator:
-        self_instruct(generator, cfg, [s.text for s in seeds], collector, seed)
-        if cfg.tgrt.enabled:
-            tgrt(generator, cfg, types, collector, seed)
-    pool.close()
+    try:
+        with Generator(model, settings) as generator:
+            self_instruct(generator, cfg, [s.text for s in seeds], collector, seed)
+            if cfg.tgrt.enabled:
+                tgrt(generator, cfg, types, collector, seed)
+    finally:
+        pool.close()
     wanted = cfg.num_self_instruct + (len(types) * cfg.tgrt.topics_per_type * cfg.tgrt.questions_per_topic
                                       if cfg.tgrt.enabled else 0)
     if wanted and not collector.kept:

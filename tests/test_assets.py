@@ -6,7 +6,16 @@ from pathlib import Path
 
 import pytest
 
-from stages.assets import Exemplar, Principle, QuestionType, SeedPrompt, load_jsonl, load_text
+from stages.assets import (
+    Exemplar,
+    PreferencePrinciple,
+    Principle,
+    QuestionType,
+    SeedPrompt,
+    load_jsonl,
+    load_template,
+    load_text,
+)
 from stages.errors import UserError
 from tests.conftest import ROOT
 
@@ -35,6 +44,44 @@ def test_principles_exemplars_and_question_types() -> None:
     assert len(types) >= 20 and len({t.name for t in types}) == len(types)
     assert all("\n" not in t.description for t in types)
     assert len(load_text(ASSETS / "verbose_instruction.txt").split()) >= 20
+
+
+@pytest.mark.parametrize(
+    "name, low, high",
+    [("preference_principles.jsonl", 12, 16), ("ppo_principles.jsonl", 8, 12), ("guard_principles.jsonl", 3, 3)],
+)
+def test_salmon_principles_each_have_a_distinct_negation(name: str, low: int, high: int) -> None:
+    principles = load_jsonl(ASSETS / name, PreferencePrinciple)  # ids are unique, or this raises
+    assert low <= len(principles) <= high
+    assert len({p.name for p in principles}) == len(principles)
+    for principle in principles:
+        assert principle.negation.strip().lower() != principle.definition.strip().lower(), principle.id
+
+
+def test_judge_and_reward_model_templates() -> None:
+    judge = load_template(ASSETS / "judge_prompt.txt", ("instruction", "output_a", "output_b", "principle"))
+    assert judge.endswith("Output (")  # the model's next token is the choice letter
+    load_template(ASSETS / "rm_prompt.txt", ("principles", "instruction", "response"))
+
+
+def test_principle_without_negation_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "preference_principles.jsonl"
+    path.write_text('{"id": "concise", "name": "Concise", "definition": "a", "negation": "b"}\n'
+                    '{"id": "specific", "name": "Specific", "definition": "c"}\n')
+    with pytest.raises(UserError, match=r"preference_principles.jsonl: line 2: negation: field required$"):
+        load_jsonl(path, PreferencePrinciple)
+
+
+@pytest.mark.parametrize(
+    "content, found",
+    [("Compare {output_a} for {instruction}.\nAnswer: Output (", 0), ("{principle} {output_a} {principle}", 2)],
+)
+def test_template_placeholder_missing_or_repeated_is_one_line(tmp_path: Path, content: str, found: int) -> None:
+    path = tmp_path / "judge_prompt.txt"
+    path.write_text(content)
+    message = rf"judge_prompt.txt: placeholder {{principle}} must appear exactly once, found {found}$"
+    with pytest.raises(UserError, match=message):
+        load_template(path, ("principle", "output_a"))
 
 
 @pytest.mark.parametrize(
