@@ -123,7 +123,7 @@ class SelfAlign(Strict):
     temperature: float = Field(0.0, ge=0)  # 0 = greedy (the Dromedary recipe decodes greedily)
     top_p: float = Field(1.0, gt=0, le=1)
     max_prompts: int | None = Field(None, ge=1)  # answer N prompts drawn at random (None: all)
-    max_repeated_ngram_share: float = Field(0.5, gt=0, le=1)  # degenerate: this share of 4-grams are repeats
+    max_repeated_ngram_share: float = Field(0.3, gt=0, le=1)  # degenerate: this share of 4-grams are repeats
     echo_threshold: float = Field(0.5, gt=0, le=1)  # ROUGE-L to a principle's definition that counts as an echo
 
 
