@@ -110,3 +110,18 @@ def distinct_n(texts: list[str], n: int = 2) -> float:
     """Distinct-n: unique word n-grams over all word n-grams of `texts` (a diversity measure, 0..1)."""
     grams = [tuple(words[i : i + n]) for words in map(tokens, texts) for i in range(len(words) - n + 1)]
     return len(set(grams)) / len(grams) if grams else 0.0
+
+
+_SENTENCE_END = re.compile(r"[.!?][\"')\]]?(?=\s)")
+
+
+def trim_to_boundary(text: str) -> str | None:
+    """A text cut off by the token limit, shortened to its last complete paragraph, else its last complete
+    sentence; None when not even one sentence is complete."""
+    text = text.rstrip()
+    paragraph = text.rfind("\n\n")
+    if paragraph > 0:
+        return text[:paragraph].rstrip()
+    ends = [m.end() for m in _SENTENCE_END.finditer(text + " ")]
+    ends = [e for e in ends if e < len(text)]
+    return text[: ends[-1]].rstrip() if ends else None

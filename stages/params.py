@@ -51,6 +51,8 @@ class Cluster(Strict):
     engrave: Resources = Field(default_factory=Resources)
     verbose_answers: Resources = Field(default_factory=Resources)  # verbose_clone's generation job
     verbose_clone: Resources = Field(default_factory=Resources)  # verbose_clone's training job
+    sample_pairs: Resources = Field(default_factory=Resources)
+    label_preferences: Resources = Field(default_factory=Resources)
 
 
 class Model(Strict):
@@ -136,9 +138,23 @@ class Engrave(Strict):
 class VerboseClone(Strict):
     enabled: bool = False
     max_new_tokens: int = Field(384, ge=1)
+    trim_cut_off: bool = True  # an answer cut by the token limit keeps its complete paragraphs (else: dropped)
     temperature: float = Field(0.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     epochs: float = Field(1.0, gt=0)
+
+
+class SamplePairs(Strict):
+    max_prompts: int = Field(64, ge=1)  # prompts drawn at random from those not used for SFT
+    temperature: float = Field(0.7, gt=0)  # two samples per prompt: greedy would give the same response twice
+    top_p: float = Field(0.9, gt=0, le=1)
+    max_new_tokens: int = Field(128, ge=1)
+
+
+class LabelPreferences(Strict):
+    principles: list[str] | None = None  # ids from assets/preference_principles.jsonl; None: all of them
+    choices: tuple[str, str] = ("a", "b")  # the tokens the judge prompt's last line expects next
+    batch_size: int = Field(16, ge=1)  # judge prompts per forward pass
 
 
 class Params(Strict):
@@ -150,6 +166,8 @@ class Params(Strict):
     self_align: SelfAlign = Field(default_factory=SelfAlign)
     engrave: Engrave = Field(default_factory=Engrave)
     verbose_clone: VerboseClone = Field(default_factory=VerboseClone)
+    sample_pairs: SamplePairs = Field(default_factory=SamplePairs)
+    label_preferences: LabelPreferences = Field(default_factory=LabelPreferences)
     cluster: Cluster = Field(default_factory=Cluster)
 
 

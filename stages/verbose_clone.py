@@ -3,7 +3,8 @@
 With `verbose_clone.enabled`, the engraved model answers the SFT prompts again with the verbose-cloning
 instruction in front of each query (one generation job), and the base model is LoRA-trained on (query →
 that answer) without the instruction (one training job): context distillation, so the policy answers in the
-detailed style unprompted. The answers are kept under checkpoints/ until the policy is written, so a rerun after
+detailed style unprompted. An answer cut by the token limit keeps its complete paragraphs (or sentences) when
+`trim_cut_off` is on, so a long-winded model still yields targets that end cleanly. The answers are kept under checkpoints/ until the policy is written, so a rerun after
 a failed training job does not generate them again.
 
 Disabled, the SFT policy is the engraved model: models/sft holds hard links to its files (no copy) and a
@@ -20,6 +21,7 @@ import shutil
 import statistics
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 from slurm.submit import JobSpec, submit
@@ -27,6 +29,7 @@ from stages import cli, sft, templates
 from stages.artifacts import MANIFEST, code_revision, input_refs, staged_out, verify_artifact
 from stages.assets import load_text
 from stages.errors import UserError
+from stages.filters import trim_to_boundary
 from stages.generation import Generator, Sampling, chat_prompt, one_task
 from stages.params import Generation, Params, SelfAlign, VerboseClone, load_params
 from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
@@ -50,13 +53,16 @@ def answers_job(model: Path, instruction: str, queries: list[str], cfg: VerboseC
         prompts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": templates.verbose_prompt(
             instruction, query)}]) for query in queries]
         generations = generator.generate(prompts, sampling)
-    rows, rejected = [], Counter()
+    rows, rejected, trimmed = [], Counter(), 0
     for query, generation in zip(queries, generations):
-        reason = answer_problem(generation, generation.text.strip(), [], filters)
+        answer = generation.text.strip()
+        if generation.finish_reason == "length" and cfg.trim_cut_off and (kept := trim_to_boundary(answer)):
+            answer, generation, trimmed = kept, replace(generation, finish_reason="stop"), trimmed + 1
+        reason = answer_problem(generation, answer, [], filters)
         if reason:
             rejected[reason] += 1
         else:
-            rows.append({"prompt": query, "answer": generation.text.strip()})
+            rows.append({"prompt": query, "answer": answer})
     if not rows:
         reasons = ", ".join(f"{k} {v}" for k, v in rejected.most_common())
         raise UserError(f"{STAGE}: all {len(queries)} verbose answers were rejected ({reasons}); nothing written")
@@ -64,7 +70,7 @@ def answers_job(model: Path, instruction: str, queries: list[str], cfg: VerboseC
     tmp = out.with_name(f".{out.name}.tmp")
     write_jsonl(tmp, rows)
     os.replace(tmp, out)
-    return {"verbose_kept": len(rows), "verbose_rejected": dict(sorted(rejected.items())),
+    return {"verbose_kept": len(rows), "verbose_trimmed": trimmed, "verbose_rejected": dict(sorted(rejected.items())),
             "verbose_answer_words_mean": statistics.fmean(len(r["answer"].split()) for r in rows)}
 
 

@@ -108,3 +108,10 @@ def test_thoughts_are_stripped_from_the_answer() -> None:
 def test_answer_problems(text: str, finish: str, reason: str | None) -> None:
     _, answer = templates.split_thoughts(text)
     assert answer_problem(Generation(text, 10, finish), answer, PRINCIPLES, SelfAlign()) == reason
+
+
+def test_a_cut_off_text_is_trimmed_to_its_last_complete_paragraph_or_sentence() -> None:
+    assert filters.trim_to_boundary("First paragraph.\n\nSecond one is cut") == "First paragraph."
+    assert filters.trim_to_boundary("One sentence. Two sentences! Three is cu") == "One sentence. Two sentences!"
+    assert filters.trim_to_boundary("She said \"stop.\" Then the") == "She said \"stop.\""
+    assert filters.trim_to_boundary("no sentence ends here") is None

@@ -160,6 +160,8 @@ def test_a_killed_engrave_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_
     assert [s for s, _ in losses] == list(range(240))  # one continuous curve, no step twice
     lrs = [lr for _, lr in curve(cwd, "engrave", "lr")]
     assert lrs[0] == 0.0 and max(lrs) == pytest.approx(1e-2) and lrs[-1] < 1e-3  # warm-up, then cosine decay
+    warmup = 24  # ceil(0.1 * 240): after it the rate only falls, also across the restart (scheduler state resumed)
+    assert lrs[warmup] == pytest.approx(1e-2) and all(b <= a for a, b in zip(lrs[warmup:], lrs[warmup + 1:]))
 
 
 def test_verbose_clone_distils_and_its_flag_toggles(tmp_path: Path, roomy_model: Path) -> None:

@@ -1,0 +1,136 @@
+"""Stage `label_preferences`: synthetic preferences, one per (pair, principle), judged by the SFT model itself.
+
+For every pair, principle and order, the judge prompt (assets/judge_prompt.txt) shows the instruction, Output (a),
+Output (b) and the principle, and ends where the next token is the choice; the score is logit("a") - logit("b")
+there, a forward pass and no generation. Each pair is judged in both orders (a/b swapped); the label under a
+principle is the preferred response only where both orders agree, a tie otherwise, which removes the judge's
+position bias from the labels. All principles of one (pair, order) share the prompt up to the principle, so
+they are scored as one batch over that prefix, computed once.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import sys
+from pathlib import Path
+
+from slurm.submit import JobSpec, submit
+from stages import cli
+from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from stages.assets import PreferencePrinciple, load_jsonl, load_template
+from stages.errors import UserError
+from stages.generation import one_task
+from stages.params import LabelPreferences, load_params
+from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from stages.scoring import Scorer
+from stages.sft import MODEL
+
+STAGE = "label_preferences"
+OUT = Path("data/preferences")
+JUDGE = Path("models/sft")
+PAIRS = Path("data/pairs")
+PRINCIPLES = Path("assets/preference_principles.jsonl")
+TEMPLATE = Path("assets/judge_prompt.txt")
+PLACEHOLDERS = ("instruction", "output_a", "output_b", "principle")
+
+
+def principle_text(principle: PreferencePrinciple) -> str:
+    return f"{principle.name}: {principle.definition}"
+
+
+def label(score_ab: float, score_ba: float) -> str:
+    """'a' or 'b' where both orders prefer the same response, else 'tie'. `score_ab` is logit(a) - logit(b)
+    with the pair shown as is; `score_ba` the same with the two responses swapped, so it favours b when > 0."""
+    if score_ab > 0 and score_ba < 0:
+        return "a"
+    if score_ab < 0 and score_ba > 0:
+        return "b"
+    return "tie"
+
+
+def selected(principles: list[PreferencePrinciple], ids: list[str] | None) -> list[PreferencePrinciple]:
+    if ids is None:
+        return principles
+    known = {p.id: p for p in principles}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise UserError(f"params.yaml: label_preferences.principles: {missing[0]!r} is not an id in {PRINCIPLES}; "
+                        f"expected some of {', '.join(known)}")
+    return [known[i] for i in ids]
+
+
+def check_choices(model: Path, choices: tuple[str, str]) -> None:
+    """Each choice must be one token of the judge's tokenizer: its score is one next-token logit."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    for choice in choices:
+        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise UserError(f"params.yaml: label_preferences.choices: {choice!r} is {len(ids)} tokens for the tokenizer "
+                            f"of {model}; expected a single token")
+
+
+def judge(scorer: Scorer, template: str, pairs: list[dict], principles: list[PreferencePrinciple],
+          choices: tuple[int, int]) -> list[dict]:
+    """Per pair: the per-principle scores in both orders and the labels."""
+    rows = []
+    for pair in pairs:
+        scores: dict[str, list[float]] = {p.id: [] for p in principles}
+        for first, second in (("response_a", "response_b"), ("response_b", "response_a")):
+            texts = [template.format(instruction=pair["prompt"], output_a=pair[first], output_b=pair[second],
+                                     principle=principle_text(p)) for p in principles]
+            logits = scorer.next_token_logits(texts, list(choices))
+            for principle, (a, b) in zip(principles, logits.tolist()):
+                scores[principle.id].append(a - b)
+        labels = {pid: label(ab, ba) for pid, (ab, ba) in scores.items()}
+        rows.append({**pair, "scores": scores, "labels": labels})
+    return rows
+
+
+def job(model: Path, cfg: LabelPreferences, params: dict, inputs: dict) -> str:
+    """Runs inside the allocation: judge every pair under every principle, write preferences.jsonl + metrics."""
+    principles = selected(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles)
+    template = load_template(TEMPLATE, PLACEHOLDERS)
+    scorer = Scorer(model, batch_size=cfg.batch_size)
+    choices = (scorer.token_id(cfg.choices[0]), scorer.token_id(cfg.choices[1]))
+    rows = judge(scorer, template, read_jsonl(PAIRS / "pairs.jsonl"), principles, choices)
+    labels = [row["labels"][p.id] for row in rows for p in principles]
+    metrics = {
+        "pairs": len(rows),
+        "principles": len(principles),
+        "tie_rate": labels.count("tie") / len(labels),
+        "agreement": {p.id: sum(row["labels"][p.id] != "tie" for row in rows) / len(rows) for p in principles},
+        "position_bias": statistics.fmean(s for row in rows for both in row["scores"].values() for s in both),
+    }
+    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+        write_jsonl(tmp / "preferences.jsonl", rows)
+        write_json(tmp / "metrics.json", metrics)
+    return verify_artifact(OUT)
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.label_preferences
+    selected(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles)  # bad assets or ids fail before a job
+    load_template(TEMPLATE, PLACEHOLDERS)
+    check_choices(JUDGE / MODEL, cfg.choices)
+    if any(not (row["response_a"].strip() and row["response_b"].strip()) for row in read_jsonl(PAIRS / "pairs.jsonl")):
+        raise UserError(f"{PAIRS}/pairs.jsonl: a pair has an empty response; expected two non-empty responses")
+    inputs = input_refs({"judge": JUDGE, "pairs": PAIRS, "principles": PRINCIPLES, "template": TEMPLATE})
+    subset = {"label_preferences": cfg.model_dump()}
+    spec = JobSpec(
+        stage=STAGE,
+        fn=functools.partial(job, JUDGE / MODEL, cfg, subset, inputs),
+        resources=one_task(params.cluster.label_preferences, STAGE),
+        target=OUT,
+        key={"params": subset, "inputs": inputs, "code": code_revision()},
+    )
+    artifact_id = submit(spec, params.cluster)
+    publish_metrics(OUT, STAGE)
+    print(f"{STAGE}: {OUT} {artifact_id}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

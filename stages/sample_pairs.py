@@ -1,0 +1,96 @@
+"""Stage `sample_pairs`: two responses per prompt from the SFT policy, to be judged against the preference
+principles. Prompts come from the `prompts` out, leaving out those the SFT data was made from (the policy has
+seen its own answers to them); `max_prompts` of the rest are drawn at random. Both samples come from one
+generation call per sample index with different seeds, at `temperature` > 0 so that they differ.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+import statistics
+import sys
+from collections import Counter
+from pathlib import Path
+
+from slurm.submit import JobSpec, submit
+from stages import cli
+from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from stages.errors import UserError
+from stages.generation import Generator, Sampling, chat_prompt, one_task
+from stages.params import Generation, SamplePairs, load_params
+from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from stages.sft import MODEL
+
+STAGE = "sample_pairs"
+OUT = Path("data/pairs")
+POLICY = Path("models/sft")
+PROMPTS = Path("data/prompts")
+SFT_DATA = Path("data/self_align")
+
+
+def unused_prompts(prompts: list[dict], sft: list[dict], limit: int, seed: int) -> list[dict]:
+    """Up to `limit` prompts not in the SFT data, drawn at random (file order kept)."""
+    used = {row["id"] for row in sft}
+    rest = [p for p in prompts if p["id"] not in used]
+    if len(rest) <= limit:
+        return rest
+    return [rest[i] for i in sorted(random.Random(seed).sample(range(len(rest)), limit))]
+
+
+def job(model: Path, prompts: list[dict], cfg: SamplePairs, settings: Generation, seed: int, params: dict,
+        inputs: dict) -> str:
+    """Runs inside the allocation: sample twice, keep the usable pairs, write pairs.jsonl + metrics.json."""
+    with Generator(model, settings) as generator:
+        texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}]) for p in prompts]
+        samples = [generator.generate(texts, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                                                      seed=seed * 1_000_003 + k * 500_009)) for k in (0, 1)]
+    pairs, dropped = [], Counter()
+    for prompt, a, b in zip(prompts, *samples):
+        if not a.text.strip() or not b.text.strip():
+            dropped["empty_response"] += 1
+        elif a.text.strip() == b.text.strip():
+            dropped["identical_responses"] += 1
+        else:
+            pairs.append({"id": prompt["id"], "prompt": prompt["text"], "response_a": a.text.strip(),
+                          "response_b": b.text.strip(), "finish_a": a.finish_reason, "finish_b": b.finish_reason})
+    if not pairs:
+        reasons = ", ".join(f"{k} {v}" for k, v in dropped.most_common())
+        raise UserError(f"{STAGE}: none of {len(prompts)} prompts gave a usable pair ({reasons}); nothing written")
+    responses = [g for sample in samples for g in sample]
+    metrics = {
+        "prompts": len(prompts),
+        "pairs": len(pairs),
+        "dropped": dict(sorted(dropped.items())),
+        "response_tokens_mean": statistics.fmean(g.num_tokens for g in responses),
+        "cut_off_share": sum(g.finish_reason == "length" for g in responses) / len(responses),
+    }
+    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+        write_jsonl(tmp / "pairs.jsonl", pairs)
+        write_json(tmp / "metrics.json", metrics)
+    return verify_artifact(OUT)
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.sample_pairs
+    inputs = input_refs({"policy": POLICY, "prompts": PROMPTS, "sft_data": SFT_DATA})
+    prompts = unused_prompts(read_jsonl(PROMPTS / "prompts.jsonl"), read_jsonl(SFT_DATA / "sft.jsonl"),
+                             cfg.max_prompts, params.seed)
+    if not prompts:
+        raise UserError(f"{PROMPTS}/prompts.jsonl: every prompt was used for SFT; none left to sample pairs for")
+    subset = {"seed": params.seed, "sample_pairs": cfg.model_dump(), "generation": params.generation.model_dump()}
+    spec = JobSpec(
+        stage=STAGE,
+        fn=functools.partial(job, POLICY / MODEL, prompts, cfg, params.generation, params.seed, subset, inputs),
+        resources=one_task(params.cluster.sample_pairs, STAGE),
+        target=OUT,
+        key={"params": subset, "inputs": inputs, "code": code_revision()},
+    )
+    artifact_id = submit(spec, params.cluster)
+    publish_metrics(OUT, STAGE)
+    print(f"{STAGE}: {OUT} {artifact_id}")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

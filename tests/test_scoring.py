@@ -1,0 +1,55 @@
+"""stages/scoring.py on the tiny model: the shared-prefix batched forward gives what one plain forward pass per
+text gives (next-token logits and continuation log-likelihoods), across batches and with uneven suffixes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.errors import UserError
+from stages.scoring import Scorer
+
+PREFIX = "Principles: be ethical, informative, helpful, candid and step-by-step. " * 4
+SUFFIXES = ["The quick brown fox.", "1 2 3", "What is the capital of France? The capital", "def add(a, b):", "An"]
+
+
+def naive_last_logits(scorer: Scorer, text: str) -> torch.Tensor:
+    ids = torch.tensor([scorer.tokenizer(text)["input_ids"]])
+    with torch.inference_mode():
+        return scorer.model(input_ids=ids).logits[0, -1]
+
+
+def test_next_token_logits_match_one_forward_per_text(tiny_model: Path) -> None:
+    scorer = Scorer(tiny_model, batch_size=2)  # 5 texts: 3 batches, the prefix cache reused across them
+    choices = [scorer.token_id("a"), scorer.token_id("b"), 5]
+    texts = [PREFIX + s for s in SUFFIXES]
+    got = scorer.next_token_logits(texts, choices)
+    assert scorer._prefix is not None and len(scorer._prefix[0]) > 20  # the shared prefix was cached
+    want = torch.stack([naive_last_logits(scorer, t)[choices] for t in texts])
+    assert got.shape == (5, 3)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    scorer.reuse_prefix = False
+    torch.testing.assert_close(scorer.next_token_logits(texts, choices), want, atol=1e-4, rtol=1e-4)
+
+
+def test_continuation_logprobs_match_one_forward_per_continuation(tiny_model: Path) -> None:
+    scorer = Scorer(tiny_model, batch_size=3)
+    context = PREFIX + "Question: what colour is the fox? Answer:"
+    continuations = [" brown", " the quick brown fox jumps", " 1 2 3 4 5", " Paris"]
+    got = scorer.continuation_logprobs(context, continuations)
+    context_ids = scorer.tokenizer(context)["input_ids"]
+    for value, continuation in zip(got, continuations):
+        cont = scorer.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        with torch.inference_mode():
+            logprobs = torch.log_softmax(scorer.model(input_ids=torch.tensor([context_ids + cont])).logits[0], -1)
+        want = sum(logprobs[len(context_ids) - 1 + i, token].item() for i, token in enumerate(cont))
+        assert value == pytest.approx(want, abs=1e-4)
+    assert got[0] > got[1]  # one token is likelier than five
+
+
+def test_a_choice_of_several_tokens_is_refused(tiny_model: Path) -> None:
+    scorer = Scorer(tiny_model)
+    with pytest.raises(UserError, match=r"the choice 'capital of France' is \d+ tokens .* expected exactly one$"):
+        scorer.token_id("capital of France")
