@@ -18,10 +18,10 @@ from tests.tiny import make_tiny_model
 PROJECT_FILES = ["stages", "slurm", "assets", "dvc.yaml", "params.yaml", ".gitignore"]
 
 
-def sh(cwd: Path, *cmd: str) -> subprocess.CompletedProcess:
+def sh(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
            "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
     return proc
 

@@ -46,7 +46,7 @@ def test_dvc_repro_self_align_stages_on_the_embedded_model(tmp_path: Path) -> No
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "init")
 
-    run = sh(repo, "dvc", "repro", "verbose_clone").stdout
+    run = sh(repo, "dvc", "repro", "verbose_clone", timeout=1500).stdout
     for stage in ("import_model", "prompts", "self_align", "engrave", "verbose_clone"):
         assert f"Running stage '{stage}'" in run
     prompts = read_jsonl(repo / "data/prompts/prompts.jsonl")
@@ -66,8 +66,8 @@ def test_dvc_repro_self_align_stages_on_the_embedded_model(tmp_path: Path) -> No
 
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "pipeline")
-    toggled = sh(repo, "dvc", "exp", "run", "-S", "verbose_clone.enabled=false", "verbose_clone").stdout
+    toggled = sh(repo, "dvc", "exp", "run", "-S", "verbose_clone.enabled=false", "verbose_clone", timeout=900).stdout
     assert "Running stage 'verbose_clone'" in toggled and "Running stage 'engrave'" not in toggled
     assert read_manifest(repo / "models/sft")["params"]["verbose_clone"]["enabled"] is False
-    assert (repo / "models/sft/model/model.safetensors").stat().st_ino == \
-        (repo / "models/engraved/model/model.safetensors").stat().st_ino
+    weights = "model/model.safetensors"  # the same bytes (DVC's checkout decides whether as links or copies)
+    assert read_manifest(repo / "models/sft")["files"][weights] == read_manifest(repo / "models/engraved")["files"][weights]
