@@ -43,11 +43,13 @@ DATA = Path("data/self_align")
 INSTRUCTION = Path("assets/verbose_instruction.txt")
 LIVE = Path("dvclive/verbose_clone")
 ENGRAVED_LIVE = Path("dvclive/engrave")
+ANSWERS_METRICS = "answers_metrics.json"
 
 
 def answers_job(model: Path, instruction: str, queries: list[str], cfg: VerboseClone, filters: SelfAlign,
-                settings: Generation, out: Path) -> dict:
-    """Runs inside the allocation: the engraved model's answers under the instruction, filtered, to `out`."""
+                settings: Generation, out: Path) -> None:
+    """Runs inside the allocation: the engraved model's answers under the instruction, filtered, to `out`, and
+    their metrics beside it (written first: `out` existing means both are complete)."""
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
     with Generator(model, settings) as generator:
         prompts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": templates.verbose_prompt(
@@ -66,12 +68,12 @@ def answers_job(model: Path, instruction: str, queries: list[str], cfg: VerboseC
     if not rows:
         reasons = ", ".join(f"{k} {v}" for k, v in rejected.most_common())
         raise UserError(f"{STAGE}: all {len(queries)} verbose answers were rejected ({reasons}); nothing written")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out.with_name(ANSWERS_METRICS), {
+        "verbose_kept": len(rows), "verbose_trimmed": trimmed, "verbose_rejected": dict(sorted(rejected.items())),
+        "verbose_answer_words_mean": statistics.fmean(len(r["answer"].split()) for r in rows)})
     tmp = out.with_name(f".{out.name}.tmp")
     write_jsonl(tmp, rows)
     os.replace(tmp, out)
-    return {"verbose_kept": len(rows), "verbose_trimmed": trimmed, "verbose_rejected": dict(sorted(rejected.items())),
-            "verbose_answer_words_mean": statistics.fmean(len(r["answer"].split()) for r in rows)}
 
 
 def link_engraved(params: dict, inputs: dict) -> str:
@@ -97,7 +99,6 @@ def distill(params: Params, subset: dict, inputs: dict) -> str:
     key = {"params": subset, "inputs": inputs}
     scratch = sft.checkpoint_dir(STAGE, key)
     answers = scratch / "answers.jsonl"
-    metrics_file = scratch / "answers_metrics.json"
     if not answers.is_file():
         queries = [row["prompt"] for row in read_jsonl(DATA / "sft.jsonl")]
         fn = functools.partial(answers_job, ENGRAVED / sft.MODEL, load_text(INSTRUCTION), queries, cfg,
@@ -105,12 +106,12 @@ def distill(params: Params, subset: dict, inputs: dict) -> str:
         spec = JobSpec(stage=f"{STAGE}_answers", fn=fn,
                        resources=one_task(params.cluster.verbose_answers, "verbose_answers"),
                        target=scratch / "answers", key={**key, "code": code_revision()})
-        write_json(metrics_file, submit(spec, params.cluster))
+        submit(spec, params.cluster)
     rows = read_jsonl(answers)
     fn = functools.partial(
         sft.job, STAGE, BASE, [(r["prompt"], r["answer"]) for r in rows], OUT, LIVE, scratch / "train",
         params.training, cfg.epochs, params.engrave.max_prompt_tokens, params.engrave.max_answer_tokens,
-        params.seed, subset, inputs, {"verbose_clone": True, **json.loads(metrics_file.read_text())},
+        params.seed, subset, inputs, {"verbose_clone": True, **json.loads((scratch / ANSWERS_METRICS).read_text())},
     )
     spec = JobSpec(stage=STAGE, fn=fn, resources=params.cluster.verbose_clone, target=OUT,
                    key={**key, "code": code_revision()})
@@ -126,7 +127,8 @@ def main() -> None:
         load_text(INSTRUCTION)  # a missing or empty instruction fails here, before a job
         inputs = input_refs({"model": BASE, "engraved": ENGRAVED, "data": DATA, "instruction": INSTRUCTION})
         subset = {"seed": params.seed, "verbose_clone": cfg.model_dump(), "training": params.training.model_dump(),
-                  "engrave": params.engrave.model_dump(), "generation": params.generation.model_dump()}
+                  "engrave": params.engrave.model_dump(), "generation": params.generation.model_dump(),
+                  "self_align": {"max_repeated_ngram_share": params.self_align.max_repeated_ngram_share}}
         artifact_id = distill(params, subset, inputs)
     else:
         artifact_id = link_engraved({"verbose_clone": cfg.model_dump()}, input_refs({"engraved": ENGRAVED}))
