@@ -186,10 +186,12 @@ def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed:
     if paths.stderr.exists():
         lines = [line for line in paths.stderr.read_text(errors="replace").splitlines() if line.strip()]
         tail = "\n".join("  | " + line for line in lines[-STDERR_TAIL_LINES:])
-    # a job that raised: submitit's message holds its traceback between two dashed lines, the exception last
+    # a job that raised: submitit's message holds its traceback between two dashed lines, the exception last;
+    # a job that ended without a result (cancelled, timed out): the first line names the job and its state
     parts = re.split(r"^-{8,}$", str(exc), flags=re.MULTILINE)
-    lines = (parts[1] if isinstance(exc, FailedJobError) and len(parts) > 2 else str(exc)).strip().splitlines()
-    reason = (lines[-1] if len(parts) > 2 else lines[0]).strip() if lines else type(exc).__name__
+    raised = isinstance(exc, FailedJobError) and len(parts) > 2
+    lines = [line.strip() for line in (parts[1] if raised else str(exc)).splitlines() if line.strip()]
+    reason = (lines[-1] if raised else lines[0]) if lines else type(exc).__name__
     return JobFailed(
         f"{stage}: job {job.job_id} failed on rank {failing}: {reason}\n{tail}\n  log: {paths.stderr}"
     )

@@ -120,6 +120,12 @@ def test_a_changed_submission_is_not_re_attached(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr
     assert f"cancelled stale local job {stale_pid}" in second.stderr
     assert "submitted local job" in second.stderr and "re-attached" not in second.stderr
-    time.sleep(1)
+    deadline = time.monotonic() + 15  # SIGTERM was sent; on a loaded machine the job takes a moment to exit
+    while time.monotonic() < deadline:
+        try:
+            os.kill(stale_pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(stale_pid, 0)
