@@ -9,11 +9,10 @@ import functools
 import sys
 from pathlib import Path
 
-from slurm.submit import JobSpec, submit
 from stages import cli, sft
-from stages.artifacts import code_revision, input_refs
+from stages.artifacts import input_refs
 from stages.params import load_params
-from stages.records import publish_metrics, read_jsonl
+from stages.records import read_jsonl
 
 STAGE = "engrave"
 OUT = Path("models/engraved")
@@ -36,11 +35,7 @@ def main() -> None:
         sft.job, STAGE, BASE, pairs(DATA), OUT, LIVE, ckpt_dir, params.training, params.engrave.epochs,
         params.engrave.max_prompt_tokens, params.engrave.max_answer_tokens, params.seed, subset, inputs, {},
     )
-    spec = JobSpec(stage=STAGE, fn=fn, resources=params.cluster.engrave, target=OUT,
-                   key={"params": subset, "inputs": inputs, "code": code_revision()})
-    artifact_id = submit(spec, params.cluster)
-    publish_metrics(OUT, STAGE)
-    print(f"{STAGE}: {OUT} {artifact_id}")
+    cli.submit_stage(STAGE, OUT, fn, params.cluster.engrave, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ candidate costs one LCS per kept prompt; large pools are split over worker proce
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import Counter
@@ -30,6 +31,12 @@ PLACEHOLDER = re.compile(r"\[\s*(topic|insert|name|your|placeholder|question)[^\
 
 def tokens(text: str) -> list[str]:
     return _TOKENIZER.tokenize(text)
+
+
+@functools.lru_cache(maxsize=256)
+def fixed_tokens(text: str) -> tuple[str, ...]:
+    """`tokens` of a text compared again and again (a principle's definition, against every answer): once."""
+    return tuple(tokens(text))
 
 
 def rouge_l(a: list[str], b: list[str]) -> float:
@@ -95,6 +102,11 @@ def prompt_problem(text: str, min_words: int, max_words: int) -> str | None:
     if PLACEHOLDER.search(text):
         return "placeholder"
     return None
+
+
+def counts_text(counts: Counter[str]) -> str:
+    """'cut_off 79, no_answer 24': rejection reasons with their counts, most frequent first, for a message."""
+    return ", ".join(f"{reason} {count}" for reason, count in counts.most_common())
 
 
 def repeated_ngram_share(text: str, n: int = 4) -> float:

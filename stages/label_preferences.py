@@ -15,14 +15,13 @@ import statistics
 import sys
 from pathlib import Path
 
-from slurm.submit import JobSpec, submit
 from stages import cli
-from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from stages.artifacts import input_refs, staged_out, verify_artifact
 from stages.assets import PreferencePrinciple, load_jsonl, load_template
 from stages.errors import UserError
 from stages.generation import one_task
 from stages.params import LabelPreferences, load_params
-from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from stages.records import read_jsonl, write_json, write_jsonl
 from stages.scoring import Scorer
 from stages.sft import MODEL
 
@@ -89,13 +88,13 @@ def judge(scorer: Scorer, template: str, pairs: list[dict], principles: list[Pre
     return rows
 
 
-def job(model: Path, cfg: LabelPreferences, params: dict, inputs: dict) -> str:
+def job(model: Path, pairs: list[dict], cfg: LabelPreferences, params: dict, inputs: dict) -> str:
     """Runs inside the allocation: judge every pair under every principle, write preferences.jsonl + metrics."""
     principles = selected(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles)
     template = load_template(TEMPLATE, PLACEHOLDERS)
     scorer = Scorer(model, batch_size=cfg.batch_size)
     choices = (scorer.token_id(cfg.choices[0]), scorer.token_id(cfg.choices[1]))
-    rows = judge(scorer, template, read_jsonl(PAIRS / "pairs.jsonl"), principles, choices)
+    rows = judge(scorer, template, pairs, principles, choices)
     labels = [row["labels"][p.id] for row in rows for p in principles]
     metrics = {
         "pairs": len(rows),
@@ -116,20 +115,14 @@ def main() -> None:
     selected(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles)  # bad assets or ids fail before a job
     load_template(TEMPLATE, PLACEHOLDERS)
     check_choices(JUDGE / MODEL, cfg.choices)
-    if any(not (row["response_a"].strip() and row["response_b"].strip()) for row in read_jsonl(PAIRS / "pairs.jsonl")):
-        raise UserError(f"{PAIRS}/pairs.jsonl: a pair has an empty response; expected two non-empty responses")
     inputs = input_refs({"judge": JUDGE, "pairs": PAIRS, "principles": PRINCIPLES, "template": TEMPLATE})
+    pairs = read_jsonl(PAIRS / "pairs.jsonl")
+    if any(not (row["response_a"].strip() and row["response_b"].strip()) for row in pairs):
+        raise UserError(f"{PAIRS}/pairs.jsonl: a pair has an empty response; expected two non-empty responses")
     subset = {"label_preferences": cfg.model_dump()}
-    spec = JobSpec(
-        stage=STAGE,
-        fn=functools.partial(job, JUDGE / MODEL, cfg, subset, inputs),
-        resources=one_task(params.cluster.label_preferences, STAGE),
-        target=OUT,
-        key={"params": subset, "inputs": inputs, "code": code_revision()},
-    )
-    artifact_id = submit(spec, params.cluster)
-    publish_metrics(OUT, STAGE)
-    print(f"{STAGE}: {OUT} {artifact_id}")
+    fn = functools.partial(job, JUDGE / MODEL, pairs, cfg, subset, inputs)
+    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.label_preferences, STAGE), params.cluster, subset,
+                     inputs)
 
 
 if __name__ == "__main__":

@@ -17,16 +17,15 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from slurm.submit import JobSpec, submit
 from stages import cli, templates
-from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from stages.artifacts import input_refs, staged_out, verify_artifact
 from stages.assets import QuestionType, SeedPrompt, load_jsonl
 from stages.errors import UserError
-from stages.filters import RougePool, distinct_n, prompt_problem
+from stages.filters import RougePool, counts_text, distinct_n, prompt_problem
 from stages.generation import Generation, Generator, Sampling, one_task
 from stages.params import Generation as GenerationSettings
 from stages.params import Prompts, load_params
-from stages.records import publish_metrics, write_json, write_jsonl
+from stages.records import write_json, write_jsonl
 
 STAGE = "prompts"
 OUT = Path("data/prompts")
@@ -125,7 +124,7 @@ def job(model: Path, cfg: Prompts, settings: GenerationSettings, seed: int, para
     wanted = cfg.num_self_instruct + (len(types) * cfg.tgrt.topics_per_type * cfg.tgrt.questions_per_topic
                                       if cfg.tgrt.enabled else 0)
     if wanted and not collector.kept:
-        reasons = ", ".join(f"{k} {v}" for k, v in collector.rejected.most_common())
+        reasons = counts_text(collector.rejected)
         raise UserError(f"{STAGE}: all {collector.generated} candidates were rejected ({reasons or 'none parsed'}); "
                         f"nothing written")
     rows = [{"id": s.id, "text": s.text, "source": "seed", "type": None, "topic": None} for s in seeds]
@@ -158,16 +157,8 @@ def main() -> None:
     load_jsonl(QUESTION_TYPES, QuestionType)
     inputs = input_refs({"model": BASE, "seeds": SEEDS, "question_types": QUESTION_TYPES})
     subset = {"seed": params.seed, "prompts": params.prompts.model_dump(), "generation": params.generation.model_dump()}
-    spec = JobSpec(
-        stage=STAGE,
-        fn=functools.partial(job, BASE, params.prompts, params.generation, params.seed, subset, inputs),
-        resources=one_task(params.cluster.prompts, STAGE),
-        target=OUT,
-        key={"params": subset, "inputs": inputs, "code": code_revision()},
-    )
-    artifact_id = submit(spec, params.cluster)
-    publish_metrics(OUT, STAGE)
-    print(f"{STAGE}: {OUT} {artifact_id}")
+    fn = functools.partial(job, BASE, params.prompts, params.generation, params.seed, subset, inputs)
+    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.prompts, STAGE), params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

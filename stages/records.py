@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from pathlib import Path
 
 METRICS_DIR = Path("metrics")  # metrics/<stage>.json: what `dvc metrics show/diff` reads (declared in dvc.yaml)
@@ -19,6 +20,13 @@ def read_jsonl(path: Path) -> list[dict]:
     """Rows of a JSONL file inside a verified artifact (written by `write_jsonl`)."""
     with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+def sample_in_order(rows: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """All rows, or `limit` of them drawn at random from `seed`, in their original order."""
+    if limit is None or limit >= len(rows):
+        return rows
+    return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -7,19 +7,18 @@ generation call per sample index with different seeds, at `temperature` > 0 so t
 from __future__ import annotations
 
 import functools
-import random
 import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
-from slurm.submit import JobSpec, submit
 from stages import cli
-from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from stages.artifacts import input_refs, staged_out, verify_artifact
 from stages.errors import UserError
+from stages.filters import counts_text
 from stages.generation import Generator, Sampling, chat_prompt, one_task
 from stages.params import Generation, SamplePairs, load_params
-from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from stages.records import read_jsonl, sample_in_order, write_json, write_jsonl
 from stages.sft import MODEL
 
 STAGE = "sample_pairs"
@@ -32,10 +31,7 @@ SFT_DATA = Path("data/self_align")
 def unused_prompts(prompts: list[dict], sft: list[dict], limit: int, seed: int) -> list[dict]:
     """Up to `limit` prompts not in the SFT data, drawn at random (file order kept)."""
     used = {row["id"] for row in sft}
-    rest = [p for p in prompts if p["id"] not in used]
-    if len(rest) <= limit:
-        return rest
-    return [rest[i] for i in sorted(random.Random(seed).sample(range(len(rest)), limit))]
+    return sample_in_order([p for p in prompts if p["id"] not in used], limit, seed)
 
 
 def job(model: Path, prompts: list[dict], cfg: SamplePairs, settings: Generation, seed: int, params: dict,
@@ -55,7 +51,7 @@ def job(model: Path, prompts: list[dict], cfg: SamplePairs, settings: Generation
             pairs.append({"id": prompt["id"], "prompt": prompt["text"], "response_a": a.text.strip(),
                           "response_b": b.text.strip(), "finish_a": a.finish_reason, "finish_b": b.finish_reason})
     if not pairs:
-        reasons = ", ".join(f"{k} {v}" for k, v in dropped.most_common())
+        reasons = counts_text(dropped)
         raise UserError(f"{STAGE}: none of {len(prompts)} prompts gave a usable pair ({reasons}); nothing written")
     responses = [g for sample in samples for g in sample]
     metrics = {
@@ -80,16 +76,8 @@ def main() -> None:
     if not prompts:
         raise UserError(f"{PROMPTS}/prompts.jsonl: every prompt was used for SFT; none left to sample pairs for")
     subset = {"seed": params.seed, "sample_pairs": cfg.model_dump(), "generation": params.generation.model_dump()}
-    spec = JobSpec(
-        stage=STAGE,
-        fn=functools.partial(job, POLICY / MODEL, prompts, cfg, params.generation, params.seed, subset, inputs),
-        resources=one_task(params.cluster.sample_pairs, STAGE),
-        target=OUT,
-        key={"params": subset, "inputs": inputs, "code": code_revision()},
-    )
-    artifact_id = submit(spec, params.cluster)
-    publish_metrics(OUT, STAGE)
-    print(f"{STAGE}: {OUT} {artifact_id}")
+    fn = functools.partial(job, POLICY / MODEL, prompts, cfg, params.generation, params.seed, subset, inputs)
+    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.sample_pairs, STAGE), params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

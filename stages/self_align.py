@@ -9,22 +9,20 @@ backend computes its KV cache once and reuses it for every batch, vLLM's prefix 
 from __future__ import annotations
 
 import functools
-import random
 import statistics
 import sys
 from collections import Counter
 from pathlib import Path
 
-from slurm.submit import JobSpec, submit
 from stages import cli, templates
-from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from stages.artifacts import input_refs, staged_out, verify_artifact
 from stages.assets import Exemplar, Principle, load_jsonl
 from stages.errors import UserError
-from stages.filters import repeated_ngram_share, rouge_l, tokens
+from stages.filters import counts_text, fixed_tokens, repeated_ngram_share, rouge_l, tokens
 from stages.generation import Generation, Generator, Sampling, one_task
 from stages.params import Generation as GenerationSettings
 from stages.params import SelfAlign, load_params
-from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from stages.records import read_jsonl, sample_in_order, write_json, write_jsonl
 
 STAGE = "self_align"
 OUT = Path("data/self_align")
@@ -49,23 +47,16 @@ def answer_problem(generation: Generation, answer: str | None, principles: list[
     if "internal thoughts" in lowered or any(f"({p.name.lower()})" in lowered for p in principles):
         return "echoes_principles"
     words = tokens(answer)
-    if any(rouge_l(words, tokens(p.definition)) >= cfg.echo_threshold for p in principles):
+    if any(rouge_l(words, fixed_tokens(p.definition)) >= cfg.echo_threshold for p in principles):
         return "echoes_principles"
     return None
-
-
-def chosen(prompts: list[dict], limit: int | None, seed: int) -> list[dict]:
-    """All prompts, or `limit` of them drawn at random from every source (file order kept)."""
-    if limit is None or limit >= len(prompts):
-        return prompts
-    return [prompts[i] for i in sorted(random.Random(seed).sample(range(len(prompts)), limit))]
 
 
 def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, seed: int, params: dict, inputs: dict) -> str:
     """Runs inside the allocation: answer every prompt, filter, write sft.jsonl + metrics.json."""
     principles = load_jsonl(PRINCIPLES, Principle)
     exemplars = load_jsonl(EXEMPLARS, Exemplar)
-    prompts = chosen(read_jsonl(PROMPTS / "prompts.jsonl"), cfg.max_prompts, seed)
+    prompts = sample_in_order(read_jsonl(PROMPTS / "prompts.jsonl"), cfg.max_prompts, seed)  # from every source
     prefix = templates.self_align_prefix(principles, exemplars)
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=templates.SELF_ALIGN_STOP)
     with Generator(model, settings) as generator:
@@ -79,7 +70,7 @@ def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, seed: int, pa
             continue
         kept.append({"id": prompt["id"], "prompt": prompt["text"], "answer": answer, "source": prompt["source"]})
     if not kept:
-        reasons = ", ".join(f"{k} {v}" for k, v in rejected.most_common())
+        reasons = counts_text(rejected)
         raise UserError(f"{STAGE}: all {len(prompts)} answers were rejected ({reasons}); nothing written")
     lengths = sorted(len(row["answer"].split()) for row in kept)
     metrics = {
@@ -107,16 +98,8 @@ def main() -> None:
     inputs = input_refs({"model": BASE, "prompts": PROMPTS, "principles": PRINCIPLES, "exemplars": EXEMPLARS})
     subset = {"seed": params.seed, "self_align": params.self_align.model_dump(),
               "generation": params.generation.model_dump()}
-    spec = JobSpec(
-        stage=STAGE,
-        fn=functools.partial(job, BASE, params.self_align, params.generation, params.seed, subset, inputs),
-        resources=one_task(params.cluster.self_align, STAGE),
-        target=OUT,
-        key={"params": subset, "inputs": inputs, "code": code_revision()},
-    )
-    artifact_id = submit(spec, params.cluster)
-    publish_metrics(OUT, STAGE)
-    print(f"{STAGE}: {OUT} {artifact_id}")
+    fn = functools.partial(job, BASE, params.self_align, params.generation, params.seed, subset, inputs)
+    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.self_align, STAGE), params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ from pathlib import Path
 from stages.artifacts import digest, staged_out, verify_artifact
 from stages.params import Training
 from stages.records import write_json
-from stages.training import merge_adapter, sft_job
+from stages.training import global_batch_size, merge_adapter, sft_job
 
 CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>/<key>: kept until the out is in place (not a DVC out)
 MODEL = "model"  # the merged HF folder inside an SFT out
@@ -47,8 +47,7 @@ def checkpoint_dir(stage: str, key: dict) -> Path:
 
 
 def max_steps(examples: int, epochs: float, training: Training, world_size: int) -> int:
-    global_batch = training.micro_batch_size * training.gradient_accumulation_steps * world_size
-    return max(1, math.ceil(epochs * examples / global_batch))
+    return max(1, math.ceil(epochs * examples / global_batch_size(training, world_size)))
 
 
 def job(stage: str, model: Path, pairs: list[tuple[str, str]], out: Path, live_dir: Path, ckpt_dir: Path,

@@ -51,6 +51,11 @@ OnStep = Callable[[int, dict], None]  # (step index, {"loss", "lr"}) on rank 0, 
 # ---------------------------------------------------------------------------------------------- configuration
 
 
+def global_batch_size(training: Training, world_size: int) -> int:
+    """Examples per optimizer step: micro batch x accumulation steps x data-parallel ranks."""
+    return training.micro_batch_size * training.gradient_accumulation_steps * world_size
+
+
 def deepspeed_config(training: Training, world_size: int) -> dict:
     """The DeepSpeed config for `training` on `world_size` data-parallel ranks.
 
@@ -65,7 +70,7 @@ def deepspeed_config(training: Training, world_size: int) -> dict:
         if training.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     config: dict[str, Any] = {
-        "train_batch_size": training.micro_batch_size * training.gradient_accumulation_steps * world_size,
+        "train_batch_size": global_batch_size(training, world_size),
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
         "gradient_accumulation_steps": training.gradient_accumulation_steps,
         "gradient_clipping": training.max_grad_norm,

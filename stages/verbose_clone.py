@@ -29,7 +29,7 @@ from stages import cli, sft, templates
 from stages.artifacts import MANIFEST, code_revision, input_refs, staged_out, verify_artifact
 from stages.assets import load_text
 from stages.errors import UserError
-from stages.filters import trim_to_boundary
+from stages.filters import counts_text, trim_to_boundary
 from stages.generation import Generator, Sampling, chat_prompt, one_task
 from stages.params import Generation, Params, SelfAlign, VerboseClone, load_params
 from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
@@ -66,7 +66,7 @@ def answers_job(model: Path, instruction: str, queries: list[str], cfg: VerboseC
         else:
             rows.append({"prompt": query, "answer": answer})
     if not rows:
-        reasons = ", ".join(f"{k} {v}" for k, v in rejected.most_common())
+        reasons = counts_text(rejected)
         raise UserError(f"{STAGE}: all {len(queries)} verbose answers were rejected ({reasons}); nothing written")
     write_json(out.with_name(ANSWERS_METRICS), {
         "verbose_kept": len(rows), "verbose_trimmed": trimmed, "verbose_rejected": dict(sorted(rejected.items())),

@@ -26,20 +26,28 @@ def sh(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProces
     return proc
 
 
-def test_repro_is_idempotent_and_exp_run_switches_model(tmp_path: Path, tiny_model: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
+def new_repo(folder: Path, groups: dict[str, dict]) -> Path:
+    """A copy of the project in a fresh git + DVC repository, its params groups updated with `groups`, committed."""
+    folder.mkdir()
     for name in PROJECT_FILES:
         src = ROOT / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, repo / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if src.is_dir() else {}))
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    params["model"]["base"] = str(tiny_model)
-    params["cluster"]["executor"] = "local"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "init")
+        if src.is_dir():
+            shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, folder / name)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    for group, values in groups.items():
+        params[group].update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(folder, "git", "init", "-q")
+    sh(folder, "dvc", "init", "-q")
+    sh(folder, "git", "add", "-A")
+    sh(folder, "git", "commit", "-qm", "init")
+    return folder
+
+
+def test_repro_is_idempotent_and_exp_run_switches_model(tmp_path: Path, tiny_model: Path) -> None:
+    repo = new_repo(tmp_path / "repo", {"model": {"base": str(tiny_model)}, "cluster": {"executor": "local"}})
 
     first = sh(repo, "dvc", "repro", "import_model")
     assert "Running stage 'import_model'" in first.stdout

@@ -5,16 +5,13 @@ verbose cloning off with `dvc exp run -S` reruns only the stage it concerns."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import yaml
 
 from stages.artifacts import read_manifest, verify_artifact
 from stages.records import read_jsonl
-from tests.conftest import ROOT
-from tests.test_dvc import PROJECT_FILES, sh
+from tests.test_dvc import new_repo, sh
 
 SMALL = {
     "prompts": {"num_self_instruct": 8, "requests_per_round": 8, "max_rounds": 2, "max_new_tokens": 96,
@@ -28,23 +25,7 @@ SMALL = {
 
 @pytest.mark.slow
 def test_dvc_repro_self_align_stages_on_the_embedded_model(tmp_path: Path) -> None:
-    repo = tmp_path / "repo"
-    repo.mkdir()
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, repo / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, repo / name)
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for group, values in SMALL.items():
-        params[group].update(values)
-    params["cluster"]["executor"] = "local"
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(repo, "git", "init", "-q")
-    sh(repo, "dvc", "init", "-q")
-    sh(repo, "git", "add", "-A")
-    sh(repo, "git", "commit", "-qm", "init")
+    repo = new_repo(tmp_path / "repo", {**SMALL, "cluster": {"executor": "local"}})
 
     run = sh(repo, "dvc", "repro", "verbose_clone", timeout=1500).stdout
     for stage in ("import_model", "prompts", "self_align", "engrave", "verbose_clone"):

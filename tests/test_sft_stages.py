@@ -16,7 +16,6 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
 import yaml
 
 from stages.artifacts import read_manifest, staged_out, verify_artifact
@@ -24,29 +23,10 @@ from stages.assets import Principle, load_jsonl
 from stages.records import write_jsonl
 from stages.training import tokenize_pair
 from tests.conftest import ROOT
+from tests.tiny import PAIRS
 
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Add 1 and 2.", "1 2 3"),
-    ("What colour is the quick fox?", "brown"),
-    ("Say something helpful.", "An assistant answers questions helpfully."),
-]
 FAST_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, micro_batch_size=4, warmup_ratio=0.0,
                      lr_schedule="constant", zero_stage=2)
-
-
-@pytest.fixture(scope="module")
-def roomy_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_model with its final norm x5 so LoRA can fit the pairs (see tests/test_training.py)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(5.0)
-    out = tmp_path_factory.mktemp("roomy") / "model"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return out
 
 
 def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, **groups: dict) -> Path:

@@ -16,32 +16,11 @@ from stages.training import (
     collate, deepspeed_config, fit, init_distributed, latest_checkpoint, lora_model, make_engine, save_adapter,
     sft_job, sft_loss, shuffled_batches, tokenize_pair,
 )
+from tests.tiny import PAIRS
 
-PAIRS = [
-    ("What is the capital of France?", "The capital of France is Paris."),
-    ("Add 1 and 2.", "1 2 3"),
-    ("What colour is the quick fox?", "brown"),
-    ("Say something helpful.", "An assistant answers questions helpfully."),
-]
 # dropout on, so an exact resume needs the RNG states restored
 TINY = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1, micro_batch_size=1,
             lr_schedule="constant", warmup_ratio=0.0)  # runs of different lengths share their first steps
-
-
-@pytest.fixture(scope="module")
-def roomy_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """tiny_model with its final RMSNorm weight x5. The random tied embeddings (std 0.02) cap every logit at
-    about +-1.3 and LoRA cannot touch them or the norm, so on tiny_model itself LoRA can only take the loss from
-    6.0 to about 5.5; with the norm scaled it can overfit (6.6 -> ~1.5 in 16 steps) - a clear signal."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    with torch.no_grad():
-        model.model.norm.weight.mul_(5.0)
-    out = tmp_path_factory.mktemp("roomy") / "model"
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
-    return out
 
 
 def _inline(fn: functools.partial) -> dict:

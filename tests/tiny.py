@@ -48,3 +48,26 @@ def make_tiny_model(folder: Path, *, layers: int = 2, hidden: int = 64, seed: in
     torch.manual_seed(seed)
     LlamaForCausalLM(config).save_pretrained(folder, safe_serialization=True)
     return folder
+
+
+PAIRS = [  # (prompt, response) pairs the tiny model is fine-tuned on
+    ("What is the capital of France?", "The capital of France is Paris."),
+    ("Add 1 and 2.", "1 2 3"),
+    ("What colour is the quick fox?", "brown"),
+    ("Say something helpful.", "An assistant answers questions helpfully."),
+]
+
+
+def make_roomy_model(tiny: Path, folder: Path) -> Path:
+    """`tiny` with its final RMSNorm weight x5. The random tied embeddings (std 0.02) cap every logit at about
+    +-1.3 and LoRA cannot touch them or the norm, so on the tiny model itself LoRA can only take the loss from
+    6.0 to about 5.5; with the norm scaled it can overfit (6.6 -> ~1.5 in 16 steps) - a clear signal."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny)
+    with torch.no_grad():
+        model.model.norm.weight.mul_(5.0)
+    model.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(tiny).save_pretrained(folder)
+    return Path(folder)
