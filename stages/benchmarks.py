@@ -33,12 +33,14 @@ class ChoiceItem:
     subset: str
 
 
-def resolve(key: str, value: str | None) -> Path:
-    """The path of benchmark `key` from params (`evaluate.<key>`), else its place under ../shared/benchmarks."""
+def resolve(key: str, value: str | None, param: str | None = None) -> Path:
+    """The path of benchmark `key` from its params value (`param`, by default `evaluate.<key>`), else its place
+    under ../shared/benchmarks."""
     path = Path(value) if value else SHARED / DEFAULTS[key]
     if not path.exists():
         where = f"{value}" if value else f"{path} (the default)"
-        raise UserError(f"params.yaml: evaluate.{key}: {where} not found; set it to your copy of the benchmark")
+        raise UserError(f"params.yaml: {param or 'evaluate.' + key}: {where} not found; set it to your copy of the "
+                        f"benchmark")
     return path
 
 

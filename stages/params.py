@@ -53,6 +53,7 @@ class Cluster(Strict):
     verbose_clone: Resources = Field(default_factory=Resources)  # verbose_clone's training job
     sample_pairs: Resources = Field(default_factory=Resources)
     label_preferences: Resources = Field(default_factory=Resources)
+    train_rm: Resources = Field(default_factory=Resources)
 
 
 class Model(Strict):
@@ -157,6 +158,34 @@ class LabelPreferences(Strict):
     batch_size: int = Field(16, ge=1)  # judge prompts per forward pass
 
 
+class Pmp(Strict):
+    """Preference-model pre-training on a public preference set before the synthetic preferences."""
+
+    dataset: str | None = None  # a hub id (e.g. Anthropic/hh-rlhf) or a local file/folder; None: no pre-training
+    split: str = Field("train", min_length=1)
+    max_examples: int = Field(1000, ge=1)
+
+
+class RewardModel(Strict):
+    """The instructable reward model (`train_rm`). Learning rate and LoRA size override `training`'s."""
+
+    max_principles: int = Field(8, ge=1)  # a training instance shows 1..this many principles
+    negation_prob: float = Field(0.25, ge=0, le=1)  # each shown principle is negated with this probability
+    subsets_per_pair: int = Field(8, ge=1)  # instances drawn per labelled pair (subsets that tie are redrawn)
+    eval_share: float = Field(0.2, ge=0, lt=1)  # share of the decided pairs held out for evaluation
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(3e-5, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    max_prompt_tokens: int = Field(256, ge=1)  # instruction tokens shown to the RM
+    max_response_tokens: int = Field(384, ge=1)
+    batch_size: int = Field(8, ge=1)  # rows per forward pass when scoring
+    hhh: str | None = None  # BIG-bench hhh_alignment folder; None: ../shared/benchmarks/hhh_alignment
+    hhh_principles: list[str] = Field(default_factory=lambda: ["honest_accurate", "ethical", "follows_instruction"],
+                                      min_length=1)  # the guide for HHH pairs (and pre-training)
+    pmp: Pmp = Field(default_factory=Pmp)
+
+
 class Params(Strict):
     seed: int = Field(0, ge=0)
     model: Model = Field(default_factory=Model)
@@ -168,6 +197,7 @@ class Params(Strict):
     verbose_clone: VerboseClone = Field(default_factory=VerboseClone)
     sample_pairs: SamplePairs = Field(default_factory=SamplePairs)
     label_preferences: LabelPreferences = Field(default_factory=LabelPreferences)
+    rm: RewardModel = Field(default_factory=RewardModel)
     cluster: Cluster = Field(default_factory=Cluster)
 
 

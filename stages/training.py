@@ -44,8 +44,9 @@ TAG = re.compile(r"^step_(\d{8})$")
 
 Batch = dict[str, torch.Tensor]
 Batches = Callable[[int], Batch]  # global micro-batch index -> micro-batch
-LossFn = Callable[[Any, Batch], torch.Tensor]  # (engine or model, micro-batch) -> scalar loss
-OnStep = Callable[[int, dict], None]  # (step index, {"loss", "lr"}) on rank 0, resumed steps replayed first
+# (engine or model, micro-batch) -> scalar loss, or (loss, {name: scalar}) for per-step statistics (an accuracy)
+LossFn = Callable[[Any, Batch], "torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]"]
+OnStep = Callable[[int, dict], None]  # (step index, {"loss", "lr", stats}) on rank 0, resumed steps replayed first
 
 
 # ---------------------------------------------------------------------------------------------- configuration
@@ -117,19 +118,39 @@ def init_distributed() -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- model, engine
 
 
-def lora_model(model_dir: Path | str, training: Training, seed: int = 0) -> torch.nn.Module:
-    """The HF causal LM in `model_dir` with fresh LoRA adapters on its attention and MLP projections; only the
-    adapters are trainable. Seeded so every rank (and every rerun) starts from the same adapter init."""
+def lora_model(model_dir: Path | str, training: Training, seed: int = 0, head: str = "lm") -> torch.nn.Module:
+    """The HF model in `model_dir` with fresh LoRA adapters on its attention and MLP projections; only the
+    adapters are trainable. Seeded so every rank (and every rerun) starts from the same adapter (and head) init.
+
+    head "lm": the causal LM. head "reward": the same trunk with a fresh scalar head read at the last non-pad
+    token (transformers' sequence-classification model, 1 label); PEFT trains and saves that head with the
+    adapter (`modules_to_save`), so the adapter folder alone turns the base model into the reward model.
+    """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[training.precision])
+    dtype = DTYPES[training.precision]
+    if head == "reward":
+        model = reward_trunk(model_dir, dtype)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     config = LoraConfig(
         r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
-        target_modules=list(training.lora_targets), task_type="CAUSAL_LM",
+        target_modules=list(training.lora_targets), task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",
     )
     return get_peft_model(model, config)
+
+
+def reward_trunk(model_dir: Path | str, dtype: torch.dtype) -> torch.nn.Module:
+    """The model in `model_dir` as a 1-label sequence classifier (its LM head dropped, a scalar head added),
+    told which token is padding so it reads each row's score at its last real token."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype,
+                                                              pad_token_id=pad)
 
 
 def lr_scheduler(training: Training, total_steps: int) -> Callable[[Any], Any]:
@@ -237,8 +258,9 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
 
     Checkpoints every `training.save_every` steps and at `max_steps` (so a rerun with a larger `max_steps`
     continues exactly there). Returns {"losses": the per-step loss of every step 0..max_steps-1, resumed steps
-    included, each the mean over the global batch; "lrs": the learning rate of each of those steps;
-    "start_step": where this run began; "step": where it ended}. `on_step` sees every step on rank 0, the
+    included, each the mean over the global batch; "lrs": the learning rate of each of those steps; "stats":
+    per step, the means of the statistics the loss function returns; "start_step": where this run began;
+    "step": where it ended}. `on_step` sees every step on rank 0, the
     resumed ones first (replayed from the checkpoint), so a curve written by it is continuous across restarts.
     """
     import torch.distributed as dist
@@ -247,7 +269,7 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
     accum = engine.gradient_accumulation_steps()
     global_batch = engine.train_batch_size()
     state = load_checkpoint(engine, ckpt_dir) or {"step": 0, "data_position": 0, "losses": [], "lrs": [],
-                                                  "train_batch_size": global_batch}
+                                                  "stats": [], "train_batch_size": global_batch}
     if state["train_batch_size"] != global_batch:
         raise RuntimeError(f"{ckpt_dir}: checkpoint was trained with a global batch of {state['train_batch_size']}, "
                            f"this run has {global_batch}; use a new checkpoint folder")
@@ -255,31 +277,38 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
     if log and rank == 0 and start:
         log(f"resumed from {ckpt_dir}/{latest_checkpoint(ckpt_dir)} at step {start}")
     if on_step and rank == 0:
-        for step, (loss, lr) in enumerate(zip(state["losses"], state["lrs"])):
-            on_step(step, {"loss": loss, "lr": lr})
+        for step, (loss, lr, stats) in enumerate(zip(state["losses"], state["lrs"], state["stats"])):
+            on_step(step, {"loss": loss, "lr": lr, **stats})
     engine.train()
     while state["step"] < max_steps:
         lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves after it)
-        total = torch.zeros((), dtype=torch.float32, device=engine.device)
+        sums: dict[str, torch.Tensor] = {}  # "loss" and the loss function's statistics, summed over micro-batches
         for micro in range(accum):
             index = state["data_position"] + micro * world + rank
             batch = {k: v.to(engine.device) for k, v in batches(index).items()}
-            loss = loss_fn(engine, batch)
+            out = loss_fn(engine, batch)
+            loss, stats = out if isinstance(out, tuple) else (out, {})
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
-            total += loss.detach().float()
-        dist.all_reduce(total)
-        state["losses"].append(total.item() / (accum * world))
+            for name, value in {"loss": loss, **stats}.items():
+                sums[name] = sums.get(name, 0) + value.detach().float()
+        names = sorted(sums)
+        totals = torch.stack([sums[n] for n in names])
+        dist.all_reduce(totals)
+        means = {n: t / (accum * world) for n, t in zip(names, totals.tolist())}
+        state["losses"].append(means.pop("loss"))
         state["lrs"].append(lr)
+        state["stats"].append(means)
         state["step"] += 1
         state["data_position"] += accum * world
         if log and rank == 0:
             log(f"step {state['step']}/{max_steps} loss {state['losses'][-1]:.4f} lr {lr:.3g}")
         if on_step and rank == 0:
-            on_step(state["step"] - 1, {"loss": state["losses"][-1], "lr": lr})
+            on_step(state["step"] - 1, {"loss": state["losses"][-1], "lr": lr, **state["stats"][-1]})
         if state["step"] % training.save_every == 0 or state["step"] == max_steps:
             save_checkpoint(engine, ckpt_dir, state, training.keep_checkpoints)
-    return {"losses": list(state["losses"]), "lrs": list(state["lrs"]), "start_step": start, "step": state["step"]}
+    return {"losses": list(state["losses"]), "lrs": list(state["lrs"]), "stats": list(state["stats"]),
+            "start_step": start, "step": state["step"]}
 
 
 def save_adapter(engine: Any, out: Path | str) -> None:
@@ -306,13 +335,13 @@ def save_adapter(engine: Any, out: Path | str) -> None:
 
 
 def train(model_dir: Path | str, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: Training,
-          max_steps: int, *, adapter_dir: Path | str | None = None, seed: int = 0,
+          max_steps: int, *, adapter_dir: Path | str | None = None, seed: int = 0, head: str = "lm",
           log: Callable[[str], None] | None = print, on_step: OnStep | None = None) -> dict:
-    """The whole recipe in one call (every rank calls it): join the process group, LoRA-wrap the model, build the
-    engine (learning-rate schedule over `max_steps`), `fit`, and save the final adapter to `adapter_dir`.
-    Returns `fit`'s result (the same on every rank)."""
+    """The whole recipe in one call (every rank calls it): join the process group, LoRA-wrap the model (`head`
+    as in `lora_model`), build the engine (learning-rate schedule over `max_steps`), `fit`, and save the final
+    adapter to `adapter_dir`. Returns `fit`'s result (the same on every rank)."""
     _, world = init_distributed()
-    engine = make_engine(lora_model(model_dir, training, seed), training, world, total_steps=max_steps)
+    engine = make_engine(lora_model(model_dir, training, seed, head), training, world, total_steps=max_steps)
     result = fit(engine, batches, loss_fn, ckpt_dir, training, max_steps, log, on_step)
     if adapter_dir is not None:
         save_adapter(engine, adapter_dir)

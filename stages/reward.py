@@ -1,0 +1,243 @@
+"""The instructable reward model: one scalar for (guide, instruction, response), where the guide is a list of
+principles or a system message written into the RM prompt (assets/rm_prompt.txt). Behaviour is steered later by
+editing that text, so the same trained RM serves labeling checks, PPO rewards and evaluation.
+
+Training data comes from the per-principle labels of `label_preferences`: a training instance shows a random
+subset of principles, each replaced by its negation with some probability; the pair's label under the subset is
+the majority of the shown principles' labels (a negated principle votes the other way), and a subset that ties
+is not used. Loss: Bradley-Terry on the two responses' rewards, both in one forward pass.
+
+The model is the SFT policy's trunk with a scalar head (`training.lora_model(head="reward")`); its out holds
+only the LoRA adapter with the head, the prompt template and the truncation limits it was trained with.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from stages.assets import PreferencePrinciple
+from stages.errors import UserError
+from stages.training import Batch, Batches, DTYPES, reward_trunk, shuffled_batches
+
+PLACEHOLDERS = ("principles", "instruction", "response")
+TEMPLATE_FILE = "rm_prompt.txt"  # inside the RM out: the template it was trained with
+CONFIG_FILE = "reward.json"  # inside the RM out: truncation limits
+
+Guide = str | Sequence[str]  # a system message, or principle texts listed one per line
+Shown = tuple[str, bool]  # (principle id, negated)
+
+
+class PreferenceRow(BaseModel):
+    """One line of data/preferences/preferences.jsonl as `label_preferences` writes it: per principle, the score
+    in both orders and the label."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)
+    response_a: str = Field(min_length=1)
+    response_b: str = Field(min_length=1)
+    scores: dict[str, tuple[float, float]]
+    labels: dict[str, str]
+
+
+def read_preferences(path: Path, principle_ids: set[str]) -> list[dict]:
+    """The labelled pairs, each checked against the current format; one line naming file, line and key else."""
+    rows = []
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = PreferenceRow.model_validate(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UserError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            key = ".".join(str(k) for k in err["loc"]) or "(record)"
+            raise UserError(f"{path}: line {number}: {key}: {err['msg'].lower()} (a file from an older format? "
+                            f"rerun label_preferences)") from None
+        bad = next((v for v in row.labels.values() if v not in ("a", "b", "tie")), None)
+        unknown = next((p for p in row.labels if p not in principle_ids), None)
+        if bad is not None:
+            raise UserError(f"{path}: line {number}: labels: {bad!r}; expected a, b or tie")
+        if unknown is not None:
+            raise UserError(f"{path}: line {number}: labels: principle {unknown!r} is not in the preference "
+                            f"principles; expected ids from assets/preference_principles.jsonl")
+        rows.append(row.model_dump())
+    if not rows:
+        raise UserError(f"{path}: empty; expected labelled pairs")
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ the labels
+
+
+def sample_subset(rng: random.Random, ids: list[str], max_principles: int, negation_prob: float) -> list[Shown]:
+    """1..max_principles distinct principles in random order, each negated with probability `negation_prob`."""
+    size = rng.randint(1, min(max_principles, len(ids)))
+    return [(pid, rng.random() < negation_prob) for pid in rng.sample(ids, size)]
+
+
+def subset_label(labels: dict[str, str], subset: list[Shown]) -> str:
+    """'a', 'b' or 'tie': the majority of the shown principles' labels, a negated principle's vote flipped."""
+    votes = 0
+    for pid, negated in subset:
+        vote = {"a": 1, "b": -1}.get(labels.get(pid, "tie"), 0)
+        votes += -vote if negated else vote
+    return "a" if votes > 0 else "b" if votes < 0 else "tie"
+
+
+def guide_of(subset: list[Shown], principles: dict[str, PreferencePrinciple]) -> list[str]:
+    """The texts the RM reads for a subset: each principle's definition, or its negation."""
+    return [principles[pid].negation if negated else principles[pid].definition for pid, negated in subset]
+
+
+def training_examples(rows: list[dict], principles: dict[str, PreferencePrinciple], per_pair: int,
+                      max_principles: int, negation_prob: float, seed: int) -> list[dict]:
+    """Up to `per_pair` instances per pair: subsets drawn until that many do not tie (a pair no principle
+    decides gives none). Each: prompt, guide texts, chosen, rejected, and the subset shown. Seeded per pair id,
+    so a pair's instances do not depend on which other pairs are in the file."""
+    ids = list(principles)
+    examples = []
+    for row in rows:
+        if all(row["labels"].get(pid, "tie") == "tie" for pid in ids):
+            continue
+        rng = random.Random(f"{seed}:{row['id']}")
+        found = 0
+        for _ in range(per_pair * 50):
+            subset = sample_subset(rng, ids, max_principles, negation_prob)
+            winner = subset_label(row["labels"], subset)
+            if winner == "tie":
+                continue
+            chosen, rejected = (row["response_a"], row["response_b"]) if winner == "a" else \
+                (row["response_b"], row["response_a"])
+            examples.append({"id": row["id"], "prompt": row["prompt"], "guide": guide_of(subset, principles),
+                             "chosen": chosen, "rejected": rejected, "shown": subset})
+            found += 1
+            if found == per_pair:
+                break
+    return examples
+
+
+def negation_cases(rows: list[dict], principles: dict[str, PreferencePrinciple]) -> list[dict]:
+    """(pair, principle) where that principle alone decides the pair: shown as is it prefers the label's
+    response, shown negated it must prefer the other one."""
+    cases = []
+    for row in rows:
+        for pid, winner in row["labels"].items():
+            if winner != "tie" and pid in principles:
+                cases.append({"id": row["id"], "principle": pid, "prompt": row["prompt"], "winner": winner,
+                              "response_a": row["response_a"], "response_b": row["response_b"]})
+    return cases
+
+
+def split_pairs(rows: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) by pair: `share` of the pairs that some principle decides are held out (at least one
+    where there are two or more), drawn from `seed`; undecided pairs teach nothing and stay in train."""
+    decided = [r["id"] for r in rows if any(v != "tie" for v in r["labels"].values())]
+    count = round(len(decided) * share)
+    if share > 0 and len(decided) >= 2:
+        count = min(max(count, 1), len(decided) - 1)
+    held = set(random.Random(seed).sample(decided, count)) if count else set()
+    return [r for r in rows if r["id"] not in held], [r for r in rows if r["id"] in held]
+
+
+# ------------------------------------------------------------------------------------------------ the prompt
+
+
+def guide_text(guide: Guide) -> str:
+    """A system message as it is; principle texts one per line, as a bulleted list."""
+    return guide if isinstance(guide, str) else "\n".join(f"- {text}" for text in guide)
+
+
+def truncated(tokenizer: Any, text: str, max_tokens: int) -> str:
+    """`text` cut to its first `max_tokens` tokens."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return text if len(ids) <= max_tokens else tokenizer.decode(ids[:max_tokens])
+
+
+def rm_ids(tokenizer: Any, template: str, guide: Guide, prompt: str, response: str, max_prompt_tokens: int,
+           max_response_tokens: int) -> list[int]:
+    """Token ids of the RM prompt; instruction and response are cut to their limits, the template's last line
+    (where the score is read) is always whole."""
+    text = template.format(principles=guide_text(guide), instruction=truncated(tokenizer, prompt, max_prompt_tokens),
+                           response=truncated(tokenizer, response, max_response_tokens))
+    return tokenizer(text)["input_ids"]
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def tokenize_examples(tokenizer: Any, template: str, examples: list[dict], max_prompt_tokens: int,
+                      max_response_tokens: int) -> list[dict[str, list[int]]]:
+    return [{side: rm_ids(tokenizer, template, e["guide"], e["prompt"], e[side], max_prompt_tokens,
+                          max_response_tokens) for side in ("chosen", "rejected")} for e in examples]
+
+
+def collate_pairs(examples: list[dict[str, list[int]]], pad_id: int) -> Batch:
+    """Chosen rows then rejected rows, right-padded into one [2m, L] batch: both sides in one forward."""
+    rows = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
+    width = max(len(r) for r in rows)
+    return {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
+            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
+
+
+def pair_batches(examples: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int) -> Batches:
+    return shuffled_batches(examples, micro_batch_size, seed, functools.partial(collate_pairs, pad_id=pad_id))
+
+
+def bt_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), mean over the pairs; with the share ranked right."""
+    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
+    half = rewards.shape[0] // 2
+    margin = rewards[:half] - rewards[half:]
+    return -torch.nn.functional.logsigmoid(margin).mean(), {"accuracy": (margin > 0).float().mean(),
+                                                            "margin": margin.mean()}
+
+
+# ----------------------------------------------------------------------------------------------------- scoring
+
+
+class RewardModel:
+    """A trained RM loaded for scoring: the base model folder it was trained on plus its out folder."""
+
+    def __init__(self, base: Path | str, rm_dir: Path | str, *, batch_size: int = 8, precision: str = "fp32"):
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        rm_dir = Path(rm_dir)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        trunk = reward_trunk(base, DTYPES[precision])
+        self.model = PeftModel.from_pretrained(trunk, str(rm_dir / "adapter")).to(self.device).eval()
+        self.template = (rm_dir / TEMPLATE_FILE).read_text(encoding="utf-8")
+        limits = json.loads((rm_dir / CONFIG_FILE).read_text())
+        self.max_prompt_tokens, self.max_response_tokens = limits["max_prompt_tokens"], limits["max_response_tokens"]
+        self.pad_id = trunk.config.pad_token_id
+        self.batch_size = batch_size
+
+    @torch.inference_mode()
+    def score(self, prompts: Sequence[str], responses: Sequence[str], guides: Sequence[Guide]) -> list[float]:
+        """The reward of each response to its prompt under its guide (principle texts or a system message; one
+        per prompt). Rows are batched by length, so padding stays small; results come back in input order."""
+        if not len(prompts) == len(responses) == len(guides):
+            raise ValueError(f"score: {len(prompts)} prompts, {len(responses)} responses, {len(guides)} guides")
+        ids = [rm_ids(self.tokenizer, self.template, g, p, r, self.max_prompt_tokens, self.max_response_tokens)
+               for p, r, g in zip(prompts, responses, guides)]
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        rewards = [0.0] * len(ids)
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            width = max(len(ids[i]) for i in chunk)
+            tokens = torch.tensor([ids[i] + [self.pad_id] * (width - len(ids[i])) for i in chunk], device=self.device)
+            mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in chunk], device=self.device)
+            values = self.model(input_ids=tokens, attention_mask=mask).logits.squeeze(-1).float().cpu().tolist()
+            for i, value in zip(chunk, values):
+                rewards[i] = value
+        return rewards

@@ -1,0 +1,249 @@
+"""Stage `train_rm`: the instructable reward model (SALMON), then its evaluation.
+
+Trains a LoRA adapter and a scalar head on the SFT policy with the Bradley-Terry loss on instances drawn from
+the labelled pairs of `label_preferences` (stages/reward.py: random principle subsets, some negated), after an
+optional preference-model pre-training pass on a public preference set (`rm.pmp`). The job then scores, with
+the same `RewardModel.score` PPO uses: accuracy on held-out pairs, the negation flip rate on held-out pairs a
+single principle decides, and accuracy on the HHH pairs of the benchmark folder.
+
+Out (models/rm): adapter/ (LoRA + head), rm_prompt.txt, reward.json, eval.jsonl (every held-out judgement),
+metrics.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from stages import cli, sft
+from stages.artifacts import input_refs, staged_out, verify_artifact
+from stages.assets import PreferencePrinciple, load_jsonl, load_template
+from stages.benchmarks import ChoiceItem, load_hhh, resolve
+from stages.errors import UserError
+from stages.params import Pmp, RewardModel as RewardParams, Training, load_params
+from stages.records import write_json, write_jsonl
+from stages.reward import (CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases,
+                           pair_batches, read_preferences, split_pairs, tokenize_examples, training_examples)
+from stages.sft import MODEL, LiveCurve
+from stages.training import Batch, Batches, global_batch_size, train
+
+STAGE = "train_rm"
+OUT = Path("models/rm")
+SFT = Path("models/sft")
+PREFERENCES = Path("data/preferences")
+PRINCIPLES = Path("assets/preference_principles.jsonl")
+TEMPLATE = Path("assets/rm_prompt.txt")
+LIVE = Path("dvclive/train_rm")
+
+
+# ----------------------------------------------------------------------------------- preference pre-training
+
+
+def split_transcript(chosen: str, rejected: str) -> tuple[str, str, str] | None:
+    """An Anthropic HH-style pair (two whole transcripts ending in different assistant turns) as (prompt, chosen
+    reply, rejected reply): the prompt is the shared dialogue up to the last "Assistant:"."""
+    marker = "\n\nAssistant:"
+    cut = chosen.rfind(marker)
+    if cut < 0 or rejected[: cut + len(marker)] != chosen[: cut + len(marker)]:
+        return None
+    prompt = chosen[: cut + len(marker)].strip()
+    return prompt, chosen[cut + len(marker):].strip(), rejected[cut + len(marker):].strip()
+
+
+def _text(value: object) -> str | None:
+    """A plain string, or the content of the last message of a conversational column."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and value and isinstance(value[-1], dict):
+        return value[-1].get("content")
+    return None
+
+
+def pmp_pairs(rows: list[dict]) -> list[tuple[str, str, str]]:
+    """(prompt, chosen, rejected) from rows with prompt/chosen/rejected columns or HH transcripts; rows that fit
+    neither, or have an empty side, are left out."""
+    pairs = []
+    for row in rows:
+        chosen, rejected = _text(row.get("chosen")), _text(row.get("rejected"))
+        if chosen is None or rejected is None:
+            continue
+        prompt = _text(row.get("prompt"))
+        pair = (prompt, chosen, rejected) if prompt is not None else split_transcript(chosen, rejected)
+        if pair and all(part.strip() for part in pair) and pair[1] != pair[2]:
+            pairs.append(pair)
+    return pairs
+
+
+def load_pmp(cfg: Pmp) -> list[tuple[str, str, str]]:
+    """The pre-training pairs of `rm.pmp` (at most max_examples). A local file or folder that cannot be read is
+    an error; a hub dataset that cannot be reached (offline) is skipped with one line on stderr."""
+    if cfg.dataset is None:
+        return []
+    from datasets import load_dataset
+
+    path = Path(cfg.dataset)
+    try:
+        if path.is_file():
+            data = load_dataset("json", data_files=str(path), split="train")
+        elif path.is_dir():
+            data = load_dataset(str(path), split=cfg.split)
+        else:
+            data = load_dataset(cfg.dataset, split=cfg.split)
+    except Exception as exc:  # noqa: BLE001 - datasets raises many kinds; all end here as one line
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        if path.exists():
+            raise UserError(f"params.yaml: rm.pmp.dataset: {path} could not be read ({reason})") from None
+        print(f"{STAGE}: rm.pmp: skipped, {cfg.dataset!r} could not be loaded ({reason})", file=sys.stderr)
+        return []
+    pairs = pmp_pairs([data[i] for i in range(min(len(data), cfg.max_examples * 2))])[: cfg.max_examples]
+    if not pairs:
+        raise UserError(f"params.yaml: rm.pmp.dataset: {cfg.dataset}: no usable pairs; expected prompt/chosen/"
+                        f"rejected columns or Anthropic HH transcripts")
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------------ job
+
+
+def _phased_batch(first: Batches, first_micro_batches: int, second: Batches, index: int) -> Batch:
+    return first(index) if index < first_micro_batches else second(index - first_micro_batches)
+
+
+def mean(values: list[float]) -> float | None:
+    """The mean, or None where there was nothing to measure (too few held-out pairs)."""
+    return statistics.fmean(values) if values else None
+
+
+def steps_for(examples: int, epochs: float, global_batch: int) -> int:
+    return math.ceil(epochs * examples / global_batch) if examples else 0
+
+
+def hhh_accuracy(rm: RewardModel, items: list[ChoiceItem], guide: list[str]) -> dict:
+    """Per subset and overall: the share of items whose best reply gets a higher reward than every wrong one."""
+    prompts = [item.context.strip() for item in items for _ in item.choices]
+    replies = [choice for item in items for choice in item.choices]
+    rewards = iter(rm.score(prompts, replies, [guide] * len(prompts)))
+    right: dict[str, list[float]] = {}
+    for item in items:
+        scores = [next(rewards) for _ in item.choices]
+        wrong = max(s for i, s in enumerate(scores) if i not in item.correct)
+        right.setdefault(item.subset, []).append(float(scores[item.best] > wrong))
+    every = [r for rs in right.values() for r in rs]
+    return {"acc": statistics.fmean(every), "items": len(every),
+            **{subset: {"acc": statistics.fmean(rs), "items": len(rs)} for subset, rs in sorted(right.items())}}
+
+
+def evaluate(rm: RewardModel, held_out: list[dict], cases: list[dict], principles: dict[str, PreferencePrinciple],
+             hhh: list[ChoiceItem], hhh_guide: list[str]) -> tuple[dict, list[dict]]:
+    """Metrics and the per-judgement records of the held-out pairs, the negation cases and the HHH pairs."""
+    records = []
+    chosen = rm.score([e["prompt"] for e in held_out], [e["chosen"] for e in held_out], [e["guide"] for e in held_out])
+    rejected = rm.score([e["prompt"] for e in held_out], [e["rejected"] for e in held_out],
+                        [e["guide"] for e in held_out])
+    for example, c, r in zip(held_out, chosen, rejected):
+        records.append({"kind": "held_out", "id": example["id"], "shown": example["shown"], "chosen": c,
+                        "rejected": r})
+    margins = []  # per case: (margin for a over b under the principle, the same under its negation)
+    for text_of in (lambda p: p.definition, lambda p: p.negation):
+        guides = [[text_of(principles[c["principle"]])] for c in cases]
+        a = rm.score([c["prompt"] for c in cases], [c["response_a"] for c in cases], guides)
+        b = rm.score([c["prompt"] for c in cases], [c["response_b"] for c in cases], guides)
+        margins.append([x - y for x, y in zip(a, b)])
+    flips, agrees = [], []
+    for case, plain, negated in zip(cases, *margins):
+        flips.append(float((plain > 0) != (negated > 0)))
+        agrees.append(float((plain > 0) == (case["winner"] == "a")))
+        records.append({"kind": "negation", "id": case["id"], "principle": case["principle"], "winner": case["winner"],
+                        "margin_a": plain, "margin_a_negated": negated})
+    metrics = {
+        "held_out": {"accuracy": mean([float(c > r) for c, r in zip(chosen, rejected)]), "examples": len(held_out)},
+        "negation": {"flip_rate": mean(flips), "label_agreement": mean(agrees), "cases": len(cases)},
+        "hhh": hhh_accuracy(rm, hhh, hhh_guide),
+    }
+    return metrics, records
+
+
+def job(base: Path, train_examples: list[dict], pmp_examples: list[dict], held_out: list[dict], cases: list[dict],
+        principles: dict[str, PreferencePrinciple], hhh: list[ChoiceItem], hhh_guide: list[str], template: str,
+        cfg: RewardParams, training: Training, seed: int, ckpt_dir: Path, params: dict, inputs: dict) -> str | None:
+    """Runs in every task of the allocation: train (pre-training pairs first, then the synthetic instances),
+    then rank 0 evaluates through `RewardModel.score` and writes the out."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    global_batch = global_batch_size(training, world)
+    tokenize = functools.partial(tokenize_examples, tokenizer, template, max_prompt_tokens=cfg.max_prompt_tokens,
+                                 max_response_tokens=cfg.max_response_tokens)
+    pmp_steps = steps_for(len(pmp_examples), 1, global_batch)
+    steps = pmp_steps + max(1, steps_for(len(train_examples), cfg.epochs, global_batch))
+    synthetic = pair_batches(tokenize(train_examples), training.micro_batch_size, seed, pad_id)
+    batches = synthetic
+    if pmp_steps:
+        pmp = pair_batches(tokenize(pmp_examples), training.micro_batch_size, seed, pad_id)
+        micro_batches = pmp_steps * training.gradient_accumulation_steps * world
+        batches = functools.partial(_phased_batch, pmp, micro_batches, synthetic)
+    adapter = ckpt_dir / "adapter"
+    result = train(base, batches, bt_loss, ckpt_dir, training, steps, adapter_dir=adapter, seed=seed, head="reward",
+                   on_step=LiveCurve(LIVE))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    losses, accuracy = result["losses"], [s["accuracy"] for s in result["stats"]]
+    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+        shutil.copytree(adapter, tmp / "adapter")
+        (tmp / TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        write_json(tmp / CONFIG_FILE, {"max_prompt_tokens": cfg.max_prompt_tokens,
+                                       "max_response_tokens": cfg.max_response_tokens})
+        rm = RewardModel(base, tmp, batch_size=cfg.batch_size, precision=training.precision)
+        metrics, records = evaluate(rm, held_out, cases, principles, hhh, hhh_guide)
+        tail = slice(-10, None)
+        write_jsonl(tmp / "eval.jsonl", records)
+        write_json(tmp / "metrics.json", {
+            **metrics, "train": {"examples": len(train_examples), "pmp_examples": len(pmp_examples), "steps": steps,
+                                 "loss_first": losses[0], "loss_last10_mean": statistics.fmean(losses[tail]),
+                                 "accuracy_last10_mean": statistics.fmean(accuracy[tail])},
+        })
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return verify_artifact(OUT)
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.rm
+    principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
+    unknown = [pid for pid in cfg.hhh_principles if pid not in principles]
+    if unknown:
+        raise UserError(f"params.yaml: rm.hhh_principles: {unknown[0]!r} is not an id in {PRINCIPLES}; expected some "
+                        f"of {', '.join(principles)}")
+    template = load_template(TEMPLATE, PLACEHOLDERS)
+    hhh = load_hhh(resolve("hhh", cfg.hhh, param="rm.hhh"))
+    inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "template": TEMPLATE})
+    rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles))
+    train_rows, held_rows = split_pairs(rows, cfg.eval_share, params.seed)
+    draw = functools.partial(training_examples, principles=principles, per_pair=cfg.subsets_per_pair,
+                             max_principles=cfg.max_principles, negation_prob=cfg.negation_prob, seed=params.seed)
+    train_examples = draw(train_rows)
+    if not train_examples:
+        raise UserError(f"{PREFERENCES}/preferences.jsonl: no training pair is preferred under any principle "
+                        f"(every label is a tie); nothing to train the reward model on")
+    hhh_guide = [principles[pid].definition for pid in cfg.hhh_principles]
+    pmp_examples = [{"id": f"pmp-{i}", "prompt": p, "guide": hhh_guide, "chosen": c, "rejected": r}
+                    for i, (p, c, r) in enumerate(load_pmp(cfg.pmp))]
+    training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
+                                                  "lora_alpha": cfg.lora_alpha})
+    subset = {"seed": params.seed, "training": params.training.model_dump(), "rm": cfg.model_dump()}
+    ckpt_dir = sft.checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
+    fn = functools.partial(job, SFT / MODEL, train_examples, pmp_examples, draw(held_rows),
+                           negation_cases(held_rows, principles), principles, hhh, hhh_guide, template, cfg,
+                           training, params.seed, ckpt_dir, subset, inputs)
+    cli.submit_stage(STAGE, OUT, fn, params.cluster.train_rm, params.cluster, subset, inputs)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

@@ -1,0 +1,188 @@
+"""The instructable reward model: labels under a principle subset (negation flips them, ties are dropped), the
+held-out split, and the `train_rm` stage on the tiny model — the Bradley-Terry loss falls, the out's RM is the
+one `RewardModel.score` loads, the metrics hold held-out / negation / HHH results, and bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+from pathlib import Path
+
+import pytest
+
+from stages.artifacts import staged_out, verify_artifact
+from stages.assets import PreferencePrinciple, load_jsonl
+from stages.records import read_jsonl, write_jsonl
+from stages.reward import RewardModel, split_pairs, subset_label, training_examples
+from stages.train_rm import pmp_pairs, split_transcript
+from tests.conftest import ROOT
+from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
+
+HHH = str(ROOT.parent / "shared/benchmarks/hhh_alignment")  # ../shared beside the clone, as in CI
+PRINCIPLES = {p.id: p for p in load_jsonl(ROOT / "assets/preference_principles.jsonl", PreferencePrinciple)}
+SHORT_LONG = [  # (prompt, short answer, long answer)
+    ("What is the capital of France?", "Paris.", "The capital of France is Paris, and Paris is a city in France."),
+    ("Add 1 and 2.", "3", "1 and 2 and so on: 1 2 3, so the answer is 3 and 3 it is."),
+    ("What colour is the quick fox?", "brown", "The quick brown fox is brown, the quick fox jumps and it is brown."),
+    ("Say something helpful.", "Be kind.", "An assistant answers questions helpfully, honestly and harmlessly."),
+    ("Name a number.", "7", "1 2 3 4 5 6 7 8 9 10 and so on, numbers and words together."),
+    ("Write a function that adds two numbers.", "def add(a, b): return a + b",
+     "def add(a, b):\n    return a + b\n\nThe function add takes a and b and returns a + b."),
+] * 2
+
+
+def preference_rows() -> list[dict]:
+    """Pairs where Concise prefers the short answer and Comprehensive the long one; the rest tie. The short
+    answer is `a` in even rows, `b` in odd ones, so position says nothing."""
+    rows = []
+    for i, (prompt, short, long) in enumerate(SHORT_LONG):
+        a, b = (short, long) if i % 2 == 0 else (long, short)
+        short_side, long_side = ("a", "b") if i % 2 == 0 else ("b", "a")
+        labels = {pid: "tie" for pid in PRINCIPLES}
+        labels.update(concise=short_side, comprehensive=long_side)
+        rows.append({"id": f"q{i}", "prompt": prompt, "response_a": a, "response_b": b,
+                     "scores": {pid: [0.0, 0.0] for pid in PRINCIPLES}, "labels": labels})
+    return rows
+
+
+def rm_project(tmp_path: Path, model: Path, rows: list[dict] | None = None, **groups: dict) -> Path:
+    """A project with models/sft (the model as the SFT policy) and labelled preferences."""
+    groups = {"training": {**FAST_TRAINING, "micro_batch_size": 4, "save_every": 5},
+              "rm": {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34, "hhh": HHH},
+              **groups}
+    cwd = make_project(tmp_path, model, **groups)
+    with staged_out(cwd / "models/sft", stage="verbose_clone", params={}, inputs={}) as tmp:
+        shutil.copytree(model, tmp / "model")
+    with staged_out(cwd / "data/preferences", stage="label_preferences", params={}, inputs={}) as tmp:
+        write_jsonl(tmp / "preferences.jsonl", preference_rows() if rows is None else rows)
+    return cwd
+
+
+def test_subset_label_majority_with_negation_flipping() -> None:
+    labels = {"concise": "a", "specific": "b", "ethical": "tie"}
+    assert subset_label(labels, [("concise", False)]) == "a"
+    assert subset_label(labels, [("concise", True)]) == "b"  # negated: the vote flips
+    assert subset_label(labels, [("concise", False), ("specific", False)]) == "tie"
+    assert subset_label(labels, [("concise", False), ("specific", True)]) == "a"
+    assert subset_label(labels, [("ethical", False), ("ethical", True)]) == "tie"
+    assert subset_label(labels, [("concise", True), ("specific", False), ("ethical", False)]) == "b"
+
+
+def test_training_examples_follow_the_shown_principles_and_drop_ties() -> None:
+    rows = preference_rows() + [{"id": "undecided", "prompt": "p", "response_a": "x", "response_b": "y",
+                                 "scores": {}, "labels": {pid: "tie" for pid in PRINCIPLES}}]
+    examples = training_examples(rows, PRINCIPLES, per_pair=8, max_principles=8, negation_prob=0.5, seed=3)
+    assert len(examples) == 8 * len(SHORT_LONG) and "undecided" not in {e["id"] for e in examples}
+    by_id = {r["id"]: r for r in rows}
+    negated_decisions = 0
+    for e in examples:
+        row = by_id[e["id"]]
+        winner = subset_label(row["labels"], e["shown"])
+        assert winner != "tie"
+        assert (e["chosen"], e["rejected"]) == ((row["response_a"], row["response_b"]) if winner == "a"
+                                                else (row["response_b"], row["response_a"]))
+        assert e["guide"] == [PRINCIPLES[p].negation if neg else PRINCIPLES[p].definition for p, neg in e["shown"]]
+        assert 1 <= len(e["shown"]) <= 8
+        deciding = [(p, neg) for p, neg in e["shown"] if p in ("concise", "comprehensive")]
+        if all(neg for _, neg in deciding):
+            negated_decisions += 1  # decided by negated principles only: the label opposite to theirs
+            short = min(row["response_a"], row["response_b"], key=len)
+            assert e["chosen"] == (short if deciding[0][0] == "comprehensive" else max(
+                row["response_a"], row["response_b"], key=len))
+    assert negated_decisions > 0
+    again = training_examples(list(reversed(rows)), PRINCIPLES, per_pair=8, max_principles=8, negation_prob=0.5, seed=3)
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, examples))  # seeded per pair, order-free
+
+
+def test_split_holds_out_decided_pairs_only() -> None:
+    rows = preference_rows() + [{"id": "undecided", "prompt": "p", "response_a": "x", "response_b": "y",
+                                 "scores": {}, "labels": {"concise": "tie"}}]
+    train, held = split_pairs(rows, 0.25, seed=0)
+    assert len(held) == 3 and "undecided" in {r["id"] for r in train}
+    assert not {r["id"] for r in train} & {r["id"] for r in held}
+    assert split_pairs(rows, 0.25, seed=0) == (train, held)
+    assert len(split_pairs(rows[:2], 0.01, seed=0)[1]) == 1  # two decided pairs: one is held out
+
+
+def test_hh_transcripts_split_into_prompt_and_replies() -> None:
+    chosen = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Add 1 and 2.\n\nAssistant: 3"
+    rejected = "\n\nHuman: Hi\n\nAssistant: Hello!\n\nHuman: Add 1 and 2.\n\nAssistant: No."
+    assert split_transcript(chosen, rejected) == (chosen[: chosen.rfind("3")].strip(), "3", "No.")
+    assert split_transcript(chosen, "\n\nHuman: Other\n\nAssistant: x") is None
+    assert pmp_pairs([{"chosen": chosen, "rejected": rejected}, {"prompt": "p", "chosen": "c", "rejected": "c"},
+                      {"prompt": [{"role": "user", "content": "p"}], "chosen": [{"content": "c"}],
+                       "rejected": [{"content": "r"}]}]) == [split_transcript(chosen, rejected), ("p", "c", "r")]
+
+
+@pytest.mark.slow
+def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, roomy_model: Path) -> None:
+    hh = tmp_path / "hh.jsonl"
+    write_jsonl(hh, [{"chosen": f"\n\nHuman: {p}\n\nAssistant: {s}", "rejected": f"\n\nHuman: {p}\n\nAssistant: {lg}"}
+                     for p, s, lg in SHORT_LONG[:6]])
+    cwd = rm_project(tmp_path / "project", roomy_model, rm={
+        "learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34, "hhh": HHH,
+        "pmp": {"dataset": str(hh), "split": "train", "max_examples": 6}})
+    proc = stage(cwd, "train_rm")
+    assert proc.returncode == 0, proc.stderr
+    verify_artifact(cwd / "models/rm")
+    metrics = json.loads((cwd / "metrics/train_rm.json").read_text())
+    assert metrics["train"]["pmp_examples"] == 6 and metrics["train"]["examples"] == 8 * 8
+    assert metrics["held_out"]["examples"] == 4 * 8 and 0 <= metrics["held_out"]["accuracy"] <= 1
+    assert metrics["negation"]["cases"] == 4 * 2 and 0 <= metrics["negation"]["flip_rate"] <= 1
+    assert metrics["hhh"]["items"] == metrics["hhh"]["harmless"]["items"] + metrics["hhh"]["helpful"]["items"] > 100
+
+    losses = [loss for _, loss in curve(cwd, "train_rm", "loss")]
+    assert len(losses) == metrics["train"]["steps"] == 2 + 32  # pre-training: 6 pairs / 4; then 64 x 2 epochs / 4
+    assert statistics.fmean(losses[-8:]) < statistics.fmean(losses[2:10])  # Bradley-Terry loss falls
+    assert len(curve(cwd, "train_rm", "accuracy")) == len(losses)
+
+    # the out is a reward model `score` loads: it reproduces the job's own held-out judgements
+    rm = RewardModel(cwd / "models/sft/model", cwd / "models/rm")
+    held = [r for r in read_jsonl(cwd / "models/rm/eval.jsonl") if r["kind"] == "held_out"][:4]
+    rows = {r["id"]: r for r in preference_rows()}
+    guides = [[PRINCIPLES[p].negation if neg else PRINCIPLES[p].definition for p, neg in r["shown"]] for r in held]
+    winners = [subset_label(rows[r["id"]]["labels"], r["shown"]) for r in held]
+    chosen = [rows[r["id"]]["response_" + w] for r, w in zip(held, winners)]
+    scores = rm.score([rows[r["id"]]["prompt"] for r in held], chosen, guides)
+    assert scores == pytest.approx([r["chosen"] for r in held], abs=1e-4)
+    # guides are per row: the same response under a different guide gets a different reward
+    assert len(set(rm.score([rows[held[0]["id"]]["prompt"]] * 2, [chosen[0]] * 2,
+                            [guides[0], "Answer like a pirate."]))) == 2
+
+
+def test_train_rm_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tiny_model: Path) -> None:
+    old = [{k: v for k, v in r.items() if k != "scores"} | {"scores": {p: 0.5 for p in PRINCIPLES}}
+           for r in preference_rows()]  # an older format: one score per principle
+    cwd = rm_project(tmp_path / "old", tiny_model, rows=old)
+    proc = stage(cwd, "train_rm")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "data/preferences/preferences.jsonl: line 1: scores." in proc.stderr and "older format" in proc.stderr
+    assert not (cwd / "models/rm").exists()
+
+    cwd = rm_project(tmp_path / "ties", tiny_model, rows=[{**r, "labels": {p: "tie" for p in PRINCIPLES}}
+                                                         for r in preference_rows()])
+    proc = stage(cwd, "train_rm")
+    assert proc.returncode == 2 and "every label is a tie" in proc.stderr and not (cwd / "models/rm").exists()
+
+    cwd = rm_project(tmp_path / "negation", tiny_model)
+    lines = (cwd / "assets/preference_principles.jsonl").read_text().splitlines()
+    broken = json.loads(lines[2])
+    del broken["negation"]
+    (cwd / "assets/preference_principles.jsonl").write_text("\n".join([*lines[:2], json.dumps(broken), *lines[3:]]))
+    proc = stage(cwd, "train_rm")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
+    assert "assets/preference_principles.jsonl: line 3: negation: field required" in proc.stderr
+
+    cwd = rm_project(tmp_path / "hhh", tiny_model, rm={"hhh": str(tmp_path / "nowhere")})
+    proc = stage(cwd, "train_rm")
+    assert proc.returncode == 2 and proc.stderr.startswith("params.yaml: rm.hhh: ") and "nowhere" in proc.stderr
+
+
+def test_pmp_from_an_unreachable_hub_is_skipped_with_one_line(capsys: pytest.CaptureFixture) -> None:
+    from stages.params import Pmp
+    from stages.train_rm import load_pmp
+
+    assert load_pmp(Pmp(dataset="no-such-org/no-such-preferences")) == []  # HF_HUB_OFFLINE=1 in tests
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("train_rm: rm.pmp: skipped, 'no-such-org/no-such-preferences'")
