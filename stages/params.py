@@ -54,6 +54,7 @@ class Cluster(Strict):
     sample_pairs: Resources = Field(default_factory=Resources)
     label_preferences: Resources = Field(default_factory=Resources)
     train_rm: Resources = Field(default_factory=Resources)
+    evaluate: Resources = Field(default_factory=Resources)
 
 
 class Model(Strict):
@@ -186,6 +187,25 @@ class RewardModel(Strict):
     pmp: Pmp = Field(default_factory=Pmp)
 
 
+class Evaluate(Strict):
+    """Benchmarks for every produced policy. Benchmark paths: None = their place under ../shared/benchmarks."""
+
+    policies: list[Literal["base", "sft"]] = Field(default_factory=lambda: ["base", "sft"], min_length=1)
+    normalise: bool = False  # multiple choice: log-likelihood per token (True) or summed over the choice (False)
+    max_items: int | None = Field(None, ge=1)  # per multiple-choice benchmark, drawn at random (None: all)
+    hhh: str | None = None
+    truthfulqa_mc: str | None = None
+    truthfulqa_csv: str | None = None
+    mt_bench: str | None = None
+    mt_bench_questions: int | None = Field(None, ge=1)  # drawn at random (None: all 80)
+    max_new_tokens: int = Field(256, ge=1)  # per MT-Bench turn
+    judge_principles: list[str] = Field(
+        default_factory=lambda: ["follows_instruction", "honest_accurate", "ethical", "specific"], min_length=1)
+    tie_margin: float = Field(0.1, ge=0)  # RM reward difference below which two answers tie
+    judge_model: str | None = None  # a local HF folder judging a/b in both orders, besides the RM
+    batch_size: int = Field(16, ge=1)  # rows per forward pass when scoring
+
+
 class Params(Strict):
     seed: int = Field(0, ge=0)
     model: Model = Field(default_factory=Model)
@@ -198,6 +218,7 @@ class Params(Strict):
     sample_pairs: SamplePairs = Field(default_factory=SamplePairs)
     label_preferences: LabelPreferences = Field(default_factory=LabelPreferences)
     rm: RewardModel = Field(default_factory=RewardModel)
+    evaluate: Evaluate = Field(default_factory=Evaluate)
     cluster: Cluster = Field(default_factory=Cluster)
 
 

@@ -1,0 +1,273 @@
+"""Stage `evaluate`: every policy the DAG has produced, on the same benchmarks, into flat metrics that
+`dvc metrics diff` compares at a glance (`sft.hhh.acc`, `sft.truthfulqa.mc1`, `sft.mtbench.win_rate_vs_base`).
+
+- Multiple choice (HHH alignment, TruthfulQA from BIG-bench and from the original CSV): each choice scored by the
+  policy's log-likelihood after the context (summed, or per token with `evaluate.normalise`), the context run once
+  per item (stages/scoring.py); HHH accuracy per subset folder, TruthfulQA MC1/MC2, per category for the CSV.
+- MT-Bench: each policy answers both turns of every question (the second with its own first answer in context)
+  through the generation interface, greedy; answers are kept in the out. Each answer is judged against the base
+  model's answer to the same turn by the instructable RM under `evaluate.judge_principles` (win / tie / loss by
+  reward difference beyond `evaluate.tie_margin`; the RM scores each answer on its own, so order cannot bias it)
+  and, with `evaluate.judge_model`, by that model as an a/b judge in both orders (`label_preferences`' judge).
+
+Out (data/evaluation): answers/<policy>.jsonl, metrics.json, plot.json (one row per policy and benchmark, for
+the bar chart in dvc.yaml).
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import json
+import re
+import shutil
+import statistics
+import sys
+from pathlib import Path
+
+from stages import cli
+from stages.artifacts import input_refs, staged_out, verify_artifact
+from stages.assets import PreferencePrinciple, load_jsonl, load_template
+from stages.benchmarks import ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_truthfulqa_csv, mc_scores, resolve
+from stages.errors import UserError
+from stages.generation import Generator, Sampling, chat_prompt, one_task
+from stages.params import Evaluate, Generation, load_params
+from stages.records import sample_in_order, write_json, write_jsonl
+from stages.reward import RewardModel
+from stages.scoring import Scorer
+from stages.sft import MODEL
+
+STAGE = "evaluate"
+OUT = Path("data/evaluation")
+POLICIES = {"base": Path("models/base"), "sft": Path("models/sft") / MODEL}
+RM = Path("models/rm")
+RM_BASE = Path("models/sft") / MODEL
+PRINCIPLES = Path("assets/preference_principles.jsonl")
+JUDGE_TEMPLATE = Path("assets/judge_prompt.txt")
+PLOT = "plot.json"
+
+
+# ---------------------------------------------------------------------------------------------- benchmark data
+
+
+def load_mt_bench(path: Path, limit: int | None, seed: int) -> list[dict]:
+    """MT-Bench questions (question_id, category, turns); `limit` of them drawn at random, file order kept."""
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"{path}: line {number}: not valid JSON ({exc})") from None
+        turns = row.get("turns") if isinstance(row, dict) else None
+        if not (isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)):
+            raise UserError(f"{path}: line {number}: turns: expected a list of non-empty strings")
+        rows.append({"question_id": row.get("question_id", number), "category": row.get("category", ""),
+                     "turns": turns[:2]})
+    if not rows:
+        raise UserError(f"{path}: empty; expected MT-Bench questions, one JSON object per line")
+    return sample_in_order(rows, limit, seed)
+
+
+def load_benchmarks(cfg: Evaluate, seed: int) -> dict:
+    """Every benchmark the stage reads, checked and sampled on the login node (bad files fail before a job)."""
+    def sample(items: list[ChoiceItem]) -> list[ChoiceItem]:
+        return sample_in_order(items, cfg.max_items, seed)  # type: ignore[arg-type]
+
+    return {
+        "hhh": sample(load_hhh(resolve("hhh", cfg.hhh))),
+        "truthfulqa": sample(load_bigbench(resolve("truthfulqa_mc", cfg.truthfulqa_mc), "truthfulqa")),
+        "truthfulqa_csv": sample(load_truthfulqa_csv(resolve("truthfulqa_csv", cfg.truthfulqa_csv))),
+        "mt_bench": load_mt_bench(resolve("mt_bench", cfg.mt_bench), cfg.mt_bench_questions, seed),
+    }
+
+
+# ------------------------------------------------------------------------------------------- multiple choice
+
+
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
+
+
+def multiple_choice(scorer: Scorer, items: list[ChoiceItem], normalise: bool, by_subset: str | None) -> dict:
+    """mc1 (accuracy) and mc2 over `items`, and per subset under the key `by_subset` when given."""
+    scores = [mc_scores(choice_logprobs(scorer, item, normalise), item) for item in items]
+    result = {k: statistics.fmean(s[k] for s in scores) for k in ("mc1", "mc2")}
+    result["items"] = len(items)
+    if by_subset:
+        groups: dict[str, list[dict]] = {}
+        for item, s in zip(items, scores):
+            groups.setdefault(slug(item.subset), []).append(s)
+        result[by_subset] = {name: {"mc1": statistics.fmean(s["mc1"] for s in group), "items": len(group)}
+                             for name, group in sorted(groups.items())}
+    return result
+
+
+def hhh_metrics(scorer: Scorer, items: list[ChoiceItem], normalise: bool) -> dict:
+    """Accuracy: the better reply more likely than the other; overall and per subset folder."""
+    mc = multiple_choice(scorer, items, normalise, by_subset="subsets")
+    return {"acc": mc["mc1"], "items": mc["items"],
+            **{name: {"acc": group["mc1"], "items": group["items"]} for name, group in mc["subsets"].items()}}
+
+
+# ---------------------------------------------------------------------------------------------------- MT-Bench
+
+
+def answer_mt_bench(model: Path, questions: list[dict], settings: Generation, max_new_tokens: int,
+                    seed: int) -> list[dict]:
+    """Both turns of every question, greedy; turn 2 sees turn 1's question and this policy's own answer."""
+    sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed)
+    with Generator(model, settings) as generator:
+        tok = generator.tokenizer
+        first = generator.generate([chat_prompt(tok, [{"role": "user", "content": q["turns"][0]}]) for q in questions],
+                                   sampling)
+        follow = [(q, a) for q, a in zip(questions, first) if len(q["turns"]) > 1]
+        second = generator.generate([chat_prompt(tok, [{"role": "user", "content": q["turns"][0]},
+                                                       {"role": "assistant", "content": a.text.strip()},
+                                                       {"role": "user", "content": q["turns"][1]}])
+                                     for q, a in follow], sampling) if follow else []
+    later = {q["question_id"]: a for (q, _), a in zip(follow, second)}
+    rows = []
+    for q, a in zip(questions, first):
+        answers = [a] + ([later[q["question_id"]]] if q["question_id"] in later else [])
+        rows.append({"question_id": q["question_id"], "category": q["category"], "turns": q["turns"],
+                     "answers": [x.text.strip() for x in answers], "finish": [x.finish_reason for x in answers]})
+    return rows
+
+
+def conversation(row: dict, turn: int) -> str:
+    """What the judge reads as the instruction of a turn: the question, after the first exchange for turn 2."""
+    if turn == 0:
+        return row["turns"][0]
+    return f"{row['turns'][0]}\n\n[The assistant answered:]\n{row['answers'][0]}\n\n[Follow-up:]\n{row['turns'][1]}"
+
+
+def turns_of(rows: list[dict]) -> list[tuple[dict, int]]:
+    return [(row, t) for row in rows for t in range(len(row["answers"]))]
+
+
+def outcomes(diffs: list[float], margin: float) -> dict:
+    wins = sum(d > margin for d in diffs)
+    losses = sum(d < -margin for d in diffs)
+    n = len(diffs)
+    return {"win_rate_vs_base": wins / n, "loss_rate_vs_base": losses / n, "tie_rate_vs_base": (n - wins - losses) / n,
+            "turns": n}
+
+
+def rm_judgement(rm: RewardModel, answers: dict[str, list[dict]], guide: list[str], margin: float) -> dict:
+    """Per policy: mean reward of its answers and, against the base model's answer to the same turn, win/tie/loss."""
+    rewards = {}
+    for policy, rows in answers.items():
+        turns = turns_of(rows)
+        rewards[policy] = rm.score([conversation(r, t) for r, t in turns], [r["answers"][t] for r, t in turns],
+                                   [guide] * len(turns))
+    result = {}
+    for policy, values in rewards.items():
+        result[policy] = {"mean_reward": statistics.fmean(values)}
+        if policy != "base" and "base" in rewards:
+            result[policy].update(outcomes([v - b for v, b in zip(values, rewards["base"])], margin))
+    return result
+
+
+def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principles: list[PreferencePrinciple],
+                    batch_size: int) -> dict:
+    """A separate judge model, as `label_preferences` judges: policy answer vs base answer under each principle in
+    both orders; a turn is won where more principles prefer the policy's answer than the base's."""
+    from stages.label_preferences import judge
+
+    scorer = Scorer(judge_model, batch_size=batch_size)
+    template = load_template(JUDGE_TEMPLATE, ("instruction", "output_a", "output_b", "principle"))
+    choices = (scorer.token_id("a"), scorer.token_id("b"))
+    result = {}
+    for policy, rows in answers.items():
+        if policy == "base" or "base" not in answers:
+            continue
+        base = {r["question_id"]: r for r in answers["base"]}
+        pairs = [{"prompt": conversation(r, t), "response_a": r["answers"][t],
+                  "response_b": base[r["question_id"]]["answers"][t]} for r, t in turns_of(rows)]
+        judged = judge(scorer, template, pairs, principles, choices)
+        votes = [sum({"a": 1, "b": -1}.get(v, 0) for v in row["labels"].values()) for row in judged]
+        result[policy] = outcomes([float(v) for v in votes], 0.0)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------------ job
+
+
+def plot_rows(metrics: dict) -> list[dict]:
+    """One row per (policy, headline benchmark) for the bar chart."""
+    heads = [("hhh", "acc"), ("truthfulqa", "mc1"), ("truthfulqa", "mc2"), ("truthfulqa_csv", "mc1"),
+             ("mtbench", "win_rate_vs_base")]
+    rows = []
+    for policy, values in metrics["policies"].items():
+        for bench, key in heads:
+            if key in values.get(bench, {}):
+                rows.append({"benchmark": f"{bench}.{key}", "policy": policy, "value": values[bench][key]})
+    return rows
+
+
+def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Generation, guide: list[str],
+        judge_principles: list[PreferencePrinciple], seed: int, params: dict, inputs: dict) -> str:
+    """Runs inside the allocation: score, generate and judge every policy; write the out."""
+    results: dict[str, dict] = {}
+    answers: dict[str, list[dict]] = {}
+    for name, model in policies.items():
+        scorer = Scorer(model, batch_size=cfg.batch_size)
+        results[name] = {
+            "hhh": hhh_metrics(scorer, benchmarks["hhh"], cfg.normalise),
+            "truthfulqa": multiple_choice(scorer, benchmarks["truthfulqa"], cfg.normalise, None),
+            "truthfulqa_csv": multiple_choice(scorer, benchmarks["truthfulqa_csv"], cfg.normalise, "category"),
+        }
+        del scorer
+        gc.collect()
+        answers[name] = answer_mt_bench(model, benchmarks["mt_bench"], settings, cfg.max_new_tokens, seed)
+    rm = RewardModel(RM_BASE, RM, batch_size=cfg.batch_size)
+    for name, judged in rm_judgement(rm, answers, guide, cfg.tie_margin).items():
+        results[name]["mtbench"] = judged
+    if cfg.judge_model:
+        for name, judged in model_judgement(Path(cfg.judge_model), answers, judge_principles, cfg.batch_size).items():
+            results[name]["mtbench"]["judge"] = judged
+    for name, rows in answers.items():
+        finishes = [f for row in rows for f in row["finish"]]
+        results[name]["mtbench"]["cut_off_share"] = finishes.count("length") / len(finishes)
+    metrics = {"scoring": "per_token" if cfg.normalise else "sum", "policies": results}
+    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+        for name, rows in answers.items():
+            (tmp / "answers").mkdir(exist_ok=True)
+            write_jsonl(tmp / "answers" / f"{name}.jsonl", rows)
+        write_json(tmp / "metrics.json", {"scoring": metrics["scoring"], **results})
+        (tmp / PLOT).write_text(json.dumps(plot_rows(metrics), indent=1) + "\n")
+    return verify_artifact(OUT)
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.evaluate
+    principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
+    unknown = [pid for pid in cfg.judge_principles if pid not in principles]
+    if unknown:
+        raise UserError(f"params.yaml: evaluate.judge_principles: {unknown[0]!r} is not an id in {PRINCIPLES}; "
+                        f"expected some of {', '.join(principles)}")
+    if cfg.judge_model and not Path(cfg.judge_model).is_dir():
+        raise UserError(f"params.yaml: evaluate.judge_model: {cfg.judge_model} is not a folder; expected a local HF "
+                        f"model folder")
+    benchmarks = load_benchmarks(cfg, params.seed)
+    policies = {name: POLICIES[name] for name in cfg.policies}
+    inputs = input_refs({**{name: path.parent if path.name == MODEL else path for name, path in policies.items()},
+                         "rm": RM, "principles": PRINCIPLES})
+    judged = [principles[pid] for pid in cfg.judge_principles]
+    subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump()}
+    fn = functools.partial(job, policies, benchmarks, cfg, params.generation, [p.definition for p in judged], judged,
+                           params.seed, subset, inputs)
+    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.evaluate, STAGE), params.cluster, subset, inputs)
+    publish_plot()
+
+
+def publish_plot() -> None:
+    """metrics/evaluate_plot.json: the bar chart's rows, beside the metrics (DVC reads both from the workspace)."""
+    shutil.copy(OUT / PLOT, Path("metrics") / "evaluate_plot.json")
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))

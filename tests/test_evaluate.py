@@ -1,0 +1,108 @@
+"""The `evaluate` stage on the tiny model: flat per-policy metrics from the benchmark files in ../shared, MT-Bench
+answers for both turns judged by the RM and by a judge model in both orders (two identical policies tie on
+everything), bad benchmark input as one line; and the experiment workflow: two `dvc exp run -S` experiments
+that `dvc exp show` and `dvc metrics diff` tell apart where their params differ."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.artifacts import staged_out, verify_artifact
+from stages.params import Training
+from stages.records import read_jsonl
+from stages.reward import CONFIG_FILE, TEMPLATE_FILE
+from stages.training import lora_model
+from tests.conftest import ROOT
+from tests.test_dvc import new_repo, sh
+from tests.test_sft_stages import make_project, stage
+
+SHARED = ROOT.parent / "shared" / "benchmarks"
+SMALL = {"max_items": 6, "mt_bench_questions": 2, "max_new_tokens": 6, "batch_size": 4,
+         "hhh": str(SHARED / "hhh_alignment"), "truthfulqa_mc": str(SHARED / "truthfulqa/task_mc.json"),
+         "truthfulqa_csv": str(SHARED / "truthfulqa/TruthfulQA_part1.csv"),
+         "mt_bench": str(SHARED / "mt_bench/question.jsonl")}
+
+
+def add_policy_outs(cwd: Path, model: Path) -> None:
+    """models/sft (the tiny model as the SFT policy) and models/rm (an untrained reward model on it)."""
+    with staged_out(cwd / "models/sft", stage="verbose_clone", params={}, inputs={}) as tmp:
+        shutil.copytree(model, tmp / "model")
+    with staged_out(cwd / "models/rm", stage="train_rm", params={}, inputs={}) as tmp:
+        lora_model(model, Training(lora_r=4, lora_alpha=8), seed=0, head="reward").save_pretrained(tmp / "adapter")
+        shutil.copy(ROOT / "assets/rm_prompt.txt", tmp / TEMPLATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps({"max_prompt_tokens": 64, "max_response_tokens": 64}))
+
+
+@pytest.mark.slow
+def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path, tiny_model: Path) -> None:
+    cwd = make_project(tmp_path, tiny_model, evaluate={**SMALL, "judge_model": str(tiny_model)})
+    add_policy_outs(cwd, tiny_model)
+    proc = stage(cwd, "evaluate")
+    assert proc.returncode == 0, proc.stderr
+    verify_artifact(cwd / "data/evaluation")
+    metrics = json.loads((cwd / "metrics/evaluate.json").read_text())
+    assert metrics["scoring"] == "sum"
+    base, sft = metrics["base"], metrics["sft"]
+    assert base["hhh"]["items"] == 6 and 0 <= base["hhh"]["acc"] <= 1
+    assert sum(v["items"] for k, v in base["hhh"].items() if isinstance(v, dict)) == 6  # per subset folder
+    assert 0 <= base["truthfulqa"]["mc1"] <= 1 and 0 < base["truthfulqa"]["mc2"] < 1
+    assert sum(c["items"] for c in base["truthfulqa_csv"]["category"].values()) == 6
+    # base and sft are the same model: same scores, same answers, every MT-Bench turn a tie for both judges
+    for bench in ("hhh", "truthfulqa", "truthfulqa_csv"):
+        assert sft[bench] == base[bench]
+    assert sft["mtbench"]["tie_rate_vs_base"] == 1.0 and sft["mtbench"]["turns"] == 4
+    assert sft["mtbench"]["judge"]["tie_rate_vs_base"] == 1.0  # both orders of identical answers never agree
+    assert "win_rate_vs_base" not in base["mtbench"] and "mean_reward" in base["mtbench"]
+    answers = read_jsonl(cwd / "data/evaluation/answers/sft.jsonl")
+    assert len(answers) == 2 and all(len(a["answers"]) == 2 == len(a["turns"]) for a in answers)
+    plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
+    assert {"benchmark": "hhh.acc", "policy": "sft", "value": sft["hhh"]["acc"]} in plot
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["ok"]}\n{"question_id": 2, "turns": []}\n')
+    raw = yaml.safe_load((cwd / "params.yaml").read_text())
+    raw["evaluate"]["mt_bench"] = str(bad)
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = stage(cwd, "evaluate")
+    assert proc.returncode == 2 and proc.stderr.strip() == f"{bad}: line 2: turns: expected a list of non-empty strings"
+    raw["evaluate"]["mt_bench"] = str(tmp_path / "missing.jsonl")
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = stage(cwd, "evaluate")
+    assert proc.returncode == 2 and proc.stderr.startswith("params.yaml: evaluate.mt_bench: ")
+
+
+@pytest.mark.slow
+def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, tiny_model: Path) -> None:
+    repo = new_repo(tmp_path / "repo", {"model": {"base": str(tiny_model)}, "generation": {"backend": "hf"},
+                                        "cluster": {"executor": "local"}, "evaluate": SMALL})
+    # only the evaluate stage: the upstream stages' outs are put in place by hand, and DVC would remove outs of
+    # stages it has no lock entry for when an experiment checks out
+    pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
+    pipeline["stages"] = {"evaluate": pipeline["stages"]["evaluate"]}
+    (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
+    (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "models/\n")
+    with staged_out(repo / "models/base", stage="import_model", params={}, inputs={}) as tmp:
+        shutil.copytree(tiny_model, tmp, dirs_exist_ok=True)
+    add_policy_outs(repo, tiny_model)
+    sh(repo, "git", "add", "-A")
+    sh(repo, "git", "commit", "-qm", "policies in place")
+
+    for name, normalise in (("summed", "false"), ("per-token", "true")):
+        sh(repo, "dvc", "exp", "run", "-n", name, "-s", "evaluate", "-S", f"evaluate.normalise={normalise}",
+           timeout=900)
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    exps = {e["name"]: e["data"] for rev in shown for e in rev.get("experiments") or [] for e in e.get("revs", [])}
+    assert {"summed", "per-token"} <= set(exps)
+    assert exps["summed"]["params"]["params.yaml"]["data"]["evaluate"]["normalise"] is False
+    assert exps["summed"]["metrics"]["metrics/evaluate.json"]["data"]["scoring"] == "sum"
+    assert exps["per-token"]["metrics"]["metrics/evaluate.json"]["data"]["scoring"] == "per_token"
+
+    diff = json.loads(sh(repo, "dvc", "metrics", "diff", "summed", "per-token", "--json").stdout)
+    changed = diff["metrics/evaluate.json"]
+    assert "base.truthfulqa.mc2" in changed  # scoring per token moves the probability mass
+    assert "base.mtbench.mean_reward" not in changed  # generation and RM judging do not depend on it
