@@ -39,7 +39,7 @@ from stages.sft import MODEL
 
 STAGE = "evaluate"
 OUT = Path("data/evaluation")
-POLICIES = {"base": Path("models/base"), "sft": Path("models/sft") / MODEL}
+POLICIES = {"base": Path("models/base"), "sft": Path("models/sft") / MODEL, "policy": Path("models/policy") / MODEL}
 RM = Path("models/rm")
 RM_BASE = Path("models/sft") / MODEL
 PRINCIPLES = Path("assets/preference_principles.jsonl")

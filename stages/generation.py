@@ -46,6 +46,7 @@ class Generation:
     text: str
     num_tokens: int  # generated tokens (up to and including the stop/eos token)
     finish_reason: str  # "stop" (eos or stop string) | "length"
+    token_ids: tuple[int, ...] = ()  # the generated ids (num_tokens of them), for scoring what was sampled
 
 
 def vllm_importable() -> bool:
@@ -219,7 +220,7 @@ class _VLLM:
         for out in outputs:
             done = out.outputs[0]
             reason = "length" if done.finish_reason == "length" else "stop"
-            records.append(Generation(done.text, len(done.token_ids), reason))
+            records.append(Generation(done.text, len(done.token_ids), reason, tuple(done.token_ids)))
         return records
 
     def close(self) -> None:
@@ -364,7 +365,7 @@ class _HF:
         text = ""
         for k, token in enumerate(new, 1):
             if token in self.eos:
-                return Generation(text, k, "stop")
+                return Generation(text, k, "stop", tuple(new[:k]))
             try:
                 piece = stream.step(backend, token)
             except Exception as exc:  # tokenizers' stream breaks on non-monotonic output; vLLM restarts it too
@@ -381,8 +382,8 @@ class _HF:
                 if (i := text.find(s, max(len(text) - len(piece) - len(s) + 1, 0))) >= 0
             ]
             if hits:
-                return Generation(text[: min(hits)[2]], k, "stop")
-        return Generation(text, len(new), "length")
+                return Generation(text[: min(hits)[2]], k, "stop", tuple(new[:k]))
+        return Generation(text, len(new), "length", tuple(new))
 
     def close(self) -> None:
         self.prefix = None

@@ -55,6 +55,7 @@ class Cluster(Strict):
     label_preferences: Resources = Field(default_factory=Resources)
     train_rm: Resources = Field(default_factory=Resources)
     evaluate: Resources = Field(default_factory=Resources)
+    ppo: Resources = Field(default_factory=Resources)
 
 
 class Model(Strict):
@@ -187,10 +188,55 @@ class RewardModel(Strict):
     pmp: Pmp = Field(default_factory=Pmp)
 
 
+class Ppo(Strict):
+    """PPO against the instructable RM (SALMON). Learning rate and LoRA size override `training`'s; the global
+    batch of an optimizer step is `step_batch_size` (training.gradient_accumulation_steps is derived from it)."""
+
+    iterations: int = Field(8, ge=1)  # rollout + update rounds
+    rollout_batch_size: int = Field(8, ge=1)  # prompts answered per iteration, over all ranks
+    step_batch_size: int = Field(4, ge=1)  # samples per optimizer step, over all ranks
+    ppo_epochs: int = Field(2, ge=1)  # passes over each rollout batch
+    learning_rate: float = Field(2e-5, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    temperature: float = Field(0.7, gt=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_query_tokens: int = Field(256, ge=1)  # prompts longer than this (chat template included) are left out
+    max_new_tokens: int = Field(128, ge=1)
+    max_prompts: int | None = Field(None, ge=1)  # the prompt pool: prompts not used for SFT, drawn at random
+    principles: list[str] | None = None  # ids from assets/ppo_principles.jsonl to draw from; None: all
+    num_principles: int = Field(3, ge=0, le=3)  # drawn per prompt (SALMON: at most 3)
+    guard_principles: list[str] | None = None  # ids from assets/guard_principles.jsonl, always shown; None: all
+    stop_penalty: float = -6.0  # the score of a response that ends without its stop token
+    length_bonus: float = 0.0  # x min(tokens / max_new_tokens, length_bonus_cap) added to the score
+    length_bonus_cap: float = Field(0.8, ge=0)
+    kl_coef: float = Field(0.01, ge=0)  # per-token KL penalty to the SFT policy
+    kl_target: float | None = Field(None, gt=0)  # adapt kl_coef to hold the KL per response here (None: fixed)
+    kl_horizon: int = Field(10000, ge=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    cliprange: float = Field(0.2, gt=0)
+    cliprange_value: float = Field(0.2, gt=0)
+    score_batch_size: int = Field(8, ge=1)  # RM rows per forward pass
+    sample_every: int = Field(1, ge=1)  # iterations between sample rows kept in samples.jsonl
+    save_every: int = Field(2, ge=1)  # iterations between checkpoints
+
+    @model_validator(mode="after")
+    def _batches(self) -> Ppo:
+        if self.step_batch_size > self.rollout_batch_size:
+            raise ValueError(f"step_batch_size ({self.step_batch_size}) must not exceed rollout_batch_size "
+                             f"({self.rollout_batch_size})")
+        if self.rollout_batch_size % self.step_batch_size:
+            raise ValueError(f"step_batch_size ({self.step_batch_size}) must divide rollout_batch_size "
+                             f"({self.rollout_batch_size})")
+        return self
+
+
 class Evaluate(Strict):
     """Benchmarks for every produced policy. Benchmark paths: None = their place under ../shared/benchmarks."""
 
-    policies: list[Literal["base", "sft"]] = Field(default_factory=lambda: ["base", "sft"], min_length=1)
+    policies: list[Literal["base", "sft", "policy"]] = Field(default_factory=lambda: ["base", "sft", "policy"],
+                                                             min_length=1)  # policy: the ppo (or dpo) out
     normalise: bool = False  # multiple choice: log-likelihood per token (True) or summed over the choice (False)
     max_items: int | None = Field(None, ge=1)  # per multiple-choice benchmark, drawn at random (None: all)
     hhh: str | None = None
@@ -218,6 +264,7 @@ class Params(Strict):
     sample_pairs: SamplePairs = Field(default_factory=SamplePairs)
     label_preferences: LabelPreferences = Field(default_factory=LabelPreferences)
     rm: RewardModel = Field(default_factory=RewardModel)
+    ppo: Ppo = Field(default_factory=Ppo)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     cluster: Cluster = Field(default_factory=Cluster)
 

@@ -202,9 +202,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path | str, state: dict, keep: int) -> None:
+def save_checkpoint(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, others: dict | None = None) -> None:
     """Save engine + `state` (+ every rank's RNG state) as `step_<step>`, then point `latest` at it, then drop
-    all but the newest `keep` (collective: every rank calls it).
+    all but the newest `keep` (collective: every rank calls it). `others` ({name: engine}, e.g. PPO's value
+    model) are saved first under `ckpt_dir/<name>/step_<step>`, so whatever `latest` names has all of them.
 
     DeepSpeed's own `latest` is written by rank 0 as soon as rank 0's files are written, before the closing
     barrier, so it may name a checkpoint whose other-rank shards are still being written; it is switched off
@@ -216,29 +217,38 @@ def save_checkpoint(engine: Any, ckpt_dir: Path | str, state: dict, keep: int) -
     tag = f"step_{state['step']:08d}"
     rngs: list = [None] * dist.get_world_size()
     dist.all_gather_object(rngs, _rng_state())
+    folders = [ckpt_dir / name for name in others or {}] + [ckpt_dir]
     if dist.get_rank() == 0:  # a folder of this name can only be a crashed attempt's: start it clean
-        shutil.rmtree(ckpt_dir / tag, ignore_errors=True)  # (the others wait in save_checkpoint's first barrier)
+        for folder in folders:  # (the others wait in save_checkpoint's first barrier)
+            shutil.rmtree(folder / tag, ignore_errors=True)
+    for name, other in (others or {}).items():
+        other.save_checkpoint(str(ckpt_dir / name), tag=tag, save_latest=False, exclude_frozen_parameters=True)
     engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": {**state, "rng": rngs}}, save_latest=False,
                            exclude_frozen_parameters=True)
     if dist.get_rank() == 0:
         tmp = ckpt_dir / f".{LATEST}.tmp"
         tmp.write_text(tag)
         os.replace(tmp, ckpt_dir / LATEST)
-        kept = sorted((p for p in ckpt_dir.iterdir() if TAG.match(p.name) and p.name <= tag), reverse=True)[:keep]
-        for path in ckpt_dir.iterdir():  # older ones, and any left by an abandoned later run
-            if TAG.match(path.name) and path not in kept:
-                shutil.rmtree(path, ignore_errors=True)
+        kept = sorted((p.name for p in ckpt_dir.iterdir() if TAG.match(p.name) and p.name <= tag), reverse=True)[:keep]
+        for folder in folders:  # older ones, and any left by an abandoned later run
+            for path in folder.iterdir():
+                if TAG.match(path.name) and path.name not in kept:
+                    shutil.rmtree(path, ignore_errors=True)
     dist.barrier()
 
 
-def load_checkpoint(engine: Any, ckpt_dir: Path | str) -> dict | None:
-    """Restore engine, optimizer and this rank's RNG from the newest complete checkpoint; its client state or
-    None where there is none. Frozen base weights are not in checkpoints (they come from the model folder)."""
+def load_checkpoint(engine: Any, ckpt_dir: Path | str, others: dict | None = None) -> dict | None:
+    """Restore engine (and `others`, as saved by `save_checkpoint`), optimizer and this rank's RNG from the newest
+    complete checkpoint; its client state or None where there is none. Frozen base weights are not in
+    checkpoints (they come from the model folder)."""
     import torch.distributed as dist
 
     tag = latest_checkpoint(ckpt_dir)
     if tag is None:
         return None
+    for name, other in (others or {}).items():
+        if other.load_checkpoint(str(Path(ckpt_dir) / name), tag=tag, load_module_strict=False)[0] is None:
+            raise RuntimeError(f"{ckpt_dir}/{name}/{tag}: DeepSpeed could not load this checkpoint")
     path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
     if path is None:
         raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")

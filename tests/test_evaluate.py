@@ -29,9 +29,11 @@ SMALL = {"max_items": 6, "mt_bench_questions": 2, "max_new_tokens": 6, "batch_si
 
 
 def add_policy_outs(cwd: Path, model: Path) -> None:
-    """models/sft (the tiny model as the SFT policy) and models/rm (an untrained reward model on it)."""
-    with staged_out(cwd / "models/sft", stage="verbose_clone", params={}, inputs={}) as tmp:
-        shutil.copytree(model, tmp / "model")
+    """models/sft and models/policy (the tiny model as the SFT and the final policy) and models/rm (an
+    untrained reward model on it)."""
+    for out, stage_name in (("models/sft", "verbose_clone"), ("models/policy", "ppo")):
+        with staged_out(cwd / out, stage=stage_name, params={}, inputs={}) as tmp:
+            shutil.copytree(model, tmp / "model")
     with staged_out(cwd / "models/rm", stage="train_rm", params={}, inputs={}) as tmp:
         lora_model(model, Training(lora_r=4, lora_alpha=8), seed=0, head="reward").save_pretrained(tmp / "adapter")
         shutil.copy(ROOT / "assets/rm_prompt.txt", tmp / TEMPLATE_FILE)
@@ -48,11 +50,12 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     metrics = json.loads((cwd / "metrics/evaluate.json").read_text())
     assert metrics["scoring"] == "sum"
     base, sft = metrics["base"], metrics["sft"]
+    assert metrics["policy"]["hhh"] == base["hhh"]
     assert base["hhh"]["items"] == 6 and 0 <= base["hhh"]["acc"] <= 1
     assert sum(v["items"] for k, v in base["hhh"].items() if isinstance(v, dict)) == 6  # per subset folder
     assert 0 <= base["truthfulqa"]["mc1"] <= 1 and 0 < base["truthfulqa"]["mc2"] < 1
     assert sum(c["items"] for c in base["truthfulqa_csv"]["category"].values()) == 6
-    # base and sft are the same model: same scores, same answers, every MT-Bench turn a tie for both judges
+    # base, sft and policy are the same model: same scores, same answers, every MT-Bench turn a tie for both judges
     for bench in ("hhh", "truthfulqa", "truthfulqa_csv"):
         assert sft[bench] == base[bench]
     assert sft["mtbench"]["tie_rate_vs_base"] == 1.0 and sft["mtbench"]["turns"] == 4

@@ -1,0 +1,149 @@
+"""PPO against the instructable RM on the tiny model: the arithmetic (GAE, clipped losses, KL controller), the
+reward shaping (the stop-token penalty, guard principles) and the stage itself: KL 0 at the first iteration and
+growing after, curves in dvclive, a resumed run continuing from its checkpoint, RL-time principles steering what
+is learned, and bad batch sizes or principle names as one line before any job."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.artifacts import staged_out, verify_artifact
+from stages.params import Ppo
+from stages.records import read_jsonl, write_jsonl
+from stages.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
+from stages.ppo import shaped_scores
+from tests.test_evaluate import add_policy_outs
+from tests.conftest import ROOT
+from tests.test_sft_stages import FAST_TRAINING, _kill_tree, curve, make_project, stage
+from tests.test_preferences import PROMPTS
+
+TINY_PPO = {"iterations": 3, "rollout_batch_size": 4, "step_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 8,
+            "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "save_every": 1, "score_batch_size": 4}
+
+
+def ppo_project(tmp_path: Path, model: Path, rm: Path | None = None, **groups: dict) -> Path:
+    """A project with models/sft (`model`), models/rm (an untrained RM, or `rm`'s out), prompts and SFT data."""
+    groups = {"training": {**FAST_TRAINING, "micro_batch_size": 1}, "ppo": TINY_PPO, **groups}
+    cwd = make_project(tmp_path, model, pairs=[(PROMPTS[0], "Paris.")], **groups)
+    add_policy_outs(cwd, model)
+    shutil.rmtree(cwd / "models/policy")  # what the stage writes
+    if rm is not None:
+        shutil.rmtree(cwd / "models/rm")
+        shutil.copytree(rm, cwd / "models/rm")
+    with staged_out(cwd / "data/prompts", stage="prompts", params={}, inputs={}) as tmp:
+        write_jsonl(tmp / "prompts.jsonl", [{"id": f"p{i}", "text": t, "source": "seed", "type": None, "topic": None}
+                                            for i, t in enumerate(PROMPTS)])
+    return cwd
+
+
+def test_gae_with_lambda_one_and_gamma_one_is_the_return_to_go_minus_value() -> None:
+    rewards = torch.tensor([[0.0, 0.0, 1.0], [0.5, 2.0, 0.0]])
+    values = torch.tensor([[0.1, 0.2, 0.3], [0.0, 1.0, 9.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the second response has 2 tokens
+    advantages, returns = gae(rewards, values, mask, gamma=1.0, lam=1.0)
+    assert torch.allclose(returns, torch.tensor([[1.0, 1.0, 1.0], [2.5, 2.0, 0.0]]))
+    assert torch.allclose(advantages, (returns - values) * mask)
+
+
+def test_token_rewards_put_the_score_on_the_last_token_and_penalise_kl() -> None:
+    logprobs = torch.tensor([[-1.0, -1.0, 0.0], [-2.0, -1.0, 0.0]])
+    ref = torch.tensor([[-1.5, -1.0, 0.0], [-2.0, -3.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    rewards, kl = token_rewards(torch.tensor([3.0, -1.0]), logprobs, ref, mask, kl_coef=0.1)
+    assert torch.allclose(kl, torch.tensor([[0.5, 0.0, 0.0], [0.0, 2.0, 0.0]]))
+    assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 3.0], [0.0, -0.2 - 1.0, 0.0]]))
+
+
+def test_clipped_losses_and_kl_controller() -> None:
+    mask = torch.ones(1, 2)
+    old = torch.tensor([[-1.0, -1.0]])
+    new = old + torch.tensor([[0.5, 0.0]])  # ratio e^0.5 > 1.2 on the first token
+    loss, stats = policy_loss(new, old, torch.tensor([[1.0, 1.0]]), mask, clip=0.2)
+    assert loss.item() == pytest.approx(-(1.2 + 1.0) / 2) and stats["clip_fraction"].item() == 0.5
+    assert value_loss(torch.tensor([[2.0, 0.0]]), torch.zeros(1, 2), torch.ones(1, 2), mask, 0.2).item() == \
+        pytest.approx(0.5 * (1.0 + 1.0) / 2)  # clipped to 0.2 the first error would be 0.64: the larger counts
+    assert adapt_kl_coef(0.1, kl=10.0, target=1.0, horizon=100, samples=10) == pytest.approx(0.1 * 1.02)
+    assert adapt_kl_coef(0.1, kl=0.5, target=1.0, horizon=100, samples=10) == pytest.approx(0.1 * 0.98)
+    assert adapt_kl_coef(0.1, kl=0.5, target=None, horizon=100, samples=10) == 0.1
+
+
+def test_no_stop_token_gets_the_penalty_and_length_bonus_is_capped() -> None:
+    cfg = Ppo(max_new_tokens=10, stop_penalty=-6.0, length_bonus=1.0, length_bonus_cap=0.5)
+    assert shaped_scores([1.0, 1.0, 1.0], ["stop", "length", "stop"], [2, 10, 9], cfg) == \
+        pytest.approx([1.0 + 0.2, -6.0 + 0.5, 1.0 + 0.5])
+
+
+@pytest.mark.slow
+def test_ppo_kl_starts_at_zero_grows_and_a_killed_run_resumes(tmp_path: Path, roomy_model: Path) -> None:
+    cwd = ppo_project(tmp_path, roomy_model)
+    proc = stage(cwd, "ppo")
+    assert proc.returncode == 0, proc.stderr
+    verify_artifact(cwd / "models/policy")
+    kl = [v for _, v in curve(cwd, "ppo", "kl")]
+    assert len(kl) == 3 and abs(kl[0]) < 1e-6 and kl[-1] > 1e-4  # the adapter starts as the reference
+    for name in ("reward_raw", "reward_shaped", "entropy", "clip_fraction", "approx_kl", "value_loss",
+                 "explained_variance", "response_length", "no_stop_share"):
+        assert len(curve(cwd, "ppo", name)) == 3
+    metrics = json.loads((cwd / "metrics/ppo.json").read_text())
+    assert metrics["iterations"] == 3 and metrics["kl_first"] == kl[0]
+    samples = read_jsonl(cwd / "models/policy/samples.jsonl")
+    assert {s["iteration"] for s in samples} == {0, 1, 2}
+    assert all(s["principles"][-3:] == ["no_self_commentary", "does_the_task", "no_needless_examples"]
+               and len(s["principles"]) == 6 for s in samples)  # 3 drawn + the guards, always
+
+
+@pytest.mark.slow
+def test_a_killed_ppo_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_model: Path) -> None:
+    cwd = ppo_project(tmp_path, roomy_model, ppo={**TINY_PPO, "iterations": 10, "save_every": 2})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "stages.ppo"], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not list(cwd.glob("checkpoints/ppo/*/latest")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert list(cwd.glob("checkpoints/ppo/*/latest")), "no checkpoint was written"
+    _kill_tree(int(json.loads((cwd / "models/.policy.job.json").read_text())["job_id"]))
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 1 and "ppo: job" in err and not (cwd / "models/policy").exists()
+    (latest,) = cwd.glob("checkpoints/ppo/*/latest")
+    saved = int(latest.read_text().removeprefix("step_"))
+    assert (latest.parent / "value" / latest.read_text()).is_dir()  # the value engine is saved with the policy
+
+    second = stage(cwd, "ppo")
+    assert second.returncode == 0, second.stderr
+    logs = "".join(p.read_text() for p in (cwd / "logs/ppo").glob("*_0_log.out"))
+    assert f"at iteration {saved}" in logs
+    assert [s for s, _ in curve(cwd, "ppo", "kl")] == list(range(10))  # one continuous curve, none twice
+    samples = read_jsonl(cwd / "models/policy/samples.jsonl")
+    assert sorted({s["iteration"] for s in samples}) == list(range(10))
+
+
+@pytest.mark.parametrize("ppo, message", [
+    ({"rollout_batch_size": 4, "step_batch_size": 3}, "ppo: step_batch_size (3) must divide rollout_batch_size (4)"),
+    ({"rollout_batch_size": 4, "step_batch_size": 8}, "ppo: step_batch_size (8) must not exceed rollout_batch_size"),
+    ({"principles": ["concise", "nope"]}, "ppo.principles: 'concise' is not an id in assets/ppo_principles.jsonl"),
+    ({"guard_principles": ["nope"]}, "ppo.guard_principles: 'nope' is not an id in assets/guard_principles.jsonl"),
+    ({"kl_coef": -0.1}, "ppo.kl_coef: expected a number >= 0, got -0.1"),
+])
+def test_ppo_bad_params_are_one_line_and_write_nothing(tmp_path: Path, tiny_model: Path, ppo: dict,
+                                                       message: str) -> None:
+    cwd = ppo_project(tmp_path, tiny_model, ppo={**TINY_PPO, **ppo})
+    proc = stage(cwd, "ppo")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert message in proc.stderr and not (cwd / "models/policy").exists()
+
+
+def test_ppo_without_a_reward_model_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
+    cwd = ppo_project(tmp_path, tiny_model)
+    shutil.rmtree(cwd / "models/rm")
+    proc = stage(cwd, "ppo")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "models/rm" in proc.stderr
+    assert not (cwd / "models/policy").exists()
