@@ -56,6 +56,7 @@ class Cluster(Strict):
     train_rm: Resources = Field(default_factory=Resources)
     evaluate: Resources = Field(default_factory=Resources)
     ppo: Resources = Field(default_factory=Resources)
+    dpo: Resources = Field(default_factory=Resources)
 
 
 class Model(Strict):
@@ -207,7 +208,7 @@ class Ppo(Strict):
     principles: list[str] | None = None  # ids from assets/ppo_principles.jsonl to draw from; None: all
     num_principles: int = Field(3, ge=0, le=3)  # drawn per prompt (SALMON: at most 3)
     guard_principles: list[str] | None = None  # ids from assets/guard_principles.jsonl, always shown; None: all
-    stop_penalty: float = -6.0  # the score of a response that ends without its stop token
+    stop_penalty: float | None = -6.0  # the score of a response that ends without its stop token (None: its RM score)
     length_bonus: float = 0.0  # x min(tokens / max_new_tokens, length_bonus_cap) added to the score
     length_bonus_cap: float = Field(0.8, ge=0)
     kl_coef: float = Field(0.01, ge=0)  # per-token KL penalty to the SFT policy
@@ -230,6 +231,25 @@ class Ppo(Strict):
             raise ValueError(f"step_batch_size ({self.step_batch_size}) must divide rollout_batch_size "
                              f"({self.rollout_batch_size})")
         return self
+
+
+class Policy(Strict):
+    algorithm: Literal["ppo", "dpo"] = "ppo"  # what stage `policy` runs; both write models/policy
+
+
+class Dpo(Strict):
+    """DPO on the labelled pairs, each under a principle subset shown as the system message."""
+
+    beta: float = Field(0.1, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    learning_rate: float = Field(5e-6, gt=0)
+    lora_r: int = Field(16, ge=1)
+    lora_alpha: int = Field(32, ge=1)
+    max_principles: int = Field(8, ge=1)  # the subsets, drawn as for the reward model
+    negation_prob: float = Field(0.25, ge=0, le=1)
+    subsets_per_pair: int = Field(2, ge=1)
+    max_prompt_tokens: int = Field(512, ge=1)  # system message (the principles) + instruction
+    max_response_tokens: int = Field(384, ge=1)
 
 
 class Evaluate(Strict):
@@ -264,7 +284,9 @@ class Params(Strict):
     sample_pairs: SamplePairs = Field(default_factory=SamplePairs)
     label_preferences: LabelPreferences = Field(default_factory=LabelPreferences)
     rm: RewardModel = Field(default_factory=RewardModel)
+    policy: Policy = Field(default_factory=Policy)
     ppo: Ppo = Field(default_factory=Ppo)
+    dpo: Dpo = Field(default_factory=Dpo)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     cluster: Cluster = Field(default_factory=Cluster)
 

@@ -1,4 +1,4 @@
-"""Stage `ppo`: SALMON's policy optimisation against the instructable reward model, with RL-time principles.
+"""Stage `policy` with `policy.algorithm: ppo`: SALMON's policy optimisation against the instructable reward model, with RL-time principles.
 
 Models, all in each task of the job: the policy = the SFT model + a trainable LoRA adapter; the reference = the
 same model with the adapter disabled (no second copy); the value model = the RM (its trunk with the RM adapter
@@ -45,7 +45,7 @@ from stages.sft import MODEL, LiveCurve
 from stages.training import (DTYPES, init_distributed, latest_checkpoint, load_checkpoint, lora_model, make_engine,
                              merge_adapter, reward_trunk, save_adapter, save_checkpoint)
 
-STAGE = "ppo"
+STAGE = "policy"  # the DVC stage that runs this module or stages/dpo.py (policy.algorithm)
 OUT = Path("models/policy")
 SFT = Path("models/sft")
 RM = Path("models/rm")
@@ -53,7 +53,7 @@ PROMPTS = Path("data/prompts")
 SFT_DATA = Path("data/self_align")
 COLLECTION = Path("assets/ppo_principles.jsonl")
 GUARDS = Path("assets/guard_principles.jsonl")
-LIVE = Path("dvclive/ppo")
+LIVE = Path("dvclive/policy")
 
 
 # ------------------------------------------------------------------------------------------------------ models
@@ -128,11 +128,12 @@ def guide_for(cfg: Ppo, collection: list[PreferencePrinciple], guards: list[Pref
 
 
 def shaped_scores(raw: list[float], finishes: list[str], lengths: list[int], cfg: Ppo) -> list[float]:
-    """The RM score, replaced by `stop_penalty` where the response ran out of tokens before its stop token, plus
+    """The RM score, replaced by `stop_penalty` (unless None) where the response ran out of tokens before its stop
+    token, plus
     `length_bonus` x min(tokens / max_new_tokens, `length_bonus_cap`)."""
     shaped = []
     for score, finish, n in zip(raw, finishes, lengths):
-        value = cfg.stop_penalty if finish == "length" else score
+        value = cfg.stop_penalty if finish == "length" and cfg.stop_penalty is not None else score
         shaped.append(value + cfg.length_bonus * min(n / cfg.max_new_tokens, cfg.length_bonus_cap))
     return shaped
 
@@ -325,9 +326,9 @@ def main() -> None:
         raise UserError(f"{PROMPTS}/prompts.jsonl: no prompt fits ppo.max_query_tokens ({cfg.max_query_tokens})")
     training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
                                                   "lora_alpha": cfg.lora_alpha})
-    subset = {"seed": params.seed, "training": params.training.model_dump(), "ppo": cfg.model_dump(),
-              "generation": params.generation.model_dump()}
-    ckpt_dir = sft.checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
+    subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
+              "ppo": cfg.model_dump(), "generation": params.generation.model_dump()}
+    ckpt_dir = sft.checkpoint_dir("ppo", {"params": subset, "inputs": inputs})
     fn = functools.partial(job, SFT / MODEL, RM, pool, collection, guards, cfg, training, params.generation,
                            params.seed, ckpt_dir, subset, inputs)
     cli.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)

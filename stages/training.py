@@ -379,12 +379,14 @@ def sft_job(model_dir: Path | str, pairs: list[tuple[str, str]], ckpt_dir: Path 
 
 
 def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_prompt_tokens: int | None = None,
-                  max_response_tokens: int | None = None) -> dict[str, list[int]]:
+                  max_response_tokens: int | None = None, system: str | None = None) -> dict[str, list[int]]:
     """Chat-formatted (prompt, response) as input_ids, with labels -100 on the prompt so only the response
     (through its end-of-turn token) is learned. Prompt and response are tokenized separately so the boundary is
     exact whatever the tokenizer merges across it. Over-long prompts lose their start (the template's opening
-    and the question's beginning, keeping the turn header the response follows); over-long responses their end."""
-    user = [{"role": "user", "content": prompt}]
+    and the question's beginning, keeping the turn header the response follows); over-long responses their end.
+    `system`: a system message before the user's turn."""
+    user = [{"role": "system", "content": system}] if system is not None else []
+    user.append({"role": "user", "content": prompt})
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     if not full_text.startswith(prompt_text):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import statistics
 import shutil
 import subprocess
 import sys
@@ -15,13 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 from stages.artifacts import staged_out, verify_artifact
 from stages.params import Ppo
 from stages.records import read_jsonl, write_jsonl
 from stages.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
 from stages.ppo import shaped_scores
+from stages.training import tokenize_pair
 from tests.test_evaluate import add_policy_outs
+from tests.test_reward import preference_rows, rm_project
 from tests.conftest import ROOT
 from tests.test_sft_stages import FAST_TRAINING, _kill_tree, curve, make_project, stage
 from tests.test_preferences import PROMPTS
@@ -85,15 +89,15 @@ def test_no_stop_token_gets_the_penalty_and_length_bonus_is_capped() -> None:
 @pytest.mark.slow
 def test_ppo_kl_starts_at_zero_grows_and_a_killed_run_resumes(tmp_path: Path, roomy_model: Path) -> None:
     cwd = ppo_project(tmp_path, roomy_model)
-    proc = stage(cwd, "ppo")
+    proc = stage(cwd, "policy")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/policy")
-    kl = [v for _, v in curve(cwd, "ppo", "kl")]
+    kl = [v for _, v in curve(cwd, "policy", "kl")]
     assert len(kl) == 3 and abs(kl[0]) < 1e-6 and kl[-1] > 1e-4  # the adapter starts as the reference
     for name in ("reward_raw", "reward_shaped", "entropy", "clip_fraction", "approx_kl", "value_loss",
                  "explained_variance", "response_length", "no_stop_share"):
-        assert len(curve(cwd, "ppo", name)) == 3
-    metrics = json.loads((cwd / "metrics/ppo.json").read_text())
+        assert len(curve(cwd, "policy", name)) == 3
+    metrics = json.loads((cwd / "metrics/policy.json").read_text())
     assert metrics["iterations"] == 3 and metrics["kl_first"] == kl[0]
     samples = read_jsonl(cwd / "models/policy/samples.jsonl")
     assert {s["iteration"] for s in samples} == {0, 1, 2}
@@ -112,16 +116,16 @@ def test_a_killed_ppo_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_mode
     assert list(cwd.glob("checkpoints/ppo/*/latest")), "no checkpoint was written"
     _kill_tree(int(json.loads((cwd / "models/.policy.job.json").read_text())["job_id"]))
     _, err = first.communicate(timeout=120)
-    assert first.returncode == 1 and "ppo: job" in err and not (cwd / "models/policy").exists()
+    assert first.returncode == 1 and "policy: job" in err and not (cwd / "models/policy").exists()
     (latest,) = cwd.glob("checkpoints/ppo/*/latest")
     saved = int(latest.read_text().removeprefix("step_"))
     assert (latest.parent / "value" / latest.read_text()).is_dir()  # the value engine is saved with the policy
 
-    second = stage(cwd, "ppo")
+    second = stage(cwd, "policy")
     assert second.returncode == 0, second.stderr
-    logs = "".join(p.read_text() for p in (cwd / "logs/ppo").glob("*_0_log.out"))
+    logs = "".join(p.read_text() for p in (cwd / "logs/policy").glob("*_0_log.out"))
     assert f"at iteration {saved}" in logs
-    assert [s for s, _ in curve(cwd, "ppo", "kl")] == list(range(10))  # one continuous curve, none twice
+    assert [s for s, _ in curve(cwd, "policy", "kl")] == list(range(10))  # one continuous curve, none twice
     samples = read_jsonl(cwd / "models/policy/samples.jsonl")
     assert sorted({s["iteration"] for s in samples}) == list(range(10))
 
@@ -136,7 +140,7 @@ def test_a_killed_ppo_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_mode
 def test_ppo_bad_params_are_one_line_and_write_nothing(tmp_path: Path, tiny_model: Path, ppo: dict,
                                                        message: str) -> None:
     cwd = ppo_project(tmp_path, tiny_model, ppo={**TINY_PPO, **ppo})
-    proc = stage(cwd, "ppo")
+    proc = stage(cwd, "policy")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert message in proc.stderr and not (cwd / "models/policy").exists()
 
@@ -144,6 +148,37 @@ def test_ppo_bad_params_are_one_line_and_write_nothing(tmp_path: Path, tiny_mode
 def test_ppo_without_a_reward_model_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
     cwd = ppo_project(tmp_path, tiny_model)
     shutil.rmtree(cwd / "models/rm")
-    proc = stage(cwd, "ppo")
+    proc = stage(cwd, "policy")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1 and "models/rm" in proc.stderr
     assert not (cwd / "models/policy").exists()
+
+
+@pytest.mark.slow
+def test_dpo_learns_the_pairs_under_their_principles_and_writes_the_same_out(tmp_path: Path,
+                                                                           roomy_model: Path) -> None:
+    rows = [{**row, "labels": {**row["labels"], "comprehensive": "tie"}} for row in preference_rows()]  # concise only
+    cwd = rm_project(tmp_path, roomy_model, rows=rows, policy={"algorithm": "dpo"},
+                     dpo={"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 4, "beta": 0.5,
+                          "negation_prob": 0.0, "subsets_per_pair": 2, "max_prompt_tokens": 256})
+    proc = stage(cwd, "policy")
+    assert proc.returncode == 0, proc.stderr
+    verify_artifact(cwd / "models/policy")
+    metrics = json.loads((cwd / "metrics/policy.json").read_text())
+    assert metrics["algorithm"] == "dpo" and metrics["examples"] == 2 * 12 and metrics["steps"] == 4 * 24 // 4
+    losses = [loss for _, loss in curve(cwd, "policy", "loss")]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # the adapter starts as the reference: margin 0
+    assert statistics.fmean(losses[-6:]) < 0.5 * losses[0]
+    AutoModelForCausalLM.from_pretrained(cwd / "models/policy/model")  # the out evaluate reads, as after PPO
+
+
+def test_dpo_shows_the_principles_as_the_system_message(tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from stages.reward import guide_text
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    guide = guide_text(["The response is concise.", "The response is honest."])
+    pair = tokenize_pair(tokenizer, "Add 1 and 2.", "3", system=guide)
+    text = tokenizer.decode(pair["input_ids"])
+    assert text.startswith("<|im_start|>system\n- The response is concise.\n- The response is honest.<|im_end|>")
+    assert tokenizer.decode([t for t, label in zip(pair["input_ids"], pair["labels"]) if label != -100]) == "3<|im_end|>\n"

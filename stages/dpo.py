@@ -1,0 +1,123 @@
+"""DPO (Rafailov et al. 2023), the alternative to PPO (`policy.algorithm: dpo`): the SFT policy + LoRA trained
+directly on the labelled synthetic pairs, no reward model. Each instance is a pair under a principle subset drawn
+as for the reward model (stages/reward.py: some principles negated, the label the shown principles' majority),
+and the policy sees that subset as the system message of the chat, so the same preferences teach it to follow
+stated principles. The reference is the SFT policy itself: the same model with the adapter disabled.
+
+Loss: -log sigmoid(beta x ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), summed log-probabilities of
+the response tokens; chosen and rejected in one forward pass. Runs on the training base (DeepSpeed, LoRA,
+checkpoints, resume, dvclive: loss, accuracy, margin). Out (models/policy): adapter/, model/, metrics.json.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from stages import cli, sft
+from stages.artifacts import input_refs, staged_out, verify_artifact
+from stages.assets import PreferencePrinciple, load_jsonl
+from stages.errors import UserError
+from stages.params import Dpo, Training, load_params
+from stages.records import write_json
+from stages.reward import guide_text, read_preferences, training_examples
+from stages.sft import MODEL, LiveCurve
+from stages.training import Batch, collate, global_batch_size, merge_adapter, shuffled_batches, tokenize_pair, train
+
+STAGE = "policy"
+OUT = Path("models/policy")
+SFT = Path("models/sft")
+PREFERENCES = Path("data/preferences")
+PRINCIPLES = Path("assets/preference_principles.jsonl")
+LIVE = Path("dvclive/policy")
+
+
+def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
+    """Per row, the summed log-probability of its labelled (response) tokens."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+    labels = batch["labels"][:, 1:]
+    mask = labels != -100
+    picked = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
+
+
+def dpo_loss(beta: float, model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The DPO loss over a batch of chosen rows followed by as many rejected rows; the reference's
+    log-probabilities come from the same model with the LoRA adapter disabled."""
+    peft = model.module if hasattr(model, "module") else model
+    with torch.no_grad(), peft.disable_adapter():
+        reference = sequence_logprobs(model, batch)
+    policy = sequence_logprobs(model, batch)
+    half = policy.shape[0] // 2
+    ratios = policy - reference
+    margin = beta * (ratios[:half] - ratios[half:])
+    return -torch.nn.functional.logsigmoid(margin).mean(), {"accuracy": (margin > 0).float().mean(),
+                                                             "margin": margin.mean()}
+
+
+def collate_sides(examples: list[dict], pad_id: int) -> Batch:
+    """Chosen rows then rejected rows in one right-padded batch."""
+    return collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
+
+
+def job(model: Path, examples: list[dict], cfg: Dpo, training: Training, seed: int, ckpt_dir: Path, params: dict,
+        inputs: dict) -> str | None:
+    """Runs in every task of the allocation: DPO, then rank 0 writes the out."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    tokenized = [{side: tokenize_pair(tokenizer, e["prompt"], e[side], cfg.max_prompt_tokens, cfg.max_response_tokens,
+                                      system=guide_text(e["guide"])) for side in ("chosen", "rejected")}
+                 for e in examples]
+    batches = shuffled_batches(tokenized, training.micro_batch_size, seed,
+                               functools.partial(collate_sides, pad_id=pad_id))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    steps = max(1, -(-int(cfg.epochs * len(examples)) // global_batch_size(training, world)))
+    adapter = ckpt_dir / "adapter"
+    result = train(model, batches, functools.partial(dpo_loss, cfg.beta), ckpt_dir, training, steps,
+                   adapter_dir=adapter, seed=seed, on_step=LiveCurve(LIVE))
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    losses, accuracy = result["losses"], [s["accuracy"] for s in result["stats"]]
+    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+        shutil.copytree(adapter, tmp / "adapter")
+        merge_adapter(model, tmp / "adapter", tmp / MODEL)
+        write_json(tmp / "metrics.json", {
+            "algorithm": "dpo", "examples": len(examples), "steps": steps, "loss_first": losses[0],
+            "loss_last10_mean": statistics.fmean(losses[-10:]), "accuracy_last10_mean": statistics.fmean(accuracy[-10:]),
+        })
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return verify_artifact(OUT)
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.dpo
+    principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
+    inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES})
+    rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles))
+    examples = training_examples(rows, principles, cfg.subsets_per_pair, cfg.max_principles, cfg.negation_prob,
+                                 params.seed)
+    if not examples:
+        raise UserError(f"{PREFERENCES}/preferences.jsonl: no pair is preferred under any principle (every label is "
+                        f"a tie); nothing to train DPO on")
+    training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
+                                                  "lora_alpha": cfg.lora_alpha})
+    subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
+              "dpo": cfg.model_dump()}
+    ckpt_dir = sft.checkpoint_dir("dpo", {"params": subset, "inputs": inputs})
+    fn = functools.partial(job, SFT / MODEL, examples, cfg, training, params.seed, ckpt_dir, subset, inputs)
+    cli.submit_stage(STAGE, OUT, fn, params.cluster.dpo, params.cluster, subset, inputs)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(cli.run(main))

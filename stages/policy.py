@@ -1,0 +1,19 @@
+"""Stage `policy`: the RL step, by `policy.algorithm` - PPO against the instructable RM (stages/ppo.py) or DPO on
+the labelled pairs (stages/dpo.py). One DVC stage, so both write the same out (models/policy) and `evaluate` does
+not care which ran; `dvc exp run -S policy.algorithm=dpo` switches.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from stages import cli, dpo, ppo
+from stages.params import load_params
+
+
+def main() -> None:
+    (dpo if load_params().policy.algorithm == "dpo" else ppo).main()
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
