@@ -25,6 +25,7 @@ import random
 import shutil
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -189,6 +190,7 @@ def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[Preferen
     with Generator(sft_dir, settings, lora_rank=training.lora_r) as generator:
         while state["step"] < cfg.iterations:
             iteration = state["step"]
+            started = time.perf_counter()
             picked = iteration_prompts(pool, cfg, seed, iteration, rank, world)
             save_adapter(policy, rollout_adapter)  # the current policy, for the generation backend to serve
             prompts = [pool[i] for i in picked]
@@ -196,15 +198,19 @@ def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[Preferen
             sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
                                 seed=seed * 1_000_003 + iteration * 7_919 + rank * 104_729)
             outs = generator.generate(texts, sampling, adapter=rollout_adapter)
+            rolled = time.perf_counter()
             queries = [generator.tokenizer(t)["input_ids"] for t in texts]
             responses = [list(o.token_ids) or [pad_id] for o in outs]
             guides = [guide_for(cfg, collection, guards, seed, iteration, rank * local + k) for k in range(local)]
             raw = reward.score([p["text"] for p in prompts], [o.text for o in outs], [g[1] for g in guides])
             scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], cfg)
+            scored = time.perf_counter()
             batch = pack(queries, responses, pad_id)
             stats = update(policy, value, batch, torch.tensor(scores), state["kl_coef"], cfg, training, seed,
                            iteration, rank, world)
             stats.update(all_mean({
+                "seconds_rollout": rolled - started, "seconds_reward": scored - rolled,
+                "seconds_update": time.perf_counter() - scored, "rollout_tokens": sum(len(r) for r in responses),
                 "reward_raw": statistics.fmean(raw), "reward_shaped": statistics.fmean(scores),
                 "response_length": statistics.fmean(len(r) for r in responses),
                 "no_stop_share": sum(o.finish_reason == "length" for o in outs) / len(outs)}, world))

@@ -1,7 +1,7 @@
 """PPO against the instructable RM on the tiny model: the arithmetic (GAE, clipped losses, KL controller), the
-reward shaping (the stop-token penalty, guard principles) and the stage itself: KL 0 at the first iteration and
-growing after, curves in dvclive, a resumed run continuing from its checkpoint, RL-time principles steering what
-is learned, and bad batch sizes or principle names as one line before any job."""
+reward shaping (the stop-token penalty, the length bonus) and the stage itself: KL 0 at the first iteration and
+growing after, curves in dvclive, a resumed run continuing from its checkpoint, and bad batch sizes or principle
+names as one line before any job; DPO on the labelled pairs with the principles as the system message."""
 
 from __future__ import annotations
 
@@ -182,3 +182,4 @@ def test_dpo_shows_the_principles_as_the_system_message(tiny_model: Path) -> Non
     text = tokenizer.decode(pair["input_ids"])
     assert text.startswith("<|im_start|>system\n- The response is concise.\n- The response is honest.<|im_end|>")
     assert tokenizer.decode([t for t, label in zip(pair["input_ids"], pair["labels"]) if label != -100]) == "3<|im_end|>\n"
+
