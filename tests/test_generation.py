@@ -140,7 +140,8 @@ def test_eos_record(hf: gen.Generator) -> None:
     tok = hf.tokenizer
     prompt, body = tok("Hi")["input_ids"], tok(" The quick brown fox")["input_ids"]
     row = body + [tok.eos_token_id] + [tok.pad_token_id] * 3
-    assert hf._impl._record(prompt, row, ()) == gen.Generation(" The quick brown fox", len(body) + 1, "stop")
+    assert hf._impl._record(prompt, row, ()) == gen.Generation(" The quick brown fox", len(body) + 1, "stop",
+                                                               tuple(body + [tok.eos_token_id]))
     assert hf._impl._record(prompt, row, ("brown", "quick")).text == " The "
     assert hf._impl._record(prompt, body[:2], ()).finish_reason == "length"
 
