@@ -1,0 +1,384 @@
+"""One PPO iteration (rollout + reward + update) of our PPO stage (`stages.ppo.job`: DeepSpeed engines, the hf
+generation backend, the instructable RM) vs TRL's PPOTrainer (trl 1.12, `trl.experimental.ppo`), same SFT model,
+same reward model, same prompts, same batch sizes, same CPU, in one run. Prints a table, writes
+bench/results/ppo_vs_trl.json.
+
+    python bench/ppo_vs_trl.py [--model models/sft/model] [--rm models/rm] [--rollout 8] [--step-batch 4]
+        [--micro-batch 4] [--epochs 2] [--new-tokens 48] [--iterations 2] [--lora-r 16] [--threads 1]
+        [--repeats 1] [--out bench/results/ppo_vs_trl.json]
+
+Both sides run `--iterations` iterations of `--rollout` prompts; the first is a warm-up, the rest are timed and
+averaged. Ours: the real stage loop (`job`), with params.yaml's `ppo`/`training` groups and the knobs above, in a
+scratch working folder; its per-iteration curve (seconds_rollout / _reward / _update, rollout_tokens) is read where
+the loop logs it, and the run stops at the last iteration's log call (the final checkpoint, adapter save and merged
+out are not part of an iteration). TRL: `PPOTrainer.train()` over the same prompts as our timed iteration, with the
+same LoRA on the policy (reference = adapter disabled), a value model built by our `value_model` (the RM trunk with
+its adapter folded in, its head, a fresh LoRA: the same trainable parameters as ours; TRL would otherwise train the
+whole value model), and the RM merged into a plain sequence classifier as the reward model. Its phases are timed by
+wrapping the trainer module's `batch_generation` (rollout) and `get_reward` on the reward model (reward); its update
+is the rest of the iteration. Iteration boundaries: our loop's log call, TRL's `on_step_end`.
+
+Held equal: fp32, sampling (temperature, top-p 1, no top-k, `--new-tokens`, stop at eos), generation of the whole
+rollout in one `generate` call, `--micro-batch` rows per forward/backward, `--step-batch` samples per optimizer
+step (TRL: per_device_train_batch_size = micro batch, num_mini_batches = rollout / step batch; TRL counts its own
+optimizer steps, reported), PPO epochs, clip ranges, KL coefficient, gamma/lambda, torch's plain AdamW, no gradient
+checkpointing (TRL's default turns it on), no bf16 (TRL's default turns it on), no evaluation, no saving. Each
+side runs in its own subprocess (`--worker`), ours first then TRL, alternating with --repeats; peak RSS is the
+worker's ru_maxrss at the end of the last iteration (model loading included). Threads: --threads torch threads
+per worker, 1 by default: on a small machine shared with other jobs, more threads than free cores spin at OpenMP
+barriers while another process holds a core, which slowed a forward/backward here by 5-9x and made timings erratic
+(use --threads 2 on an idle 2-core machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from stages.params import Generation, Ppo, Training, load_params  # noqa: E402
+
+SIDES = ("ours", "trl")
+TRL_PAD = "<|endoftext|>"  # TRL's pad token (see `run_trl`)
+
+
+# ----------------------------------------------------------------------------------------------- configuration
+
+
+def ppo_config(spec: dict) -> Ppo:
+    """params.yaml's `ppo` with the benchmark's batch sizes, epochs, length, LoRA rank and iteration count; no
+    checkpoint before the last iteration."""
+    return Ppo.model_validate({**load_params(ROOT / "params.yaml").ppo.model_dump(), **{
+        "iterations": spec["iterations"], "rollout_batch_size": spec["rollout"], "step_batch_size": spec["step_batch"],
+        "ppo_epochs": spec["epochs"], "max_new_tokens": spec["new_tokens"], "lora_r": spec["lora_r"],
+        "save_every": spec["iterations"]}})
+
+
+def training_config(spec: dict) -> Training:
+    """params.yaml's `training` with PPO's learning rate and LoRA size (as the stage's `main` does) and the
+    benchmark's micro batch."""
+    cfg = ppo_config(spec)
+    return load_params(ROOT / "params.yaml").training.model_copy(update={
+        "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
+        "micro_batch_size": spec["micro_batch"]})
+
+
+def prompt_pool(model: Path, count: int, max_query_tokens: int) -> list[dict]:
+    """The first `count` prompts of data/prompts whose chat prompt fits `max_query_tokens` (the stage's filter)."""
+    from transformers import AutoTokenizer
+
+    from stages.generation import chat_prompt
+    from stages.records import read_jsonl
+
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    fits = [p for p in read_jsonl(ROOT / "data" / "prompts" / "prompts.jsonl")
+            if len(tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))["input_ids"])
+            <= max_query_tokens]
+    return [{"text": p["text"]} for p in fits[:count]]
+
+
+def untrained_rm(model: Path, folder: Path) -> Path:
+    """An RM out folder (adapter with a fresh head, template, limits) on `model`, for when models/rm is absent."""
+    from stages.reward import CONFIG_FILE, TEMPLATE_FILE
+    from stages.training import lora_model
+
+    rm = load_params(ROOT / "params.yaml").rm
+    training = Training(lora_r=rm.lora_r, lora_alpha=rm.lora_alpha)
+    lora_model(model, training, seed=0, head="reward").save_pretrained(folder / "adapter")
+    shutil.copy(ROOT / "assets" / "rm_prompt.txt", folder / TEMPLATE_FILE)
+    (folder / CONFIG_FILE).write_text(json.dumps({"max_prompt_tokens": rm.max_prompt_tokens,
+                                                  "max_response_tokens": rm.max_response_tokens}))
+    return folder
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# --------------------------------------------------------------------------------------------------- ours
+
+
+class Finished(Exception):
+    """Raised from the loop's log call after the last iteration: what `job` does after its loop is not timed."""
+
+
+def run_ours(spec: dict, scratch: Path) -> dict:
+    """`stages.ppo.job` with a log call that also reads the clock and the peak RSS, in the scratch folder."""
+    from stages import ppo
+    from stages.assets import PreferencePrinciple, load_jsonl
+
+    iterations: list[dict] = []
+    rss: list[float] = []
+
+    class Clock(ppo.LiveCurve):
+        def __call__(self, step: int, metrics: dict) -> None:
+            end = time.perf_counter()
+            super().__call__(step, metrics)
+            iterations.append({"end": end, "rollout_seconds": metrics["seconds_rollout"],
+                               "reward_seconds": metrics["seconds_reward"],
+                               "update_seconds": metrics["seconds_update"],
+                               "rollout_tokens": metrics["rollout_tokens"]})
+            if len(iterations) == spec["iterations"]:
+                rss.append(peak_rss_mb())
+                raise Finished
+
+    ppo.LiveCurve = Clock
+    cfg = ppo_config(spec)
+    collection = load_jsonl(ROOT / ppo.COLLECTION, PreferencePrinciple)
+    guards = load_jsonl(ROOT / ppo.GUARDS, PreferencePrinciple)
+    settings = Generation(backend="hf", batch_size=spec["rollout"])
+    try:
+        ppo.job(Path(spec["model"]), Path(spec["rm"]), spec["pool"], collection, guards, cfg, training_config(spec),
+                settings, spec["seed"], scratch / "ckpt", {}, {})
+    except Finished:
+        pass
+    steps = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.step_batch_size)
+    return {"iterations": iterations, "peak_rss_mb": rss[0], "optimizer_steps": steps}
+
+
+# ---------------------------------------------------------------------------------------------------- TRL
+
+
+def response_tokens(responses: Any, eos_id: int, pad_id: int) -> int:
+    """Generated tokens in a [B, L] block of responses: up to and including each row's first eos, pads not
+    counted (rows that stopped early are filled with eos by `generate`)."""
+    import torch
+
+    ended = responses == eos_id
+    last = torch.where(ended.any(1), ended.int().argmax(1), responses.shape[1] - 1)
+    kept = torch.arange(responses.shape[1]).unsqueeze(0) <= last.unsqueeze(1)
+    return int((kept & (responses != pad_id)).sum())
+
+
+def optimizer_steps(optimizer: Any) -> int:
+    """The step count torch's AdamW keeps per parameter (the most any parameter took)."""
+    return max(int(state["step"]) for state in optimizer.optimizer.state.values())
+
+
+def run_trl(spec: dict, scratch: Path) -> dict:
+    """PPOTrainer.train() with its generation and reward-model calls timed; iterations end at `on_step_end`."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig, PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as module
+
+    from stages.generation import chat_prompt
+    from stages.ppo import value_model
+    from stages.training import reward_trunk
+
+    cfg, training, model_dir = ppo_config(spec), training_config(spec), spec["model"]
+    # TRL treats every token equal to the pad id as padding, also inside the queries; this tokenizer pads with its
+    # eos <|im_end|>, which ends every chat turn of a prompt: pad with a token the prompts do not contain.
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    tokenizer.pad_token = TRL_PAD
+    eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+    queries = [tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))["input_ids"]
+               for p in spec["trl_prompts"]]
+
+    reward = PeftModel.from_pretrained(reward_trunk(model_dir, torch.float32), str(Path(spec["rm"]) / "adapter"))
+    reward = reward.merge_and_unload().eval()
+    value = value_model(Path(model_dir), Path(spec["rm"]), training, spec["seed"]).base_model.model
+    torch.manual_seed(spec["seed"])  # as our `lora_model`: the same adapter init
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    peft = LoraConfig(r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
+                      target_modules=list(training.lora_targets), task_type="CAUSAL_LM")
+
+    current = {"rollout_seconds": 0.0, "reward_seconds": 0.0, "rollout_tokens": 0}
+    iterations: list[dict] = []
+    generate, get_reward = module.batch_generation, module.get_reward
+
+    def timed_generation(model: Any, batch: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = generate(model, batch, *args)
+        current["rollout_seconds"] += time.perf_counter() - start
+        current["rollout_tokens"] += response_tokens(out[0][:, batch.shape[1]:], eos_id, pad_id)
+        return out
+
+    def timed_reward(model: Any, *args: Any) -> Any:
+        start = time.perf_counter()
+        out = get_reward(model, *args)
+        if model is reward:  # the value model goes through get_reward too: that is update work
+            current["reward_seconds"] += time.perf_counter() - start
+        return out
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+            iterations.append({"end": time.perf_counter(), **current})
+            current.update(rollout_seconds=0.0, reward_seconds=0.0, rollout_tokens=0)
+
+    module.batch_generation, module.get_reward = timed_generation, timed_reward
+    config = PPOConfig(
+        output_dir=str(scratch / "trl"), per_device_train_batch_size=spec["micro_batch"],
+        gradient_accumulation_steps=spec["rollout"] // spec["micro_batch"],
+        num_mini_batches=spec["rollout"] // spec["step_batch"], num_ppo_epochs=spec["epochs"],
+        total_episodes=spec["rollout"] * spec["iterations"], local_rollout_forward_batch_size=spec["rollout"],
+        response_length=spec["new_tokens"], temperature=cfg.temperature, stop_token="eos", kl_coef=cfg.kl_coef,
+        cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, gamma=cfg.gamma, lam=cfg.lam,
+        learning_rate=cfg.learning_rate, optim="adamw_torch", weight_decay=0.0, bf16=False,
+        gradient_checkpointing=False, use_cpu=True, num_sample_generations=0, eval_strategy="no",
+        save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=spec["seed"])
+    trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
+                         train_dataset=Dataset.from_dict({"input_ids": queries}), value_model=value,
+                         peft_config=peft, callbacks=[Clock()])
+    trainer.train()
+    rss = peak_rss_mb()
+    return {"iterations": iterations, "peak_rss_mb": rss, "optimizer_steps": optimizer_steps(trainer.optimizer)}
+
+
+# ----------------------------------------------------------------------------------------------------- workers
+
+
+def worker(name: str, spec_path: Path, result_path: Path) -> None:
+    """Run one side in the current (scratch) folder; write its per-iteration measurements."""
+    import torch
+
+    spec = json.loads(spec_path.read_text())
+    torch.set_num_threads(spec["threads"])
+    run = (run_ours if name == "ours" else run_trl)(spec, Path.cwd())
+    ends = [row["end"] for row in run["iterations"]]
+    for i, row in enumerate(run["iterations"]):
+        row["seconds"] = ends[i] - ends[i - 1] if i else None  # the warm-up has no start mark on either side
+        if "update_seconds" not in row:  # TRL: everything in the iteration but generation and RM scoring
+            row["update_seconds"] = row["seconds"] - row["rollout_seconds"] - row["reward_seconds"] if i else None
+    result = {"side": name, "iterations": run["iterations"], "peak_rss_mb": run["peak_rss_mb"],
+              "optimizer_steps": run["optimizer_steps"], "torch_threads": torch.get_num_threads()}
+    result_path.write_text(json.dumps(result, indent=2) + "\n")
+
+
+def spawn(name: str, spec_path: Path, scratch: Path) -> dict:
+    """One worker in a fresh scratch folder under `scratch` (ours writes its curves and checkpoints there)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=scratch))
+    result = folder / "result.json"
+    threads = str(json.loads(spec_path.read_text())["threads"])
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads,
+           "MKL_NUM_THREADS": threads}
+    subprocess.run([sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--result", str(result)],
+                   check=True, env=env, cwd=folder)
+    return json.loads(result.read_text())
+
+
+# ------------------------------------------------------------------------------------------------------ parent
+
+
+def measure(run: dict, rollout: int) -> dict:
+    """Throughputs and the time split over the timed iterations (all but the first) of one worker run."""
+    timed = run["iterations"][1:]
+    total = {key: sum(row[key] for row in timed) for key in
+             ("seconds", "rollout_seconds", "reward_seconds", "update_seconds", "rollout_tokens")}
+    count = len(timed)
+    return {"rollout_tokens_per_s": total["rollout_tokens"] / total["rollout_seconds"],
+            "update_samples_per_s": rollout * count / total["update_seconds"],
+            "seconds_per_iteration": total["seconds"] / count,
+            "rollout_seconds": total["rollout_seconds"] / count, "reward_seconds": total["reward_seconds"] / count,
+            "update_seconds": total["update_seconds"] / count,
+            "other_seconds": (total["seconds"] - total["rollout_seconds"] - total["reward_seconds"]
+                              - total["update_seconds"]) / count,
+            "response_tokens": total["rollout_tokens"] / (rollout * count), "peak_rss_mb": run["peak_rss_mb"],
+            "optimizer_steps_per_iteration": run["optimizer_steps"] / len(run["iterations"])}
+
+
+def summarize(runs: list[dict], rollout: int) -> dict:
+    """Per side: the median of each measurement over its runs."""
+    measured = [measure(run, rollout) for run in runs]
+    return {key: statistics.median(m[key] for m in measured) for key in measured[0]}
+
+
+def print_table(setup: dict, summary: dict, ratios: dict) -> None:
+    print(f"one PPO iteration, {setup['rollout']} prompts x <= {setup['new_tokens']} new tokens, step batch "
+          f"{setup['step_batch']}, micro batch {setup['micro_batch']}, {setup['epochs']} PPO epochs, LoRA "
+          f"r={setup['lora_r']}, {setup['model']}, RM {setup['rm']}, {setup['threads']} thread(s) on {setup['cpus']} "
+          f"CPUs, mean of "
+          f"{setup['iterations'] - 1} timed iteration(s) after 1 warm-up, {setup['repeats']} run(s) each")
+    print("| side | rollout tok/s | update samples/s | s/iteration | rollout s | reward s | update s | other s | "
+          "tokens/response | optimizer steps/iteration | peak RSS MB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for name, row in summary.items():
+        print(f"| {name} | {row['rollout_tokens_per_s']:.1f} | {row['update_samples_per_s']:.3f} | "
+              f"{row['seconds_per_iteration']:.2f} | {row['rollout_seconds']:.2f} | {row['reward_seconds']:.2f} | "
+              f"{row['update_seconds']:.2f} | {row['other_seconds']:.2f} | {row['response_tokens']:.1f} | "
+              f"{row['optimizer_steps_per_iteration']:g} | {row['peak_rss_mb']:.0f} |")
+    print(f"end to end ours/TRL speed {ratios['speed']:.2f}x (target >= 1.5x); peak RSS ours/TRL "
+          f"{ratios['rss']:.2f}x (target <= 1)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    default = ROOT / "models" / "sft" / "model"
+    parser.add_argument("--model", type=Path, default=default if default.is_dir() else ROOT / "models" / "base")
+    parser.add_argument("--rm", type=Path, default=ROOT / "models" / "rm",
+                        help="an RM out folder trained on --model (absent: an untrained one is built)")
+    parser.add_argument("--rollout", type=int, default=8, help="prompts per iteration")
+    parser.add_argument("--step-batch", type=int, default=4, help="samples per optimizer step")
+    parser.add_argument("--micro-batch", type=int, default=4, help="rows per forward/backward")
+    parser.add_argument("--epochs", type=int, default=2, help="PPO epochs per iteration")
+    parser.add_argument("--new-tokens", type=int, default=48, help="max new tokens per response")
+    parser.add_argument("--iterations", type=int, default=2, help="iterations per run; the first is a warm-up")
+    parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads per worker (both sides); see the docstring")
+    parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "ppo_vs_trl.json")
+    parser.add_argument("--worker", choices=SIDES, help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--result", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker, args.spec, args.result)
+        return
+    if not (args.model / "config.json").is_file():
+        sys.exit(f"{args.model}: no model folder; run `dvc repro import_model` first or pass --model")
+    if args.iterations < 2:
+        sys.exit("--iterations: at least 2 (the first is not timed)")
+    if args.step_batch % args.micro_batch or args.rollout % args.step_batch:
+        sys.exit("--micro-batch must divide --step-batch, which must divide --rollout")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    spec: dict[str, Any] = {"model": str(args.model), "rollout": args.rollout, "step_batch": args.step_batch,
+                            "micro_batch": args.micro_batch, "epochs": args.epochs, "new_tokens": args.new_tokens,
+                            "iterations": args.iterations, "lora_r": args.lora_r, "seed": args.seed,
+                            "threads": args.threads}
+    cfg = ppo_config(spec)
+    spec["pool"] = prompt_pool(args.model, args.rollout * args.iterations, cfg.max_query_tokens)
+    if len(spec["pool"]) < args.rollout:
+        sys.exit(f"data/prompts/prompts.jsonl: {len(spec['pool'])} prompts fit; --rollout needs {args.rollout}")
+    from stages.ppo import iteration_prompts
+
+    last = iteration_prompts(spec["pool"], cfg, args.seed, args.iterations - 1, 0, 1)
+    spec["trl_prompts"] = [spec["pool"][i] for i in last]  # TRL's every iteration = our timed one's prompts
+    with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as tmp:
+        trained = (args.rm / "adapter").is_dir()
+        spec["rm"] = str(args.rm if trained else untrained_rm(args.model, Path(tmp) / "rm"))
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec))
+        runs = [spawn(name, spec_path, Path(tmp)) for _ in range(args.repeats) for name in SIDES]
+    summary = {name: summarize([r for r in runs if r["side"] == name], args.rollout) for name in SIDES}
+    ratios = {"speed": summary["trl"]["seconds_per_iteration"] / summary["ours"]["seconds_per_iteration"],
+              "rss": summary["ours"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
+    setup = {key: spec[key] for key in ("model", "rollout", "step_batch", "micro_batch", "epochs", "new_tokens",
+                                        "iterations", "lora_r", "seed", "threads")}
+    setup.update(rm=str(args.rm) if trained else "untrained (built on --model)", repeats=args.repeats,
+                 cpus=os.cpu_count(), prompts=[p["text"] for p in spec["trl_prompts"]],
+                 ppo=cfg.model_dump(), training=training_config(spec).model_dump(),
+                 trl_tokens="exact: generated ids up to and including the first eos",
+                 timing="first iteration excluded on both sides; TRL update = iteration - generation - RM scoring")
+    print_table(setup, summary, ratios)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps({"setup": setup, "summary": summary, "ratios": ratios, "runs": runs},
+                                   indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
