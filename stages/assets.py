@@ -79,6 +79,20 @@ def load_jsonl(path: Path, record: type[T]) -> list[T]:
     return rows
 
 
+def pick_principles(principles: list[PreferencePrinciple], ids: list[str] | None, key: str,
+                    path: Path) -> list[PreferencePrinciple]:
+    """The principles params `key` names by id (all of them for None), in the order named; an unknown id is one
+    line naming the key and the file."""
+    if ids is None:
+        return principles
+    known = {p.id: p for p in principles}
+    missing = [i for i in ids if i not in known]
+    if missing:
+        raise UserError(f"params.yaml: {key}: {missing[0]!r} is not an id in {path}; expected some of "
+                        f"{', '.join(known)}")
+    return [known[i] for i in ids]
+
+
 def load_text(path: Path) -> str:
     path = Path(path)
     if not path.is_file():

@@ -28,7 +28,7 @@ from stages.params import Dpo, Training, load_params
 from stages.records import write_json
 from stages.reward import guide_text, read_preferences, training_examples
 from stages.sft import MODEL, LiveCurve
-from stages.training import Batch, collate, global_batch_size, merge_adapter, shuffled_batches, tokenize_pair, train
+from stages.training import Batch, collate, merge_adapter, padding_id, shuffled_batches, tokenize_pair, train
 
 STAGE = "policy"
 OUT = Path("models/policy")
@@ -72,14 +72,14 @@ def job(model: Path, examples: list[dict], cfg: Dpo, training: Training, seed: i
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     tokenized = [{side: tokenize_pair(tokenizer, e["prompt"], e[side], cfg.max_prompt_tokens, cfg.max_response_tokens,
                                       system=guide_text(e["guide"])) for side in ("chosen", "rejected")}
                  for e in examples]
     batches = shuffled_batches(tokenized, training.micro_batch_size, seed,
                                functools.partial(collate_sides, pad_id=pad_id))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps = max(1, -(-int(cfg.epochs * len(examples)) // global_batch_size(training, world)))
+    steps = sft.max_steps(len(examples), cfg.epochs, training, world)
     adapter = ckpt_dir / "adapter"
     result = train(model, batches, functools.partial(dpo_loss, cfg.beta), ckpt_dir, training, steps,
                    adapter_dir=adapter, seed=seed, on_step=LiveCurve(LIVE))

@@ -27,7 +27,7 @@ from pathlib import Path
 
 from stages import cli
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, load_template
+from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
 from stages.benchmarks import ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_truthfulqa_csv, mc_scores, resolve
 from stages.errors import UserError
 from stages.generation import Generator, Sampling, chat_prompt, one_task
@@ -244,11 +244,8 @@ def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Ge
 def main() -> None:
     params = load_params()
     cfg = params.evaluate
-    principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
-    unknown = [pid for pid in cfg.judge_principles if pid not in principles]
-    if unknown:
-        raise UserError(f"params.yaml: evaluate.judge_principles: {unknown[0]!r} is not an id in {PRINCIPLES}; "
-                        f"expected some of {', '.join(principles)}")
+    judged = pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.judge_principles,
+                             "evaluate.judge_principles", PRINCIPLES)
     if cfg.judge_model and not Path(cfg.judge_model).is_dir():
         raise UserError(f"params.yaml: evaluate.judge_model: {cfg.judge_model} is not a folder; expected a local HF "
                         f"model folder")
@@ -256,7 +253,6 @@ def main() -> None:
     policies = {name: POLICIES[name] for name in cfg.policies}
     inputs = input_refs({**{name: path.parent if path.name == MODEL else path for name, path in policies.items()},
                          "rm": RM, "principles": PRINCIPLES})
-    judged = [principles[pid] for pid in cfg.judge_principles]
     subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump()}
     fn = functools.partial(job, policies, benchmarks, cfg, params.generation, [p.definition for p in judged], judged,
                            params.seed, subset, inputs)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from stages import cli
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, load_template
+from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
 from stages.errors import UserError
 from stages.generation import one_task
 from stages.params import LabelPreferences, load_params
@@ -46,17 +46,6 @@ def label(score_ab: float, score_ba: float) -> str:
     if score_ab < 0 and score_ba > 0:
         return "b"
     return "tie"
-
-
-def selected(principles: list[PreferencePrinciple], ids: list[str] | None) -> list[PreferencePrinciple]:
-    if ids is None:
-        return principles
-    known = {p.id: p for p in principles}
-    missing = [i for i in ids if i not in known]
-    if missing:
-        raise UserError(f"params.yaml: label_preferences.principles: {missing[0]!r} is not an id in {PRINCIPLES}; "
-                        f"expected some of {', '.join(known)}")
-    return [known[i] for i in ids]
 
 
 def check_choices(model: Path, choices: tuple[str, str]) -> None:
@@ -90,7 +79,8 @@ def judge(scorer: Scorer, template: str, pairs: list[dict], principles: list[Pre
 
 def job(model: Path, pairs: list[dict], cfg: LabelPreferences, params: dict, inputs: dict) -> str:
     """Runs inside the allocation: judge every pair under every principle, write preferences.jsonl + metrics."""
-    principles = selected(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles)
+    principles = pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles,
+                                 "label_preferences.principles", PRINCIPLES)
     template = load_template(TEMPLATE, PLACEHOLDERS)
     scorer = Scorer(model, batch_size=cfg.batch_size)
     choices = (scorer.token_id(cfg.choices[0]), scorer.token_id(cfg.choices[1]))
@@ -112,7 +102,8 @@ def job(model: Path, pairs: list[dict], cfg: LabelPreferences, params: dict, inp
 def main() -> None:
     params = load_params()
     cfg = params.label_preferences
-    selected(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles)  # bad assets or ids fail before a job
+    pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles, "label_preferences.principles",
+                    PRINCIPLES)  # bad assets or ids fail before a job
     load_template(TEMPLATE, PLACEHOLDERS)
     check_choices(JUDGE / MODEL, cfg.choices)
     inputs = input_refs({"judge": JUDGE, "pairs": PAIRS, "principles": PRINCIPLES, "template": TEMPLATE})

@@ -33,7 +33,7 @@ import torch
 
 from stages import cli, sft
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl
+from stages.assets import PreferencePrinciple, load_jsonl, pick_principles
 from stages.errors import UserError
 from stages.generation import Generator, Sampling, chat_prompt
 from stages.params import Generation, Ppo, Training, load_params
@@ -44,7 +44,7 @@ from stages.rl import (adapt_kl_coef, entropy, explained_variance, gae, masked_m
 from stages.sample_pairs import unused_prompts
 from stages.sft import MODEL, LiveCurve
 from stages.training import (DTYPES, init_distributed, latest_checkpoint, load_checkpoint, lora_model, make_engine,
-                             merge_adapter, reward_trunk, save_adapter, save_checkpoint)
+                             merge_adapter, padding_id, reward_trunk, save_adapter, save_checkpoint)
 
 STAGE = "policy"  # the DVC stage that runs this module or stages/dpo.py (policy.algorithm)
 OUT = Path("models/policy")
@@ -177,7 +177,7 @@ def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[Preferen
     value = make_engine(value_model(sft_dir, rm_dir, training, seed), training, world, total_steps=updates)
     reward = RewardModel(sft_dir, rm_dir, batch_size=cfg.score_batch_size, precision=training.precision)
     tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     state = load_checkpoint(policy, ckpt_dir, others={"value": value}) or {
         "step": 0, "kl_coef": cfg.kl_coef, "curves": [], "samples": []}
     live = LiveCurve(LIVE) if rank == 0 else None
@@ -296,17 +296,6 @@ def update(policy: Any, value: Any, batch: dict, scores: torch.Tensor, kl_coef: 
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def chosen(collection: list[PreferencePrinciple], ids: list[str] | None, key: str, path: Path) -> list[PreferencePrinciple]:
-    if ids is None:
-        return collection
-    known = {p.id: p for p in collection}
-    missing = [i for i in ids if i not in known]
-    if missing:
-        raise UserError(f"params.yaml: {key}: {missing[0]!r} is not an id in {path}; expected some of "
-                        f"{', '.join(known)}")
-    return [known[i] for i in ids]
-
-
 def main() -> None:
     params = load_params()
     cfg = params.ppo
@@ -316,8 +305,10 @@ def main() -> None:
         raise UserError(f"params.yaml: ppo.step_batch_size: {cfg.step_batch_size} samples per step (and "
                         f"rollout_batch_size {cfg.rollout_batch_size}) must divide evenly over {world} ranks x "
                         f"training.micro_batch_size {params.training.micro_batch_size}")
-    collection = chosen(load_jsonl(COLLECTION, PreferencePrinciple), cfg.principles, "ppo.principles", COLLECTION)
-    guards = chosen(load_jsonl(GUARDS, PreferencePrinciple), cfg.guard_principles, "ppo.guard_principles", GUARDS)
+    collection = pick_principles(load_jsonl(COLLECTION, PreferencePrinciple), cfg.principles, "ppo.principles",
+                                 COLLECTION)
+    guards = pick_principles(load_jsonl(GUARDS, PreferencePrinciple), cfg.guard_principles, "ppo.guard_principles",
+                             GUARDS)
     inputs = input_refs({"policy": SFT, "rm": RM, "prompts": PROMPTS, "sft_data": SFT_DATA,
                          "principles": COLLECTION, "guards": GUARDS})
     prompts = read_jsonl(PROMPTS / "prompts.jsonl")

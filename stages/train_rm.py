@@ -22,7 +22,7 @@ from pathlib import Path
 
 from stages import cli, sft
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, load_template
+from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
 from stages.benchmarks import ChoiceItem, load_hhh, resolve
 from stages.errors import UserError
 from stages.params import Pmp, RewardModel as RewardParams, Training, load_params
@@ -30,7 +30,7 @@ from stages.records import write_json, write_jsonl
 from stages.reward import (CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases,
                            pair_batches, read_preferences, split_pairs, tokenize_examples, training_examples)
 from stages.sft import MODEL, LiveCurve
-from stages.training import Batch, Batches, global_batch_size, train
+from stages.training import Batch, Batches, global_batch_size, padding_id, train
 
 STAGE = "train_rm"
 OUT = Path("models/rm")
@@ -119,10 +119,6 @@ def mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def steps_for(examples: int, epochs: float, global_batch: int) -> int:
-    return math.ceil(epochs * examples / global_batch) if examples else 0
-
-
 def hhh_accuracy(rm: RewardModel, items: list[ChoiceItem], guide: list[str]) -> dict:
     """Per subset and overall: the share of items whose best reply gets a higher reward than every wrong one."""
     prompts = [item.context.strip() for item in items for _ in item.choices]
@@ -176,13 +172,13 @@ def job(base: Path, train_examples: list[dict], pmp_examples: list[dict], held_o
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(base)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = global_batch_size(training, world)
     tokenize = functools.partial(tokenize_examples, tokenizer, template, max_prompt_tokens=cfg.max_prompt_tokens,
                                  max_response_tokens=cfg.max_response_tokens)
-    pmp_steps = steps_for(len(pmp_examples), 1, global_batch)
-    steps = pmp_steps + max(1, steps_for(len(train_examples), cfg.epochs, global_batch))
+    pmp_steps = math.ceil(len(pmp_examples) / global_batch)  # one pass over the pre-training pairs
+    steps = pmp_steps + sft.max_steps(len(train_examples), cfg.epochs, training, world)
     synthetic = pair_batches(tokenize(train_examples), training.micro_batch_size, seed, pad_id)
     batches = synthetic
     if pmp_steps:
@@ -216,11 +212,9 @@ def job(base: Path, train_examples: list[dict], pmp_examples: list[dict], held_o
 def main() -> None:
     params = load_params()
     cfg = params.rm
-    principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
-    unknown = [pid for pid in cfg.hhh_principles if pid not in principles]
-    if unknown:
-        raise UserError(f"params.yaml: rm.hhh_principles: {unknown[0]!r} is not an id in {PRINCIPLES}; expected some "
-                        f"of {', '.join(principles)}")
+    every = load_jsonl(PRINCIPLES, PreferencePrinciple)
+    principles = {p.id: p for p in every}
+    hhh_guide = [p.definition for p in pick_principles(every, cfg.hhh_principles, "rm.hhh_principles", PRINCIPLES)]
     template = load_template(TEMPLATE, PLACEHOLDERS)
     hhh = load_hhh(resolve("hhh", cfg.hhh, param="rm.hhh"))
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "template": TEMPLATE})
@@ -232,7 +226,6 @@ def main() -> None:
     if not train_examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no training pair is preferred under any principle "
                         f"(every label is a tie); nothing to train the reward model on")
-    hhh_guide = [principles[pid].definition for pid in cfg.hhh_principles]
     pmp_examples = [{"id": f"pmp-{i}", "prompt": p, "guide": hhh_guide, "chosen": c, "rejected": r}
                     for i, (p, c, r) in enumerate(load_pmp(cfg.pmp))]
     training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,

@@ -147,10 +147,13 @@ def reward_trunk(model_dir: Path | str, dtype: torch.dtype) -> torch.nn.Module:
     told which token is padding so it reads each row's score at its last real token."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype,
-                                                              pad_token_id=pad)
+    pad = padding_id(AutoTokenizer.from_pretrained(model_dir))
+    return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype, pad_token_id=pad)
+
+
+def padding_id(tokenizer: Any) -> int:
+    """The id batches are padded with: the tokenizer's pad token, else its eos token (always masked)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def lr_scheduler(training: Training, total_steps: int) -> Callable[[Any], Any]:
