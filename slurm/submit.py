@@ -29,7 +29,7 @@ import submitit
 import submitit.helpers
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from stages.artifacts import digest
+from stages.artifacts import JOB_STARTED, digest
 from stages.errors import UserError
 from slurm.watcher import GONE, SLURM_FAILED, SlurmJob
 from stages.params import Cluster, Resources
@@ -61,6 +61,7 @@ class _Task:
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=self.one_gpu_per_task, overwrite=True
         )
+        os.environ[JOB_STARTED] = str(time.time())
         return self.fn()
 
 
@@ -216,7 +217,7 @@ def _environ(**values: str | None) -> Iterator[None]:
 def _run_inline(spec: JobSpec) -> Any:
     """One rank in this process, its distributed variables set for the call only."""
     with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1"):
+                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", **{JOB_STARTED: str(time.time())}):
         return spec.fn()
 
 

@@ -27,7 +27,8 @@ import blake3
 from stages.errors import UserError
 
 MANIFEST = "MANIFEST.json"
-RUN_RECORD = ("host", "slurm_job_id", "started", "ended")  # in the manifest, not in the id
+RUN_RECORD = ("host", "slurm_job_id", "started", "ended", "wall_seconds")  # in the manifest, not in the id
+JOB_STARTED = "ALIGN_JOB_STARTED"  # set by the submission layer when a job's task starts: its wall time's origin
 _RENAME_EXCHANGE = 2
 
 
@@ -171,7 +172,8 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
 @contextmanager
 def staged_out(target: Path, *, stage: str, params: dict, inputs: dict[str, dict[str, str]]) -> Iterator[Path]:
     """Yield a temporary folder beside `target`; when the block finishes, write its manifest and swap it into
-    place. On any exception the temporary folder is removed and `target` is left as it was."""
+    place. On any exception the temporary folder is removed and `target` is left as it was. `wall_seconds` counts
+    from the start of the job that writes the out (queue wait excluded), or from the block's start outside a job."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     recover(target)
@@ -190,6 +192,7 @@ def staged_out(target: Path, *, stage: str, params: dict, inputs: dict[str, dict
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "started": _iso(started),
             "ended": _iso(time.time()),
+            "wall_seconds": round(time.time() - float(os.environ.get(JOB_STARTED, started)), 1),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _sync_tree(tmp)

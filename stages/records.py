@@ -7,6 +7,8 @@ import os
 import random
 from pathlib import Path
 
+from stages.artifacts import MANIFEST
+
 METRICS_DIR = Path("metrics")  # metrics/<stage>.json: what `dvc metrics show/diff` reads (declared in dvc.yaml)
 
 
@@ -39,7 +41,10 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def publish_metrics(artifact: Path, stage: str) -> Path:
-    """Copy `artifact/metrics.json` (hashed in its manifest) to metrics/<stage>.json for DVC."""
+    """Copy `artifact/metrics.json` (hashed in its manifest) to metrics/<stage>.json for DVC, with the wall time
+    the job took to write the artifact (from its manifest), so a run's cost shows beside its scores."""
     out = METRICS_DIR / f"{stage}.json"
-    write_json(out, json.loads((Path(artifact) / "metrics.json").read_text()))
+    metrics = json.loads((Path(artifact) / "metrics.json").read_text())
+    manifest = json.loads((Path(artifact) / MANIFEST).read_text())
+    write_json(out, {**metrics, "wall_seconds": manifest.get("wall_seconds")})
     return out

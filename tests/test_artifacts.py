@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -12,9 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from stages import lineage
+from stages import lineage, records
 from stages.artifacts import MANIFEST, artifact_id, hash_file, input_id, input_refs, recover, staged_out, verify_artifact
 from stages.errors import UserError
+from stages.params import Cluster, Resources
+from slurm.submit import JobSpec, submit
 from tests.conftest import ROOT
 
 
@@ -37,7 +40,7 @@ def test_manifest_records_files_inputs_params_code_and_times(tmp_path: Path) -> 
     assert manifest["inputs"] == {"seeds": {"path": str(asset), "id": hash_file(asset)}}
     assert manifest["params"] == {"x": 2} and manifest["stage"] == "test"
     assert set(manifest["code"]) == {"commit", "dirty"}
-    assert manifest["host"] and manifest["started"] <= manifest["ended"]
+    assert manifest["host"] and manifest["started"] <= manifest["ended"] and manifest["wall_seconds"] >= 0
     assert out_id == input_id(out) == verify_artifact(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["data", "seed.jsonl"]  # no temporary folder left
 
@@ -49,8 +52,24 @@ def test_id_covers_content_inputs_params_and_code_not_the_run_record(tmp_path: P
     assert write_out(tmp_path / "c", {"x.txt": "other"}, params={"seed": 1}) != first
     assert write_out(tmp_path / "d", {"x.txt": "same"}, params={"seed": 2}) != first
     manifest = json.loads((tmp_path / "a" / MANIFEST).read_text())
-    assert artifact_id({**manifest, "host": "elsewhere", "slurm_job_id": "7"}) == first
+    assert artifact_id({**manifest, "host": "elsewhere", "slurm_job_id": "7", "wall_seconds": 9.0}) == first
     assert artifact_id({**manifest, "code": {"commit": "abc", "dirty": False}}) != first
+
+
+def slow_stage(out: Path) -> None:
+    """A job that works a while before it writes its out, as every model stage does."""
+    time.sleep(0.5)
+    with staged_out(out, stage="test", params={}, inputs={}) as tmp:
+        (tmp / "metrics.json").write_text(json.dumps({"acc": 0.5}))
+
+
+def test_published_metrics_carry_the_wall_time_of_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "out"
+    spec = JobSpec(stage="test", fn=functools.partial(slow_stage, out), resources=Resources(), target=out, key={})
+    submit(spec, Cluster(executor="inline"))
+    published = json.loads(records.publish_metrics(out, "test").read_text())
+    assert published["acc"] == 0.5 and 0.5 <= published["wall_seconds"] < 60  # from the job's start, not the block's
 
 
 def test_failure_inside_the_block_keeps_the_previous_out(tmp_path: Path) -> None:
