@@ -1,11 +1,11 @@
-"""One PPO iteration (rollout + reward + update) of our PPO stage (`stages.ppo.job`: DeepSpeed engines, the hf
-generation backend, the instructable RM) vs TRL's PPOTrainer (trl 1.12, `trl.experimental.ppo`), same SFT model,
+"""One PPO iteration (rollout + reward + update) of our PPO stage (`stages.ppo.job`: DeepSpeed engines, rollouts
+through params.yaml's generation backend, the instructable RM) vs TRL's PPOTrainer (trl 1.12, `trl.experimental.ppo`), same SFT model,
 same reward model, same prompts, same batch sizes, same CPU, in one run. Prints a table, writes
 bench/results/ppo_vs_trl.json.
 
     python bench/ppo_vs_trl.py [--model models/sft/model] [--rm models/rm] [--rollout 8] [--step-batch 4]
         [--micro-batch 4] [--epochs 2] [--new-tokens 48] [--iterations 2] [--lora-r 16] [--threads 1]
-        [--repeats 1] [--out bench/results/ppo_vs_trl.json]
+        [--backend auto|vllm|hf] [--repeats 1] [--out bench/results/ppo_vs_trl.json]
 
 Both sides run `--iterations` iterations of `--rollout` prompts; the first is a warm-up, the rest are timed and
 averaged. Ours: the real stage loop (`job`), with params.yaml's `ppo`/`training` groups and the knobs above, in a
@@ -18,13 +18,17 @@ whole value model), and the RM merged into a plain sequence classifier as the re
 wrapping the trainer module's `batch_generation` (rollout) and `get_reward` on the reward model (reward); its update
 is the rest of the iteration. Iteration boundaries: our loop's log call, TRL's `on_step_end`.
 
-Held equal: fp32, sampling (temperature, top-p 1, no top-k, `--new-tokens`, stop at eos), generation of the whole
-rollout in one `generate` call, `--micro-batch` rows per forward/backward, `--step-batch` samples per optimizer
+Ours generates through `--backend` (params.yaml's `generation.backend` by default: auto = vLLM where installed,
+the current adapter served as a LoRA request; its engine starts before the warm-up iteration, so its start is not
+timed), TRL through HF `generate` as it always does: that difference is part of what is compared. Held equal:
+fp32, sampling (temperature, top-p 1, no top-k, `--new-tokens`, stop at eos), the whole rollout in one
+generation call, `--micro-batch` rows per forward/backward, `--step-batch` samples per optimizer
 step (TRL: per_device_train_batch_size = micro batch, num_mini_batches = rollout / step batch; TRL counts its own
 optimizer steps, reported), PPO epochs, clip ranges, KL coefficient, gamma/lambda, torch's plain AdamW, no gradient
 checkpointing (TRL's default turns it on), no bf16 (TRL's default turns it on), no evaluation, no saving. Each
 side runs in its own subprocess (`--worker`), ours first then TRL, alternating with --repeats; peak RSS is the
-worker's ru_maxrss at the end of the last iteration (model loading included). Threads: --threads torch threads
+worker's and its children's (vLLM's engine process) summed resident memory, sampled every 0.2 s up to the end of
+the last iteration (model loading included). Threads: --threads torch threads
 per worker, 1 by default: on a small machine shared with other jobs, more threads than free cores spin at OpenMP
 barriers while another process holds a core, which slowed a forward/backward here by 5-9x and made timings erratic
 (use --threads 2 on an idle 2-core machine).
@@ -41,13 +45,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stages.params import Generation, Ppo, Training, load_params  # noqa: E402
+from stages.params import Ppo, Training, load_params  # noqa: E402
 
 SIDES = ("ours", "trl")
 TRL_PAD = "<|endoftext|>"  # TRL's pad token (see `run_trl`)
@@ -102,8 +107,29 @@ def untrained_rm(model: Path, folder: Path) -> Path:
     return folder
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+class TreeRss:
+    """Peak resident memory of this process plus its children (vLLM runs its engine in a child process),
+    sampled every 0.2 s in a thread; never below this process's own ru_maxrss."""
+
+    def __init__(self) -> None:
+        import psutil
+
+        self.process, self.peak = psutil.Process(), 0.0
+        threading.Thread(target=self._sample, daemon=True).start()
+
+    def _sample(self) -> None:
+        import psutil
+
+        while True:
+            try:
+                total = sum(p.memory_info().rss for p in [self.process, *self.process.children(recursive=True)])
+            except psutil.Error:  # a child ended between listing and reading
+                continue
+            self.peak = max(self.peak, total / 2**20)
+            time.sleep(0.2)
+
+    def mb(self) -> float:
+        return max(self.peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)  # Linux: KiB
 
 
 # --------------------------------------------------------------------------------------------------- ours
@@ -113,7 +139,7 @@ class Finished(Exception):
     """Raised from the loop's log call after the last iteration: what `job` does after its loop is not timed."""
 
 
-def run_ours(spec: dict, scratch: Path) -> dict:
+def run_ours(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     """`stages.ppo.job` with a log call that also reads the clock and the peak RSS, in the scratch folder."""
     from stages import ppo
     from stages.assets import PreferencePrinciple, load_jsonl
@@ -130,14 +156,15 @@ def run_ours(spec: dict, scratch: Path) -> dict:
                                "update_seconds": metrics["seconds_update"],
                                "rollout_tokens": metrics["rollout_tokens"]})
             if len(iterations) == spec["iterations"]:
-                rss.append(peak_rss_mb())
+                rss.append(memory.mb())
                 raise Finished
 
     ppo.LiveCurve = Clock
     cfg = ppo_config(spec)
     collection = load_jsonl(ROOT / ppo.COLLECTION, PreferencePrinciple)
     guards = load_jsonl(ROOT / ppo.GUARDS, PreferencePrinciple)
-    settings = Generation(backend="hf", batch_size=spec["rollout"])
+    settings = load_params(ROOT / "params.yaml").generation.model_copy(
+        update={"backend": spec["backend"], "batch_size": spec["rollout"]})
     try:
         ppo.job(Path(spec["model"]), Path(spec["rm"]), spec["pool"], collection, guards, cfg, training_config(spec),
                 settings, spec["seed"], scratch / "ckpt", {}, {})
@@ -166,7 +193,7 @@ def optimizer_steps(optimizer: Any) -> int:
     return max(int(state["step"]) for state in optimizer.optimizer.state.values())
 
 
-def run_trl(spec: dict, scratch: Path) -> dict:
+def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     """PPOTrainer.train() with its generation and reward-model calls timed; iterations end at `on_step_end`."""
     import torch
     from datasets import Dataset
@@ -234,8 +261,7 @@ def run_trl(spec: dict, scratch: Path) -> dict:
                          train_dataset=Dataset.from_dict({"input_ids": queries}), value_model=value,
                          peft_config=peft, callbacks=[Clock()])
     trainer.train()
-    rss = peak_rss_mb()
-    return {"iterations": iterations, "peak_rss_mb": rss, "optimizer_steps": optimizer_steps(trainer.optimizer)}
+    return {"iterations": iterations, "peak_rss_mb": memory.mb(), "optimizer_steps": optimizer_steps(trainer.optimizer)}
 
 
 # ----------------------------------------------------------------------------------------------------- workers
@@ -247,7 +273,7 @@ def worker(name: str, spec_path: Path, result_path: Path) -> None:
 
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
-    run = (run_ours if name == "ours" else run_trl)(spec, Path.cwd())
+    run = (run_ours if name == "ours" else run_trl)(spec, Path.cwd(), TreeRss())
     ends = [row["end"] for row in run["iterations"]]
     for i, row in enumerate(run["iterations"]):
         row["seconds"] = ends[i] - ends[i - 1] if i else None  # the warm-up has no start mark on either side
@@ -299,7 +325,7 @@ def summarize(runs: list[dict], rollout: int) -> dict:
 def print_table(setup: dict, summary: dict, ratios: dict) -> None:
     print(f"one PPO iteration, {setup['rollout']} prompts x <= {setup['new_tokens']} new tokens, step batch "
           f"{setup['step_batch']}, micro batch {setup['micro_batch']}, {setup['epochs']} PPO epochs, LoRA "
-          f"r={setup['lora_r']}, {setup['model']}, RM {setup['rm']}, {setup['threads']} thread(s) on {setup['cpus']} "
+          f"r={setup['lora_r']}, our rollouts on {setup['backend']}, {setup['model']}, RM {setup['rm']}, {setup['threads']} thread(s) on {setup['cpus']} "
           f"CPUs, mean of "
           f"{setup['iterations'] - 1} timed iteration(s) after 1 warm-up, {setup['repeats']} run(s) each")
     print("| side | rollout tok/s | update samples/s | s/iteration | rollout s | reward s | update s | other s | "
@@ -327,6 +353,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48, help="max new tokens per response")
     parser.add_argument("--iterations", type=int, default=2, help="iterations per run; the first is a warm-up")
     parser.add_argument("--lora-r", type=int, default=16)
+    parser.add_argument("--backend", choices=("auto", "vllm", "hf"), default=load_params(ROOT / "params.yaml").generation.backend,
+                        help="our rollouts' generation backend (params.yaml's by default); TRL generates with HF")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads per worker (both sides); see the docstring")
     parser.add_argument("--repeats", type=int, default=1, help="runs per side, alternating")
@@ -349,7 +377,7 @@ def main() -> None:
     spec: dict[str, Any] = {"model": str(args.model), "rollout": args.rollout, "step_batch": args.step_batch,
                             "micro_batch": args.micro_batch, "epochs": args.epochs, "new_tokens": args.new_tokens,
                             "iterations": args.iterations, "lora_r": args.lora_r, "seed": args.seed,
-                            "threads": args.threads}
+                            "threads": args.threads, "backend": args.backend}
     cfg = ppo_config(spec)
     spec["pool"] = prompt_pool(args.model, args.rollout * args.iterations, cfg.max_query_tokens)
     if len(spec["pool"]) < args.rollout:
@@ -368,7 +396,7 @@ def main() -> None:
     ratios = {"speed": summary["trl"]["seconds_per_iteration"] / summary["ours"]["seconds_per_iteration"],
               "rss": summary["ours"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
     setup = {key: spec[key] for key in ("model", "rollout", "step_batch", "micro_batch", "epochs", "new_tokens",
-                                        "iterations", "lora_r", "seed", "threads")}
+                                        "iterations", "lora_r", "seed", "threads", "backend")}
     setup.update(rm=str(args.rm) if trained else "untrained (built on --model)", repeats=args.repeats,
                  cpus=os.cpu_count(), prompts=[p["text"] for p in spec["trl_prompts"]],
                  ppo=cfg.model_dump(), training=training_config(spec).model_dump(),

@@ -10,7 +10,10 @@ data/self_align/sft.jsonl: chosen = the response, rejected = its first half foll
 each side is `prompt + "\n\n" + response`, tokenized once here (no special tokens, no chat template), cut to its
 first --max-tokens tokens. 20% of the pairs (seeded) are held out. Both trainers get the same token ids in the same
 order: the stream our `pair_batches` draws, fed to TRL as pre-tokenized `chosen_ids`/`rejected_ids` rows with
-sequential sampling, so step i is the same padded [2 x batch, L] tensor on both sides.
+sequential sampling, so step i trains on the same pairs on both sides. TRL pads each step's chosen and rejected
+rows into one [2 x batch, L] tensor; ours runs the tokens a pair's two sides share at their start (here the prompt
+and the first half of the response; in `train_rm` the principles and the instruction) once, then both remainders
+on top of its key/value cache (`reward.pair_rewards`: the same rewards and gradients, fewer tokens).
 
 Settings held equal: fp32; torch's plain AdamW (lr, betas 0.9/0.999, eps 1e-8, no weight decay), which is what
 ours runs (TRL's default would be the fused one); a constant learning rate without warm-up; gradient clipping at
@@ -178,7 +181,7 @@ def held_out_accuracy(model_dir: str, adapter_dir: Path, held_out: list[dict], p
     import torch
     from peft import PeftModel
 
-    from stages.reward import collate_pairs
+    from stages.reward import collate_pairs, pair_rewards
     from stages.training import reward_trunk
 
     model = PeftModel.from_pretrained(reward_trunk(model_dir, torch.float32), str(adapter_dir)).eval()
@@ -186,9 +189,8 @@ def held_out_accuracy(model_dir: str, adapter_dir: Path, held_out: list[dict], p
     with torch.inference_mode():
         for start in range(0, len(held_out), SCORE_BATCH):
             chunk = held_out[start : start + SCORE_BATCH]
-            batch = collate_pairs(chunk, pad_id)
-            rewards = model(**batch).logits.squeeze(-1)
-            right += int((rewards[: len(chunk)] > rewards[len(chunk) :]).sum())
+            rewards = pair_rewards(model, collate_pairs(chunk, pad_id))
+            right += int((rewards[0::2] > rewards[1::2]).sum())
     return right / len(held_out)
 
 
@@ -242,7 +244,8 @@ def summarize(runs: list[dict]) -> dict:
 def print_table(setup: dict, summary: dict, ratios: dict) -> None:
     training = setup["training"]
     print(f"reward-model training, {setup['train_pairs']} train / {setup['held_out_pairs']} held-out pairs of "
-          f"{setup['tokens'][0]}-{setup['tokens'][1]} tokens per side, {setup['steps']} steps x {setup['batch']} "
+          f"{setup['tokens'][0]}-{setup['tokens'][1]} tokens per side ({setup['shared_token_share']:.0%} of them in "
+          f"the start both sides share), {setup['steps']} steps x {setup['batch']} "
           f"pairs, LoRA r={training['lora_r']}, lr {training['learning_rate']:g}, {setup['model']}, "
           f"{setup['cpus']} CPUs, {setup['repeats']} run(s) each")
     print("| trainer | pairs/s | pairs/CPU-s | peak RSS MB | held-out acc | loss first→last |")
@@ -276,6 +279,8 @@ def make_spec(args: argparse.Namespace) -> tuple[dict, dict]:
     """(what the workers get: model, steps, training config, token ids; the setup the results record)."""
     from transformers import AutoTokenizer
 
+    from stages.reward import shared_length
+
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train, held_out = split(tokenized_pairs(tokenizer, plain_pairs(), args.max_tokens), HELD_OUT_SHARE, args.seed)
@@ -284,11 +289,13 @@ def make_spec(args: argparse.Namespace) -> tuple[dict, dict]:
                  f"present?")
     training = training_config(args).model_dump(mode="json")
     lengths = [len(e[side]) for e in train + held_out for side in ("chosen", "rejected")]
+    shared = sum(2 * shared_length(e["chosen"], e["rejected"]) for e in train)  # tokens in both sides' start
     spec = {"model": str(args.model), "steps": args.steps, "batch": args.batch, "seed": args.seed, "pad_id": pad_id,
             "training": training, "train": train, "held_out": held_out}
     setup = {"model": str(args.model), "steps": args.steps, "batch": args.batch, "max_tokens": args.max_tokens,
              "seed": args.seed, "repeats": args.repeats, "train_pairs": len(train), "held_out_pairs": len(held_out),
              "tokens": [min(lengths), max(lengths)], "cpus": os.cpu_count(),
+             "shared_token_share": shared / sum(len(e["chosen"]) + len(e["rejected"]) for e in train),
              "timing": "first step excluded on both sides", "training": training}
     return spec, setup
 

@@ -32,6 +32,7 @@ from stages.benchmarks import ChoiceItem, choice_logprobs, load_bigbench, load_h
 from stages.errors import UserError
 from stages.generation import Generator, Sampling, chat_prompt, one_task
 from stages.params import Evaluate, Generation, load_params
+from stages.progress import progress
 from stages.records import sample_in_order, write_json, write_jsonl
 from stages.reward import RewardModel
 from stages.scoring import Scorer
@@ -92,7 +93,8 @@ def slug(text: str) -> str:
 
 def multiple_choice(scorer: Scorer, items: list[ChoiceItem], normalise: bool, by_subset: str | None) -> dict:
     """mc1 (accuracy) and mc2 over `items`, and per subset under the key `by_subset` when given."""
-    scores = [mc_scores(choice_logprobs(scorer, item, normalise), item) for item in items]
+    scores = [mc_scores(choice_logprobs(scorer, item, normalise), item)
+              for item in progress(items, desc="Multiple-choice items", unit="item")]
     result = {k: statistics.fmean(s[k] for s in scores) for k in ("mc1", "mc2")}
     result["items"] = len(items)
     if by_subset:

@@ -18,6 +18,7 @@ vLLM starts its engine in spawned processes, which re-import the calling script:
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from contextlib import nullcontext
@@ -27,6 +28,7 @@ from typing import Any
 
 from stages import params
 from stages.errors import UserError
+from stages.progress import progress
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 MIN_SHARED_PREFIX = 8  # hf: shorter common prefixes are not worth a separate forward pass
@@ -215,7 +217,8 @@ class _VLLM:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(prompts, per_prompt, lora_request=self._lora(adapter), use_tqdm=False)
+        outputs = self.llm.generate(prompts, per_prompt, lora_request=self._lora(adapter),
+                                    use_tqdm=functools.partial(progress, unit="prompt"))
         records = []
         for out in outputs:
             done = out.outputs[0]
@@ -299,8 +302,10 @@ class _HF:
         records: list[Generation] = []
         with context, torch.inference_mode(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(sampling.seed)  # one stream per call: reproducible, rows of a batch differ
-            for start in range(0, len(ids), self.batch_size):
-                records += self._batch(model, key, ids[start : start + self.batch_size], sampling)
+            with progress(total=len(ids), desc="Generated prompts", unit="prompt") as bar:
+                for start in range(0, len(ids), self.batch_size):
+                    records += self._batch(model, key, ids[start : start + self.batch_size], sampling)
+                    bar.update(len(records) - bar.n)
         return records
 
     def _shared_prefix(self, ids: list[list[int]]) -> int:

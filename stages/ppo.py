@@ -86,11 +86,14 @@ def response_slice(x: torch.Tensor, width: int, responses: int) -> torch.Tensor:
 
 
 def policy_outputs(model: Any, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities of the sampled response tokens, the logits they come from), at sampling temperature."""
+    """(log-probabilities of the sampled response tokens, the logits they come from), at sampling temperature.
+    The LM head runs only where it predicts a response token (the response columns and the query's last one are
+    the sequence's last R + 1): over the query it would be a fifth of the FLOPs of a 135M model, for nothing."""
+    length = batch["responses"].shape[1]
     logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"]).logits
-    logits = response_slice(logits, batch["query_width"], batch["responses"].shape[1]).float() / temperature
-    logprobs = torch.log_softmax(logits, dim=-1).gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1)
+                   position_ids=batch["position_ids"], logits_to_keep=length + 1).logits
+    logits = logits[:, :length].float() / temperature
+    logprobs = logits.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
     return logprobs, logits
 
 
@@ -284,7 +287,7 @@ def update(policy: Any, value: Any, batch: dict, scores: torch.Tensor, kl_coef: 
             value.backward(v_loss)
             value.step()
             for name, x in {"policy_loss": loss, "value_loss": v_loss, **stats}.items():
-                sums[name] = sums.get(name, 0.0) + float(x)
+                sums[name] = sums.get(name, 0.0) + float(x.detach())
     passes = cfg.ppo_epochs * -(-mask.shape[0] // micro)
     local = {name: total / passes for name, total in sums.items()}
     local.update(kl=float((kl.sum(1)).mean()), entropy=float(start_entropy),

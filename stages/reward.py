@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from stages.assets import PreferencePrinciple
 from stages.errors import UserError
+from stages.progress import progress
 from stages.training import Batch, Batches, DTYPES, reward_trunk, shuffled_batches
 
 PLACEHOLDERS = ("principles", "instruction", "response")
@@ -180,23 +181,56 @@ def tokenize_examples(tokenizer: Any, template: str, examples: list[dict], max_p
                           max_response_tokens) for side in ("chosen", "rejected")} for e in examples]
 
 
+def shared_length(a: list[int], b: list[int]) -> int:
+    """Tokens the two sides of a pair share at their start, leaving each at least one token of its own."""
+    limit = min(len(a), len(b)) - 1
+    n = 0
+    while n < limit and a[n] == b[n]:
+        n += 1
+    return n
+
+
 def collate_pairs(examples: list[dict[str, list[int]]], pad_id: int) -> Batch:
-    """Chosen rows then rejected rows, right-padded into one [2m, L] batch: both sides in one forward."""
-    rows = [e["chosen"] for e in examples] + [e["rejected"] for e in examples]
-    width = max(len(r) for r in rows)
-    return {"input_ids": torch.tensor([r + [pad_id] * (width - len(r)) for r in rows]),
-            "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows])}
+    """Each pair as the prefix its two sides share (the RM prompt's principles and instruction), left-padded into
+    [m, P], and the two remainders, chosen and rejected interleaved, right-padded into [2m, S]: `bt_loss` runs
+    the prefix once for both sides, then both sides in one forward."""
+    shared = [shared_length(e["chosen"], e["rejected"]) for e in examples]
+    tails = [side[k:] for e, k in zip(examples, shared) for side in (e["chosen"], e["rejected"])]
+    width, length = max(shared), max(len(t) for t in tails)
+    return {
+        "prefix_ids": torch.tensor([[pad_id] * (width - k) + e["chosen"][:k] for e, k in zip(examples, shared)],
+                                   dtype=torch.long).reshape(len(examples), width),
+        "prefix_mask": torch.tensor([[0] * (width - k) + [1] * k for k in shared],
+                                    dtype=torch.long).reshape(len(examples), width),
+        "input_ids": torch.tensor([t + [pad_id] * (length - len(t)) for t in tails]),
+        "attention_mask": torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in tails]),
+    }
 
 
 def pair_batches(examples: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int) -> Batches:
     return shuffled_batches(examples, micro_batch_size, seed, functools.partial(collate_pairs, pad_id=pad_id))
 
 
+def pair_rewards(model: Any, batch: Batch) -> torch.Tensor:
+    """[2m] rewards of a `collate_pairs` batch, chosen and rejected interleaved: the shared prefixes through the
+    model once (their key/value cache, with its gradient, repeated for both sides), then the remainders on top,
+    positions continuing where each prefix ends."""
+    prefix_mask, mask = batch["prefix_mask"], batch["attention_mask"]
+    cache = None
+    if prefix_mask.shape[1]:
+        cache = model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask, use_cache=True,
+                      position_ids=(prefix_mask.cumsum(-1) - 1).clamp(min=0)).past_key_values
+        cache.batch_repeat_interleave(2)
+    prefix_mask = prefix_mask.repeat_interleave(2, dim=0)
+    positions = prefix_mask.sum(-1, keepdim=True) + (mask.cumsum(-1) - 1).clamp(min=0)
+    return model(input_ids=batch["input_ids"], attention_mask=torch.cat([prefix_mask, mask], dim=1),
+                 position_ids=positions, past_key_values=cache, use_cache=cache is not None).logits.squeeze(-1)
+
+
 def bt_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), mean over the pairs; with the share ranked right."""
-    rewards = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.squeeze(-1)
-    half = rewards.shape[0] // 2
-    margin = rewards[:half] - rewards[half:]
+    rewards = pair_rewards(model, batch)
+    margin = rewards[0::2] - rewards[1::2]
     return -torch.nn.functional.logsigmoid(margin).mean(), {"accuracy": (margin > 0).float().mean(),
                                                             "margin": margin.mean()}
 
@@ -215,7 +249,8 @@ class RewardModel:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.tokenizer = AutoTokenizer.from_pretrained(base)
         trunk = reward_trunk(base, DTYPES[precision])
-        self.model = PeftModel.from_pretrained(trunk, str(rm_dir / "adapter")).to(self.device).eval()
+        adapted = PeftModel.from_pretrained(trunk, str(rm_dir / "adapter"))
+        self.model = adapted.merge_and_unload().to(self.device).eval()  # LoRA folded in: plain matmuls when scoring
         self.template = (rm_dir / TEMPLATE_FILE).read_text(encoding="utf-8")
         limits = json.loads((rm_dir / CONFIG_FILE).read_text())
         self.max_prompt_tokens, self.max_response_tokens = limits["max_prompt_tokens"], limits["max_response_tokens"]
@@ -232,7 +267,7 @@ class RewardModel:
                for p, r, g in zip(prompts, responses, guides)]
         order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
         rewards = [0.0] * len(ids)
-        for start in range(0, len(order), self.batch_size):
+        for start in progress(range(0, len(order), self.batch_size), desc="Reward model", unit="batch"):
             chunk = order[start : start + self.batch_size]
             width = max(len(ids[i]) for i in chunk)
             tokens = torch.tensor([ids[i] + [self.pad_id] * (width - len(ids[i])) for i in chunk], device=self.device)

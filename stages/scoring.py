@@ -20,6 +20,7 @@ import torch
 
 from stages.errors import UserError
 from stages.generation import MIN_SHARED_PREFIX, config_dtype
+from stages.progress import progress
 
 
 class Scorer:
@@ -56,7 +57,7 @@ class Scorer:
         (texts tokenized as generation tokenizes prompts, special tokens included)."""
         ids = self.tokenizer(list(texts))["input_ids"]
         rows = []
-        for start in range(0, len(ids), self.batch_size):
+        for start in progress(range(0, len(ids), self.batch_size), desc="Judged prompts", unit="batch"):
             batch = ids[start : start + self.batch_size]
             logits, _ = self._forward(batch, keep=1, max_shared=min(len(r) for r in batch) - 1)
             rows.append(logits[:, -1, token_ids].float().cpu())

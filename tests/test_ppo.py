@@ -22,7 +22,7 @@ from stages.artifacts import staged_out, verify_artifact
 from stages.params import Ppo
 from stages.records import read_jsonl, write_jsonl
 from stages.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
-from stages.ppo import shaped_scores
+from stages.ppo import pack, policy_outputs, shaped_scores
 from stages.training import tokenize_pair
 from tests.test_evaluate import add_policy_outs
 from tests.test_reward import preference_rows, rm_project
@@ -78,6 +78,20 @@ def test_clipped_losses_and_kl_controller() -> None:
     assert adapt_kl_coef(0.1, kl=10.0, target=1.0, horizon=100, samples=10) == pytest.approx(0.1 * 1.02)
     assert adapt_kl_coef(0.1, kl=0.5, target=1.0, horizon=100, samples=10) == pytest.approx(0.1 * 0.98)
     assert adapt_kl_coef(0.1, kl=0.5, target=None, horizon=100, samples=10) == 0.1
+
+
+def test_policy_log_probabilities_read_the_response_tokens_only(tiny_model: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    batch = pack([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], pad_id=0)  # query width 3, responses 3 wide
+    with torch.no_grad():
+        logprobs, _ = policy_outputs(model, batch, temperature=0.5)
+        expected = []
+        for query, response in (([5, 6, 7], [10, 11]), ([8, 9], [12, 13, 14])):  # each alone, unpadded
+            logits = model(torch.tensor([query + response])).logits[0, len(query) - 1 : -1] / 0.5
+            expected.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1))
+    mask = batch["response_mask"].bool()
+    assert torch.allclose(logprobs[0][mask[0]], expected[0], atol=1e-4)
+    assert torch.allclose(logprobs[1][mask[1]], expected[1], atol=1e-4)
 
 
 def test_no_stop_token_gets_the_penalty_and_length_bonus_is_capped() -> None:

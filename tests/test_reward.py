@@ -14,7 +14,8 @@ import pytest
 from stages.artifacts import staged_out, verify_artifact
 from stages.assets import PreferencePrinciple, load_jsonl
 from stages.records import read_jsonl, write_jsonl
-from stages.reward import RewardModel, split_pairs, subset_label, training_examples
+from stages.reward import (RewardModel, collate_pairs, pair_rewards, shared_length, split_pairs, subset_label,
+                           training_examples)
 from stages.train_rm import pmp_pairs, split_transcript
 from tests.conftest import ROOT
 from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
@@ -116,6 +117,32 @@ def test_hh_transcripts_split_into_prompt_and_replies() -> None:
 
 
 @pytest.mark.slow
+def test_the_shared_prefix_runs_once_and_gives_the_rewards_and_gradients_of_whole_rows(tiny_model: Path) -> None:
+    import torch
+
+    from stages.params import Training
+    from stages.training import lora_model
+
+    model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, lora_dropout=0.0), seed=0, head="reward")
+    pad = model.config.pad_token_id
+    pairs = [{"chosen": [5, 6, 7, 8, 9], "rejected": [5, 6, 7, 20]},  # shares 3 tokens
+             {"chosen": [30, 31], "rejected": [30, 31, 32, 33]},  # one side is the other's start: 1 token each left
+             {"chosen": [40, 41, 42], "rejected": [50, 41]}]  # nothing shared
+    assert [shared_length(p["chosen"], p["rejected"]) for p in pairs] == [3, 1, 0]
+    batch = collate_pairs(pairs, pad)
+    assert batch["prefix_ids"].shape == (3, 3) and batch["input_ids"].shape == (6, 3)
+    shared = pair_rewards(model, batch)
+    shared[0::2].sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    model.zero_grad()
+    whole = torch.stack([model(input_ids=torch.tensor([side])).logits[0, 0]
+                         for p in pairs for side in (p["chosen"], p["rejected"])])  # each row alone, unpadded
+    whole[0::2].sum().backward()
+    assert torch.allclose(shared, whole, atol=1e-4)
+    assert all(torch.allclose(a, p.grad, atol=1e-4) for a, p in
+               zip(grads, [p for p in model.parameters() if p.requires_grad]))
+
+
 def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, roomy_model: Path) -> None:
     hh = tmp_path / "hh.jsonl"
     write_jsonl(hh, [{"chosen": f"\n\nHuman: {p}\n\nAssistant: {s}", "rejected": f"\n\nHuman: {p}\n\nAssistant: {lg}"}
