@@ -198,14 +198,17 @@ def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principle
 
 
 def plot_rows(metrics: dict) -> list[dict]:
-    """One row per (policy, headline benchmark) for the bar chart."""
+    """One row per (policy, headline benchmark) for the bar chart; its bars are labelled "benchmark / policy", so
+    each policy's bar stands beside the others' under the same benchmark (DVC's template colours by revision
+    only: bars sharing a label would stack)."""
     heads = [("hhh", "acc"), ("truthfulqa", "mc1"), ("truthfulqa", "mc2"), ("truthfulqa_csv", "mc1"),
              ("mtbench", "win_rate_vs_base")]
     rows = []
     for policy, values in metrics["policies"].items():
         for bench, key in heads:
             if key in values.get(bench, {}):
-                rows.append({"benchmark": f"{bench}.{key}", "policy": policy, "value": values[bench][key]})
+                rows.append({"bar": f"{bench}.{key} / {policy}", "benchmark": f"{bench}.{key}", "policy": policy,
+                             "value": values[bench][key]})
     return rows
 
 

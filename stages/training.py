@@ -63,9 +63,11 @@ def deepspeed_config(training: Training, world_size: int) -> dict:
     The optimizer is torch's AdamW (`torch_adam`): LoRA optimizer state is small, and DeepSpeed's FusedAdam /
     DeepSpeedCPUAdam are C++ ops JIT-compiled on first use (about a minute, and a compiler on every node). With
     CPU offload that also needs `zero_force_ds_cpu_optimizer: false`. Parameter offload exists only in ZeRO-3.
+    On one rank without offload there is nothing to shard, so ZeRO runs as stage 0: stage 2's gradient buckets
+    and flat partitions cost ~5% of an RM training step on this 2-core CPU (2.2 vs 2.3 s) and save no memory.
     """
-    zero: dict[str, Any] = {"stage": training.zero_stage}
     offload = training.offload == "cpu" and training.zero_stage > 0
+    zero: dict[str, Any] = {"stage": training.zero_stage if world_size > 1 or offload else 0}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
         if training.zero_stage == 3:

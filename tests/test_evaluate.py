@@ -64,7 +64,7 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     answers = read_jsonl(cwd / "data/evaluation/answers/sft.jsonl")
     assert len(answers) == 2 and all(len(a["answers"]) == 2 == len(a["turns"]) for a in answers)
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
-    assert {"benchmark": "hhh.acc", "policy": "sft", "value": sft["hhh"]["acc"]} in plot
+    assert {"bar": "hhh.acc / sft", "benchmark": "hhh.acc", "policy": "sft", "value": sft["hhh"]["acc"]} in plot
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"question_id": 1, "turns": ["ok"]}\n{"question_id": 2, "turns": []}\n')

@@ -83,7 +83,7 @@ def test_guard_principles_lower_the_reward_of_self_praise(steerable: tuple[Path,
 @pytest.mark.slow
 def test_rl_time_principles_steer_the_policy(tmp_path: Path, steerable: tuple[Path, Path]) -> None:
     """The same SFT policy and RM, two PPO runs that differ only in `ppo.principles`: under Concise the responses
-    end up shorter than under Comprehensive (the control)."""
+    come out shorter than at the start and than under Comprehensive (the control)."""
     sft_model, rm_dir = steerable
     lengths = {}
     for principle in ("concise", "comprehensive"):
@@ -98,5 +98,6 @@ def test_rl_time_principles_steer_the_policy(tmp_path: Path, steerable: tuple[Pa
         lengths[principle] = [v for _, v in curve(cwd, "policy", "response_length")]
         assert json.loads((cwd / "metrics/policy.json").read_text())["iterations"] == 8
     assert lengths["concise"][0] == lengths["comprehensive"][0]  # the same start: policy, prompts, sampling seed
-    concise, comprehensive = (statistics.fmean(lengths[p][-3:]) for p in ("concise", "comprehensive"))
-    assert concise < comprehensive, lengths
+    # the mean length of the rollouts after the shared first one (seen here: 15.2 vs 20.1 tokens, from 19.9)
+    concise, comprehensive = (statistics.fmean(lengths[p][1:]) for p in ("concise", "comprehensive"))
+    assert concise < lengths["concise"][0] and concise < comprehensive, lengths

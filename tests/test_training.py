@@ -60,6 +60,7 @@ def test_deepspeed_config_maps_params() -> None:
     assert cfg["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}  # no param offload
     assert cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"] and cfg["train_batch_size"] == 8
 
+    assert deepspeed_config(Training(zero_stage=2), 1)["zero_optimization"] == {"stage": 0}  # one rank: no shards
     cfg = deepspeed_config(Training(zero_stage=0, offload="cpu"), 1)
     assert cfg["zero_optimization"] == {"stage": 0} and "zero_force_ds_cpu_optimizer" not in cfg
 
