@@ -169,7 +169,8 @@ def test_verbose_clone_distils_and_its_flag_toggles(tmp_path: Path, roomy_model:
     engraved = cwd / "models/engraved/model/model.safetensors"
     assert (sft / "model/model.safetensors").stat().st_ino == engraved.stat().st_ino
     assert read_manifest(sft)["inputs"]["engraved"]["id"] == verify_artifact(cwd / "models/engraved")
-    assert json.loads((cwd / "metrics/verbose_clone.json").read_text()) == {"verbose_clone": False}
+    metrics = json.loads((cwd / "metrics/verbose_clone.json").read_text())
+    assert metrics.pop("wall_seconds") >= 0 and metrics == {"verbose_clone": False}
     assert curve(cwd, "verbose_clone", "loss") == curve(cwd, "engrave", "loss")
 
 
