@@ -42,7 +42,6 @@ import os
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,7 +51,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import run_worker  # noqa: E402
 from stages.params import Ppo, Training, load_params  # noqa: E402
+from stages.records import write_json  # noqa: E402
 
 SIDES = ("ours", "trl")
 TRL_PAD = "<|endoftext|>"  # TRL's pad token (see `run_trl`)
@@ -281,19 +282,14 @@ def worker(name: str, spec_path: Path, result_path: Path) -> None:
             row["update_seconds"] = row["seconds"] - row["rollout_seconds"] - row["reward_seconds"] if i else None
     result = {"side": name, "iterations": run["iterations"], "peak_rss_mb": run["peak_rss_mb"],
               "optimizer_steps": run["optimizer_steps"], "torch_threads": torch.get_num_threads()}
-    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result_path, result)
 
 
 def spawn(name: str, spec_path: Path, scratch: Path) -> dict:
     """One worker in a fresh scratch folder under `scratch` (ours writes its curves and checkpoints there)."""
     folder = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=scratch))
-    result = folder / "result.json"
-    threads = str(json.loads(spec_path.read_text())["threads"])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads,
-           "MKL_NUM_THREADS": threads}
-    subprocess.run([sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--result", str(result)],
-                   check=True, env=env, cwd=folder)
-    return json.loads(result.read_text())
+    threads = json.loads(spec_path.read_text())["threads"]
+    return run_worker(__file__, name, spec_path, folder / "result.json", folder, threads)
 
 
 # ------------------------------------------------------------------------------------------------------ parent
@@ -403,9 +399,7 @@ def main() -> None:
                  trl_tokens="exact: generated ids up to and including the first eos",
                  timing="first iteration excluded on both sides; TRL update = iteration - generation - RM scoring")
     print_table(setup, summary, ratios)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"setup": setup, "summary": summary, "ratios": ratios, "runs": runs},
-                                   indent=2) + "\n")
+    write_json(args.out, {"setup": setup, "summary": summary, "ratios": ratios, "runs": runs})
 
 
 if __name__ == "__main__":

@@ -39,7 +39,6 @@ import random
 import re
 import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -48,7 +47,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from bench.common import run_worker  # noqa: E402
 from stages.params import Training, load_params  # noqa: E402
+from stages.records import write_json  # noqa: E402
 
 TRAINERS = ("ours", "trl")
 HELD_OUT_SHARE = 0.2
@@ -209,7 +210,7 @@ def worker(name: str, spec_path: Path, result_path: Path) -> None:
               "timed_steps": len(wall) - 1, "step_seconds": [b - a for a, b in zip(wall, wall[1:])],
               "peak_rss_mb": run["peak_rss_mb"], "held_out_accuracy": accuracy, "loss_first": run["losses"][0],
               "loss_last": run["losses"][-1], "losses": run["losses"], "torch_threads": torch.get_num_threads()}
-    result_path.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(result_path, result)
 
 
 # ----------------------------------------------------------------------------------------------------- parent
@@ -222,14 +223,6 @@ def training_config(args: argparse.Namespace) -> Training:
         "micro_batch_size": args.batch, "gradient_accumulation_steps": 1, "learning_rate": args.lr,
         "lora_r": args.lora_r, "precision": "fp32", "lr_schedule": "constant", "warmup_ratio": 0.0,
         "save_every": args.steps + 1})
-
-
-def spawn(name: str, spec_path: Path, scratch: Path) -> dict:
-    result = scratch / f"{name}.json"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    subprocess.run([sys.executable, __file__, "--worker", name, "--spec", str(spec_path), "--result", str(result)],
-                   check=True, env=env, cwd=ROOT)
-    return json.loads(result.read_text())
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -280,9 +273,10 @@ def make_spec(args: argparse.Namespace) -> tuple[dict, dict]:
     from transformers import AutoTokenizer
 
     from stages.reward import shared_length
+    from stages.training import padding_id
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = padding_id(tokenizer)
     train, held_out = split(tokenized_pairs(tokenizer, plain_pairs(), args.max_tokens), HELD_OUT_SHARE, args.seed)
     if len(train) < args.batch or not held_out:
         sys.exit(f"{len(train)} train / {len(held_out)} held-out pairs: too few; are data/pairs or data/self_align "
@@ -314,15 +308,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rm_vs_trl_") as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        runs = [spawn(name, spec_path, Path(tmp)) for _ in range(args.repeats) for name in TRAINERS]
+        runs = [run_worker(__file__, name, spec_path, Path(tmp) / f"{name}.json", ROOT)
+                for _ in range(args.repeats) for name in TRAINERS]
     summary = {name: summarize([r for r in runs if r["trainer"] == name]) for name in TRAINERS}
     ratios = {"speed": summary["ours"]["pairs_per_s"] / summary["trl"]["pairs_per_s"],
               "cpu_speed": summary["ours"]["pairs_per_cpu_s"] / summary["trl"]["pairs_per_cpu_s"],
               "rss": summary["ours"]["peak_rss_mb"] / summary["trl"]["peak_rss_mb"]}
     print_table(setup, summary, ratios)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps({"setup": setup, "summary": summary, "ratios": ratios, "runs": runs},
-                                   indent=2) + "\n")
+    write_json(args.out, {"setup": setup, "summary": summary, "ratios": ratios, "runs": runs})
 
 
 if __name__ == "__main__":

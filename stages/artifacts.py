@@ -182,6 +182,7 @@ def staged_out(target: Path, *, stage: str, params: dict, inputs: dict[str, dict
     started = time.time()
     try:
         yield tmp
+        ended = time.time()
         manifest = {
             "stage": stage,
             "files": hash_tree(tmp),
@@ -191,8 +192,8 @@ def staged_out(target: Path, *, stage: str, params: dict, inputs: dict[str, dict
             "host": socket.gethostname(),
             "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
             "started": _iso(started),
-            "ended": _iso(time.time()),
-            "wall_seconds": round(time.time() - float(os.environ.get(JOB_STARTED, started)), 1),
+            "ended": _iso(ended),
+            "wall_seconds": round(ended - float(os.environ.get(JOB_STARTED, started)), 1),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _sync_tree(tmp)

@@ -199,9 +199,8 @@ def collate_pairs(examples: list[dict[str, list[int]]], pad_id: int) -> Batch:
     width, length = max(shared), max(len(t) for t in tails)
     return {
         "prefix_ids": torch.tensor([[pad_id] * (width - k) + e["chosen"][:k] for e, k in zip(examples, shared)],
-                                   dtype=torch.long).reshape(len(examples), width),
-        "prefix_mask": torch.tensor([[0] * (width - k) + [1] * k for k in shared],
-                                    dtype=torch.long).reshape(len(examples), width),
+                                   dtype=torch.long),
+        "prefix_mask": torch.tensor([[0] * (width - k) + [1] * k for k in shared], dtype=torch.long),
         "input_ids": torch.tensor([t + [pad_id] * (length - len(t)) for t in tails]),
         "attention_mask": torch.tensor([[1] * len(t) + [0] * (length - len(t)) for t in tails]),
     }
