@@ -35,16 +35,16 @@ def make_pairs(count: int) -> list[dict]:
              "response_b": answers[(i + 1) % len(answers)]} for i, s in enumerate(seeds[:count])]
 
 
-def naive(scorer: Scorer, template: str, pairs: list[dict], principles: list, choices: tuple[int, int]) -> list:
+def naive(scorer: Scorer, template: str, pairs: list[dict], criteria: list, choices: tuple[int, int]) -> list:
     rows = []
-    for pair in pairs:
-        scores: dict[str, list[float]] = {p.id: [] for p in principles}
+    for pair, shown in zip(pairs, criteria):
+        scores: dict[str, list[float]] = {cid: [] for cid, _ in shown}
         for first, second in (("response_a", "response_b"), ("response_b", "response_a")):
-            for p in principles:
+            for cid, principle in shown:
                 text = template.format(instruction=pair["prompt"], output_a=pair[first], output_b=pair[second],
-                                       principle=lp.principle_text(p))
+                                       principle=principle)
                 a, b = scorer.next_token_logits([text], list(choices))[0].tolist()
-                scores[p.id].append(a - b)
+                scores[cid].append(a - b)
         rows.append({"labels": {pid: lp.label(*s) for pid, s in scores.items()}})
     return rows
 
@@ -70,7 +70,7 @@ def main() -> None:
     for name, fn in (("naive: 1 prompt per forward", naive), ("batched, shared prefix once", lp.judge)):
         scorer._prefix = None
         start = time.perf_counter()
-        rows = fn(scorer, template, pairs, principles, choices)
+        rows = fn(scorer, template, pairs, [lp.criteria_of(principles)] * len(pairs), choices)
         seconds = time.perf_counter() - start
         prompts = len(pairs) * len(principles) * 2
         results[name] = {"seconds": seconds, "judge_prompts": prompts, "prompts_per_s": prompts / seconds}

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -45,6 +45,17 @@ class PreferencePrinciple(_Record):
     name: str = Field(min_length=1)
     definition: str = Field(min_length=1)
     negation: str = Field(min_length=1)
+
+
+class PreferenceValue(_Record):
+    """One value of the preference space (Janus): `request` is how a user states it in a system message,
+    `description` the judging principle that tells whether a response follows it."""
+
+    id: str = Field(min_length=1)
+    dimension: Literal["style", "background", "informativeness", "harmlessness"]
+    name: str = Field(min_length=1)
+    request: str = Field(min_length=1)
+    description: str = Field(min_length=1)
 
 
 class QuestionType(_Record):

@@ -2,7 +2,8 @@
 directly on the labelled synthetic pairs, no reward model. Each instance is a pair under a principle subset drawn
 as for the reward model (stages/reward.py: some principles negated, the label the shown principles' majority),
 and the policy sees that subset as the system message of the chat, so the same preferences teach it to follow
-stated principles. The reference is the SFT policy itself: the same model with the adapter disabled.
+stated principles. A system-message pair (stage `system_messages`) is shown under its own system message. The
+reference is the SFT policy itself: the same model with the adapter disabled.
 
 Loss: -log sigmoid(beta x ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), summed log-probabilities of
 the response tokens; chosen and rejected in one forward pass. Runs on the training base (DeepSpeed, LoRA,
@@ -22,12 +23,13 @@ import torch
 
 from stages import cli, sft
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl
+from stages.assets import PreferencePrinciple, PreferenceValue, load_jsonl
 from stages.errors import UserError
 from stages.params import Dpo, Training, load_params
 from stages.records import write_json
-from stages.reward import guide_text, read_preferences, training_examples
+from stages.reward import guide_text, read_preferences, system_examples, training_examples
 from stages.sft import MODEL, LiveCurve
+from stages.system_messages import SPACE
 from stages.training import Batch, collate, merge_adapter, padding_id, shuffled_batches, tokenize_pair, train
 
 STAGE = "policy"
@@ -101,10 +103,12 @@ def main() -> None:
     params = load_params()
     cfg = params.dpo
     principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
-    inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES})
-    rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles))
-    examples = training_examples(rows, principles, cfg.subsets_per_pair, cfg.max_principles, cfg.negation_prob,
-                                 params.seed)
+    inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "space": SPACE})
+    descriptions = {v.id: v.description for v in load_jsonl(SPACE, PreferenceValue)}
+    rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
+    examples = training_examples([r for r in rows if "system" not in r], principles, cfg.subsets_per_pair,
+                                 cfg.max_principles, cfg.negation_prob, params.seed)
+    examples += system_examples([r for r in rows if "system" in r], descriptions, cfg.subsets_per_pair, params.seed)
     if not examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no pair is preferred under any principle (every label is "
                         f"a tie); nothing to train DPO on")

@@ -10,7 +10,13 @@
   reward difference beyond `evaluate.tie_margin`; the RM scores each answer on its own, so order cannot bias it)
   and, with `evaluate.judge_model`, by that model as an a/b judge in both orders (`label_preferences`' judge).
 
-Out (data/evaluation): answers/<policy>.jsonl, metrics.json, plot.json (one row per policy and benchmark, for
+- System messages (Janus): with `system_messages.enabled`, every policy answers each held-out row of
+  data/system_messages/eval.jsonl (a value combination no training data saw) twice, greedy: under its own system
+  message and under a mismatched one. The RM scores both answers per dimension under the description of the row's
+  value, and overall under the whole message: the win rate of matched over mismatched (`sft.system_messages.
+  style.win_rate`, …) says whether the policy follows preferences it was never trained on.
+
+Out (data/evaluation): answers/<policy>.jsonl (+ <policy>.system_messages.jsonl), metrics.json, plot.json (one row per policy and benchmark, for
 the bar chart in dvc.yaml).
 """
 
@@ -27,16 +33,17 @@ from pathlib import Path
 
 from stages import cli
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
+from stages.assets import PreferencePrinciple, PreferenceValue, load_jsonl, load_template, pick_principles
 from stages.benchmarks import ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_truthfulqa_csv, mc_scores, resolve
 from stages.errors import UserError
 from stages.generation import Generator, Sampling, chat_prompt, one_task
-from stages.params import Evaluate, Generation, load_params
+from stages.params import Evaluate, Generation, SystemMessages, load_params
 from stages.progress import progress
-from stages.records import sample_in_order, write_json, write_jsonl
+from stages.records import read_jsonl, sample_in_order, write_json, write_jsonl
 from stages.reward import RewardModel
 from stages.scoring import Scorer
 from stages.sft import MODEL
+from stages.system_messages import DIMENSIONS, SPACE
 
 STAGE = "evaluate"
 OUT = Path("data/evaluation")
@@ -44,6 +51,7 @@ POLICIES = {"base": Path("models/base"), "sft": Path("models/sft") / MODEL, "pol
 RM = Path("models/rm")
 RM_BASE = Path("models/sft") / MODEL
 PRINCIPLES = Path("assets/preference_principles.jsonl")
+SYSTEM = Path("data/system_messages")
 JUDGE_TEMPLATE = Path("assets/judge_prompt.txt")
 PLOT = "plot.json"
 
@@ -116,19 +124,17 @@ def hhh_metrics(scorer: Scorer, items: list[ChoiceItem], normalise: bool) -> dic
 # ---------------------------------------------------------------------------------------------------- MT-Bench
 
 
-def answer_mt_bench(model: Path, questions: list[dict], settings: Generation, max_new_tokens: int,
-                    seed: int) -> list[dict]:
+def answer_mt_bench(generator: Generator, questions: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
     """Both turns of every question, greedy; turn 2 sees turn 1's question and this policy's own answer."""
     sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed)
-    with Generator(model, settings) as generator:
-        tok = generator.tokenizer
-        first = generator.generate([chat_prompt(tok, [{"role": "user", "content": q["turns"][0]}]) for q in questions],
-                                   sampling)
-        follow = [(q, a) for q, a in zip(questions, first) if len(q["turns"]) > 1]
-        second = generator.generate([chat_prompt(tok, [{"role": "user", "content": q["turns"][0]},
-                                                       {"role": "assistant", "content": a.text.strip()},
-                                                       {"role": "user", "content": q["turns"][1]}])
-                                     for q, a in follow], sampling) if follow else []
+    tok = generator.tokenizer
+    first = generator.generate([chat_prompt(tok, [{"role": "user", "content": q["turns"][0]}]) for q in questions],
+                               sampling)
+    follow = [(q, a) for q, a in zip(questions, first) if len(q["turns"]) > 1]
+    second = generator.generate([chat_prompt(tok, [{"role": "user", "content": q["turns"][0]},
+                                                   {"role": "assistant", "content": a.text.strip()},
+                                                   {"role": "user", "content": q["turns"][1]}])
+                                 for q, a in follow], sampling) if follow else []
     later = {q["question_id"]: a for (q, _), a in zip(follow, second)}
     rows = []
     for q, a in zip(questions, first):
@@ -136,6 +142,34 @@ def answer_mt_bench(model: Path, questions: list[dict], settings: Generation, ma
         rows.append({"question_id": q["question_id"], "category": q["category"], "turns": q["turns"],
                      "answers": [x.text.strip() for x in answers], "finish": [x.finish_reason for x in answers]})
     return rows
+
+
+def answer_system_messages(generator: Generator, rows: list[dict], max_new_tokens: int, seed: int) -> list[dict]:
+    """Per held-out row, greedy answers under its own system message and under its mismatched one."""
+    sampling = Sampling(temperature=0.0, max_new_tokens=max_new_tokens, seed=seed)
+    texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": row["prompt"]}], system=system)
+             for row in rows for system in (row["system"], row["mismatched"]["system"])]
+    outs = iter(generator.generate(texts, sampling)) if texts else iter(())
+    return [{"id": row["id"], "combination": row["combination"], "matched": next(outs).text.strip(),
+             "mismatched": next(outs).text.strip()} for row in rows]
+
+
+def system_message_judgement(rm: RewardModel, rows: list[dict], answers: list[dict], descriptions: dict[str, str],
+                             margin: float) -> dict:
+    """The RM's verdict on answers under the matched vs the mismatched system message: per dimension, scored
+    under the description of the row's value for it; and overall, under the whole system message. Win: the
+    matched answer's reward exceeds the mismatched one's by more than `margin`."""
+    prompts = [row["prompt"] for row in rows]
+    guides: dict[str, list] = {d: [[descriptions[row["values"][d]]] for row in rows] for d in DIMENSIONS}
+    guides["overall"] = [row["system"] for row in rows]
+    result: dict = {"prompts": len(rows)}
+    for name, guide in guides.items():
+        matched = rm.score(prompts, [a["matched"] for a in answers], guide)
+        mismatched = rm.score(prompts, [a["mismatched"] for a in answers], guide)
+        diffs = [m - x for m, x in zip(matched, mismatched)]
+        result[name] = {"win_rate": sum(d > margin for d in diffs) / len(diffs),
+                        "loss_rate": sum(d < -margin for d in diffs) / len(diffs), "margin": statistics.fmean(diffs)}
+    return result
 
 
 def conversation(row: dict, turn: int) -> str:
@@ -176,7 +210,7 @@ def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principle
                     batch_size: int) -> dict:
     """A separate judge model, as `label_preferences` judges: policy answer vs base answer under each principle in
     both orders; a turn is won where more principles prefer the policy's answer than the base's."""
-    from stages.label_preferences import judge
+    from stages.label_preferences import criteria_of, judge
 
     scorer = Scorer(judge_model, batch_size=batch_size)
     template = load_template(JUDGE_TEMPLATE, ("instruction", "output_a", "output_b", "principle"))
@@ -188,7 +222,7 @@ def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principle
         base = {r["question_id"]: r for r in answers["base"]}
         pairs = [{"prompt": conversation(r, t), "response_a": r["answers"][t],
                   "response_b": base[r["question_id"]]["answers"][t]} for r, t in turns_of(rows)]
-        judged = judge(scorer, template, pairs, principles, choices)
+        judged = judge(scorer, template, pairs, [criteria_of(principles)] * len(pairs), choices)
         votes = [sum({"a": 1, "b": -1}.get(v, 0) for v in row["labels"].values()) for row in judged]
         result[policy] = outcomes([float(v) for v in votes], 0.0)
     return result
@@ -203,20 +237,27 @@ def plot_rows(metrics: dict) -> list[dict]:
     only: bars sharing a label would stack)."""
     heads = [("hhh", "acc"), ("truthfulqa", "mc1"), ("truthfulqa", "mc2"), ("truthfulqa_csv", "mc1"),
              ("mtbench", "win_rate_vs_base")]
+    heads += [("system_messages", f"{d}.win_rate") for d in (*DIMENSIONS, "overall")]
     rows = []
     for policy, values in metrics["policies"].items():
         for bench, key in heads:
-            if key in values.get(bench, {}):
+            value = values.get(bench, {})
+            for part in key.split("."):
+                value = value.get(part, {}) if isinstance(value, dict) else {}
+            if not isinstance(value, dict):
                 rows.append({"bar": f"{bench}.{key} / {policy}", "benchmark": f"{bench}.{key}", "policy": policy,
-                             "value": values[bench][key]})
+                             "value": value})
     return rows
 
 
 def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Generation, guide: list[str],
-        judge_principles: list[PreferencePrinciple], seed: int, params: dict, inputs: dict) -> str:
+        judge_principles: list[PreferencePrinciple], system: SystemMessages, descriptions: dict[str, str],
+        seed: int, params: dict, inputs: dict) -> str:
     """Runs inside the allocation: score, generate and judge every policy; write the out."""
     results: dict[str, dict] = {}
     answers: dict[str, list[dict]] = {}
+    system_answers: dict[str, list[dict]] = {}
+    held_out = benchmarks["system_messages"]
     for name, model in policies.items():
         scorer = Scorer(model, batch_size=cfg.batch_size)
         results[name] = {
@@ -226,10 +267,16 @@ def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Ge
         }
         del scorer
         gc.collect()
-        answers[name] = answer_mt_bench(model, benchmarks["mt_bench"], settings, cfg.max_new_tokens, seed)
+        with Generator(model, settings) as generator:
+            answers[name] = answer_mt_bench(generator, benchmarks["mt_bench"], cfg.max_new_tokens, seed)
+            system_answers[name] = answer_system_messages(generator, held_out, system.eval_max_new_tokens, seed)
     rm = RewardModel(RM_BASE, RM, batch_size=cfg.batch_size)
     for name, judged in rm_judgement(rm, answers, guide, cfg.tie_margin).items():
         results[name]["mtbench"] = judged
+    if held_out:
+        for name, rows in system_answers.items():
+            results[name]["system_messages"] = system_message_judgement(rm, held_out, rows, descriptions,
+                                                                        cfg.tie_margin)
     if cfg.judge_model:
         for name, judged in model_judgement(Path(cfg.judge_model), answers, judge_principles, cfg.batch_size).items():
             results[name]["mtbench"]["judge"] = judged
@@ -241,6 +288,8 @@ def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Ge
         for name, rows in answers.items():
             (tmp / "answers").mkdir(exist_ok=True)
             write_jsonl(tmp / "answers" / f"{name}.jsonl", rows)
+            if held_out:
+                write_jsonl(tmp / "answers" / f"{name}.system_messages.jsonl", system_answers[name])
         write_json(tmp / "metrics.json", {"scoring": metrics["scoring"], **results})
         (tmp / PLOT).write_text(json.dumps(plot_rows(metrics), indent=1) + "\n")
     return verify_artifact(OUT)
@@ -255,12 +304,15 @@ def main() -> None:
         raise UserError(f"params.yaml: evaluate.judge_model: {cfg.judge_model} is not a folder; expected a local HF "
                         f"model folder")
     benchmarks = load_benchmarks(cfg, params.seed)
+    benchmarks["system_messages"] = read_jsonl(SYSTEM / "eval.jsonl")
+    descriptions = {v.id: v.description for v in load_jsonl(SPACE, PreferenceValue)}
     policies = {name: POLICIES[name] for name in cfg.policies}
     inputs = input_refs({**{name: path.parent if path.name == MODEL else path for name, path in policies.items()},
-                         "rm": RM, "principles": PRINCIPLES})
-    subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump()}
+                         "rm": RM, "principles": PRINCIPLES, "system_messages": SYSTEM, "space": SPACE})
+    subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump(),
+              "system_messages": params.system_messages.model_dump()}
     fn = functools.partial(job, policies, benchmarks, cfg, params.generation, [p.definition for p in judged], judged,
-                           params.seed, subset, inputs)
+                           params.system_messages, descriptions, params.seed, subset, inputs)
     cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.evaluate, STAGE), params.cluster, subset, inputs)
     publish_plot()
 

@@ -103,8 +103,30 @@ def adapter_key(adapter: Path) -> str:
 
 def chat_prompt(tokenizer: Any, messages: list[dict], system: str | None = None) -> str:
     """The prompt text the model's chat template makes of `messages`, ending where the assistant's turn starts."""
-    turns = ([{"role": "system", "content": system}] if system is not None else []) + list(messages)
-    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    return tokenizer.apply_chat_template(with_system(tokenizer, messages, system), tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def has_system_role(tokenizer: Any) -> bool:
+    """Whether the chat template renders a system turn (some refuse one, some drop it silently)."""
+    probe = "SYSTEM-PROBE-7f3a"
+    try:
+        text = tokenizer.apply_chat_template([{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
+                                             tokenize=False, add_generation_prompt=True)
+    except Exception:  # noqa: BLE001 - jinja raises TemplateError or whatever the template's raise_exception gives
+        return False
+    return probe in text
+
+
+def with_system(tokenizer: Any, messages: list[dict], system: str | None) -> list[dict]:
+    """`messages` with `system` as the system turn where the template has one; otherwise the system text opens the
+    first user turn, so a template without the role still shows it."""
+    if system is None:
+        return list(messages)
+    if has_system_role(tokenizer):
+        return [{"role": "system", "content": system}, *messages]
+    first, *rest = messages
+    return [{**first, "content": f"{system}\n\n{first['content']}"}, *rest]
 
 
 class Generator:

@@ -51,6 +51,7 @@ class Cluster(Strict):
     engrave: Resources = Field(default_factory=Resources)
     verbose_answers: Resources = Field(default_factory=Resources)  # verbose_clone's generation job
     verbose_clone: Resources = Field(default_factory=Resources)  # verbose_clone's training job
+    system_messages: Resources = Field(default_factory=Resources)
     sample_pairs: Resources = Field(default_factory=Resources)
     label_preferences: Resources = Field(default_factory=Resources)
     train_rm: Resources = Field(default_factory=Resources)
@@ -252,6 +253,20 @@ class Dpo(Strict):
     max_response_tokens: int = Field(384, ge=1)
 
 
+class SystemMessages(Strict):
+    """Janus: per prompt, one value per dimension of assets/preference_space.jsonl written as a system message."""
+
+    enabled: bool = False
+    held_out_share: float = Field(0.2, gt=0, lt=1)  # share of value combinations never used in training
+    train_prompts: int = Field(24, ge=1)  # prompts given a system message for pairs, RM and policy
+    eval_prompts: int = Field(8, ge=1)  # prompts given a held-out combination, for `evaluate`
+    composer: Literal["model", "template"] = "model"  # who phrases the message (the template is the fallback)
+    max_new_tokens: int = Field(96, ge=8)
+    temperature: float = Field(0.7, ge=0)
+    top_p: float = Field(0.95, gt=0, le=1)
+    eval_max_new_tokens: int = Field(128, ge=1)  # per answer when `evaluate` compares matched and mismatched
+
+
 class Evaluate(Strict):
     """Benchmarks for every produced policy. Benchmark paths: None = their place under ../shared/benchmarks."""
 
@@ -281,6 +296,7 @@ class Params(Strict):
     self_align: SelfAlign = Field(default_factory=SelfAlign)
     engrave: Engrave = Field(default_factory=Engrave)
     verbose_clone: VerboseClone = Field(default_factory=VerboseClone)
+    system_messages: SystemMessages = Field(default_factory=SystemMessages)
     sample_pairs: SamplePairs = Field(default_factory=SamplePairs)
     label_preferences: LabelPreferences = Field(default_factory=LabelPreferences)
     rm: RewardModel = Field(default_factory=RewardModel)

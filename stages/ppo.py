@@ -9,7 +9,8 @@ folded in, and its scalar head) + its own LoRA, read at every response token; th
 One iteration: `rollout_batch_size` prompts (each rank its share) are answered through the generation interface
 with the current adapter (saved, then served as a LoRA request by vLLM or loaded by the hf backend); each
 response is scored by the RM under `num_principles` principles drawn per prompt from the PPO collection plus
-every guard principle; the score is shaped (a response that ends without the stop token gets `stop_penalty`
+every guard principle, or, for a prompt of the `system_messages` training rows, under its system message (which
+the policy sees in the system role); the score is shaped (a response that ends without the stop token gets `stop_penalty`
 instead; an optional capped length bonus) and spread into per-token rewards with the KL penalty to the reference;
 GAE gives advantages (whitened over all ranks) and returns; `ppo_epochs` passes of clipped policy and value
 updates in steps of `step_batch_size` samples follow. Curves go to dvclive every iteration, sample rows to the
@@ -52,6 +53,7 @@ SFT = Path("models/sft")
 RM = Path("models/rm")
 PROMPTS = Path("data/prompts")
 SFT_DATA = Path("data/self_align")
+SYSTEM = Path("data/system_messages")
 COLLECTION = Path("assets/ppo_principles.jsonl")
 GUARDS = Path("assets/guard_principles.jsonl")
 LIVE = Path("dvclive/policy")
@@ -197,14 +199,16 @@ def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[Preferen
             picked = iteration_prompts(pool, cfg, seed, iteration, rank, world)
             save_adapter(policy, rollout_adapter)  # the current policy, for the generation backend to serve
             prompts = [pool[i] for i in picked]
-            texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}]) for p in prompts]
+            texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
+                     for p in prompts]
             sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
                                 seed=seed * 1_000_003 + iteration * 7_919 + rank * 104_729)
             outs = generator.generate(texts, sampling, adapter=rollout_adapter)
             rolled = time.perf_counter()
             queries = [generator.tokenizer(t)["input_ids"] for t in texts]
             responses = [list(o.token_ids) or [pad_id] for o in outs]
-            guides = [guide_for(cfg, collection, guards, seed, iteration, rank * local + k) for k in range(local)]
+            guides = [([f"system:{p['combination']}"], p["system"]) if "system" in p else
+                      guide_for(cfg, collection, guards, seed, iteration, rank * local + k) for k, p in enumerate(prompts)]
             raw = reward.score([p["text"] for p in prompts], [o.text for o in outs], [g[1] for g in guides])
             scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], cfg)
             scored = time.perf_counter()
@@ -313,15 +317,17 @@ def main() -> None:
     guards = pick_principles(load_jsonl(GUARDS, PreferencePrinciple), cfg.guard_principles, "ppo.guard_principles",
                              GUARDS)
     inputs = input_refs({"policy": SFT, "rm": RM, "prompts": PROMPTS, "sft_data": SFT_DATA,
-                         "principles": COLLECTION, "guards": GUARDS})
+                         "principles": COLLECTION, "guards": GUARDS, "system_messages": SYSTEM})
     prompts = read_jsonl(PROMPTS / "prompts.jsonl")
     pool = unused_prompts(prompts, read_jsonl(SFT_DATA / "sft.jsonl"), cfg.max_prompts or len(prompts), params.seed)
     pool = pool or prompts  # every prompt was used for SFT: PPO still needs prompts
+    pool += [{"id": f"sys-{r['id']}", "text": r["prompt"], "system": r["system"], "combination": r["combination"]}
+             for r in read_jsonl(SYSTEM / "train.jsonl")]
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(SFT / MODEL)
-    pool = [p for p in pool if len(tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))
-                                   ["input_ids"]) <= cfg.max_query_tokens]
+    pool = [p for p in pool if len(tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}],
+                                                         system=p.get("system")))["input_ids"]) <= cfg.max_query_tokens]
     if not pool:
         raise UserError(f"{PROMPTS}/prompts.jsonl: no prompt fits ppo.max_query_tokens ({cfg.max_query_tokens})")
     training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,

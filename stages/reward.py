@@ -126,6 +126,27 @@ def training_examples(rows: list[dict], principles: dict[str, PreferencePrincipl
     return examples
 
 
+def system_examples(rows: list[dict], descriptions: dict[str, str], per_pair: int, seed: int) -> list[dict]:
+    """Instances from system-message pairs (rows with `system`): first the pair under its system message as is,
+    labelled by the majority of its values' labels; then up to `per_pair` - 1 under random subsets of the values'
+    descriptions as principle lists, so the RM reads a value stated either way. Pairs no value decides give none."""
+    examples = []
+    for row in rows:
+        ids = list(row["values"].values())
+        rng = random.Random(f"{seed}:{row['id']}")
+        shown = [[(vid, False) for vid in ids]] + [sample_subset(rng, ids, len(ids), 0.0) for _ in range(per_pair - 1)]
+        for k, subset in enumerate(shown):
+            winner = subset_label(row["labels"], subset)
+            if winner == "tie":
+                continue
+            chosen, rejected = (row["response_a"], row["response_b"]) if winner == "a" else \
+                (row["response_b"], row["response_a"])
+            guide: Guide = row["system"] if k == 0 else [descriptions[vid] for vid, _ in subset]
+            examples.append({"id": row["id"], "prompt": row["prompt"], "guide": guide, "chosen": chosen,
+                             "rejected": rejected, "shown": subset, "system": k == 0})
+    return examples
+
+
 def negation_cases(rows: list[dict], principles: dict[str, PreferencePrinciple]) -> list[dict]:
     """(pair, principle) where that principle alone decides the pair: shown as is it prefers the label's
     response, shown negated it must prefer the other one."""

@@ -2,6 +2,11 @@
 principles. Prompts come from the `prompts` out, leaving out those the SFT data was made from (the policy has
 seen its own answers to them); `max_prompts` of the rest are drawn at random. Both samples come from one
 generation call per sample index with different seeds, at `temperature` > 0 so that they differ.
+
+With system messages (stage `system_messages`), each of its training rows adds a pair for its prompt: response a
+written under the row's system message, response b under its mismatched one (a different value in every
+dimension), so the judge compares an answer meant for the stated preferences with one meant for others. Those
+pairs carry `system`, `values` and `combination`; their ids start with `sys-`.
 """
 
 from __future__ import annotations
@@ -26,37 +31,53 @@ OUT = Path("data/pairs")
 POLICY = Path("models/sft")
 PROMPTS = Path("data/prompts")
 SFT_DATA = Path("data/self_align")
+SYSTEM = Path("data/system_messages")
 
 
-def unused_prompts(prompts: list[dict], sft: list[dict], limit: int, seed: int) -> list[dict]:
+def unused_prompts(prompts: list[dict], sft: list[dict], limit: int | None, seed: int) -> list[dict]:
     """Up to `limit` prompts not in the SFT data, drawn at random (file order kept)."""
     used = {row["id"] for row in sft}
     return sample_in_order([p for p in prompts if p["id"] not in used], limit, seed)
 
 
-def job(model: Path, prompts: list[dict], cfg: SamplePairs, settings: Generation, seed: int, params: dict,
-        inputs: dict) -> str:
+def system_pair(row: dict) -> dict:
+    """What a system-message row adds to a pair: the message its response a follows, and the values it encodes."""
+    return {"system": row["system"], "values": row["values"], "combination": row["combination"],
+            "mismatched_system": row["mismatched"]["system"]}
+
+
+def job(model: Path, prompts: list[dict], system_rows: list[dict], cfg: SamplePairs, settings: Generation,
+        seed: int, params: dict, inputs: dict) -> str:
     """Runs inside the allocation: sample twice, keep the usable pairs, write pairs.jsonl + metrics.json."""
     with Generator(model, settings) as generator:
-        texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}]) for p in prompts]
-        samples = [generator.generate(texts, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                                                      seed=seed * 1_000_003 + k * 500_009)) for k in (0, 1)]
+        def text(prompt: str, system: str | None) -> str:
+            return chat_prompt(generator.tokenizer, [{"role": "user", "content": prompt}], system=system)
+
+        plain = [text(p["text"], None) for p in prompts]
+        systems = [[text(r["prompt"], r["system"]) for r in system_rows],
+                   [text(r["prompt"], r["mismatched"]["system"]) for r in system_rows]]
+        samples = [generator.generate(plain + systems[k], Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                                                                   seed=seed * 1_000_003 + k * 500_009))
+                   for k in (0, 1)]
+    sources = [{"id": p["id"], "prompt": p["text"]} for p in prompts] + \
+              [{"id": f"sys-{r['id']}", "prompt": r["prompt"], **system_pair(r)} for r in system_rows]
     pairs, dropped = [], Counter()
-    for prompt, a, b in zip(prompts, *samples):
+    for source, a, b in zip(sources, *samples):
         if not a.text.strip() or not b.text.strip():
             dropped["empty_response"] += 1
         elif a.text.strip() == b.text.strip():
             dropped["identical_responses"] += 1
         else:
-            pairs.append({"id": prompt["id"], "prompt": prompt["text"], "response_a": a.text.strip(),
-                          "response_b": b.text.strip(), "finish_a": a.finish_reason, "finish_b": b.finish_reason})
+            pairs.append({**source, "response_a": a.text.strip(), "response_b": b.text.strip(),
+                          "finish_a": a.finish_reason, "finish_b": b.finish_reason})
     if not pairs:
         reasons = counts_text(dropped)
-        raise UserError(f"{STAGE}: none of {len(prompts)} prompts gave a usable pair ({reasons}); nothing written")
+        raise UserError(f"{STAGE}: none of {len(sources)} prompts gave a usable pair ({reasons}); nothing written")
     responses = [g for sample in samples for g in sample]
     metrics = {
         "prompts": len(prompts),
         "pairs": len(pairs),
+        "system_message_pairs": sum("system" in p for p in pairs),
         "dropped": dict(sorted(dropped.items())),
         "response_tokens_mean": statistics.fmean(g.num_tokens for g in responses),
         "cut_off_share": sum(g.finish_reason == "length" for g in responses) / len(responses),
@@ -70,13 +91,15 @@ def job(model: Path, prompts: list[dict], cfg: SamplePairs, settings: Generation
 def main() -> None:
     params = load_params()
     cfg = params.sample_pairs
-    inputs = input_refs({"policy": POLICY, "prompts": PROMPTS, "sft_data": SFT_DATA})
+    inputs = input_refs({"policy": POLICY, "prompts": PROMPTS, "sft_data": SFT_DATA, "system_messages": SYSTEM})
+    system_rows = read_jsonl(SYSTEM / "train.jsonl")
     prompts = unused_prompts(read_jsonl(PROMPTS / "prompts.jsonl"), read_jsonl(SFT_DATA / "sft.jsonl"),
                              cfg.max_prompts, params.seed)
     if not prompts:
         raise UserError(f"{PROMPTS}/prompts.jsonl: every prompt was used for SFT; none left to sample pairs for")
     subset = {"seed": params.seed, "sample_pairs": cfg.model_dump(), "generation": params.generation.model_dump()}
-    fn = functools.partial(job, POLICY / MODEL, prompts, cfg, params.generation, params.seed, subset, inputs)
+    fn = functools.partial(job, POLICY / MODEL, prompts, system_rows, cfg, params.generation, params.seed, subset,
+                           inputs)
     cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.sample_pairs, STAGE), params.cluster, subset, inputs)
 
 

@@ -22,14 +22,16 @@ from pathlib import Path
 
 from stages import cli, sft
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
+from stages.assets import PreferencePrinciple, PreferenceValue, load_jsonl, load_template, pick_principles
 from stages.benchmarks import ChoiceItem, load_hhh, resolve
 from stages.errors import UserError
 from stages.params import Pmp, RewardModel as RewardParams, Training, load_params
 from stages.records import write_json, write_jsonl
 from stages.reward import (CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases,
-                           pair_batches, read_preferences, split_pairs, tokenize_examples, training_examples)
+                           pair_batches, read_preferences, split_pairs, system_examples, tokenize_examples,
+                           training_examples)
 from stages.sft import MODEL, LiveCurve
+from stages.system_messages import SPACE
 from stages.training import Batch, Batches, global_batch_size, padding_id, train
 
 STAGE = "train_rm"
@@ -156,8 +158,11 @@ def evaluate(rm: RewardModel, held_out: list[dict], cases: list[dict], principle
         agrees.append(float((plain > 0) == (case["winner"] == "a")))
         records.append({"kind": "negation", "id": case["id"], "principle": case["principle"], "winner": case["winner"],
                         "margin_a": plain, "margin_a_negated": negated})
+    right = [float(c > r) for c, r in zip(chosen, rejected)]
+    system = [x for e, x in zip(held_out, right) if e.get("system")]
     metrics = {
-        "held_out": {"accuracy": mean([float(c > r) for c, r in zip(chosen, rejected)]), "examples": len(held_out)},
+        "held_out": {"accuracy": mean(right), "examples": len(held_out)},
+        "system_messages": {"accuracy": mean(system), "examples": len(system)},
         "negation": {"flip_rate": mean(flips), "label_agreement": mean(agrees), "cases": len(cases)},
         "hhh": hhh_accuracy(rm, hhh, hhh_guide),
     }
@@ -202,6 +207,7 @@ def job(base: Path, train_examples: list[dict], pmp_examples: list[dict], held_o
         write_jsonl(tmp / "eval.jsonl", records)
         write_json(tmp / "metrics.json", {
             **metrics, "train": {"examples": len(train_examples), "pmp_examples": len(pmp_examples), "steps": steps,
+                                 "system_message_examples": sum(bool(e.get("system")) for e in train_examples),
                                  "loss_first": losses[0], "loss_last10_mean": statistics.fmean(losses[tail]),
                                  "accuracy_last10_mean": statistics.fmean(accuracy[tail])},
         })
@@ -217,11 +223,19 @@ def main() -> None:
     hhh_guide = [p.definition for p in pick_principles(every, cfg.hhh_principles, "rm.hhh_principles", PRINCIPLES)]
     template = load_template(TEMPLATE, PLACEHOLDERS)
     hhh = load_hhh(resolve("hhh", cfg.hhh, param="rm.hhh"))
-    inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "template": TEMPLATE})
-    rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles))
+    inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "template": TEMPLATE,
+                         "space": SPACE})
+    descriptions = {v.id: v.description for v in load_jsonl(SPACE, PreferenceValue)}
+    rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
     train_rows, held_rows = split_pairs(rows, cfg.eval_share, params.seed)
-    draw = functools.partial(training_examples, principles=principles, per_pair=cfg.subsets_per_pair,
-                             max_principles=cfg.max_principles, negation_prob=cfg.negation_prob, seed=params.seed)
+
+    def draw(pairs: list[dict]) -> list[dict]:
+        """Instances of the principle pairs, then of the system-message pairs."""
+        plain = training_examples([r for r in pairs if "system" not in r], principles, cfg.subsets_per_pair,
+                                  cfg.max_principles, cfg.negation_prob, params.seed)
+        return plain + system_examples([r for r in pairs if "system" in r], descriptions, cfg.subsets_per_pair,
+                                       params.seed)
+
     train_examples = draw(train_rows)
     if not train_examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no training pair is preferred under any principle "

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from slurm.submit import free_port
+from stages.generation import with_system
 from stages.params import Training
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -390,8 +391,7 @@ def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_prompt_tokens:
     exact whatever the tokenizer merges across it. Over-long prompts lose their start (the template's opening
     and the question's beginning, keeping the turn header the response follows); over-long responses their end.
     `system`: a system message before the user's turn."""
-    user = [{"role": "system", "content": system}] if system is not None else []
-    user.append({"role": "user", "content": prompt})
+    user = with_system(tokenizer, [{"role": "user", "content": prompt}], system)
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     if not full_text.startswith(prompt_text):

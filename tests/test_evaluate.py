@@ -14,7 +14,7 @@ import yaml
 
 from stages.artifacts import staged_out, verify_artifact
 from stages.params import Training
-from stages.records import read_jsonl
+from stages.records import read_jsonl, write_jsonl
 from stages.reward import CONFIG_FILE, TEMPLATE_FILE
 from stages.training import lora_model
 from tests.conftest import ROOT
@@ -91,6 +91,9 @@ def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, ti
     (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "models/\n")
     with staged_out(repo / "models/base", stage="import_model", params={}, inputs={}) as tmp:
         shutil.copytree(tiny_model, tmp, dirs_exist_ok=True)
+    with staged_out(repo / "data/system_messages", stage="system_messages", params={}, inputs={}) as tmp:
+        write_jsonl(tmp / "train.jsonl", [])  # off, as the stage writes it by default
+        write_jsonl(tmp / "eval.jsonl", [])
     add_policy_outs(repo, tiny_model)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "policies in place")

@@ -59,7 +59,7 @@ def test_sample_pairs_leaves_out_sft_prompts_and_samples_two_responses(tmp_path:
     assert all(p["response_a"] and p["response_b"] and p["response_a"] != p["response_b"] for p in pairs)
     metrics = json.loads((cwd / "metrics/sample_pairs.json").read_text())
     assert metrics["prompts"] == 3 and metrics["pairs"] == 3
-    assert set(read_manifest(cwd / "data/pairs")["inputs"]) == {"policy", "prompts", "sft_data"}
+    assert set(read_manifest(cwd / "data/pairs")["inputs"]) == {"policy", "prompts", "sft_data", "system_messages"}
 
 
 def test_label_preferences_scores_both_orders_and_labels_only_agreement(tmp_path: Path, tiny_model: Path) -> None:

@@ -30,8 +30,8 @@ FAST_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, micro_batch_si
 
 
 def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, **groups: dict) -> Path:
-    """A project folder: params.yaml (repo defaults + `groups`), assets/, models/base from `model`, and, with
-    `pairs`, a self_align out holding them."""
+    """A project folder: params.yaml (repo defaults + `groups`), assets/, models/base from `model`, an empty
+    system_messages out, and, with `pairs`, a self_align out holding them."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["generation"].update(backend="hf")
     raw["cluster"].update(executor="local", log_dir=str(cwd / "logs"))
@@ -42,6 +42,9 @@ def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None 
     shutil.copytree(ROOT / "assets", cwd / "assets")
     with staged_out(cwd / "models/base", stage="import_model", params={}, inputs={}) as tmp:
         shutil.copytree(model, tmp, dirs_exist_ok=True)
+    with staged_out(cwd / "data/system_messages", stage="system_messages", params={}, inputs={}) as tmp:
+        write_jsonl(tmp / "train.jsonl", [])  # as the stage writes it when disabled
+        write_jsonl(tmp / "eval.jsonl", [])
     if pairs is not None:
         with staged_out(cwd / "data/self_align", stage="self_align", params={}, inputs={}) as tmp:
             write_jsonl(tmp / "sft.jsonl", [{"id": f"p{i}", "prompt": p, "answer": a, "source": "seed"}

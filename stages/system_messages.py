@@ -1,0 +1,190 @@
+"""Stage `system_messages` (Janus): user-stated preferences as system messages, with value combinations held out.
+
+The preference space (assets/preference_space.jsonl) has four dimensions, each with its values. Per prompt, one
+value per dimension is drawn; the combination is written as the system message a user would send, by the SFT
+model itself (asked to phrase the values' requests in its own words) or, where the model's text is unusable or
+`composer: template`, by joining the values' requests. Each row records the values it encodes.
+
+A share of all combinations is held out of training for good: whether a combination is held out is a seeded hash
+of the combination alone, so the split is by combination, not by prompt, and the same under any prompt set.
+train.jsonl (prompts for pairs, the RM and the policy) draws only the other combinations; eval.jsonl (for
+`evaluate`) only held-out ones. Every row also carries a mismatched message, a combination with a different
+value in every dimension (from the same side of the split), to contrast against.
+
+Out (data/system_messages): train.jsonl, eval.jsonl, metrics.json; both files empty with `enabled: false`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import random
+import sys
+from pathlib import Path
+
+import blake3
+
+from stages import cli
+from stages.artifacts import input_refs, staged_out, verify_artifact
+from stages.assets import PreferenceValue, load_jsonl
+from stages.errors import UserError
+from stages.generation import Generator, Sampling, chat_prompt, one_task
+from stages.params import Generation, SystemMessages, load_params
+from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from stages.sample_pairs import unused_prompts
+from stages.sft import MODEL
+
+STAGE = "system_messages"
+OUT = Path("data/system_messages")
+POLICY = Path("models/sft")
+PROMPTS = Path("data/prompts")
+SFT_DATA = Path("data/self_align")
+SPACE = Path("assets/preference_space.jsonl")
+DIMENSIONS = ("style", "background", "informativeness", "harmlessness")
+MIN_VALUES = 6
+MESSAGE_CHARS = (20, 800)  # a model-written message outside these lengths falls back to the template
+
+Space = dict[str, list[PreferenceValue]]
+
+
+def load_space(path: Path = SPACE) -> Space:
+    """The values by dimension; each dimension needs MIN_VALUES values (one line naming the file else)."""
+    space: Space = {d: [] for d in DIMENSIONS}
+    for value in load_jsonl(path, PreferenceValue):
+        space[value.dimension].append(value)
+    short = next((d for d in DIMENSIONS if len(space[d]) < MIN_VALUES), None)
+    if short is not None:
+        raise UserError(f"{path}: dimension {short!r} has {len(space[short])} values; expected at least {MIN_VALUES}")
+    return space
+
+
+def combination(values: dict[str, str]) -> str:
+    """The key of a value combination: its value ids in dimension order."""
+    return "/".join(values[d] for d in DIMENSIONS)
+
+
+def is_held_out(key: str, share: float, seed: int) -> bool:
+    """Whether a combination is held out of all training: a seeded hash of the combination alone."""
+    digest = blake3.blake3(f"{seed}:{key}".encode()).digest(length=8)
+    return int.from_bytes(digest, "big") / 2**64 < share
+
+
+def draw_values(rng: random.Random, space: Space, held_out: bool, share: float, seed: int,
+                differ_from: dict[str, str] | None = None) -> dict[str, str]:
+    """One value id per dimension, from the held-out combinations or from the others; with `differ_from`, a
+    different value in every dimension."""
+    for _ in range(10_000):
+        values = {d: rng.choice([v.id for v in space[d] if differ_from is None or v.id != differ_from[d]])
+                  for d in DIMENSIONS}
+        if is_held_out(combination(values), share, seed) == held_out:
+            return values
+    raise UserError(f"{SPACE}: no {'held-out' if held_out else 'training'} combination found; change "
+                    f"system_messages.held_out_share")
+
+
+def template_message(values: dict[str, str], space: Space) -> str:
+    """The fallback message: the values' requests, the reader's background first."""
+    by_id = {v.id: v for vs in space.values() for v in vs}
+    order = ("background", "style", "informativeness", "harmlessness")
+    return " ".join(by_id[values[d]].request for d in order)
+
+
+def composer_request(values: dict[str, str], space: Space) -> str:
+    """What the model is asked, to write the message in its own words."""
+    by_id = {v.id: v for vs in space.values() for v in vs}
+    wants = "\n".join(f"- {by_id[values[d]].request}" for d in DIMENSIONS)
+    return ("Rewrite these notes as one short message that a user sends to an AI assistant before asking a "
+            "question, saying who they are and how they want to be answered. Write it in the first person, in two "
+            f"to four sentences, and keep every point.\n\nNotes:\n{wants}\n\nWrite only the message.")
+
+
+def usable(text: str, finish_reason: str) -> bool:
+    """A model-written message is kept only if it ended by itself and is of a plausible length."""
+    return finish_reason == "stop" and MESSAGE_CHARS[0] <= len(text.strip()) <= MESSAGE_CHARS[1]
+
+
+def plan(prompts: list[dict], space: Space, cfg: SystemMessages, seed: int) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) without messages yet: eval prompts first from a seeded shuffle, train prompts after
+    them (the two sets disjoint while the pool allows), each with its combination and a mismatched one."""
+    order = random.Random(f"{seed}:system_messages").sample(prompts, len(prompts))
+    evals = order[: cfg.eval_prompts]
+    rest = order[cfg.eval_prompts :] or order
+    trains = rest[: cfg.train_prompts]
+
+    def row(prompt: dict, held_out: bool) -> dict:
+        rng = random.Random(f"{seed}:{prompt['id']}:{held_out}")
+        values = draw_values(rng, space, held_out, cfg.held_out_share, seed)
+        other = draw_values(rng, space, held_out, cfg.held_out_share, seed, differ_from=values)
+        return {"id": prompt["id"], "prompt": prompt["text"], "values": values, "combination": combination(values),
+                "mismatched": {"values": other, "combination": combination(other)}}
+
+    return [row(p, False) for p in trains], [row(p, True) for p in evals]
+
+
+def compose(generator: Generator | None, sides: list[dict], space: Space, cfg: SystemMessages, seed: int) -> None:
+    """Fill in `system` and `source` of every side (a row or its mismatched part): the model's text where usable,
+    else the template's."""
+    if generator is not None:
+        texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": composer_request(s["values"], space)}])
+                 for s in sides]
+        written = generator.generate(texts, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed=seed))
+    else:
+        written = [None] * len(sides)
+    for side, out in zip(sides, written):
+        if out is not None and usable(out.text, out.finish_reason):
+            side.update(system=out.text.strip(), source="model")
+        else:
+            side.update(system=template_message(side["values"], space), source="template")
+
+
+def job(model: Path, train: list[dict], evals: list[dict], space: Space, cfg: SystemMessages, settings: Generation,
+        seed: int, params: dict, inputs: dict) -> str:
+    """Runs inside the allocation: write every message, then train.jsonl, eval.jsonl and metrics.json."""
+    rows = train + evals
+    sides = rows + [r["mismatched"] for r in rows]
+    if cfg.composer == "model":
+        with Generator(model, settings) as generator:
+            compose(generator, sides, space, cfg, seed)
+    else:
+        compose(None, sides, space, cfg, seed)
+    metrics = {
+        "enabled": True, "train_prompts": len(train), "eval_prompts": len(evals),
+        "combinations": {"train": len({r["combination"] for r in train}), "eval": len({r["combination"] for r in evals}),
+                         "space": math.prod(len(space[d]) for d in DIMENSIONS)},
+        "model_written_share": sum(s["source"] == "model" for s in sides) / len(sides),
+        "message_chars_mean": sum(len(s["system"]) for s in sides) / len(sides),
+    }
+    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+        write_jsonl(tmp / "train.jsonl", train)
+        write_jsonl(tmp / "eval.jsonl", evals)
+        write_json(tmp / "metrics.json", metrics)
+    return verify_artifact(OUT)
+
+
+def main() -> None:
+    params = load_params()
+    cfg = params.system_messages
+    subset = {"seed": params.seed, "system_messages": cfg.model_dump(), "generation": params.generation.model_dump()}
+    if not cfg.enabled:
+        with staged_out(OUT, stage=STAGE, params={"system_messages": {"enabled": False}}, inputs={}) as tmp:
+            write_jsonl(tmp / "train.jsonl", [])
+            write_jsonl(tmp / "eval.jsonl", [])
+            write_json(tmp / "metrics.json", {"enabled": False})
+        publish_metrics(OUT, STAGE)
+        print(f"{STAGE}: {OUT} {verify_artifact(OUT)} (disabled)")
+        return
+    space = load_space()
+    inputs = input_refs({"policy": POLICY, "prompts": PROMPTS, "sft_data": SFT_DATA, "space": SPACE})
+    pool = unused_prompts(read_jsonl(PROMPTS / "prompts.jsonl"), read_jsonl(SFT_DATA / "sft.jsonl"), None,
+                          params.seed)
+    if len(pool) < 2:
+        raise UserError(f"{PROMPTS}/prompts.jsonl: {len(pool)} prompts not used for SFT; system messages need at "
+                        f"least 2 (one to train on, one to evaluate)")
+    train, evals = plan(pool, space, cfg, params.seed)
+    fn = functools.partial(job, POLICY / MODEL, train, evals, space, cfg, params.generation, params.seed, subset,
+                           inputs)
+    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.system_messages, STAGE), params.cluster, subset, inputs)
+
+
+if __name__ == "__main__":
+    sys.exit(cli.run(main))
