@@ -80,6 +80,12 @@ def one_task(resources: params.Resources, stage: str) -> params.Resources:
     return resources
 
 
+def max_model_len(model: Path | str) -> int:
+    """The context length the model's config.json allows (vLLM's default max_model_len)."""
+    config = json.loads((Path(model) / "config.json").read_text())
+    return int(config.get("max_position_embeddings", 2048))
+
+
 def config_dtype(model: Path | str) -> str:
     """The dtype the model was saved in (config.json `dtype`, `torch_dtype` before transformers 5)."""
     config = json.loads((Path(model) / "config.json").read_text())
@@ -206,6 +212,11 @@ class _VLLM:
             enable_prefix_caching=prefix_caching,
             seed=0,
         )
+        if current_platform.is_cpu():
+            # no chunked prefill on CPU: vLLM rewinds a seeded request's generator after a partly prefilled step,
+            # which CPU generators cannot do ("CPU Generator does not use offset"), so a batch of sampled prompts
+            # longer than one step's token budget would crash; whole prompts per step instead
+            kwargs.update(enable_chunked_prefill=False, max_num_batched_tokens=max(8192, max_model_len(model)))
         if settings.kv_cache_gb:  # a fixed size skips the memory-profiling warm-up (on CPU: RAM, not GPU memory)
             kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_gb * 2**30)
         if lora_rank > 0:
