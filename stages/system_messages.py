@@ -2,7 +2,8 @@
 
 The preference space (assets/preference_space.jsonl) has four dimensions, each with its values. Per prompt, one
 value per dimension is drawn; the combination is written as the system message a user would send, by the SFT
-model itself (asked to phrase the values' requests in its own words) or, where the model's text is unusable or
+model itself (asked to phrase the values' requests in its own words) or, where the model's text is cut off, of
+implausible length or shares no content word with some value's request (so cannot be said to encode it), or with
 `composer: template`, by joining the values' requests. Each row records the values it encodes.
 
 A share of all combinations is held out of training for good: whether a combination is held out is a seeded hash
@@ -19,7 +20,9 @@ from __future__ import annotations
 import functools
 import math
 import random
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import blake3
@@ -98,9 +101,39 @@ def composer_request(values: dict[str, str], space: Space) -> str:
             f"to four sentences, and keep every point.\n\nNotes:\n{wants}\n\nWrite only the message.")
 
 
-def usable(text: str, finish_reason: str) -> bool:
-    """A model-written message is kept only if it ended by itself and is of a plausible length."""
-    return finish_reason == "stop" and MESSAGE_CHARS[0] <= len(text.strip()) <= MESSAGE_CHARS[1]
+GENERIC = {"please", "answer", "want", "give", "tell", "like", "would", "that", "this", "with", "what", "when",
+           "your", "about", "from", "have", "know", "should", "make", "keep", "sure", "them", "they", "things", "read",
+           "more", "where", "talk", "i'm"}
+
+
+def _stems(text: str) -> set[str]:
+    """Content words cut to their first five letters, so "detail" finds "detailed" and "engineer" "engineering"."""
+    return {w[:5] for w in re.findall(r"[a-z']+", text.lower()) if len(w) >= 4 and w not in GENERIC}
+
+
+def _echoes(text: str, instruction: str, n: int = 5) -> bool:
+    """Whether `text` repeats n words in a row of the composer's instruction (the model copying its task)."""
+    def grams(words: list[str]) -> set[tuple[str, ...]]:
+        return {tuple(words[i : i + n]) for i in range(len(words) - n + 1)}
+
+    return bool(grams(re.findall(r"[a-z']+", text.lower())) & grams(re.findall(r"[a-z']+", instruction.lower())))
+
+
+def rejection(text: str, finish_reason: str, values: dict[str, str], space: Space) -> str | None:
+    """Why a model-written message cannot stand for its values, or None: it was cut off, its length is
+    implausible, it copies the composer's instruction, or it shares no content word with some value's request or
+    name (the model wrote about something else)."""
+    if finish_reason != "stop":
+        return "cut_off"
+    if not MESSAGE_CHARS[0] <= len(text.strip()) <= MESSAGE_CHARS[1]:
+        return "length"
+    if _echoes(text, composer_request({d: space[d][0].id for d in DIMENSIONS}, space).split("\n\nNotes:")[0]):
+        return "echoes_the_instruction"
+    by_id = {v.id: v for vs in space.values() for v in vs}
+    words = _stems(text)
+    if any(not (_stems(by_id[values[d]].request) | _stems(by_id[values[d]].name)) & words for d in DIMENSIONS):
+        return "misses_a_value"
+    return None
 
 
 def plan(prompts: list[dict], space: Space, cfg: SystemMessages, seed: int) -> tuple[list[dict], list[dict]]:
@@ -121,20 +154,25 @@ def plan(prompts: list[dict], space: Space, cfg: SystemMessages, seed: int) -> t
     return [row(p, False) for p in trains], [row(p, True) for p in evals]
 
 
-def compose(generator: Generator | None, sides: list[dict], space: Space, cfg: SystemMessages, seed: int) -> None:
-    """Fill in `system` and `source` of every side (a row or its mismatched part): the model's text where usable,
-    else the template's."""
+def compose(generator: Generator | None, sides: list[dict], space: Space, cfg: SystemMessages,
+            seed: int) -> Counter:
+    """Fill in `system` and `source` of every side (a row or its mismatched part): the model's text where it can
+    stand for the values, else the template's. Returns why model texts were rejected, counted."""
     if generator is not None:
         texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": composer_request(s["values"], space)}])
                  for s in sides]
         written = generator.generate(texts, Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed=seed))
     else:
         written = [None] * len(sides)
+    rejected: Counter = Counter()
     for side, out in zip(sides, written):
-        if out is not None and usable(out.text, out.finish_reason):
+        reason = None if out is None else rejection(out.text, out.finish_reason, side["values"], space)
+        if out is not None and reason is None:
             side.update(system=out.text.strip(), source="model")
         else:
+            rejected.update([reason] if reason else [])
             side.update(system=template_message(side["values"], space), source="template")
+    return rejected
 
 
 def job(model: Path, train: list[dict], evals: list[dict], space: Space, cfg: SystemMessages, settings: Generation,
@@ -144,14 +182,15 @@ def job(model: Path, train: list[dict], evals: list[dict], space: Space, cfg: Sy
     sides = rows + [r["mismatched"] for r in rows]
     if cfg.composer == "model":
         with Generator(model, settings) as generator:
-            compose(generator, sides, space, cfg, seed)
+            rejected = compose(generator, sides, space, cfg, seed)
     else:
-        compose(None, sides, space, cfg, seed)
+        rejected = compose(None, sides, space, cfg, seed)
     metrics = {
         "enabled": True, "train_prompts": len(train), "eval_prompts": len(evals),
         "combinations": {"train": len({r["combination"] for r in train}), "eval": len({r["combination"] for r in evals}),
                          "space": math.prod(len(space[d]) for d in DIMENSIONS)},
         "model_written_share": sum(s["source"] == "model" for s in sides) / len(sides),
+        "model_rejected": dict(sorted(rejected.items())),
         "message_chars_mean": sum(len(s["system"]) for s in sides) / len(sides),
     }
     with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:

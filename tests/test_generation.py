@@ -220,6 +220,16 @@ def test_vllm_seeded_sampling(vllm: gen.Generator, prompts: list[str]) -> None:
 
 
 @pytest.mark.slow
+def test_vllm_samples_a_batch_longer_than_one_step(vllm: gen.Generator, prompts: list[str]) -> None:
+    """More prompt tokens than vLLM's default step budget (4096): with chunked prefill a seeded request split over
+    two steps crashed the CPU engine; each prompt still gets its own reproducible stream."""
+    batch = prompts * (4096 // sum(len(vllm.tokenizer(p)["input_ids"]) for p in prompts) + 1)
+    sampling = gen.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=4, seed=3)
+    out = vllm.generate(batch, sampling)
+    assert len(out) == len(batch) and out[: len(prompts)] == vllm.generate(prompts, sampling)
+
+
+@pytest.mark.slow
 def test_vllm_lora_matches_hf(vllm: gen.Generator, hf: gen.Generator, prompts: list[str],
                               adapters: tuple[Path, Path], tmp_path: Path) -> None:
     import shutil

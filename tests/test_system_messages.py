@@ -7,6 +7,7 @@ answer)."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from pathlib import Path
@@ -68,6 +69,23 @@ def test_held_out_combinations_are_a_seeded_share_of_the_space_split_by_combinat
     assert all(sm.is_held_out(r["combination"], 0.2, 0) for r in evals)
     for row in train + evals:  # the mismatched message differs in every dimension
         assert all(row["values"][d] != row["mismatched"]["values"][d] for d in sm.DIMENSIONS)
+
+
+def test_a_model_written_message_is_kept_only_where_it_states_every_value() -> None:
+    values = {"style": "bullets", "background": "expert_programmer", "informativeness": "thorough",
+              "harmlessness": "gentle"}
+    good = ("I'm a software engineer with years of experience. Please use bullet points and be thorough, but be "
+            "gentle with me.")
+    assert sm.rejection(good, "stop", values, SPACE) is None
+    assert sm.rejection(good, "length", values, SPACE) == "cut_off"
+    assert sm.rejection("I am an engineer.", "stop", values, SPACE) == "length"
+    assert sm.rejection("I am a software engineer; use bullets and be thorough.", "stop", values,
+                        SPACE) == "misses_a_value"  # nothing about gentleness
+    echo = "Rewrite these notes as one short message that a user sends: bullets, engineer, thorough, gentle."
+    assert sm.rejection(echo, "stop", values, SPACE) == "echoes_the_instruction"
+    every = [dict(zip(sm.DIMENSIONS, ids)) for ids in itertools.product(*([v.id for v in SPACE[d]]
+                                                                          for d in sm.DIMENSIONS))]
+    assert all(sm.rejection(sm.template_message(v, SPACE), "stop", v, SPACE) is None for v in every)
 
 
 def test_the_system_role_is_used_where_the_template_has_one(tiny_model: Path) -> None:
