@@ -61,8 +61,25 @@ class _Task:
         submitit.helpers.TorchDistributedEnvironment().export(
             set_cuda_visible_devices=self.one_gpu_per_task, overwrite=True
         )
+        os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
         os.environ[JOB_STARTED] = str(time.time())
         return self.fn()
+
+
+def node_address(node: str) -> str:
+    """An address the ranks can reach `node` (the job's first node, submitit's master) at: the name itself where
+    it resolves, else the NodeAddr SLURM has for it (node names need not be host names)."""
+    try:
+        socket.getaddrinfo(node, None)
+        return node
+    except socket.gaierror:
+        pass
+    try:
+        out = subprocess.run(["scontrol", "show", "node", node], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return node
+    found = re.search(r"\bNodeAddr=(\S+)", out)
+    return found.group(1) if found else node
 
 
 def free_port() -> int:

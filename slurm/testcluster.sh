@@ -13,6 +13,10 @@
 # Clients find the cluster through SLURM_CONF=$SLURM_TEST_DIR/etc/slurm.conf (see `env`); nothing under /etc
 # is written except the munge key, which is created when missing.
 # Overridable: SLURM_TEST_CTLD_PORT (6817), SLURM_TEST_SLURMD_PORT (6818), SLURM_TEST_START_TIMEOUT (60 s).
+#
+# SLURM_TEST_NODES=2: the two-node variant - two slurmd daemons on this machine, nodes n1 and n2 (NodeAddr
+# 127.0.0.1, ports SLURMD_PORT and SLURMD_PORT+1, one CPU and one placeholder GPU each), each started as
+# `slurmd -N <node>`; give it its own SLURM_TEST_DIR and ports to run beside the one-node cluster.
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,9 +24,15 @@ TEMPLATES=$HERE/testcluster
 DIR=${SLURM_TEST_DIR:-/tmp/slurm-test}
 CONF=$DIR/etc/slurm.conf
 PIDS=$DIR/run/pids
-NODE=$(hostname -s)
+HOST=$(hostname -s)
 CTLD_PORT=${SLURM_TEST_CTLD_PORT:-6817}
 SLURMD_PORT=${SLURM_TEST_SLURMD_PORT:-6818}
+NODE_COUNT=${SLURM_TEST_NODES:-1}
+case $NODE_COUNT in
+    1) NODES=$HOST; SLURMDS=(slurmd); CONF_TEMPLATE=slurm.conf.in; GRES_TEMPLATE=gres.conf.in ;;
+    2) NODES=n1,n2; SLURMDS=(slurmd@n1 slurmd@n2); CONF_TEMPLATE=slurm-2node.conf.in; GRES_TEMPLATE=gres-2node.conf.in ;;
+    *) echo "testcluster: error: SLURM_TEST_NODES must be 1 or 2, got '$NODE_COUNT'" >&2; exit 64 ;;
+esac
 START_TIMEOUT=${SLURM_TEST_START_TIMEOUT:-60}
 MUNGE_KEY=/etc/munge/munge.key
 MUNGE_PID=/run/munge/munged.pid
@@ -92,6 +102,9 @@ forget_pid() {
     mv "$PIDS.tmp" "$PIDS"
 }
 
+comm_of() { echo "${1%@*}"; }  # a daemon instance (slurmd@n1) is the process slurmd
+pidfile_of() { echo "$DIR/run/${1/@/-}.pid"; }  # slurmd@n1: run/slurmd-n1.pid (SlurmdPidFile with %n)
+
 pidfile_pid() {  # pidfile_pid FILE NAME: the pid in FILE when that process is NAME
     local pid
     [[ -f $1 ]] || return 0
@@ -101,14 +114,20 @@ pidfile_pid() {  # pidfile_pid FILE NAME: the pid in FILE when that process is N
 
 munge_ok() { munge -n 2>/dev/null | unmunge >/dev/null 2>&1; }
 
-node_state() {  # the node's state as sinfo reports it (idle, mixed, allocated, down*, drained, ...), or nothing
-    timeout 10 sinfo -h -N -n "$NODE" -o '%T' 2>/dev/null | head -n 1 || true
+node_state() {  # the nodes' state as sinfo reports it (idle, mixed, down*, drained, ...): a node's that is not
+    local states  # ready where there is one, else the first node's; nothing when sinfo does not answer
+    states=$(timeout 10 sinfo -h -N -n "$NODES" -o '%T' 2>/dev/null || true)
+    [[ -n $states ]] || return 0
+    grep -v -x -E 'idle|mixed|allocated|completing' <<< "$states" | head -n 1 | grep . || head -n 1 <<< "$states"
 }
 
 healthy() {
+    local d
     [[ -f $CONF ]] || return 1
     pid_is "$(pidfile_pid "$DIR/run/slurmctld.pid" slurmctld)" slurmctld || return 1
-    pid_is "$(pidfile_pid "$DIR/run/slurmd.pid" slurmd)" slurmd || return 1
+    for d in "${SLURMDS[@]}"; do
+        pid_is "$(pidfile_pid "$(pidfile_of "$d")" slurmd)" slurmd || return 1
+    done
     munge_ok || return 1
     case $(node_state) in
         idle|mixed|allocated|completing) return 0 ;;
@@ -120,13 +139,14 @@ render() {  # render TEMPLATE OUT
     local mem_mb
     # RealMemory above what the node has drains it; 20000 MB where there is room for it
     mem_mb=$(awk '/^MemTotal:/ {m = int($2 / 1024) - 1024; print (m < 20000 ? m : 20000)}' /proc/meminfo)
-    sed -e "s|@NODE@|$NODE|g" -e "s|@DIR@|$DIR|g" -e "s|@CPUS@|$(nproc)|g" -e "s|@MEMORY_MB@|$mem_mb|g" \
-        -e "s|@CTLD_PORT@|$CTLD_PORT|g" -e "s|@SLURMD_PORT@|$SLURMD_PORT|g" "$1" > "$2"
+    sed -e "s|@NODE@|$HOST|g" -e "s|@DIR@|$DIR|g" -e "s|@CPUS@|$(nproc)|g" -e "s|@MEMORY_MB@|$mem_mb|g" \
+        -e "s|@CTLD_PORT@|$CTLD_PORT|g" -e "s|@SLURMD_PORT@|$SLURMD_PORT|g" \
+        -e "s|@SLURMD_PORT2@|$((SLURMD_PORT + 1))|g" -e "s|@HALF_MEMORY_MB@|$((mem_mb / 2))|g" "$1" > "$2"
 }
 
 show_logs() {
     local f
-    for f in "$DIR/log/slurmctld.log" "$DIR/log/slurmd.log"; do
+    for f in "$DIR"/log/slurm*.log; do
         [[ -f $f ]] && { say "last lines of $f:"; tail -n 15 "$f" >&2; }
     done
     return 0
@@ -163,17 +183,23 @@ start_munge() {
     record_pid munged "$pid"
 }
 
-start_daemon() {  # start_daemon NAME: slurmctld or slurmd, daemonized, pid from its pid file
-    local name=$1 pid i
-    pid=$(pidfile_pid "$DIR/run/$name.pid" "$name")
+start_daemon() {  # start_daemon NAME: slurmctld, slurmd or slurmd@NODE, daemonized, pid from its pid file
+    local name=$1 comm pidfile pid i
+    comm=$(comm_of "$name")
+    pidfile=$(pidfile_of "$name")
+    pid=$(pidfile_pid "$pidfile" "$comm")
     if [[ -n $pid ]]; then
         record_pid "$name" "$pid"
         return 0
     fi
-    rm -f "$DIR/run/$name.pid"
-    "$name" -f "$CONF" || { show_logs; die "$name did not start"; }
+    rm -f "$pidfile"
+    if [[ $name == *@* ]]; then
+        "$comm" -N "${name#*@}" -f "$CONF" || { show_logs; die "$name did not start"; }
+    else
+        "$comm" -f "$CONF" || { show_logs; die "$name did not start"; }
+    fi
     for ((i = 0; i < 100; i++)); do
-        pid=$(pidfile_pid "$DIR/run/$name.pid" "$name")
+        pid=$(pidfile_pid "$pidfile" "$comm")
         [[ -n $pid ]] && break
         sleep 0.1
     done
@@ -186,15 +212,15 @@ cmd_start() {
     installed || { say "error: slurm/munge not installed; run: $0 install"; exit 2; }
     mkdir -p "$DIR"/{etc,state,spool,log,run,dev}
     chmod 0755 "$DIR"
-    render "$TEMPLATES/slurm.conf.in" "$DIR/etc/slurm.conf.new"
-    render "$TEMPLATES/gres.conf.in" "$DIR/etc/gres.conf.new"
+    render "$TEMPLATES/$CONF_TEMPLATE" "$DIR/etc/slurm.conf.new"
+    render "$TEMPLATES/$GRES_TEMPLATE" "$DIR/etc/gres.conf.new"
     if [[ -f $CONF ]] && cmp -s "$CONF" "$DIR/etc/slurm.conf.new" && cmp -s "$DIR/etc/gres.conf" "$DIR/etc/gres.conf.new"; then
         if healthy; then
             rm -f "$DIR"/etc/*.new
-            say "already running (node $NODE $(node_state); SLURM_CONF=$CONF)"
+            say "already running (nodes $NODES $(node_state); SLURM_CONF=$CONF)"
             return 0
         fi
-    elif [[ -n $(pidfile_pid "$DIR/run/slurmctld.pid" slurmctld)$(pidfile_pid "$DIR/run/slurmd.pid" slurmd) ]]; then
+    elif [[ -n $(pidfile_pid "$DIR/run/slurmctld.pid" slurmctld)$(for d in "${SLURMDS[@]}"; do pidfile_pid "$(pidfile_of "$d")" slurmd; done) ]]; then
         say "configuration changed: restarting slurmctld and slurmd"
         stop_slurm
     fi
@@ -209,31 +235,33 @@ cmd_start() {
     done
     start_munge
     start_daemon slurmctld
-    start_daemon slurmd
+    local d
+    for d in "${SLURMDS[@]}"; do start_daemon "$d"; done
     local deadline=$((SECONDS + START_TIMEOUT)) state resumed=0
     while ((SECONDS < deadline)); do
         state=$(node_state)
         case $state in
-            idle|mixed|allocated) say "up: node $NODE $state, partitions cpu (default) and gpu; SLURM_CONF=$CONF"; return 0 ;;
+            idle|mixed|allocated) say "up: nodes $NODES $state, partitions cpu (default) and gpu; SLURM_CONF=$CONF"; return 0 ;;
             down*|drain*|drained*)
                 if ((resumed == 0)); then
-                    scontrol update nodename="$NODE" state=resume >/dev/null 2>&1 || true
+                    scontrol update nodename="$NODES" state=resume >/dev/null 2>&1 || true
                     resumed=1
                 fi ;;
         esac
         sleep 0.2
     done
     show_logs
-    die "node $NODE not idle after ${START_TIMEOUT}s (state: '${state:-none}'); logs in $DIR/log"
+    die "nodes $NODES not idle after ${START_TIMEOUT}s (state: '${state:-none}'); logs in $DIR/log"
 }
 
 daemon_pid() {  # daemon_pid NAME: the pid to stop, recorded (slurm daemons: or from their pid file in $DIR)
-    local pid
+    local pid comm
+    comm=$(comm_of "$1")
     pid=$(recorded_pid "$1")
-    if [[ $1 != munged ]] && ! pid_is "$pid" "$1"; then
-        pid=$(pidfile_pid "$DIR/run/$1.pid" "$1")
+    if [[ $1 != munged ]] && ! pid_is "$pid" "$comm"; then
+        pid=$(pidfile_pid "$(pidfile_of "$1")" "$comm")
     fi
-    pid_is "$pid" "$1" && echo "$pid" || true
+    pid_is "$pid" "$comm" && echo "$pid" || true
 }
 
 stop_daemons() {  # stop_daemons NAME...: TERM all at once (each takes 1-2 s to exit), KILL what is left after 10 s
@@ -246,12 +274,12 @@ stop_daemons() {  # stop_daemons NAME...: TERM all at once (each takes 1-2 s to 
     done
     for ((i = 0; i < 100; i++)); do
         left=0
-        for name in "${!pids[@]}"; do pid_is "${pids[$name]}" "$name" && left=1; done
+        for name in "${!pids[@]}"; do pid_is "${pids[$name]}" "$(comm_of "$name")" && left=1; done
         ((left)) || break
         sleep 0.1
     done
     for name in "${!pids[@]}"; do
-        if pid_is "${pids[$name]}" "$name"; then
+        if pid_is "${pids[$name]}" "$(comm_of "$name")"; then
             say "$name ${pids[$name]} did not stop on TERM; killing it"
             kill -KILL "${pids[$name]}" 2>/dev/null || true
         fi
@@ -277,24 +305,24 @@ cancel_jobs() {  # cancel every job of the test cluster, wait (10 s at most) for
 
 stop_slurm() {
     cancel_jobs
-    stop_daemons slurmd slurmctld
+    stop_daemons "${SLURMDS[@]}" slurmctld
 }
 
 cmd_stop() {
     need_root
     cancel_jobs
-    stop_daemons slurmd slurmctld munged  # munged only where this script started it
+    stop_daemons "${SLURMDS[@]}" slurmctld munged  # munged only where this script started it
     rm -f "$PIDS"
 }
 
 cmd_status() {
     local name pid running=0
-    for name in munged slurmctld slurmd; do
+    for name in munged slurmctld "${SLURMDS[@]}"; do
         pid=$(recorded_pid "$name")
         if [[ $name != munged ]]; then
-            pid=${pid:-$(pidfile_pid "$DIR/run/$name.pid" "$name")}
+            pid=${pid:-$(pidfile_pid "$(pidfile_of "$name")" "$(comm_of "$name")")}
         fi
-        if pid_is "$pid" "$name"; then
+        if pid_is "$pid" "$(comm_of "$name")"; then
             echo "$name: running ($pid)"
             running=1
         else

@@ -14,7 +14,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from tests.tiny import make_roomy_model, make_tiny_model  # noqa: E402
-from tests.slurm_fixture import slurm_cluster  # noqa: F401
+from tests.slurm_fixture import slurm_cluster, slurm_two_nodes  # noqa: F401
 
 
 @pytest.fixture(scope="session")

@@ -23,3 +23,20 @@ def all_reduce_rank() -> tuple[int, int, float, str | None]:
 def fail(message: str) -> None:
     raise RuntimeError(message)
 
+
+
+def node_ranks() -> tuple[int, str | None, list[str], str, float]:
+    """(rank, the SLURM node this task runs on, the job's hostnames as submitit reads them, the master address
+    the submission layer exported, the sum of rank+1 over all ranks by gloo all_reduce)."""
+    import submitit
+    import torch
+    import torch.distributed as dist
+
+    hostnames = submitit.JobEnvironment().hostnames
+    dist.init_process_group("gloo", init_method="env://")
+    try:
+        total = torch.tensor([float(dist.get_rank() + 1)])
+        dist.all_reduce(total)
+        return dist.get_rank(), os.environ.get("SLURMD_NODENAME"), hostnames, os.environ["MASTER_ADDR"], total.item()
+    finally:
+        dist.destroy_process_group()

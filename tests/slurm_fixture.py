@@ -69,3 +69,24 @@ def slurm_cluster() -> Iterator[SlurmCluster]:
                 os.environ[key] = value
         if not was_running:
             subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)
+
+
+TWO_NODE_ENV = {"SLURM_TEST_DIR": "/tmp/slurm-test-2node", "SLURM_TEST_NODES": "2", "SLURM_TEST_CTLD_PORT": "6827",
+                "SLURM_TEST_SLURMD_PORT": "17001"}
+
+
+@pytest.fixture(scope="session")
+def slurm_two_nodes(slurm_cluster: SlurmCluster) -> Iterator[SlurmCluster]:
+    """The two-node variant of the test cluster (nodes n1 and n2: two slurmd daemons on this machine), beside the
+    one-node one (own state folder and ports). Tests point SLURM_CONF at `conf` for the commands they run."""
+    env = {**os.environ, **TWO_NODE_ENV}
+    was_running = subprocess.run([str(SCRIPT), "status"], env=env, capture_output=True, timeout=60).returncode == 0
+    start = subprocess.run([str(SCRIPT), "start"], env=env, capture_output=True, text=True, timeout=300)
+    if start.returncode != 0:
+        pytest.fail(f"SLURM_TEST_NODES=2 slurm/testcluster.sh start failed:\n{_tail(start, 40)}", pytrace=False)
+    state_dir = Path(TWO_NODE_ENV["SLURM_TEST_DIR"])
+    try:
+        yield SlurmCluster(state_dir=state_dir, conf=state_dir / "etc" / "slurm.conf", node="n1,n2")
+    finally:
+        if not was_running:
+            subprocess.run([str(SCRIPT), "stop"], env=env, capture_output=True, timeout=120)

@@ -1,0 +1,81 @@
+"""Multi-node jobs on the two-node test cluster (`slurm_two_nodes`: nodes n1 and n2, two slurmd daemons on this
+machine): a `nodes=2, tasks_per_node=1` job whose ranks run one per node and form one gloo group, DeepSpeed
+ZeRO-2 and ZeRO-3 LoRA training across the two nodes matching one process with the same global batch, and the
+`train_rm` stage with `cluster.train_rm.nodes: 2` matching the same stage on one node."""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import pytest
+
+from slurm.submit import JobSpec, submit
+from stages.params import Cluster, Resources, Training
+from stages.training import sft_job
+from tests.jobs import node_ranks
+from tests.test_reward import HHH, rm_project
+from tests.test_sft_stages import FAST_TRAINING, curve, stage
+from tests.test_training import TINY, _inline
+from tests.tiny import PAIRS
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+TWO_NODES = Resources(partition="cpu", nodes=2, tasks_per_node=1, cpus_per_task=1, mem_gb=2, time_min=10)
+
+
+@pytest.fixture
+def two_nodes(slurm_two_nodes, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001, ANN201
+    """sbatch, squeue and the submission layer in this test talk to the two-node cluster."""
+    monkeypatch.setenv("SLURM_CONF", str(slurm_two_nodes.conf))
+    return slurm_two_nodes
+
+
+def test_a_two_node_job_runs_one_rank_per_node_in_one_gloo_group(two_nodes, tmp_path: Path) -> None:
+    spec = JobSpec(stage="two_nodes", fn=node_ranks, resources=TWO_NODES, target=tmp_path / "out", key={})
+    rank, node, hostnames, master, total = submit(spec, Cluster(executor="slurm", log_dir=str(tmp_path / "logs")))
+    assert (rank, node, hostnames, total) == (0, "n1", ["n1", "n2"], 3.0)  # 1 + 2 summed across the nodes
+    assert master == "127.0.0.1"  # n1 does not resolve: its NodeAddr from scontrol
+    logs = sorted((tmp_path / "logs" / "two_nodes").glob("*_log.out"))
+    assert len(logs) == 2  # one task per node, each its own log
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_zero_lora_across_two_nodes_matches_one_process(two_nodes, tmp_path: Path, tiny_model: Path,
+                                                        zero: int) -> None:
+    # the same global batch of 2: 1 rank x 2 accumulation micro-batches, or 2 nodes x 1 rank x 1
+    setup = {**TINY, "lora_dropout": 0.0, "zero_stage": zero, "save_every": 100}
+    single = _inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1",
+                                       Training(**setup, gradient_accumulation_steps=2), 4,
+                                       adapter_dir=tmp_path / "adapter1", log=None))
+    spec = JobSpec(stage=f"zero{zero}_two_nodes", resources=TWO_NODES, target=tmp_path / "adapter2", key={},
+                   fn=functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt2", Training(**setup), 4,
+                                        adapter_dir=tmp_path / "adapter2"))
+    result = submit(spec, Cluster(executor="slurm", log_dir=str(tmp_path / "logs")))
+    assert len(result["losses"]) == 4 and result["losses"] == pytest.approx(single["losses"], rel=1e-6)
+    assert (tmp_path / "adapter2" / "adapter_model.safetensors").is_file()
+
+
+def test_train_rm_on_two_nodes_matches_one_node(two_nodes, tmp_path: Path, roomy_model: Path) -> None:
+    """Two ranks either way (same global batch): 2 tasks on one node (local executor) vs 1 task on each of the
+    two nodes (SLURM); the losses, the trained RM's held-out judgements and its metrics agree."""
+    training = {**FAST_TRAINING, "micro_batch_size": 4, "save_every": 100}
+    rm = {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 1, "eval_share": 0.34,
+          "hhh": HHH}
+    runs = {}
+    for name, cluster in (("one_node", {"executor": "local", "train_rm": {"tasks_per_node": 2, "cpus_per_task": 1}}),
+                          ("two_nodes", {"executor": "slurm", "train_rm": TWO_NODES.model_dump()})):
+        cwd = rm_project(tmp_path / name, roomy_model, training=training, rm=rm,
+                         cluster={**cluster, "log_dir": str(tmp_path / name / "logs")})
+        proc = stage(cwd, "train_rm", timeout=1200)
+        assert proc.returncode == 0, proc.stderr
+        runs[name] = cwd
+    one, two = runs["one_node"], runs["two_nodes"]
+    assert [s for s, _ in curve(two, "train_rm", "loss")] == [s for s, _ in curve(one, "train_rm", "loss")]
+    assert [v for _, v in curve(two, "train_rm", "loss")] == \
+        pytest.approx([v for _, v in curve(one, "train_rm", "loss")], rel=1e-5)
+    held = {name: [r["chosen"] - r["rejected"] for r in map(json.loads, (cwd / "models/rm/eval.jsonl").open())
+                   if r["kind"] == "held_out"] for name, cwd in runs.items()}
+    assert held["two_nodes"] == pytest.approx(held["one_node"], rel=1e-4, abs=1e-4)
+    assert len(list((two / "logs" / "train_rm").glob("*_log.out"))) == 2

@@ -1,0 +1,70 @@
+"""A parameter sweep as parallel SLURM jobs: `dvc exp run --queue -S ppo.kl_coef=0.01,0.05` queues two
+experiments, `dvc queue start -j 2` runs them in their own temporary workspaces at once, each submitting its PPO
+job to the one-node test cluster, and `dvc exp show` lists both with their params and metrics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+from tests.test_dvc import sh
+from tests.test_ppo import TINY_PPO, ppo_project
+from tests.test_slurm import SqueueWatch
+
+pytestmark = [pytest.mark.slurm, pytest.mark.slow]
+
+
+def sweep_repo(folder: Path, model: Path, logs: Path) -> Path:
+    """A git + DVC repository holding the project code, a dvc.yaml of the `policy` stage alone and its inputs
+    committed (a queued experiment starts from a commit: untracked inputs would not be in its workspace)."""
+    cwd = ppo_project(folder, model, ppo={**TINY_PPO, "iterations": 2},
+                      cluster={"executor": "slurm", "log_dir": str(logs),
+                               "ppo": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 3, "time_min": 20}})
+    for name in ("stages", "slurm"):
+        shutil.copytree(ROOT / name, cwd / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".gitignore", cwd / ".gitignore")
+    policy = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["policy"]
+    policy["deps"] = [d for d in policy["deps"] if (cwd / d).exists()]
+    (cwd / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"policy": policy}}, sort_keys=False))
+    sh(cwd, "git", "init", "-q")
+    sh(cwd, "dvc", "init", "-q")
+    sh(cwd, "git", "add", "-A")
+    sh(cwd, "git", "add", "-f", "models", "data")  # the policy stage's inputs, as upstream stages left them
+    sh(cwd, "git", "commit", "-qm", "inputs in place")
+    return cwd
+
+
+def test_a_queued_sweep_runs_as_parallel_slurm_jobs(slurm_cluster, tmp_path: Path, roomy_model: Path) -> None:
+    logs = tmp_path / "logs"  # one log folder for both experiments: each job's files carry its own job id
+    repo = sweep_repo(tmp_path / "repo", roomy_model, logs)
+    queued = sh(repo, "dvc", "exp", "run", "--queue", "-S", "ppo.kl_coef=0.01,0.05")
+    assert queued.stdout.count("Queued experiment") == 2, queued.stdout
+
+    with SqueueWatch("policy") as watch:
+        sh(repo, "dvc", "queue", "start", "-j", "2")
+        deadline = time.time() + 1200
+        while time.time() < deadline:
+            status = sh(repo, "dvc", "queue", "status").stdout
+            if "Queued" not in status and "Running" not in status:
+                break
+            time.sleep(2)
+    assert status.count("Success") == 2, status
+
+    jobs = {job for snapshot in watch.snapshots for job in snapshot}
+    assert len(jobs) == 2  # one SLURM job per experiment, none submitted twice
+    assert any(sum(state == "RUNNING" for state in snapshot.values()) == 2 for snapshot in watch.snapshots)
+    assert {p.name.split("_")[0] for p in (logs / "policy").glob("*_0_log.out")} == jobs
+
+    shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
+    exps = [e["data"] for rev in shown for e in rev.get("experiments") or [] for e in e.get("revs", [])]
+    kl = sorted(e["params"]["params.yaml"]["data"]["ppo"]["kl_coef"] for e in exps)
+    assert kl == [0.01, 0.05]
+    for exp in exps:
+        metrics = exp["metrics"]["metrics/policy.json"]["data"]
+        assert metrics["algorithm"] == "ppo" and metrics["iterations"] == 2
