@@ -23,13 +23,13 @@ import torch
 
 from stages import cli, sft
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, PreferenceValue, load_jsonl
+from stages.assets import PreferencePrinciple, load_jsonl
 from stages.errors import UserError
 from stages.params import Dpo, Training, load_params
 from stages.records import write_json
-from stages.reward import guide_text, read_preferences, system_examples, training_examples
+from stages.reward import guide_text, preference_examples, read_preferences
 from stages.sft import MODEL, LiveCurve
-from stages.system_messages import SPACE
+from stages.system_messages import SPACE, value_descriptions
 from stages.training import Batch, collate, merge_adapter, padding_id, shuffled_batches, tokenize_pair, train
 
 STAGE = "policy"
@@ -104,11 +104,10 @@ def main() -> None:
     cfg = params.dpo
     principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "space": SPACE})
-    descriptions = {v.id: v.description for v in load_jsonl(SPACE, PreferenceValue)}
+    descriptions = value_descriptions()
     rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
-    examples = training_examples([r for r in rows if "system" not in r], principles, cfg.subsets_per_pair,
-                                 cfg.max_principles, cfg.negation_prob, params.seed)
-    examples += system_examples([r for r in rows if "system" in r], descriptions, cfg.subsets_per_pair, params.seed)
+    examples = preference_examples(rows, principles, descriptions, cfg.subsets_per_pair, cfg.max_principles,
+                                   cfg.negation_prob, params.seed)
     if not examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no pair is preferred under any principle (every label is "
                         f"a tie); nothing to train DPO on")

@@ -33,7 +33,7 @@ from pathlib import Path
 
 from stages import cli
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, PreferenceValue, load_jsonl, load_template, pick_principles
+from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
 from stages.benchmarks import ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_truthfulqa_csv, mc_scores, resolve
 from stages.errors import UserError
 from stages.generation import Generator, Sampling, chat_prompt, one_task
@@ -43,7 +43,7 @@ from stages.records import read_jsonl, sample_in_order, write_json, write_jsonl
 from stages.reward import RewardModel
 from stages.scoring import Scorer
 from stages.sft import MODEL
-from stages.system_messages import DIMENSIONS, SPACE
+from stages.system_messages import DIMENSIONS, SPACE, value_descriptions
 
 STAGE = "evaluate"
 OUT = Path("data/evaluation")
@@ -305,7 +305,7 @@ def main() -> None:
                         f"model folder")
     benchmarks = load_benchmarks(cfg, params.seed)
     benchmarks["system_messages"] = read_jsonl(SYSTEM / "eval.jsonl")
-    descriptions = {v.id: v.description for v in load_jsonl(SPACE, PreferenceValue)}
+    descriptions = value_descriptions()
     policies = {name: POLICIES[name] for name in cfg.policies}
     inputs = input_refs({**{name: path.parent if path.name == MODEL else path for name, path in policies.items()},
                          "rm": RM, "principles": PRINCIPLES, "system_messages": SYSTEM, "space": SPACE})

@@ -113,15 +113,23 @@ def chat_prompt(tokenizer: Any, messages: list[dict], system: str | None = None)
                                          add_generation_prompt=True)
 
 
+_SYSTEM_ROLE: dict[str, bool] = {}  # chat template text -> whether it renders a system turn
+
+
 def has_system_role(tokenizer: Any) -> bool:
-    """Whether the chat template renders a system turn (some refuse one, some drop it silently)."""
-    probe = "SYSTEM-PROBE-7f3a"
-    try:
-        text = tokenizer.apply_chat_template([{"role": "system", "content": probe}, {"role": "user", "content": "hi"}],
-                                             tokenize=False, add_generation_prompt=True)
-    except Exception:  # noqa: BLE001 - jinja raises TemplateError or whatever the template's raise_exception gives
-        return False
-    return probe in text
+    """Whether the chat template renders a system turn (some refuse one, some drop it silently); probed once per
+    template, since every prompt with a system message asks."""
+    key = str(tokenizer.chat_template)
+    if key not in _SYSTEM_ROLE:
+        probe = "SYSTEM-PROBE-7f3a"
+        try:
+            text = tokenizer.apply_chat_template(
+                [{"role": "system", "content": probe}, {"role": "user", "content": "hi"}], tokenize=False,
+                add_generation_prompt=True)
+            _SYSTEM_ROLE[key] = probe in text
+        except Exception:  # noqa: BLE001 - jinja raises TemplateError or whatever the template's raise_exception gives
+            _SYSTEM_ROLE[key] = False
+    return _SYSTEM_ROLE[key]
 
 
 def with_system(tokenizer: Any, messages: list[dict], system: str | None) -> list[dict]:

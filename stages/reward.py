@@ -147,6 +147,15 @@ def system_examples(rows: list[dict], descriptions: dict[str, str], per_pair: in
     return examples
 
 
+def preference_examples(rows: list[dict], principles: dict[str, PreferencePrinciple], descriptions: dict[str, str],
+                        per_pair: int, max_principles: int, negation_prob: float, seed: int) -> list[dict]:
+    """Instances of every labelled pair: principle pairs under principle subsets (`training_examples`), then
+    system-message pairs under their message and their values' descriptions (`system_examples`)."""
+    plain = training_examples([r for r in rows if "system" not in r], principles, per_pair, max_principles,
+                              negation_prob, seed)
+    return plain + system_examples([r for r in rows if "system" in r], descriptions, per_pair, seed)
+
+
 def negation_cases(rows: list[dict], principles: dict[str, PreferencePrinciple]) -> list[dict]:
     """(pair, principle) where that principle alone decides the pair: shown as is it prefers the label's
     response, shown negated it must prefer the other one."""

@@ -61,6 +61,15 @@ def load_space(path: Path = SPACE) -> Space:
     return space
 
 
+def values_by_id(space: Space) -> dict[str, PreferenceValue]:
+    return {v.id: v for values in space.values() for v in values}
+
+
+def value_descriptions(path: Path = SPACE) -> dict[str, str]:
+    """Value id -> its description: the judging principle the judge, the RM and evaluation read for it."""
+    return {v.id: v.description for v in load_jsonl(path, PreferenceValue)}
+
+
 def combination(values: dict[str, str]) -> str:
     """The key of a value combination: its value ids in dimension order."""
     return "/".join(values[d] for d in DIMENSIONS)
@@ -87,18 +96,21 @@ def draw_values(rng: random.Random, space: Space, held_out: bool, share: float, 
 
 def template_message(values: dict[str, str], space: Space) -> str:
     """The fallback message: the values' requests, the reader's background first."""
-    by_id = {v.id: v for vs in space.values() for v in vs}
+    by_id = values_by_id(space)
     order = ("background", "style", "informativeness", "harmlessness")
     return " ".join(by_id[values[d]].request for d in order)
 
 
+COMPOSER_INSTRUCTION = ("Rewrite these notes as one short message that a user sends to an AI assistant before asking "
+                        "a question, saying who they are and how they want to be answered. Write it in the first "
+                        "person, in two to four sentences, and keep every point.")
+
+
 def composer_request(values: dict[str, str], space: Space) -> str:
     """What the model is asked, to write the message in its own words."""
-    by_id = {v.id: v for vs in space.values() for v in vs}
+    by_id = values_by_id(space)
     wants = "\n".join(f"- {by_id[values[d]].request}" for d in DIMENSIONS)
-    return ("Rewrite these notes as one short message that a user sends to an AI assistant before asking a "
-            "question, saying who they are and how they want to be answered. Write it in the first person, in two "
-            f"to four sentences, and keep every point.\n\nNotes:\n{wants}\n\nWrite only the message.")
+    return f"{COMPOSER_INSTRUCTION}\n\nNotes:\n{wants}\n\nWrite only the message."
 
 
 GENERIC = {"please", "answer", "want", "give", "tell", "like", "would", "that", "this", "with", "what", "when",
@@ -127,9 +139,9 @@ def rejection(text: str, finish_reason: str, values: dict[str, str], space: Spac
         return "cut_off"
     if not MESSAGE_CHARS[0] <= len(text.strip()) <= MESSAGE_CHARS[1]:
         return "length"
-    if _echoes(text, composer_request({d: space[d][0].id for d in DIMENSIONS}, space).split("\n\nNotes:")[0]):
+    if _echoes(text, COMPOSER_INSTRUCTION):
         return "echoes_the_instruction"
-    by_id = {v.id: v for vs in space.values() for v in vs}
+    by_id = values_by_id(space)
     words = _stems(text)
     if any(not (_stems(by_id[values[d]].request) | _stems(by_id[values[d]].name)) & words for d in DIMENSIONS):
         return "misses_a_value"

@@ -22,16 +22,15 @@ from pathlib import Path
 
 from stages import cli, sft
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, PreferenceValue, load_jsonl, load_template, pick_principles
+from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
 from stages.benchmarks import ChoiceItem, load_hhh, resolve
 from stages.errors import UserError
 from stages.params import Pmp, RewardModel as RewardParams, Training, load_params
 from stages.records import write_json, write_jsonl
 from stages.reward import (CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases,
-                           pair_batches, read_preferences, split_pairs, system_examples, tokenize_examples,
-                           training_examples)
+                           pair_batches, preference_examples, read_preferences, split_pairs, tokenize_examples)
 from stages.sft import MODEL, LiveCurve
-from stages.system_messages import SPACE
+from stages.system_messages import SPACE, value_descriptions
 from stages.training import Batch, Batches, global_batch_size, padding_id, train
 
 STAGE = "train_rm"
@@ -225,17 +224,12 @@ def main() -> None:
     hhh = load_hhh(resolve("hhh", cfg.hhh, param="rm.hhh"))
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "template": TEMPLATE,
                          "space": SPACE})
-    descriptions = {v.id: v.description for v in load_jsonl(SPACE, PreferenceValue)}
+    descriptions = value_descriptions()
     rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
     train_rows, held_rows = split_pairs(rows, cfg.eval_share, params.seed)
-
-    def draw(pairs: list[dict]) -> list[dict]:
-        """Instances of the principle pairs, then of the system-message pairs."""
-        plain = training_examples([r for r in pairs if "system" not in r], principles, cfg.subsets_per_pair,
-                                  cfg.max_principles, cfg.negation_prob, params.seed)
-        return plain + system_examples([r for r in pairs if "system" in r], descriptions, cfg.subsets_per_pair,
-                                       params.seed)
-
+    draw = functools.partial(preference_examples, principles=principles, descriptions=descriptions,
+                             per_pair=cfg.subsets_per_pair, max_principles=cfg.max_principles,
+                             negation_prob=cfg.negation_prob, seed=params.seed)
     train_examples = draw(train_rows)
     if not train_examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no training pair is preferred under any principle "
