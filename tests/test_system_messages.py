@@ -224,3 +224,18 @@ def test_the_rm_prefers_the_answer_that_fits_the_system_message(tmp_path: Path, 
         margins[background] = [f - o for f, o in zip(fitting, other)]
     print({k: [round(m, 2) for m in v] for k, v in margins.items()})
     assert all(sum(m > 0 for m in v) >= 5 for v in margins.values()), margins  # 5 of 6 prompts or more
+
+
+def test_a_pair_naming_an_unknown_value_is_one_line_and_writes_nothing(tmp_path: Path, tiny_model: Path) -> None:
+    cwd = make_project(tmp_path, tiny_model)
+    add_policy_outs(cwd, tiny_model)
+    with staged_out(cwd / "data/pairs", stage="sample_pairs", params={}, inputs={}) as tmp:
+        write_jsonl(tmp / "pairs.jsonl", [{"id": "sys-p0", "prompt": "Hi?", "response_a": "Hello.", "response_b": "Hey.",
+                                           "system": "I am eight years old.", "combination": "x",
+                                           "values": {"style": "formal", "background": "toddler",
+                                                      "informativeness": "brief", "harmlessness": "gentle"}}])
+    proc = stage(cwd, "label_preferences")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("data/pairs/pairs.jsonl: values: 'toddler' is not an id in "
+                                  "assets/preference_space.jsonl")
+    assert not (cwd / "data/preferences").exists()
