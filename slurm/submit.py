@@ -63,7 +63,13 @@ class _Task:
         )
         os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
         os.environ[JOB_STARTED] = str(time.time())
+        sys.stdout.reconfigure(line_buffering=True)  # progress lines reach the job log as they are printed
         return self.fn()
+
+    def checkpoint(self) -> submitit.helpers.DelayedSubmission:
+        """submitit calls this on the time-limit (or preemption) signal before it requeues the job: the next
+        allocation runs the same task, and training stages resume from their newest checkpoint."""
+        return submitit.helpers.DelayedSubmission(self)
 
 
 def node_address(node: str) -> str:
@@ -119,17 +125,20 @@ def _make_executor(kind: str, folder: Path, stage: str, res: Resources) -> submi
         executor = submitit.SlurmExecutor(folder=folder)
         executor.job_class = SlurmJob
         extra = {k: getattr(res, k) for k in ("account", "qos", "constraint") if getattr(res, k)}
+        executor.max_num_timeout = res.max_requeues
         executor.update_parameters(
             job_name=stage, partition=res.partition, nodes=res.nodes, ntasks_per_node=res.tasks,
             cpus_per_task=res.cpus_per_task, mem=f"{res.mem_gb}GB", time=res.time_min, setup=res.setup,
+            signal_delay_s=res.signal_delay_s, srun_args=["--kill-on-bad-exit=1"],  # one dead rank ends the job
             **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node else {}), **extra,
         )
         return executor
     if res.nodes != 1:
         raise UserError(f"params.yaml: cluster.{stage}.nodes: the {kind} executor runs on one node, got {res.nodes}")
-    executor = submitit.LocalExecutor(folder=folder)
+    executor = submitit.LocalExecutor(folder=folder, max_num_timeout=res.max_requeues)
     executor.update_parameters(
-        timeout_min=res.time_min, tasks_per_node=res.tasks, gpus_per_node=res.gpus_per_node, setup=res.setup
+        timeout_min=res.time_min, tasks_per_node=res.tasks, gpus_per_node=res.gpus_per_node, setup=res.setup,
+        signal_delay_s=res.signal_delay_s,
     )
     return executor
 
@@ -179,40 +188,72 @@ def _finished(job: submitit.Job) -> bool:
     return job.done()
 
 
-def _wait(job: submitit.Job) -> None:
-    """Poll fast at first, then back off to every 2 s: submitit's own wait checks once a second, which is most
-    of the overhead of a short job."""
-    delay = 0.05
+def _wait(job: submitit.Job, stage: str) -> None:
+    """Poll fast at first, then back off to every 2 s (submitit's own wait checks once a second, which is most
+    of the overhead of a short job); say on stderr whenever a SLURM job's state or pending reason changes (queued
+    behind a down node, requeued after a time limit or a node failure), so a waiting login node is never silent."""
+    delay, said = 0.05, ("PENDING", "None")
     while not _finished(job):
+        if isinstance(job, submitit.SlurmJob):
+            info = job.get_info(mode="cache")
+            now = (info.get("State", "UNKNOWN"), info.get("Reason", "None"))
+            if now != said and now[0] not in ("UNKNOWN", GONE, "COMPLETED", "COMPLETING"):
+                where = f" on {info['NodeList']}" if now[0] == "RUNNING" and info.get("NodeList") else ""
+                why = f" ({now[1]})" if now[1] not in ("None", "") else ""
+                print(f"{stage}: job {job.job_id} {now[0]}{why}{where}", file=sys.stderr, flush=True)
+                said = now
         time.sleep(delay)
         delay = min(delay * 1.5, 2.0)
 
 
-def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed:
-    failing = 0
-    for t in range(job.num_tasks):
-        pkl = job.task(t).paths.result_pickle
-        status = None
-        if pkl.exists():
-            with pkl.open("rb") as fh:
-                status = pickle.load(fh)[0]
-        if status != "success":
-            failing = t
-            break
+def _task_outcome(job: submitit.Job, task: int) -> tuple[str | None, str, float]:
+    """(status, what the task returned or its traceback, when it wrote that) from submitit's result file of one
+    task; (None, "", inf) where the task wrote none (killed, or never started)."""
+    pkl = job.task(task).paths.result_pickle
+    if not pkl.exists():
+        return None, "", float("inf")
+    with pkl.open("rb") as fh:  # submitit's own transport file, written by this job's task
+        status, value = pickle.load(fh)[:2]
+    return status, value if isinstance(value, str) else "", pkl.stat().st_mtime
+
+
+def first_failed_task(job: submitit.Job) -> tuple[int, str]:
+    """The rank whose failure ended the job, and srun's words for how it ended ("" where srun said nothing): the
+    first task srun reports as exited or killed (the others are then terminated by --kill-on-bad-exit, or fail
+    on the lost connection), else the task whose error was written first, else the first without a result."""
+    main_log = job.task(0).paths.stderr
+    if main_log.exists():
+        for found in re.finditer(r"srun: error: \S+: tasks? ([\d,-]+): (.+)", main_log.read_text(errors="replace")):
+            if found.group(2).strip() != "Terminated":
+                return int(re.split(r"[,-]", found.group(1))[0]), found.group(2).strip()
+    outcomes = [_task_outcome(job, t) for t in range(job.num_tasks)]
+    errors = [(written, t) for t, (status, _, written) in enumerate(outcomes) if status == "error"]
+    if errors:
+        return min(errors)[1], ""
+    return next((t for t, (status, _, _) in enumerate(outcomes) if status != "success"), 0), ""
+
+
+def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed | UserError:
+    """What the login node reports for a failed job: a UserError raised in the job (bad input found there, a full
+    disk) stays one line naming the job and its log; anything else names the first failed rank, its error, the
+    tail of its stderr and the log."""
+    failing, srun_says = first_failed_task(job)
     paths = job.task(failing).paths
     tail = ""
     if paths.stderr.exists():
         lines = [line for line in paths.stderr.read_text(errors="replace").splitlines() if line.strip()]
         tail = "\n".join("  | " + line for line in lines[-STDERR_TAIL_LINES:])
-    # a job that raised: submitit's message holds its traceback between two dashed lines, the exception last;
-    # a job that ended without a result (cancelled, timed out): the first line names the job and its state
-    parts = re.split(r"^-{8,}$", str(exc), flags=re.MULTILINE)
-    raised = isinstance(exc, FailedJobError) and len(parts) > 2
-    lines = [line.strip() for line in (parts[1] if raised else str(exc)).splitlines() if line.strip()]
-    reason = (lines[-1] if raised else lines[0]) if lines else type(exc).__name__
-    return JobFailed(
-        f"{stage}: job {job.job_id} failed on rank {failing}: {reason}\n{tail}\n  log: {paths.stderr}"
-    )
+    status, traceback_text, _ = _task_outcome(job, failing)
+    raised = [line.strip() for line in traceback_text.splitlines() if line.strip()] if status == "error" else []
+    # a job that ended without a result (cancelled, timed out): submitit's first line names its state
+    user_error = f"{UserError.__module__}.{UserError.__name__}: "
+    if raised and raised[-1].startswith(user_error):
+        return UserError(f"{raised[-1].removeprefix(user_error)} (job {job.job_id}, log: {paths.stderr})")
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    reason = (raised[-1] if raised else f"srun: {srun_says}" if srun_says else lines[0] if lines
+              else type(exc).__name__)
+    return JobFailed("\n".join(part for part in (
+        f"{stage}: job {job.job_id} failed on rank {failing}: {reason}", tail, f"  log: {paths.stderr}") if part))
 
 
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
@@ -239,7 +280,8 @@ def _run_inline(spec: JobSpec) -> Any:
 
 
 def submit(spec: JobSpec, cluster: Cluster) -> Any:
-    """Run `spec.fn` under the cluster's executor and return rank 0's result; raise JobFailed on failure."""
+    """Run `spec.fn` under the cluster's executor and return rank 0's result; raise JobFailed on failure, or the
+    UserError the job raised."""
     kind = choose_executor(cluster)
     if kind == "inline":
         if spec.resources.tasks != 1 or spec.resources.nodes != 1:
@@ -276,7 +318,13 @@ def submit(spec: JobSpec, cluster: Cluster) -> Any:
         os.replace(tmp, state_file)
         print(f"{spec.stage}: submitted {kind} job {job.job_id} (logs: {job.paths.stdout.parent})", file=sys.stderr)
     try:
-        _wait(job)
+        _wait(job, spec.stage)
+        if isinstance(job, submitit.SlurmJob) and not _has_results(job):
+            info = job.get_info(mode="force")  # ended without a result: say how, without submitit's 60 s wait for
+            state = info.get("State", "UNKNOWN").split(" ")[0]  # a result file that will not come
+            if state in SLURM_FAILED:
+                why = f" ({info['Reason']})" if info.get("Reason", "None") != "None" else ""
+                raise UncompletedJobError(f"SLURM ended the job: {state}{why}")
         results = job.results()
     except (FailedJobError, UncompletedJobError) as exc:
         state_file.unlink(missing_ok=True)

@@ -52,7 +52,7 @@ class SlurmWatcher(SlurmInfoWatcher):
 
     def _squeue(self, ids: list[str]) -> dict | None:
         """squeue lists pending, running and recently ended jobs (MinJobAge); a job it does not list is gone."""
-        command = ["squeue", "-h", "-t", "all", "-o", "%i|%T|%N", "-j", ",".join(ids)]
+        command = ["squeue", "-h", "-t", "all", "-o", "%i|%T|%N|%r", "-j", ",".join(ids)]
         try:
             proc = subprocess.run(command, capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired):
@@ -60,7 +60,7 @@ class SlurmWatcher(SlurmInfoWatcher):
         if proc.returncode != 0 and "Invalid job id" not in proc.stderr:
             return None  # controller unreachable: keep the states known so far
         listed = proc.stdout if proc.returncode == 0 else ""
-        info = self.read_info("JobID|State|NodeList\n" + listed)
+        info = self.read_info("JobID|State|NodeList|Reason\n" + listed)
         for job_id in ids:
             info.setdefault(job_id, {"JobID": job_id, "State": GONE, "NodeList": ""})
         return info

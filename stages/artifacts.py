@@ -11,6 +11,7 @@ RENAME_EXCHANGE where the filesystem has one), so a crash at any moment leaves t
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import shutil
@@ -198,9 +199,21 @@ def staged_out(target: Path, *, stage: str, params: dict, inputs: dict[str, dict
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _sync_tree(tmp)
         _swap_into_place(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _out_of_space(exc):  # a full disk or quota: one line, the previous out kept
+            free = shutil.disk_usage(target.parent).free / 2**20
+            writing = f", writing {exc.filename}" if getattr(exc, "filename", None) else ""
+            raise UserError(f"{target}: no space left on the device ({free:.1f} MiB free there{writing}); "
+                            "the previous out is kept") from None
         raise
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    """ENOSPC or EDQUOT, as an OSError or inside another library's error (safetensors reports it as text)."""
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    return any(os.strerror(code) in str(exc) for code in (errno.ENOSPC, errno.EDQUOT))
 
 
 def _iso(t: float) -> str:

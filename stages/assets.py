@@ -4,6 +4,7 @@ line and the key, before any model is loaded."""
 from __future__ import annotations
 
 import json
+import string
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -64,29 +65,49 @@ class QuestionType(_Record):
     description: str = Field(min_length=1)
 
 
+def read_text(path: Path) -> str:
+    """The UTF-8 text of an input file; a missing file, a folder or other bytes are one line naming it."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder; expected a file")
+    if not path.is_file():
+        raise UserError(f"{path}: file not found")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text") from None
+
+
 def load_jsonl(path: Path, record: type[T]) -> list[T]:
     """Every line of `path` as a `record`; ids must be unique."""
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
     rows: list[T] = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    numbers: list[int] = []
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
+        numbers.append(number)
         try:
-            rows.append(record.model_validate(json.loads(line)))
+            value = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UserError(f"{path}: line {number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(value, dict):
+            raise UserError(f"{path}: line {number}: expected a JSON object, got {type(value).__name__}")
+        try:
+            rows.append(record.model_validate(value))
         except ValidationError as exc:
             err = exc.errors()[0]
             key = ".".join(str(k) for k in err["loc"]) or "(record)"
             raise UserError(f"{path}: line {number}: {key}: {err['msg'].lower()}") from None
     if not rows:
         raise UserError(f"{path}: empty; expected one JSON object per line")
-    ids = [row.id for row in rows]  # type: ignore[attr-defined]
-    duplicate = next((i for i in ids if ids.count(i) > 1), None)
-    if duplicate is not None:
-        raise UserError(f"{path}: id {duplicate!r} appears more than once")
+    first: dict[object, int] = {}  # id -> the line it first appears on
+    for number, row in zip(numbers, rows):
+        key = row.id  # type: ignore[attr-defined]
+        if key in first:
+            raise UserError(f"{path}: line {number}: id {key!r} appears more than once (first on line {first[key]})")
+        first[key] = number
     return rows
 
 
@@ -106,20 +127,27 @@ def pick_principles(principles: list[PreferencePrinciple], ids: list[str] | None
 
 def load_text(path: Path) -> str:
     path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: file not found")
-    text = path.read_text(encoding="utf-8").strip()
+    text = read_text(path).strip()
     if not text:
         raise UserError(f"{path}: empty; expected the instruction text")
     return text
 
 
 def load_template(path: Path, placeholders: tuple[str, ...]) -> str:
-    """A prompt template whose `{name}` placeholders code fills in; each must appear exactly once, since a missing
-    one would silently drop its text from every prompt and a repeated one would show it twice."""
+    """A prompt template whose `{name}` placeholders code fills in (str.format); each must appear exactly once,
+    since a missing one would silently drop its text from every prompt and a repeated one would show it twice, and
+    no other may appear (a literal brace is written {{ or }})."""
     text = load_text(path)
+    try:
+        fields = [field for _, field, _, _ in string.Formatter().parse(text) if field is not None]
+    except ValueError as exc:
+        raise UserError(f"{path}: {exc} (write {{{{ or }}}} for a literal brace)") from None
+    unknown = next((f for f in fields if f not in placeholders), None)
+    if unknown is not None:
+        raise UserError(f"{path}: placeholder {{{unknown}}} is not one of "
+                        f"{', '.join('{' + p + '}' for p in placeholders)} (write {{{{ or }}}} for a literal brace)")
     for name in placeholders:
-        found = text.count("{" + name + "}")
+        found = fields.count(name)
         if found != 1:
             raise UserError(f"{path}: placeholder {{{name}}} must appear exactly once, found {found}")
     return text

@@ -8,11 +8,13 @@ layout of its README) where that exists, and a missing benchmark is one line nam
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.assets import read_text
 from stages.errors import UserError
 from stages.scoring import Scorer
 
@@ -46,9 +48,12 @@ def resolve(key: str, value: str | None, param: str | None = None) -> Path:
 
 def _read_json(path: Path) -> dict:
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        task = json.loads(read_text(path))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(task, dict):
+        raise UserError(f"{path}: expected a JSON object (a BIG-bench task), got {type(task).__name__}")
+    return task
 
 
 def load_bigbench(path: Path, subset: str) -> list[ChoiceItem]:
@@ -57,10 +62,14 @@ def load_bigbench(path: Path, subset: str) -> list[ChoiceItem]:
     task = _read_json(path)
     head = task.get("task_prefix", "")
     before, after = task.get("example_input_prefix", ""), task.get("example_output_prefix", "")
+    examples = task.get("examples") or []
+    if not isinstance(examples, list):
+        raise UserError(f"{path}: examples: expected a list of examples, got {type(examples).__name__}")
     items = []
-    for number, example in enumerate(task.get("examples") or [], start=1):
-        scores = example.get("target_scores")
-        if not isinstance(example.get("input"), str) or not isinstance(scores, dict) or len(scores) < 2:
+    for number, example in enumerate(examples, start=1):
+        scores = example.get("target_scores") if isinstance(example, dict) else None
+        if not isinstance(example, dict) or not isinstance(example.get("input"), str) or not isinstance(scores, dict) \
+                or len(scores) < 2:
             raise UserError(f"{path}: examples[{number}]: expected an input string and >= 2 target_scores")
         choices = tuple(scores)
         correct = frozenset(i for i, c in enumerate(choices) if scores[c] == 1)
@@ -83,19 +92,30 @@ def load_hhh(folder: Path) -> list[ChoiceItem]:
 def load_truthfulqa_csv(path: Path) -> list[ChoiceItem]:
     """The original TruthfulQA CSV: choices = correct answers then incorrect ones; `best` = the Best Answer."""
     items = []
-    with path.open(encoding="utf-8", newline="") as fh:
-        for number, row in enumerate(csv.DictReader(fh), start=2):
-            try:
-                correct = [a.strip() for a in row["Correct Answers"].split(";") if a.strip()]
-                wrong = [a.strip() for a in row["Incorrect Answers"].split(";") if a.strip()]
-                best, question, category = row["Best Answer"].strip(), row["Question"], row["Category"]
-            except KeyError as exc:
-                raise UserError(f"{path}: line {number}: column {exc.args[0]!r} missing") from None
-            if best not in correct:
-                correct.insert(0, best)
-            choices = tuple(correct + wrong)
-            items.append(ChoiceItem(f"Q: {question}\nA:", choices, frozenset(range(len(correct))),
-                                    correct.index(best), category))
+    reader = csv.DictReader(io.StringIO(read_text(path), newline=""))
+    for row in reader:
+        number = reader.line_num  # a quoted answer may span lines: the row's last line
+        try:
+            fields = {key: row[key] for key in ("Correct Answers", "Incorrect Answers", "Best Answer", "Question",
+                                                "Category")}
+        except KeyError as exc:
+            raise UserError(f"{path}: line {number}: column {exc.args[0]!r} missing") from None
+        short = next((key for key, value in fields.items() if value is None), None)
+        if short is not None:
+            raise UserError(f"{path}: line {number}: column {short!r} missing (the row has fewer fields than the "
+                            f"header)")
+        correct = [a.strip() for a in fields["Correct Answers"].split(";") if a.strip()]
+        wrong = [a.strip() for a in fields["Incorrect Answers"].split(";") if a.strip()]
+        best, question, category = fields["Best Answer"].strip(), fields["Question"], fields["Category"]
+        if not best or not wrong:
+            raise UserError(f"{path}: line {number}: {'Best Answer' if not best else 'Incorrect Answers'}: empty; "
+                            f"expected the best answer and ;-separated incorrect answers")
+        if best not in correct:
+            correct.insert(0, best)
+        items.append(ChoiceItem(f"Q: {question}\nA:", tuple(correct + wrong), frozenset(range(len(correct))),
+                                correct.index(best), category))
+    if not items:
+        raise UserError(f"{path}: no questions; expected the TruthfulQA CSV (a header row, then one row per question)")
     return items
 
 

@@ -73,7 +73,7 @@ def job(model: Path, examples: list[dict], cfg: Dpo, training: Training, seed: i
     """Runs in every task of the allocation: DPO, then rank 0 writes the out."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     pad_id = padding_id(tokenizer)
     tokenized = [{side: tokenize_pair(tokenizer, e["prompt"], e[side], cfg.max_prompt_tokens, cfg.max_response_tokens,
                                       system=guide_text(e["guide"])) for side in ("chosen", "rejected")}
@@ -103,8 +103,8 @@ def main() -> None:
     params = load_params()
     cfg = params.dpo
     principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
+    descriptions = value_descriptions()  # bad assets fail before the inputs are hashed
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "space": SPACE})
-    descriptions = value_descriptions()
     rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
     examples = preference_examples(rows, principles, descriptions, cfg.subsets_per_pair, cfg.max_principles,
                                    cfg.negation_prob, params.seed)

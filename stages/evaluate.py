@@ -33,7 +33,7 @@ from pathlib import Path
 
 from stages import cli
 from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
+from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles, read_text
 from stages.benchmarks import ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_truthfulqa_csv, mc_scores, resolve
 from stages.errors import UserError
 from stages.generation import Generator, Sampling, chat_prompt, one_task
@@ -61,19 +61,25 @@ PLOT = "plot.json"
 
 def load_mt_bench(path: Path, limit: int | None, seed: int) -> list[dict]:
     """MT-Bench questions (question_id, category, turns); `limit` of them drawn at random, file order kept."""
-    rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+    rows: list[dict] = []
+    seen: set = set()
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except ValueError as exc:
             raise UserError(f"{path}: line {number}: not valid JSON ({exc})") from None
-        turns = row.get("turns") if isinstance(row, dict) else None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        turns = row.get("turns")
         if not (isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)):
             raise UserError(f"{path}: line {number}: turns: expected a list of non-empty strings")
-        rows.append({"question_id": row.get("question_id", number), "category": row.get("category", ""),
-                     "turns": turns[:2]})
+        qid = row.get("question_id", number)  # answers are matched across policies by it
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)) or qid in seen:
+            raise UserError(f"{path}: line {number}: question_id: expected a unique integer or string, got {qid!r}")
+        seen.add(qid)
+        rows.append({"question_id": qid, "category": row.get("category", ""), "turns": turns[:2]})
     if not rows:
         raise UserError(f"{path}: empty; expected MT-Bench questions, one JSON object per line")
     return sample_in_order(rows, limit, seed)
@@ -207,12 +213,12 @@ def rm_judgement(rm: RewardModel, answers: dict[str, list[dict]], guide: list[st
 
 
 def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principles: list[PreferencePrinciple],
-                    batch_size: int) -> dict:
+                    batch_size: int, trust_remote_code: bool = False) -> dict:
     """A separate judge model, as `label_preferences` judges: policy answer vs base answer under each principle in
     both orders; a turn is won where more principles prefer the policy's answer than the base's."""
     from stages.label_preferences import criteria_of, judge
 
-    scorer = Scorer(judge_model, batch_size=batch_size)
+    scorer = Scorer(judge_model, batch_size=batch_size, trust_remote_code=trust_remote_code)
     template = load_template(JUDGE_TEMPLATE, ("instruction", "output_a", "output_b", "principle"))
     choices = (scorer.token_id("a"), scorer.token_id("b"))
     result = {}
@@ -252,8 +258,9 @@ def plot_rows(metrics: dict) -> list[dict]:
 
 def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Generation, guide: list[str],
         judge_principles: list[PreferencePrinciple], system: SystemMessages, descriptions: dict[str, str],
-        seed: int, params: dict, inputs: dict) -> str:
-    """Runs inside the allocation: score, generate and judge every policy; write the out."""
+        seed: int, params: dict, inputs: dict, trust_remote_code: bool = False) -> str:
+    """Runs inside the allocation: score, generate and judge every policy; write the out. `trust_remote_code`
+    applies to the judge model (a user's folder); the policies are the pipeline's own outs."""
     results: dict[str, dict] = {}
     answers: dict[str, list[dict]] = {}
     system_answers: dict[str, list[dict]] = {}
@@ -278,7 +285,8 @@ def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Ge
             results[name]["system_messages"] = system_message_judgement(rm, held_out, rows, descriptions,
                                                                         cfg.tie_margin)
     if cfg.judge_model:
-        for name, judged in model_judgement(Path(cfg.judge_model), answers, judge_principles, cfg.batch_size).items():
+        for name, judged in model_judgement(Path(cfg.judge_model), answers, judge_principles, cfg.batch_size,
+                                            trust_remote_code).items():
             results[name]["mtbench"]["judge"] = judged
     for name, rows in answers.items():
         finishes = [f for row in rows for f in row["finish"]]
@@ -312,7 +320,8 @@ def main() -> None:
     subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump(),
               "system_messages": params.system_messages.model_dump()}
     fn = functools.partial(job, policies, benchmarks, cfg, params.generation, [p.definition for p in judged], judged,
-                           params.system_messages, descriptions, params.seed, subset, inputs)
+                           params.system_messages, descriptions, params.seed, subset, inputs,
+                           params.model.trust_remote_code)
     cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.evaluate, STAGE), params.cluster, subset, inputs)
     publish_plot()
 

@@ -149,19 +149,20 @@ class Generator:
     `lora_rank` > 0 enables adapters (vLLM must reserve room for them at start); adapters of a higher rank, or any
     adapter when it is 0, are refused on both backends so that a config works the same on either.
     `prefix_caching=False` recomputes every prompt's prefix (vLLM without prefix caching, hf with plain left
-    padding): the baseline the benchmarks compare with.
+    padding): the baseline the benchmarks compare with. `trust_remote_code` (params model.trust_remote_code) is
+    passed to both backends explicitly: Python files a model folder ships run only when it is True.
     """
 
     def __init__(self, model: Path | str, settings: params.Generation, *, lora_rank: int = 0,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, trust_remote_code: bool = False):
         self.model = str(model)
         self.settings = settings
         self.lora_rank = lora_rank
         self.backend = resolve_backend(settings.backend)
         if self.backend == "vllm":
-            self._impl: _VLLM | _HF = _VLLM(self.model, settings, lora_rank, prefix_caching)
+            self._impl: _VLLM | _HF = _VLLM(self.model, settings, lora_rank, prefix_caching, trust_remote_code)
         else:
-            self._impl = _HF(self.model, settings)
+            self._impl = _HF(self.model, settings, trust_remote_code)
             self._impl.reuse_prefix = prefix_caching
 
     @property
@@ -204,7 +205,8 @@ def generate(
 class _VLLM:
     """vLLM's offline engine with automatic prefix caching; adapters are served unmerged via LoRARequest."""
 
-    def __init__(self, model: str, settings: params.Generation, lora_rank: int, prefix_caching: bool = True):
+    def __init__(self, model: str, settings: params.Generation, lora_rank: int, prefix_caching: bool = True,
+                 trust_remote_code: bool = False):
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -219,6 +221,7 @@ class _VLLM:
             enforce_eager=settings.enforce_eager,
             enable_prefix_caching=prefix_caching,
             seed=0,
+            trust_remote_code=trust_remote_code,
         )
         if current_platform.is_cpu():
             # no chunked prefill on CPU: vLLM rewinds a seeded request's generator after a partly prefilled step,
@@ -292,14 +295,15 @@ class _HF:
     (adapter, prefix tokens), so consecutive batches sharing a system prompt compute it once.
     """
 
-    def __init__(self, model: str, settings: params.Generation):
+    def __init__(self, model: str, settings: params.Generation, trust_remote_code: bool = False):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = config_dtype(model) if self.device.type == "cuda" else "float32"  # as vLLM: float32 on CPU
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype),
+                                                         trust_remote_code=trust_remote_code).to(self.device).eval()
         self.batch_size = settings.batch_size
         self.peft: Any = None  # PeftModel wrapping self.base once an adapter was asked for
         self.adapter: str | None = None  # content hash of the adapter loaded into self.peft

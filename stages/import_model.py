@@ -10,28 +10,31 @@ from pathlib import Path
 from slurm.submit import JobSpec, submit
 from stages import cli
 from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
-from stages.models import ModelSource, import_model, resolve_model
+from stages.models import ModelSource, check_remote_code, import_model, resolve_model
 from stages.params import load_params
 
 STAGE = "import_model"
 OUT = Path("models/base")  # declared in dvc.yaml; later stages read the base model from here
 
 
-def job(source: ModelSource, out: Path, dtype: str, params: dict, inputs: dict) -> str:
+def job(source: ModelSource, out: Path, dtype: str, params: dict, inputs: dict, trust_remote_code: bool = False) -> str:
     """Runs inside the allocation: convert, write the manifest, swap into place, return the artifact id."""
     with staged_out(out, stage=STAGE, params=params, inputs=inputs) as tmp:
-        import_model(source, tmp, dtype)
+        import_model(source, tmp, dtype, trust_remote_code=trust_remote_code)
     return verify_artifact(out)
 
 
 def main() -> None:
     params = load_params()
+    trust = params.model.trust_remote_code
     source = resolve_model(params.model.base)
+    check_remote_code(source, trust)
     inputs = input_refs({"model": source.path}) if source.path else {}
-    subset = {"model": {"base": params.model.base, "dtype": params.model.dtype}}
+    subset = {"model": {"base": params.model.base, "dtype": params.model.dtype,
+                        **({"trust_remote_code": True} if trust else {})}}  # default left out: ids stay as they were
     spec = JobSpec(
         stage=STAGE,
-        fn=functools.partial(job, source, OUT, params.model.dtype, subset, inputs),
+        fn=functools.partial(job, source, OUT, params.model.dtype, subset, inputs, trust),
         resources=params.cluster.import_model,
         target=OUT,
         key={"params": subset, "inputs": inputs, "code": code_revision(), "source": source.location},

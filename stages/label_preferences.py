@@ -68,7 +68,7 @@ def check_choices(model: Path, choices: tuple[str, str]) -> None:
     """Each choice must be one token of the judge's tokenizer: its score is one next-token logit."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     for choice in choices:
         ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
         if len(ids) != 1:
@@ -139,11 +139,11 @@ def main() -> None:
     pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles, "label_preferences.principles",
                     PRINCIPLES)  # bad assets or ids fail before a job
     load_template(TEMPLATE, PLACEHOLDERS)
+    space = {v.id for v in load_jsonl(SPACE, PreferenceValue)}
     check_choices(JUDGE / MODEL, cfg.choices)
     inputs = input_refs({"judge": JUDGE, "pairs": PAIRS, "principles": PRINCIPLES, "template": TEMPLATE,
                          "space": SPACE})
     pairs = read_jsonl(PAIRS / "pairs.jsonl")
-    space = {v.id for v in load_jsonl(SPACE, PreferenceValue)}
     unknown = next((v for row in pairs for v in row.get("values", {}).values() if v not in space), None)
     if unknown is not None:
         raise UserError(f"{PAIRS}/pairs.jsonl: values: {unknown!r} is not an id in {SPACE}; rerun system_messages "

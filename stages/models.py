@@ -4,6 +4,7 @@ conversion every later stage relies on: an HF safetensors folder with its tokeni
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import re
 import socket
@@ -71,6 +72,29 @@ def resolve_model(base: str) -> ModelSource:
     raise UserError(f"params.yaml: model.base: {base} not found; expected 'embedded', a local HF folder or a hub id")
 
 
+def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
+    """Refuse, before anything is loaded, a model folder whose config.json maps its model type to Python files of
+    its own (`auto_map`) that transformers has no class for: loading it would run that code. A folder of a known
+    type loads with transformers' own classes and its auto_map is ignored; a hub id is checked by transformers
+    itself (trust_remote_code=False: an error, never a prompt)."""
+    if trust_remote_code or source.kind != "folder":
+        return
+    path = Path(source.location) / "config.json"
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise UserError(f"params.yaml: model.base: {path} is not valid JSON; expected a Hugging Face model "
+                        f"config") from None
+    if not (isinstance(config, dict) and config.get("auto_map")):
+        return
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    if config.get("model_type") not in CONFIG_MAPPING_NAMES:
+        raise UserError(f"params.yaml: model.base: {path}: model_type {config.get('model_type')!r} needs the Python "
+                        f"files the folder ships (auto_map); set model.trust_remote_code: true to run them, only for "
+                        f"code you trust")
+
+
 def _fresh_copy(model, dtype):  # noqa: ANN001, ANN202 - transformers model in, transformers model out
     """A GGUF-loaded model refuses save_pretrained while it carries the GGUF quantization config; rebuild it
     from the same config without that and load the (dequantized) weights into it."""
@@ -88,15 +112,17 @@ def _fresh_copy(model, dtype):  # noqa: ANN001, ANN202 - transformers model in, 
     return fresh
 
 
-def import_model(source: ModelSource, out_dir: Path, dtype: str) -> None:
-    """Write `source` into `out_dir` as an HF safetensors folder (weights, config, tokenizer, chat template)."""
+def import_model(source: ModelSource, out_dir: Path, dtype: str, *, trust_remote_code: bool = False) -> None:
+    """Write `source` into `out_dir` as an HF safetensors folder (weights, config, tokenizer, chat template).
+    `trust_remote_code` is passed explicitly: left unset, transformers would ask on the terminal whether to run a
+    model's own Python files."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = getattr(torch, dtype)
     if source.kind == "gguf":
         gguf = Path(source.location)
-        kwargs = {"gguf_file": gguf.name}
+        kwargs = {"gguf_file": gguf.name, "trust_remote_code": trust_remote_code}
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, **kwargs)
         model = _fresh_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs), torch_dtype)
     else:
@@ -105,7 +131,7 @@ def import_model(source: ModelSource, out_dir: Path, dtype: str) -> None:
             from huggingface_hub import snapshot_download
 
             folder = snapshot_download(source.location)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.to(torch_dtype).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)

@@ -7,11 +7,12 @@ then reads only its own groups and records them in its manifest.
 from __future__ import annotations
 
 import difflib
+import re
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from stages.errors import UserError
 
@@ -20,6 +21,21 @@ PARAMS_FILE = Path("params.yaml")
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
+
+
+# What a SLURM name may hold here: these strings end up in the job script, so nothing a shell or sbatch would read
+# as syntax (no whitespace, quotes, ; $ ` \ or newlines). Constraints add SLURM's feature operators & | [ ] * ( ).
+_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.+:-]*"
+SLURM_NAMES = {
+    "partition": (re.compile(rf"{_NAME}(,{_NAME})*"), "letters, digits and _ . - + : (a list: comma-separated)"),
+    "account": (re.compile(_NAME), "letters, digits and _ . - + :"),
+    "qos": (re.compile(_NAME), "letters, digits and _ . - + :"),
+    "constraint": (re.compile(r"[A-Za-z0-9_.+:,&|\[\]*()-]+"), "letters, digits, _ . - + : , and & | [ ] * ( )"),
+}
+
+
+def _one_line(text: str) -> bool:
+    return not any(c in text for c in "\n\r\0")
 
 
 class Resources(Strict):
@@ -32,10 +48,36 @@ class Resources(Strict):
     cpus_per_task: int = Field(1, ge=1)
     mem_gb: int = Field(4, ge=1)
     time_min: int = Field(60, ge=1)
+    signal_delay_s: int = Field(120, ge=1)  # SIGUSR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = Field(3, ge=0)  # time-limit requeues before the job is failed (preemptions do not count)
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
-    setup: list[str] = Field(default_factory=list)
+    setup: list[str] = Field(default_factory=list)  # shell lines run before the job starts: each one line, no newline
+
+    @field_validator("partition", "account", "qos", "constraint")
+    @classmethod
+    def _slurm_name(cls, value: str | None, info: ValidationInfo) -> str | None:
+        pattern, allowed = SLURM_NAMES[info.field_name]
+        if value is not None and not pattern.fullmatch(value):
+            raise ValueError(f"{value!r} is not a valid SLURM {info.field_name}; allowed: {allowed}")
+        return value
+
+    @field_validator("setup")
+    @classmethod
+    def _setup_lines(cls, lines: list[str]) -> list[str]:
+        for number, line in enumerate(lines, start=1):
+            if not _one_line(line):
+                raise ValueError(f"item {number} ({line!r}) is not one line; each setup entry must be a single shell "
+                                 f"line (no newline, carriage return or NUL): split it into list items")
+        return lines
+
+    @model_validator(mode="after")
+    def _signal_before_the_limit(self) -> Resources:
+        if self.signal_delay_s >= self.time_min * 60:
+            raise ValueError(f"signal_delay_s ({self.signal_delay_s}) must be shorter than time_min "
+                             f"({self.time_min} min = {self.time_min * 60} s): the job would be signalled at its start")
+        return self
 
     @property
     def tasks(self) -> int:
@@ -44,7 +86,7 @@ class Resources(Strict):
 
 class Cluster(Strict):
     executor: Literal["auto", "slurm", "local", "inline"] = "auto"
-    log_dir: str = Field("logs", min_length=1)
+    log_dir: str = Field("logs", min_length=1)  # a path in the job script: one line
     import_model: Resources = Field(default_factory=Resources)
     prompts: Resources = Field(default_factory=Resources)
     self_align: Resources = Field(default_factory=Resources)
@@ -59,10 +101,19 @@ class Cluster(Strict):
     ppo: Resources = Field(default_factory=Resources)
     dpo: Resources = Field(default_factory=Resources)
 
+    @field_validator("log_dir")
+    @classmethod
+    def _log_dir_one_line(cls, value: str) -> str:
+        if not _one_line(value):
+            raise ValueError(f"{value!r} is not one line; expected a folder path without newline, carriage return "
+                             f"or NUL")
+        return value
+
 
 class Model(Strict):
     base: str = Field("embedded", min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    trust_remote_code: bool = False  # run the Python files a model folder ships (auto_map): only code you trust
 
 
 class Generation(Strict):
@@ -370,7 +421,10 @@ def load_params(path: Path | str = PARAMS_FILE) -> Params:
     if not path.is_file():
         raise UserError(f"{path}: file not found (run stages from the project root)")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        line = path.read_bytes()[: exc.start].count(b"\n") + 1
+        raise UserError(f"{path}: line {line}: not UTF-8 text") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         line = f" line {mark.line + 1}" if mark else ""

@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 
+from slurm import preemption
 from stages import cli, sft
 from stages.artifacts import input_refs, staged_out, verify_artifact
 from stages.assets import PreferencePrinciple, load_jsonl, pick_principles
@@ -192,6 +193,7 @@ def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[Preferen
         if live:
             live(step, stats)
     rollout_adapter = ckpt_dir / "rollout_adapter"
+    preemption.defer()  # a time-limit signal from here on stops after an iteration, with a checkpoint
     with Generator(sft_dir, settings, lora_rank=training.lora_r) as generator:
         while state["step"] < cfg.iterations:
             iteration = state["step"]
@@ -234,8 +236,14 @@ def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[Preferen
                 print(f"iteration {state['step']}/{cfg.iterations} reward {stats['reward_raw']:.3f} "
                       f"kl {stats['kl']:.4f} length {stats['response_length']:.1f}")
                 live(iteration, stats)
-            if state["step"] % cfg.save_every == 0 or state["step"] == cfg.iterations:
+            signalled = preemption.stop_requested(policy.device)
+            if signalled or state["step"] % cfg.save_every == 0 or state["step"] == cfg.iterations:
                 save_checkpoint(policy, ckpt_dir, state, training.keep_checkpoints, others={"value": value})
+            if signalled and state["step"] < cfg.iterations:
+                if rank == 0:
+                    print(f"signalled at iteration {state['step']}: checkpoint saved, requeueing", flush=True)
+                preemption.requeue()
+    preemption.release()
     final = ckpt_dir / "adapter"
     save_adapter(policy, final)
     if rank != 0:

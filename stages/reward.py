@@ -276,7 +276,7 @@ class RewardModel:
 
         rm_dir = Path(rm_dir)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(base)
+        self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # the trunk: stages/training.py
         trunk = reward_trunk(base, DTYPES[precision])
         adapted = PeftModel.from_pretrained(trunk, str(rm_dir / "adapter"))
         self.model = adapted.merge_and_unload().to(self.device).eval()  # LoRA folded in: plain matmuls when scoring

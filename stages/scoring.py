@@ -26,14 +26,16 @@ from stages.progress import progress
 class Scorer:
     """A causal LM loaded for scoring (optionally with a LoRA adapter applied)."""
 
-    def __init__(self, model: Path | str, *, batch_size: int = 16, adapter: Path | None = None):
+    def __init__(self, model: Path | str, *, batch_size: int = 16, adapter: Path | None = None,
+                 trust_remote_code: bool = False):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.name = str(model)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         dtype = config_dtype(model) if self.device.type == "cuda" else "float32"
-        self.tokenizer = AutoTokenizer.from_pretrained(model)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype)).to(self.device).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
+        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype),
+                                                          trust_remote_code=trust_remote_code).to(self.device).eval()
         if adapter is not None:
             from peft import PeftModel
 

@@ -175,7 +175,7 @@ def job(base: Path, train_examples: list[dict], pmp_examples: list[dict], held_o
     then rank 0 evaluates through `RewardModel.score` and writes the out."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base)
+    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
     pad_id = padding_id(tokenizer)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     global_batch = global_batch_size(training, world)
@@ -222,9 +222,9 @@ def main() -> None:
     hhh_guide = [p.definition for p in pick_principles(every, cfg.hhh_principles, "rm.hhh_principles", PRINCIPLES)]
     template = load_template(TEMPLATE, PLACEHOLDERS)
     hhh = load_hhh(resolve("hhh", cfg.hhh, param="rm.hhh"))
+    descriptions = value_descriptions()
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "template": TEMPLATE,
                          "space": SPACE})
-    descriptions = value_descriptions()
     rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
     train_rows, held_rows = split_pairs(rows, cfg.eval_share, params.seed)
     draw = functools.partial(preference_examples, principles=principles, descriptions=descriptions,

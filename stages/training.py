@@ -11,7 +11,8 @@ The loop is generic: a stage supplies `batches(i)`, the i-th micro-batch of one 
 Checkpoints are DeepSpeed's (`save_checkpoint`, trainable parameters and optimizer state only) in
 `ckpt_dir/step_XXXXXXXX`; the `latest` file naming the newest one is written by rank 0 with write-then-rename only
 after every rank has finished writing, so whatever `latest` names is complete. A rerun resumes from it with the
-same step count, data position, RNG states and loss curve.
+same step count, data position, RNG states and loss curve. The signal SLURM sends before a time limit stops the
+loop at the end of the step with a checkpoint, and the job is requeued (`slurm.preemption`).
 
 Typical use, inside the job function a stage hands to `slurm.submit.submit`:
 
@@ -35,6 +36,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from slurm import preemption
 from slurm.submit import free_port
 from stages.generation import with_system
 from stages.params import Training
@@ -290,6 +292,7 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
         raise RuntimeError(f"{ckpt_dir}: checkpoint was trained with a global batch of {state['train_batch_size']}, "
                            f"this run has {global_batch}; use a new checkpoint folder")
     start = state["step"]
+    preemption.defer()  # a time-limit signal from here on stops at the end of a step, with a checkpoint
     if log and rank == 0 and start:
         log(f"resumed from {ckpt_dir}/{latest_checkpoint(ckpt_dir)} at step {start}")
     if on_step and rank == 0:
@@ -321,8 +324,14 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
             log(f"step {state['step']}/{max_steps} loss {state['losses'][-1]:.4f} lr {lr:.3g}")
         if on_step and rank == 0:
             on_step(state["step"] - 1, {"loss": state["losses"][-1], "lr": lr, **state["stats"][-1]})
-        if state["step"] % training.save_every == 0 or state["step"] == max_steps:
+        signalled = preemption.stop_requested(engine.device)
+        if signalled or state["step"] % training.save_every == 0 or state["step"] == max_steps:
             save_checkpoint(engine, ckpt_dir, state, training.keep_checkpoints)
+        if signalled and state["step"] < max_steps:
+            if log and rank == 0:
+                log(f"signalled at step {state['step']}: checkpoint saved, requeueing")
+            preemption.requeue()
+    preemption.release()
     return {"losses": list(state["losses"]), "lrs": list(state["lrs"]), "stats": list(state["stats"]),
             "start_step": start, "step": state["step"]}
 

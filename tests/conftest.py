@@ -1,4 +1,5 @@
-"""Shared fixtures: the project root as working directory for stage runs, and the tiny model."""
+"""Shared fixtures: the project root as working directory for stage runs, the tiny model, the fault suite's
+figures (tests/fault_figures.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
+from tests import fault_figures  # noqa: E402
 from tests.tiny import make_roomy_model, make_tiny_model  # noqa: E402
 from tests.slurm_fixture import slurm_cluster, slurm_two_nodes  # noqa: F401
 
@@ -26,3 +28,19 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def roomy_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny model made able to overfit a few pairs under LoRA (tests.tiny.make_roomy_model)."""
     return make_roomy_model(tiny_model, tmp_path_factory.mktemp("roomy") / "model")
+
+
+@pytest.fixture
+def fault_figures_record(request: pytest.FixtureRequest) -> dict:
+    """This fault scenario's figures, written to faults.json at the end of the session."""
+    return fault_figures.record_for(request.node)
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    fault_figures.note_outcome(report)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    path = fault_figures.write()
+    if path is not None:
+        print(f"\nfault figures: {path}")

@@ -40,3 +40,24 @@ def node_ranks() -> tuple[int, str | None, list[str], str, float]:
         return dist.get_rank(), os.environ.get("SLURMD_NODENAME"), hostnames, os.environ["MASTER_ADDR"], total.item()
     finally:
         dist.destroy_process_group()
+
+
+
+class RankFault:
+    """sft_loss, except on rank `rank`, whose `after`+1-th call raises (`how="raise"`) or kills its own process
+    (`how="kill"`, as the OOM killer would): one rank of a DeepSpeed job dying in the middle of a step."""
+
+    def __init__(self, rank: int, after: int, how: str) -> None:
+        self.rank, self.after, self.how, self.calls = rank, after, how, 0
+
+    def __call__(self, model, batch: dict):  # noqa: ANN001, ANN204
+        import signal
+
+        from stages.training import sft_loss
+
+        self.calls += 1
+        if int(os.environ["RANK"]) == self.rank and self.calls > self.after:
+            if self.how == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise RuntimeError(f"rank {self.rank}: injected fault in call {self.calls} of the loss")
+        return sft_loss(model, batch)

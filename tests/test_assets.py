@@ -74,7 +74,7 @@ def test_principle_without_negation_is_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize(
     "content, found",
-    [("Compare {output_a} for {instruction}.\nAnswer: Output (", 0), ("{principle} {output_a} {principle}", 2)],
+    [("Compare {output_a} for the user.\nAnswer: Output (", 0), ("{principle} {output_a} {principle}", 2)],
 )
 def test_template_placeholder_missing_or_repeated_is_one_line(tmp_path: Path, content: str, found: int) -> None:
     path = tmp_path / "judge_prompt.txt"
@@ -91,7 +91,7 @@ def test_template_placeholder_missing_or_repeated_is_one_line(tmp_path: Path, co
         ('{"id": 1, "name": "ethical"}\n', r"principles.jsonl: line 1: definition: field required"),
         ('{"id": "one", "name": "a", "definition": "b"}\n', r"principles.jsonl: line 1: id: input should be a valid integer"),
         ('{"id": 1, "name": "a", "definition": "b", "extra": 1}\n', r"principles.jsonl: line 1: extra: extra inputs are not permitted"),
-        ('{"id": 1, "name": "a", "definition": "b"}\n{"id": 1, "name": "c", "definition": "d"}\n', r"principles.jsonl: id 1 appears more than once"),
+        ('{"id": 1, "name": "a", "definition": "b"}\n{"id": 1, "name": "c", "definition": "d"}\n', r"principles.jsonl: line 2: id 1 appears more than once \(first on line 1\)"),
         ("\n", r"principles.jsonl: empty"),
     ],
 )
