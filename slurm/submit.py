@@ -120,6 +120,11 @@ def log_folder(cluster: Cluster, stage: str) -> Path:
     return Path(cluster.log_dir) / stage
 
 
+def job_name(stage: str) -> str:
+    """The stage name as a SLURM job name: letters, digits and _ . - only (it lands in the job script)."""
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stage)[:64] or "stage"
+
+
 def _make_executor(kind: str, folder: Path, stage: str, res: Resources) -> submitit.Executor:
     if kind == "slurm":
         executor = submitit.SlurmExecutor(folder=folder)
@@ -127,7 +132,7 @@ def _make_executor(kind: str, folder: Path, stage: str, res: Resources) -> submi
         extra = {k: getattr(res, k) for k in ("account", "qos", "constraint") if getattr(res, k)}
         executor.max_num_timeout = res.max_requeues
         executor.update_parameters(
-            job_name=stage, partition=res.partition, nodes=res.nodes, ntasks_per_node=res.tasks,
+            job_name=job_name(stage), partition=res.partition, nodes=res.nodes, ntasks_per_node=res.tasks,
             cpus_per_task=res.cpus_per_task, mem=f"{res.mem_gb}GB", time=res.time_min, setup=res.setup,
             signal_delay_s=res.signal_delay_s, srun_args=["--kill-on-bad-exit=1"],  # one dead rank ends the job
             **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node else {}), **extra,

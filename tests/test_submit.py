@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm.submit import JobFailed, JobSpec, state_path, submit
+from slurm.submit import JobFailed, JobSpec, job_name, state_path, submit
 from stages.artifacts import verify_artifact
 from stages.errors import UserError
 from stages.params import Cluster, Resources
@@ -129,3 +129,9 @@ def test_a_changed_submission_is_not_re_attached(tmp_path: Path) -> None:
         time.sleep(0.2)
     with pytest.raises(ProcessLookupError):
         os.kill(stale_pid, 0)
+
+
+def test_job_names_hold_nothing_a_job_script_would_read_as_syntax() -> None:
+    assert job_name("verbose_clone_answers") == "verbose_clone_answers"
+    assert job_name("a b;c$(id)`x`\n'q'") == "a_b_c__id__x___q_"
+    assert job_name("") == "stage" and len(job_name("x" * 200)) == 64
