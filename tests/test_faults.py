@@ -5,7 +5,7 @@ checkpoint interval (none at a time limit), every failure a report naming the jo
 1. the login node's `dvc repro` killed mid-job: the job runs on, the next `dvc repro` re-attaches to it;
 2. `scancel` of a training job: exit 1 naming job and log, previous out intact, the rerun resumes;
 3. a time limit shorter than the work: SIGUSR2 before the limit, checkpoint, requeue, done over several
-   allocations with one continuous loss curve;
+   allocations with one continuous loss curve; and PPO preempted (the same signal) mid-run;
 4. one rank of a 2-task DeepSpeed job dies: the job fails at once, naming that rank and its error;
 5. the node dies under a running job: the stage reports it; the job (requeued) or the rerun completes once the
    node is back;
@@ -85,8 +85,9 @@ def job_log(cwd: Path, stage_name: str) -> str:
     return "".join(p.read_text(errors="replace") for p in sorted((cwd / "logs" / stage_name).glob("*_0_log.out")))
 
 
-def last_step(log: str) -> int:
-    steps = [int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith("step ")]
+def last_step(log: str, unit: str = "step") -> int:
+    """The last training step (or PPO iteration) a job's log reports done."""
+    steps = [int(line.split()[1].split("/")[0]) for line in log.splitlines() if line.startswith(f"{unit} ")]
     return max(steps, default=0)
 
 
@@ -101,14 +102,14 @@ def max_alive(watch: SqueueWatch, before: set[str]) -> int:
                default=0)
 
 
-def allocations(log: str) -> list[tuple[int, int]]:
-    """(first step, last step) of each allocation of a requeued training job, from its appended log: it starts
-    at the step it resumed from (0 for the first) and ends at the last step it logged."""
+def allocations(log: str, unit: str = "step") -> list[tuple[int, int]]:
+    """(first, last) step (or PPO iteration) of each allocation of a requeued training job, from its appended log:
+    it starts where it resumed (0 for the first) and ends at the last one it logged."""
     spans = []
     for part in log.split("Starting with JobEnvironment")[1:]:
         resumed = [int(line.rsplit(" ", 1)[1]) for line in part.splitlines() if line.startswith("resumed from ")]
         start = resumed[0] if resumed else 0
-        spans.append((start, max(last_step(part), start)))
+        spans.append((start, max(last_step(part, unit), start)))
     return spans
 
 
@@ -261,6 +262,41 @@ def test_a_time_limit_checkpoints_requeues_and_completes_over_several_allocation
     fault_figures_record.update(allocations=len(spans), steps_lost=lost, steps_per_allocation=spans, jobs=len(jobs),
                                 duplicate_jobs=len(jobs) - 1,
                                 artifacts_lost=0, seconds=round(time.monotonic() - started, 1))
+
+
+@pytest.mark.slow
+def test_a_preempted_ppo_job_stops_after_an_iteration_and_resumes_there(
+        slurm_cluster, tmp_path: Path, tiny_model: Path, fault_figures_record: dict) -> None:
+    """Preemption (SLURM signals the job, as at a time limit): PPO's checkpoint holds two engines (policy and value),
+    the KL coefficient and the curves. The signal is sent by hand, `scancel --signal=USR2`, once a few iterations
+    are done: PPO's start-up (two engines, the RM, the generator) takes ~30 s here, about what a 1-minute
+    allocation leaves before its signal."""
+    from tests.test_ppo import TINY_PPO, ppo_project
+
+    iterations = 12
+    cwd = ppo_project(tmp_path, tiny_model, ppo={**TINY_PPO, "iterations": iterations, "save_every": NO_PERIODIC},
+                      cluster={"executor": "slurm", "log_dir": str(tmp_path / "logs"), "ppo": ON_CPU})
+    state_file = cwd / "models" / ".policy.job.json"
+    started = time.monotonic()
+    with SqueueWatch("policy") as watch:
+        first = subprocess.Popen([sys.executable, "-m", "stages.policy"], cwd=cwd, env=stage_env(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        job_id = wait_for(lambda: alive(first) and running_job(state_file, "policy"), "the PPO job to run")
+        wait_for(lambda: alive(first) and last_step(job_log(cwd, "policy"), "iteration") >= 3, "PPO iterations")
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        out, err = first.communicate(timeout=900)
+    assert first.returncode == 0, err
+    log = job_log(cwd, "policy")
+    spans = allocations(log, "iteration")
+    assert len(spans) == 2 and spans[-1][1] == iterations, log[-3000:]
+    lost = [end - next_start for (_, end), (next_start, _) in zip(spans, spans[1:])]
+    assert lost == [0] and f"signalled at iteration {spans[0][1]}: checkpoint saved" in log
+    assert "preempted" in log  # submitit's word: a signal before the time limit, not counted against max_requeues
+    assert json.loads((cwd / "metrics/policy.json").read_text())["iterations"] == iterations
+    verify_artifact(cwd / "models/policy")
+    assert len(set().union(*watch.snapshots)) >= 1 and max_alive(watch, set()) == 1
+    fault_figures_record.update(allocations=len(spans), steps_lost=lost, iterations_per_allocation=spans,
+                                duplicate_jobs=0, artifacts_lost=0, seconds=round(time.monotonic() - started, 1))
 
 
 # ------------------------------------------------------------------------------------------------ 4. rank death
