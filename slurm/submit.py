@@ -250,10 +250,10 @@ def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed | UserE
         tail = "\n".join("  | " + line for line in lines[-STDERR_TAIL_LINES:])
     status, traceback_text, _ = _task_outcome(job, failing)
     raised = [line.strip() for line in traceback_text.splitlines() if line.strip()] if status == "error" else []
-    # a job that ended without a result (cancelled, timed out): submitit's first line names its state
     user_error = f"{UserError.__module__}.{UserError.__name__}: "
     if raised and raised[-1].startswith(user_error):
         return UserError(f"{raised[-1].removeprefix(user_error)} (job {job.job_id}, log: {paths.stderr})")
+    # a job that ended without a result (cancelled, timed out): the first line of `exc` names its state
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     reason = (raised[-1] if raised else f"srun: {srun_says}" if srun_says else lines[0] if lines
               else type(exc).__name__)

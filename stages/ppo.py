@@ -45,8 +45,8 @@ from stages.rl import (adapt_kl_coef, entropy, explained_variance, gae, masked_m
                        value_loss, whiten)
 from stages.sample_pairs import unused_prompts
 from stages.sft import MODEL, LiveCurve
-from stages.training import (DTYPES, init_distributed, latest_checkpoint, load_checkpoint, lora_model, make_engine,
-                             merge_adapter, padding_id, reward_trunk, save_adapter, save_checkpoint)
+from stages.training import (DTYPES, end_of_step, init_distributed, latest_checkpoint, load_checkpoint, lora_model, make_engine,
+                             merge_adapter, padding_id, reward_trunk, save_adapter)
 
 STAGE = "policy"  # the DVC stage that runs this module or stages/dpo.py (policy.algorithm)
 OUT = Path("models/policy")
@@ -236,13 +236,9 @@ def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[Preferen
                 print(f"iteration {state['step']}/{cfg.iterations} reward {stats['reward_raw']:.3f} "
                       f"kl {stats['kl']:.4f} length {stats['response_length']:.1f}")
                 live(iteration, stats)
-            signalled = preemption.stop_requested(policy.device)
-            if signalled or state["step"] % cfg.save_every == 0 or state["step"] == cfg.iterations:
-                save_checkpoint(policy, ckpt_dir, state, training.keep_checkpoints, others={"value": value})
-            if signalled and state["step"] < cfg.iterations:
-                if rank == 0:
-                    print(f"signalled at iteration {state['step']}: checkpoint saved, requeueing", flush=True)
-                preemption.requeue()
+            end_of_step(policy, ckpt_dir, state, training.keep_checkpoints, cfg.save_every, cfg.iterations,
+                        others={"value": value}, say=functools.partial(print, flush=True) if rank == 0 else None,
+                        unit="iteration")
     preemption.release()
     final = ckpt_dir / "adapter"
     save_adapter(policy, final)

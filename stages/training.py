@@ -267,6 +267,20 @@ def load_checkpoint(engine: Any, ckpt_dir: Path | str, others: dict | None = Non
     return state
 
 
+def end_of_step(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, every: int, last: int,
+                others: dict | None = None, say: Callable[[str], None] | None = None, unit: str = "step") -> None:
+    """After step `state["step"]` (PPO: an iteration), on every rank: checkpoint every `every` steps, at `last`,
+    and when a time-limit or preemption signal reached any rank (`slurm.preemption`) - then requeue the job, whose
+    next allocation resumes here."""
+    signalled = preemption.stop_requested(engine.device)
+    if signalled or state["step"] % every == 0 or state["step"] == last:
+        save_checkpoint(engine, ckpt_dir, state, keep, others=others)
+    if signalled and state["step"] < last:
+        if say:
+            say(f"signalled at {unit} {state['step']}: checkpoint saved, requeueing")
+        preemption.requeue()
+
+
 # ------------------------------------------------------------------------------------------------------- loop
 
 
@@ -324,13 +338,8 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
             log(f"step {state['step']}/{max_steps} loss {state['losses'][-1]:.4f} lr {lr:.3g}")
         if on_step and rank == 0:
             on_step(state["step"] - 1, {"loss": state["losses"][-1], "lr": lr, **state["stats"][-1]})
-        signalled = preemption.stop_requested(engine.device)
-        if signalled or state["step"] % training.save_every == 0 or state["step"] == max_steps:
-            save_checkpoint(engine, ckpt_dir, state, training.keep_checkpoints)
-        if signalled and state["step"] < max_steps:
-            if log and rank == 0:
-                log(f"signalled at step {state['step']}: checkpoint saved, requeueing")
-            preemption.requeue()
+        end_of_step(engine, ckpt_dir, state, training.keep_checkpoints, training.save_every, max_steps,
+                    say=log if rank == 0 else None)
     preemption.release()
     return {"losses": list(state["losses"]), "lrs": list(state["lrs"]), "stats": list(state["stats"]),
             "start_step": start, "step": state["step"]}

@@ -169,10 +169,10 @@ def test_killed_dvc_repro_re_attaches_and_the_artifact_matches_an_uninterrupted_
     before = set(squeue_jobs("engrave"))
     started = time.monotonic()
     with SqueueWatch("engrave") as watch:
-        with (tmp_path / "first.log").open("w") as log:
+        first_log = tmp_path / "first.log"
+        with first_log.open("w") as log:
             first = subprocess.Popen(["dvc", "repro", "engrave"], cwd=repo, env=env, stdout=log, stderr=log,
                                      start_new_session=True)
-        first_log = tmp_path / "first.log"
         job_id = wait_for(lambda: alive(first, first_log) and running_job(state_file, "engrave"), "the job to run")
         wait_for(lambda: alive(first, first_log) and last_step(job_log(repo, "engrave")) >= 50, "training steps")
         os.killpg(first.pid, signal.SIGKILL)  # dvc and the stage process under it, as a dropped login shell
