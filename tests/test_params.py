@@ -54,6 +54,9 @@ def test_project_params_file_is_valid() -> None:
         ({"cluster": {"import_model": {"setup": "module load cuda"}}},
          "params.yaml: cluster.import_model.setup: expected a list, got 'module load cuda'"),
         ({"training": {"zero_stage": 4}}, "params.yaml: training.zero_stage: expected one of 0, 1, 2, 3, got 4"),
+        ({"cluster": {"engrave": {"time_min": 1}}},
+         "params.yaml: cluster.engrave: signal_delay_s (120) must be shorter than time_min (1 min = 60 s): the job "
+         "would be signalled at its start"),
         ({"cluster": {"import_model": {"partition": ""}}},
          "params.yaml: cluster.import_model.partition: expected a string of length >= 1, got ''"),
     ],
