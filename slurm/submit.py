@@ -33,8 +33,10 @@ from stages.artifacts import JOB_STARTED, digest
 from stages.errors import UserError
 from slurm.watcher import GONE, SLURM_FAILED, SlurmJob
 from stages.params import Cluster, Resources
+from stages.progress import latest_progress
 
 STDERR_TAIL_LINES = 20
+PROGRESS_EVERY = 30.0  # seconds between looks at the job log's progress while waiting (the polling stays fast)
 
 
 class JobFailed(Exception):
@@ -193,20 +195,46 @@ def _finished(job: submitit.Job) -> bool:
     return job.done()
 
 
+def progress_log(job: submitit.Job) -> Path:
+    """The log that holds the job's progress lines: task 0's stderr, where rank 0 reports (a multi-task job's own
+    `paths` names no task)."""
+    return job.task(0).paths.stderr
+
+
+def _say_state(job: submitit.SlurmJob, stage: str, said: tuple[str, str]) -> tuple[str, str]:
+    """Say on stderr when a SLURM job's state or pending reason changed since `said` (queued behind a down node,
+    requeued after a time limit or a node failure); return what has now been said."""
+    info = job.get_info(mode="cache")
+    now = (info.get("State", "UNKNOWN"), info.get("Reason", "None"))
+    if now == said or now[0] in ("UNKNOWN", GONE, "COMPLETED", "COMPLETING"):
+        return said
+    where = f" on {info['NodeList']}" if now[0] == "RUNNING" and info.get("NodeList") else ""
+    why = f" ({now[1]})" if now[1] not in ("None", "") else ""
+    print(f"{stage}: job {job.job_id} {now[0]}{why}{where}", file=sys.stderr, flush=True)
+    return now
+
+
+def _say_progress(log: Path, stage: str, said: str | None) -> str | None:
+    """Say on stderr the job log's newest progress line when it is not the one said last (a stalled job repeats
+    nothing); return what has now been said."""
+    line = latest_progress(log)
+    if line is None or line == said:
+        return said
+    print(f"{stage}: {line}", file=sys.stderr, flush=True)
+    return line
+
+
 def _wait(job: submitit.Job, stage: str) -> None:
     """Poll fast at first, then back off to every 2 s (submitit's own wait checks once a second, which is most
-    of the overhead of a short job); say on stderr whenever a SLURM job's state or pending reason changes (queued
-    behind a down node, requeued after a time limit or a node failure), so a waiting login node is never silent."""
-    delay, said = 0.05, ("PENDING", "None")
+    of the overhead of a short job), so a waiting login node is never silent: a SLURM job's state changes as they
+    come, and the job's newest progress line at most every PROGRESS_EVERY seconds."""
+    delay, state, line, next_look = 0.05, ("PENDING", "None"), None, time.monotonic()
+    log = progress_log(job)
     while not _finished(job):
         if isinstance(job, submitit.SlurmJob):
-            info = job.get_info(mode="cache")
-            now = (info.get("State", "UNKNOWN"), info.get("Reason", "None"))
-            if now != said and now[0] not in ("UNKNOWN", GONE, "COMPLETED", "COMPLETING"):
-                where = f" on {info['NodeList']}" if now[0] == "RUNNING" and info.get("NodeList") else ""
-                why = f" ({now[1]})" if now[1] not in ("None", "") else ""
-                print(f"{stage}: job {job.job_id} {now[0]}{why}{where}", file=sys.stderr, flush=True)
-                said = now
+            state = _say_state(job, stage, state)
+        if time.monotonic() >= next_look:
+            line, next_look = _say_progress(log, stage, line), time.monotonic() + PROGRESS_EVERY
         time.sleep(delay)
         delay = min(delay * 1.5, 2.0)
 
@@ -301,7 +329,8 @@ def submit(spec: JobSpec, cluster: Cluster) -> Any:
         if state.get("key") == key and state.get("executor") == kind:
             job = _attach(state, kind)
             if job is not None:
-                print(f"{spec.stage}: re-attached to {kind} job {job.job_id}", file=sys.stderr)
+                print(f"{spec.stage}: re-attached to {kind} job {job.job_id} (log: {progress_log(job)})",
+                      file=sys.stderr)
         else:
             _cancel_stale(state)
     if job is None:
@@ -321,7 +350,7 @@ def submit(spec: JobSpec, cluster: Cluster) -> Any:
             "key": key, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }, indent=2))
         os.replace(tmp, state_file)
-        print(f"{spec.stage}: submitted {kind} job {job.job_id} (logs: {job.paths.stdout.parent})", file=sys.stderr)
+        print(f"{spec.stage}: submitted {kind} job {job.job_id} (log: {progress_log(job)})", file=sys.stderr)
     try:
         _wait(job, spec.stage)
         if isinstance(job, submitit.SlurmJob) and not _has_results(job):

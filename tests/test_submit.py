@@ -14,10 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from slurm import submit as submit_module
 from slurm.submit import JobFailed, JobSpec, job_name, state_path, submit
+from stages import progress as progress_module
 from stages.artifacts import verify_artifact
 from stages.errors import UserError
 from stages.params import Cluster, Resources
+from stages.progress import progress
 from tests.conftest import ROOT
 
 
@@ -40,6 +43,14 @@ def all_reduce_ranks() -> tuple[int, int, float]:
 
 def fail(message: str) -> None:
     raise ValueError(message)
+
+
+def counting_job(steps: int) -> int:
+    """A loop that writes a progress line to the job log every 0.2 s (set here: the job is its own process)."""
+    progress_module.LOG_INTERVAL = 0.2
+    for _ in progress(range(steps), desc="Counting", unit="step", delay=0.1):
+        time.sleep(0.1)
+    return steps
 
 
 def spec(fn, tmp_path: Path, **resources) -> JobSpec:
@@ -77,6 +88,20 @@ def test_local_failure_names_job_error_and_log(tmp_path: Path) -> None:
     log = message.splitlines()[-1].split("log: ")[1]
     assert Path(log).is_file() and log.endswith("_0_log.err")
     assert not state_path(tmp_path / "out").exists()
+
+
+def test_a_waiting_submitter_names_the_log_once_and_shows_the_job_s_progress(
+        tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(submit_module, "PROGRESS_EVERY", 0.5)
+    cluster = Cluster(executor="local", log_dir=str(tmp_path / "logs"))
+    assert submit(spec(functools.partial(counting_job, 30), tmp_path), cluster) == 30
+    err = capfd.readouterr().err.splitlines()
+    log = next((tmp_path / "logs" / "t").glob("*_0_log.err"))
+    assert err[0].startswith("t: submitted local job") and err[0].endswith(f"(log: {log})")
+    assert sum(str(log) in line for line in err) == 1
+    shown = [line for line in err if line.startswith("t: Counting: ")]
+    assert shown and len(shown) == len(err) - 1, err  # nothing else is said while waiting
+    assert all(before != after for before, after in zip(shown, shown[1:]))
 
 
 def test_local_nodes_above_one_is_a_params_error(tmp_path: Path) -> None:
