@@ -100,7 +100,7 @@ def input_id(path: Path) -> str:
         return digest(hash_tree(path))
     if path.is_file():
         return hash_file(path)
-    raise UserError(f"{path}: input not found")
+    raise UserError(f"{path}: input not found (run `dvc repro`: the stage that writes it has not run)")
 
 
 def input_refs(paths: dict[str, Path]) -> dict[str, dict[str, str]]:

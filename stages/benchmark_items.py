@@ -1,9 +1,7 @@
-"""Benchmark data the project may not redistribute: where it is read from, how each format is parsed into
-multiple-choice items, and how a model scores an item by log-likelihood.
-
-Every benchmark is a params value naming a folder or file; left empty it resolves to ../shared/benchmarks (the
-layout of its README) where that exists, and a missing benchmark is one line naming the param to set.
-"""
+"""The benchmark files the `benchmarks` stage writes into data/benchmarks (each in the format its source publishes:
+BIG-bench JSON tasks, the TruthfulQA CSV, MT-Bench question JSONL), how each is parsed into items, and how a model
+scores a multiple-choice item by log-likelihood. Parsing checks every field, so a bad file is one line naming it
+and the field, found by the stage that reads the source before anything else runs."""
 
 from __future__ import annotations
 
@@ -18,9 +16,14 @@ from stages.assets import read_text
 from stages.errors import UserError
 from stages.scoring import Scorer
 
-SHARED = Path("../shared/benchmarks")
-DEFAULTS = {"hhh": "hhh_alignment", "truthfulqa_mc": "truthfulqa/task_mc.json",
-            "truthfulqa_csv": "truthfulqa/TruthfulQA_part1.csv", "mt_bench": "mt_bench/question.jsonl"}
+DATA = Path("data/benchmarks")  # the out of stage `benchmarks`; train_rm and evaluate read it
+FILES = {"hhh": "hhh_alignment", "truthfulqa_mc": "truthfulqa/task_mc.json",
+         "truthfulqa_csv": "truthfulqa/truthfulqa.csv", "mt_bench": "mt_bench/question.jsonl"}
+
+
+def bench_path(key: str, root: Path = DATA) -> Path:
+    """Where benchmark `key` lies in data/benchmarks (or under another root in the same layout)."""
+    return root / FILES[key]
 
 
 @dataclass(frozen=True)
@@ -33,17 +36,6 @@ class ChoiceItem:
     correct: frozenset[int]
     best: int
     subset: str
-
-
-def resolve(key: str, value: str | None, param: str | None = None) -> Path:
-    """The path of benchmark `key` from its params value (`param`, by default `evaluate.<key>`), else its place
-    under ../shared/benchmarks."""
-    path = Path(value) if value else SHARED / DEFAULTS[key]
-    if not path.exists():
-        where = f"{value}" if value else f"{path} (the default)"
-        raise UserError(f"params.yaml: {param or 'evaluate.' + key}: {where} not found; set it to your copy of the "
-                        f"benchmark")
-    return path
 
 
 def _read_json(path: Path) -> dict:
@@ -117,6 +109,32 @@ def load_truthfulqa_csv(path: Path) -> list[ChoiceItem]:
     if not items:
         raise UserError(f"{path}: no questions; expected the TruthfulQA CSV (a header row, then one row per question)")
     return items
+
+
+def load_mt_bench(path: Path) -> list[dict]:
+    """MT-Bench questions: {question_id, category, turns (the first two)} per line."""
+    rows: list[dict] = []
+    seen: set = set()
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise UserError(f"{path}: line {number}: not valid JSON ({exc})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        turns = row.get("turns")
+        if not (isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)):
+            raise UserError(f"{path}: line {number}: turns: expected a list of non-empty strings")
+        qid = row.get("question_id", number)  # answers are matched across policies by it
+        if isinstance(qid, bool) or not isinstance(qid, (int, str)) or qid in seen:
+            raise UserError(f"{path}: line {number}: question_id: expected a unique integer or string, got {qid!r}")
+        seen.add(qid)
+        rows.append({"question_id": qid, "category": row.get("category", ""), "turns": turns[:2]})
+    if not rows:
+        raise UserError(f"{path}: empty; expected MT-Bench questions, one JSON object per line")
+    return rows
 
 
 def choice_logprobs(scorer: Scorer, item: ChoiceItem, normalise: bool) -> list[float]:

@@ -34,7 +34,8 @@ from pathlib import Path
 from stages import cli
 from stages.artifacts import input_refs, staged_out, verify_artifact
 from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles, read_text
-from stages.benchmarks import ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_truthfulqa_csv, mc_scores, resolve
+from stages.benchmark_items import (DATA as BENCHMARKS, ChoiceItem, bench_path, choice_logprobs, load_bigbench, load_hhh,
+                                    load_mt_bench, load_truthfulqa_csv, mc_scores)
 from stages.errors import UserError
 from stages.generation import Generator, Sampling, chat_prompt, one_task
 from stages.params import Evaluate, Generation, SystemMessages, load_params
@@ -59,42 +60,17 @@ PLOT = "plot.json"
 # ---------------------------------------------------------------------------------------------- benchmark data
 
 
-def load_mt_bench(path: Path, limit: int | None, seed: int) -> list[dict]:
-    """MT-Bench questions (question_id, category, turns); `limit` of them drawn at random, file order kept."""
-    rows: list[dict] = []
-    seen: set = set()
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise UserError(f"{path}: line {number}: not valid JSON ({exc})") from None
-        if not isinstance(row, dict):
-            raise UserError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
-        turns = row.get("turns")
-        if not (isinstance(turns, list) and turns and all(isinstance(t, str) and t.strip() for t in turns)):
-            raise UserError(f"{path}: line {number}: turns: expected a list of non-empty strings")
-        qid = row.get("question_id", number)  # answers are matched across policies by it
-        if isinstance(qid, bool) or not isinstance(qid, (int, str)) or qid in seen:
-            raise UserError(f"{path}: line {number}: question_id: expected a unique integer or string, got {qid!r}")
-        seen.add(qid)
-        rows.append({"question_id": qid, "category": row.get("category", ""), "turns": turns[:2]})
-    if not rows:
-        raise UserError(f"{path}: empty; expected MT-Bench questions, one JSON object per line")
-    return sample_in_order(rows, limit, seed)
-
-
 def load_benchmarks(cfg: Evaluate, seed: int) -> dict:
-    """Every benchmark the stage reads, checked and sampled on the login node (bad files fail before a job)."""
-    def sample(items: list[ChoiceItem]) -> list[ChoiceItem]:
-        return sample_in_order(items, cfg.max_items, seed)  # type: ignore[arg-type]
+    """Every benchmark of data/benchmarks (checked when the `benchmarks` stage wrote it), sampled on the login
+    node."""
+    def sample(items: list) -> list:
+        return sample_in_order(items, cfg.max_items, seed)
 
     return {
-        "hhh": sample(load_hhh(resolve("hhh", cfg.hhh))),
-        "truthfulqa": sample(load_bigbench(resolve("truthfulqa_mc", cfg.truthfulqa_mc), "truthfulqa")),
-        "truthfulqa_csv": sample(load_truthfulqa_csv(resolve("truthfulqa_csv", cfg.truthfulqa_csv))),
-        "mt_bench": load_mt_bench(resolve("mt_bench", cfg.mt_bench), cfg.mt_bench_questions, seed),
+        "hhh": sample(load_hhh(bench_path("hhh"))),
+        "truthfulqa": sample(load_bigbench(bench_path("truthfulqa_mc"), "truthfulqa")),
+        "truthfulqa_csv": sample(load_truthfulqa_csv(bench_path("truthfulqa_csv"))),
+        "mt_bench": sample_in_order(load_mt_bench(bench_path("mt_bench")), cfg.mt_bench_questions, seed),
     }
 
 
@@ -311,12 +287,13 @@ def main() -> None:
     if cfg.judge_model and not Path(cfg.judge_model).is_dir():
         raise UserError(f"params.yaml: evaluate.judge_model: {cfg.judge_model} is not a folder; expected a local HF "
                         f"model folder")
-    benchmarks = load_benchmarks(cfg, params.seed)
-    benchmarks["system_messages"] = read_jsonl(SYSTEM / "eval.jsonl")
     descriptions = value_descriptions()
     policies = {name: POLICIES[name] for name in cfg.policies}
     inputs = input_refs({**{name: path.parent if path.name == MODEL else path for name, path in policies.items()},
-                         "rm": RM, "principles": PRINCIPLES, "system_messages": SYSTEM, "space": SPACE})
+                         "rm": RM, "principles": PRINCIPLES, "system_messages": SYSTEM, "space": SPACE,
+                         "benchmarks": BENCHMARKS})
+    benchmarks = load_benchmarks(cfg, params.seed)
+    benchmarks["system_messages"] = read_jsonl(SYSTEM / "eval.jsonl")
     subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump(),
               "system_messages": params.system_messages.model_dump()}
     fn = functools.partial(job, policies, benchmarks, cfg, params.generation, [p.definition for p in judged], judged,

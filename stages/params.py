@@ -235,7 +235,6 @@ class RewardModel(Strict):
     max_prompt_tokens: int = Field(256, ge=1)  # instruction tokens shown to the RM
     max_response_tokens: int = Field(384, ge=1)
     batch_size: int = Field(8, ge=1)  # rows per forward pass when scoring
-    hhh: str | None = None  # BIG-bench hhh_alignment folder; None: ../shared/benchmarks/hhh_alignment
     hhh_principles: list[str] = Field(default_factory=lambda: ["honest_accurate", "ethical", "follows_instruction"],
                                       min_length=1)  # the guide for HHH pairs (and pre-training)
     pmp: Pmp = Field(default_factory=Pmp)
@@ -318,17 +317,35 @@ class SystemMessages(Strict):
     eval_max_new_tokens: int = Field(128, ge=1)  # per answer when `evaluate` compares matched and mismatched
 
 
+HUB_SOURCE = re.compile(r"hub:([\w.-]+/[\w.-]+)@([0-9a-f]{40})")  # a hub dataset pinned to a commit
+
+
+class Benchmarks(Strict):
+    """Where each benchmark comes from: `auto` (../shared/benchmarks where it exists, else a pinned hub dataset), a
+    local file or folder in the benchmark's own format, or `hub:<dataset id>@<40-hex commit>`."""
+
+    hhh: str = "auto"
+    truthfulqa_mc: str = "auto"
+    truthfulqa_csv: str = "auto"
+    mt_bench: str = "auto"
+
+    @field_validator("*")
+    @classmethod
+    def _source(cls, value: str) -> str:
+        if not value.strip() or not _one_line(value):
+            raise ValueError(f"expected auto, a path or hub:<dataset id>@<commit>, got {value!r}")
+        if value.startswith("hub:") and not HUB_SOURCE.fullmatch(value):
+            raise ValueError(f"expected hub:<dataset id>@<40-hex commit> (a pinned revision), got {value!r}")
+        return value
+
+
 class Evaluate(Strict):
-    """Benchmarks for every produced policy. Benchmark paths: None = their place under ../shared/benchmarks."""
+    """Benchmarks (data/benchmarks) for every produced policy."""
 
     policies: list[Literal["base", "sft", "policy"]] = Field(default_factory=lambda: ["base", "sft", "policy"],
                                                              min_length=1)  # policy: the ppo (or dpo) out
     normalise: bool = False  # multiple choice: log-likelihood per token (True) or summed over the choice (False)
     max_items: int | None = Field(None, ge=1)  # per multiple-choice benchmark, drawn at random (None: all)
-    hhh: str | None = None
-    truthfulqa_mc: str | None = None
-    truthfulqa_csv: str | None = None
-    mt_bench: str | None = None
     mt_bench_questions: int | None = Field(None, ge=1)  # drawn at random (None: all 80)
     max_new_tokens: int = Field(256, ge=1)  # per MT-Bench turn
     judge_principles: list[str] = Field(
@@ -350,6 +367,7 @@ class Params(Strict):
     system_messages: SystemMessages = Field(default_factory=SystemMessages)
     sample_pairs: SamplePairs = Field(default_factory=SamplePairs)
     label_preferences: LabelPreferences = Field(default_factory=LabelPreferences)
+    benchmarks: Benchmarks = Field(default_factory=Benchmarks)
     rm: RewardModel = Field(default_factory=RewardModel)
     policy: Policy = Field(default_factory=Policy)
     ppo: Ppo = Field(default_factory=Ppo)

@@ -23,7 +23,7 @@ from pathlib import Path
 from stages import cli, sft
 from stages.artifacts import input_refs, staged_out, verify_artifact
 from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
-from stages.benchmarks import ChoiceItem, load_hhh, resolve
+from stages.benchmark_items import DATA as BENCHMARKS, ChoiceItem, bench_path, load_hhh
 from stages.errors import UserError
 from stages.params import Pmp, RewardModel as RewardParams, Training, load_params
 from stages.records import write_json, write_jsonl
@@ -221,10 +221,10 @@ def main() -> None:
     principles = {p.id: p for p in every}
     hhh_guide = [p.definition for p in pick_principles(every, cfg.hhh_principles, "rm.hhh_principles", PRINCIPLES)]
     template = load_template(TEMPLATE, PLACEHOLDERS)
-    hhh = load_hhh(resolve("hhh", cfg.hhh, param="rm.hhh"))
     descriptions = value_descriptions()
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "template": TEMPLATE,
-                         "space": SPACE})
+                         "space": SPACE, "benchmarks": BENCHMARKS})
+    hhh = load_hhh(bench_path("hhh"))
     rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
     train_rows, held_rows = split_pairs(rows, cfg.eval_share, params.seed)
     draw = functools.partial(preference_examples, principles=principles, descriptions=descriptions,

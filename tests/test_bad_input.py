@@ -30,7 +30,7 @@ Mutate = Callable[[Path], None]
 
 # ------------------------------------------------------------------------------------------ the project folder
 
-STAGES = ("import_model", "prompts", "self_align", "engrave", "verbose_clone", "system_messages", "sample_pairs",
+STAGES = ("benchmarks", "import_model", "prompts", "self_align", "engrave", "verbose_clone", "system_messages", "sample_pairs",
           "label_preferences", "train_rm", "policy", "evaluate")
 MODEL_FILES = {"config.json": '{"model_type": "llama", "dtype": "float32"}\n', "model.safetensors": b"\x00" * 256,
                "tokenizer.json": "{}\n"}
@@ -49,6 +49,7 @@ OUTS: dict[str, dict[str, Any]] = {  # out folder -> {file: content}: placeholde
     "data/pairs": {"pairs.jsonl": '{"id": "p1", "prompt": "Hi?", "response_a": "A", "response_b": "B"}\n',
                    "metrics.json": '{"pairs": 1}\n'},
     "data/preferences": {"preferences.jsonl": '{"id": "p1"}\n', "metrics.json": '{"pairs": 1}\n'},
+    "data/benchmarks": {"hhh_alignment/harmless/task.json": '{"examples": []}\n', "metrics.json": '{"hhh": {}}\n'},
     "data/evaluation": {"answers/base.jsonl": '{"question_id": 81}\n', "metrics.json": '{"base": {}}\n',
                         "plot.json": "[]\n"},
 }
@@ -74,16 +75,15 @@ def write(path: Path, content: str | bytes) -> None:
 
 
 def make_project(cwd: Path) -> Path:
-    """params.yaml (the repository's, run inline so that nothing can reach a cluster, benchmarks read from the
+    """params.yaml (the repository's, run inline so that nothing can reach a cluster, benchmark sources in the
     project), assets/, a finished out with its MANIFEST.json for every stage, metrics/ and dvclive/ files."""
     from stages.artifacts import MANIFEST, hash_tree
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["cluster"]["executor"] = "inline"
-    raw["evaluate"].update(hhh="benchmarks/hhh_alignment", truthfulqa_mc="benchmarks/truthfulqa/task_mc.json",
-                           truthfulqa_csv="benchmarks/truthfulqa/TruthfulQA_part1.csv",
-                           mt_bench="benchmarks/mt_bench/question.jsonl")
-    raw["rm"]["hhh"] = "benchmarks/hhh_alignment"
+    raw["benchmarks"].update(hhh="benchmarks/hhh_alignment", truthfulqa_mc="benchmarks/truthfulqa/task_mc.json",
+                             truthfulqa_csv="benchmarks/truthfulqa/TruthfulQA_part1.csv",
+                             mt_bench="benchmarks/mt_bench/question.jsonl")
     write(cwd / "params.yaml", yaml.safe_dump(raw, sort_keys=False))
     for asset in (ROOT / "assets").iterdir():
         write(cwd / "assets" / asset.name, asset.read_bytes())
@@ -311,58 +311,58 @@ ASSET_ROWS = [
      "assets/verbose_instruction.txt: empty; expected the instruction text"),
 ]
 BENCHMARK_ROWS = [
-    ("evaluate", "hhh-not-json", content(f"{BENCH}hhh_alignment/harmless/task.json", '{"examples": [}'),
+    ("benchmarks", "hhh-not-json", content(f"{BENCH}hhh_alignment/harmless/task.json", '{"examples": [}'),
      "benchmarks/hhh_alignment/harmless/task.json: not valid JSON (Expecting value at line 1)"),
-    ("evaluate", "hhh-not-an-object", content(f"{BENCH}hhh_alignment/harmless/task.json", "[]"),
+    ("benchmarks", "hhh-not-an-object", content(f"{BENCH}hhh_alignment/harmless/task.json", "[]"),
      "benchmarks/hhh_alignment/harmless/task.json: expected a JSON object (a BIG-bench task), got list"),
-    ("evaluate", "hhh-missing-field",
+    ("benchmarks", "hhh-missing-field",
      content(f"{BENCH}hhh_alignment/harmless/task.json",
              json.dumps({"examples": [HHH["examples"][0], {"input": "Human: x"}]})),
      "benchmarks/hhh_alignment/harmless/task.json: examples[2]: expected an input string and >= 2 target_scores"),
-    ("evaluate", "hhh-no-task", delete(f"{BENCH}hhh_alignment/harmless/task.json"),
+    ("benchmarks", "hhh-no-task", delete(f"{BENCH}hhh_alignment/harmless/task.json"),
      "benchmarks/hhh_alignment: no <subset>/task.json inside; expected the BIG-bench hhh_alignment folder"),
-    ("train_rm", "rm-hhh-input-wrong-type",
+    ("benchmarks", "hhh-input-wrong-type",
      content(f"{BENCH}hhh_alignment/harmless/task.json",
              json.dumps({"examples": [{"input": 7, "target_scores": {"a": 1, "b": 0}}]})),
      "benchmarks/hhh_alignment/harmless/task.json: examples[1]: expected an input string and >= 2 target_scores"),
-    ("evaluate", "truthfulqa-mc-examples-not-a-list",
+    ("benchmarks", "truthfulqa-mc-examples-not-a-list",
      content(f"{BENCH}truthfulqa/task_mc.json", json.dumps({"examples": {"input": "Q"}})),
      "benchmarks/truthfulqa/task_mc.json: examples: expected a list of examples, got dict"),
-    ("evaluate", "truthfulqa-mc-example-not-an-object",
+    ("benchmarks", "truthfulqa-mc-example-not-an-object",
      content(f"{BENCH}truthfulqa/task_mc.json", json.dumps({"examples": [HHH["examples"][0], "Q: why?"]})),
      "benchmarks/truthfulqa/task_mc.json: examples[2]: expected an input string and >= 2 target_scores"),
-    ("evaluate", "truthfulqa-mc-nothing-correct",
+    ("benchmarks", "truthfulqa-mc-nothing-correct",
      content(f"{BENCH}truthfulqa/task_mc.json",
              json.dumps({"examples": [{"input": "Q", "target_scores": {"a": 0, "b": 0}}]})),
      "benchmarks/truthfulqa/task_mc.json: examples[1].target_scores: no choice scored 1"),
-    ("evaluate", "truthfulqa-csv-missing-column",
+    ("benchmarks", "truthfulqa-csv-missing-column",
      content(f"{BENCH}truthfulqa/TruthfulQA_part1.csv", "Type,Category,Question,Correct Answers,Incorrect Answers\n"
                                                           "A,B,Q?,Yes,No\n"),
      "benchmarks/truthfulqa/TruthfulQA_part1.csv: line 2: column 'Best Answer' missing"),
-    ("evaluate", "truthfulqa-csv-short-row",
+    ("benchmarks", "truthfulqa-csv-short-row",
      line(f"{BENCH}truthfulqa/TruthfulQA_part1.csv", 3, "Adversarial,Fiction,Are vampires real?"),
      "benchmarks/truthfulqa/TruthfulQA_part1.csv: line 3: column 'Correct Answers' missing (the row has fewer "
      "fields than the header)"),
-    ("evaluate", "truthfulqa-csv-no-incorrect-answers",
+    ("benchmarks", "truthfulqa-csv-no-incorrect-answers",
      line(f"{BENCH}truthfulqa/TruthfulQA_part1.csv", 2, "A,M,Q?,No,No,,src"),
      "benchmarks/truthfulqa/TruthfulQA_part1.csv: line 2: Incorrect Answers: empty; expected the best answer and "
      ";-separated incorrect answers"),
-    ("evaluate", "truthfulqa-csv-header-only", content(f"{BENCH}truthfulqa/TruthfulQA_part1.csv", TQA_HEADER + "\n"),
+    ("benchmarks", "truthfulqa-csv-header-only", content(f"{BENCH}truthfulqa/TruthfulQA_part1.csv", TQA_HEADER + "\n"),
      "benchmarks/truthfulqa/TruthfulQA_part1.csv: no questions; expected the TruthfulQA CSV (a header row, then one "
      "row per question)"),
-    ("evaluate", "mt-bench-not-json", line(f"{BENCH}mt_bench/question.jsonl", 2, '{"question_id": 82, "turns": ['),
+    ("benchmarks", "mt-bench-not-json", line(f"{BENCH}mt_bench/question.jsonl", 2, '{"question_id": 82, "turns": ['),
      "benchmarks/mt_bench/question.jsonl: line 2: not valid JSON (Expecting value: line 1 column 31 (char 30))"),
-    ("evaluate", "mt-bench-turns-wrong-type",
+    ("benchmarks", "mt-bench-turns-wrong-type",
      line(f"{BENCH}mt_bench/question.jsonl", 2, '{"question_id": 82, "turns": "What is 2+2?"}'),
      "benchmarks/mt_bench/question.jsonl: line 2: turns: expected a list of non-empty strings"),
-    ("evaluate", "mt-bench-duplicate-id",
+    ("benchmarks", "mt-bench-duplicate-id",
      line(f"{BENCH}mt_bench/question.jsonl", 2, '{"question_id": 81, "turns": ["Again?"]}'),
      "benchmarks/mt_bench/question.jsonl: line 2: question_id: expected a unique integer or string, got 81"),
-    ("evaluate", "mt-bench-empty", content(f"{BENCH}mt_bench/question.jsonl", "\n\n"),
+    ("benchmarks", "mt-bench-empty", content(f"{BENCH}mt_bench/question.jsonl", "\n\n"),
      "benchmarks/mt_bench/question.jsonl: empty; expected MT-Bench questions, one JSON object per line"),
-    ("evaluate", "mt-bench-missing", delete(f"{BENCH}mt_bench/question.jsonl"),
-     "params.yaml: evaluate.mt_bench: benchmarks/mt_bench/question.jsonl not found; set it to your copy of the "
-     "benchmark"),
+    ("benchmarks", "mt-bench-missing", delete(f"{BENCH}mt_bench/question.jsonl"),
+     "params.yaml: benchmarks.mt_bench: benchmarks/mt_bench/question.jsonl not found; set it to a local copy of "
+     "MT-Bench's question.jsonl, or to hub:<dataset id>@<commit>"),
 ]
 ROWS = ([pytest.param("import_model", mutate, expected, id=f"params-{name}") for name, mutate, expected in PARAMS_ROWS]
         + [pytest.param(stage, mutate, expected, id=f"assets-{name}") for stage, name, mutate, expected in ASSET_ROWS]

@@ -1,29 +1,117 @@
-"""Benchmark loaders on the real files in ../shared/benchmarks (never copied into the project), one-line errors
-for missing or malformed data, and log-likelihood choice scoring on the tiny model."""
+"""Stage `benchmarks` from local copies, from hub datasets in the HF cache's layout (offline), and with no source at
+all (one line, nothing written); the loaders on the real files in ../shared/benchmarks where it is beside the
+project (never copied into it), one-line errors for malformed data, and log-likelihood choice scoring on the tiny
+model."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from stages import benchmarks
-from stages.benchmarks import ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_truthfulqa_csv, mc_scores
+import yaml
+
+from stages.artifacts import read_manifest, verify_artifact
+from stages.benchmark_items import (FILES, ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_mt_bench,
+                                    load_truthfulqa_csv, mc_scores)
+from stages.benchmarks import PINNED
 from stages.errors import UserError
 from stages.scoring import Scorer
+from tests.benchmark_files import HHH, MT_BENCH, TRUTHFULQA, hub_cache, write_published
 from tests.conftest import ROOT
 
 SHARED = ROOT.parent / "shared" / "benchmarks"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/benchmarks is not beside the project")
 
 
-@needs_shared
-def test_default_paths_resolve_beside_the_project(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(ROOT)
-    assert benchmarks.resolve("hhh", None).resolve() == (SHARED / "hhh_alignment").resolve()
-    with pytest.raises(UserError, match=r"^params.yaml: evaluate.truthfulqa_csv: /nowhere.csv not found; set it"):
-        benchmarks.resolve("truthfulqa_csv", "/nowhere.csv")
+def project(cwd: Path, **sources: str) -> Path:
+    """A project folder with the repository's params.yaml (benchmark sources from `sources`) and nothing else: the
+    stage needs no model. Its parent has no shared/ folder, as on a user's machine."""
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["benchmarks"].update(sources)
+    cwd.mkdir(parents=True)
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    return cwd
+
+
+def run(cwd: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stages.benchmarks"], cwd=cwd, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **env}, timeout=300)
+
+
+def assert_small_items(out: Path) -> None:
+    """The out holds the small benchmarks item for item, in the formats the loaders read."""
+    hhh = load_hhh(out / FILES["hhh"])
+    assert sorted({i.subset for i in hhh}) == sorted(HHH) and len(hhh) == sum(len(v) for v in HHH.values())
+    assert all(i.choices[min(i.correct)] == good for i, (_, good, _) in zip(hhh, HHH["harmless"] + HHH["helpful"]))
+    assert hhh[0].context == f"\nHuman: {HHH['harmless'][0][0]}\nAssistant:"
+    mc = load_bigbench(out / FILES["truthfulqa_mc"], "truthfulqa")
+    assert [(i.context, i.choices[i.best]) for i in mc] == [(f"\nQ: {q}\nA: ", best) for _, q, best, _, _ in TRUTHFULQA]
+    rows = load_truthfulqa_csv(out / FILES["truthfulqa_csv"])
+    assert [(r.subset, r.choices[r.best], len(r.correct), len(r.choices)) for r in rows] == [
+        (c, best, 1 + len(correct), 1 + len(correct) + len(wrong)) for c, _, best, correct, wrong in TRUTHFULQA]
+    assert [(q["question_id"], q["turns"]) for q in load_mt_bench(out / FILES["mt_bench"])] == [
+        (i, t) for i, _, t in MT_BENCH]
+
+
+def test_local_copies_become_a_versioned_out_that_lineage_walks_back(tmp_path: Path) -> None:
+    copies = write_published(tmp_path / "copies")
+    cwd = project(tmp_path / "project", hhh=str(copies / "hhh_alignment"),
+                  truthfulqa_mc=str(copies / "truthfulqa/task_mc.json"),
+                  truthfulqa_csv=str(copies / "truthfulqa/TruthfulQA_part1.csv"),
+                  mt_bench=str(copies / "mt_bench/question.jsonl"))
+    proc = run(cwd)
+    assert proc.returncode == 0, proc.stderr
+    out = cwd / "data/benchmarks"
+    assert proc.stdout.strip() == f"benchmarks: data/benchmarks {verify_artifact(out)}"
+    assert_small_items(out)
+    assert json.loads((cwd / "metrics/benchmarks.json").read_text())["truthfulqa_csv"]["items"] == len(TRUTHFULQA)
+    inputs = read_manifest(out)["inputs"]
+    assert inputs["hhh"]["path"] == str(copies / "hhh_alignment") and len(inputs) == 4
+    lineage = subprocess.run([sys.executable, "-m", "stages.lineage", "data/benchmarks"], cwd=cwd, text=True,
+                             capture_output=True, env={"PYTHONPATH": str(ROOT)})
+    assert lineage.returncode == 0 and str(copies / "mt_bench/question.jsonl") in lineage.stdout
+    (copies / "mt_bench/question.jsonl").write_text('{"question_id": 1, "turns": ["Edited?"]}\n')
+    lineage = subprocess.run([sys.executable, "-m", "stages.lineage", "data/benchmarks"], cwd=cwd, text=True,
+                             capture_output=True, env={"PYTHONPATH": str(ROOT)})
+    assert lineage.returncode == 1 and "question.jsonl: changed since it was used" in lineage.stderr
+
+
+def test_auto_without_a_local_copy_reads_the_pinned_hub_datasets(tmp_path: Path) -> None:
+    """The real hub path (huggingface_hub's snapshot_download, then `datasets`), offline on a cache that holds the
+    pinned commits, as a login node that downloaded them before would have it."""
+    cache = tmp_path / "hf"
+    hub_cache(cache, PINNED)
+    cwd = project(tmp_path / "project")
+    proc = run(cwd, HF_HUB_CACHE=str(cache))
+    assert proc.returncode == 0, proc.stderr
+    assert_small_items(cwd / "data/benchmarks")
+    hhh_input = read_manifest(cwd / "data/benchmarks")["inputs"]["hhh"]["path"]
+    assert hhh_input.startswith(str(cache)) and hhh_input.endswith(PINNED["hhh"].split("@")[1])
+
+
+def test_no_source_stops_in_one_line_and_writes_nothing(tmp_path: Path) -> None:
+    cwd = project(tmp_path / "project")
+    proc = run(cwd, HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    assert proc.returncode == 2 and proc.stdout == "" and len(proc.stderr.splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("params.yaml: benchmarks.hhh: auto: no ../shared/benchmarks/hhh_alignment and "
+                                  f"{PINNED['hhh']} could not be downloaded (")
+    assert "set it to a local copy of a BIG-bench hhh_alignment folder" in proc.stderr
+    assert sorted(p.name for p in cwd.iterdir()) == ["params.yaml"]
+    copies = write_published(tmp_path / "copies")
+    missing = tmp_path / "nowhere.jsonl"
+    cwd = project(tmp_path / "p2", hhh=str(copies / "hhh_alignment"), mt_bench=str(missing),
+                  truthfulqa_mc=str(copies / "truthfulqa/task_mc.json"),
+                  truthfulqa_csv=str(copies / "truthfulqa/TruthfulQA_part1.csv"))
+    proc = run(cwd)
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [
+        f"params.yaml: benchmarks.mt_bench: {missing} not found; set it to a local copy of MT-Bench's "
+        f"question.jsonl, or to hub:<dataset id>@<commit>"])
+    assert sorted(p.name for p in cwd.iterdir()) == ["params.yaml"]
 
 
 @needs_shared

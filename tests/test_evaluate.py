@@ -1,4 +1,4 @@
-"""The `evaluate` stage on the tiny model: flat per-policy metrics from the benchmark files in ../shared, MT-Bench
+"""The `evaluate` stage on the tiny model: flat per-policy metrics from data/benchmarks (the tests' small files), MT-Bench
 answers for both turns judged by the RM and by a judge model in both orders (two identical policies tie on
 everything), bad benchmark input as one line; and the experiment workflow: two `dvc exp run -S` experiments
 that `dvc exp show` and `dvc metrics diff` tell apart where their params differ."""
@@ -17,15 +17,12 @@ from stages.params import Training
 from stages.records import read_jsonl, write_jsonl
 from stages.reward import CONFIG_FILE, TEMPLATE_FILE
 from stages.training import lora_model
+from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
 from tests.test_dvc import new_repo, sh
 from tests.test_sft_stages import make_project, stage
 
-SHARED = ROOT.parent / "shared" / "benchmarks"
-SMALL = {"max_items": 6, "mt_bench_questions": 2, "max_new_tokens": 6, "batch_size": 4,
-         "hhh": str(SHARED / "hhh_alignment"), "truthfulqa_mc": str(SHARED / "truthfulqa/task_mc.json"),
-         "truthfulqa_csv": str(SHARED / "truthfulqa/TruthfulQA_part1.csv"),
-         "mt_bench": str(SHARED / "mt_bench/question.jsonl")}
+SMALL = {"max_items": 6, "mt_bench_questions": 2, "max_new_tokens": 6, "batch_size": 4}
 
 
 def add_policy_outs(cwd: Path, model: Path) -> None:
@@ -54,7 +51,7 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     assert base["hhh"]["items"] == 6 and 0 <= base["hhh"]["acc"] <= 1
     assert sum(v["items"] for k, v in base["hhh"].items() if isinstance(v, dict)) == 6  # per subset folder
     assert 0 <= base["truthfulqa"]["mc1"] <= 1 and 0 < base["truthfulqa"]["mc2"] < 1
-    assert sum(c["items"] for c in base["truthfulqa_csv"]["category"].values()) == 6
+    assert sum(c["items"] for c in base["truthfulqa_csv"]["category"].values()) == 3  # all the small CSV has
     # base, sft and policy are the same model: same scores, same answers, every MT-Bench turn a tie for both judges
     for bench in ("hhh", "truthfulqa", "truthfulqa_csv"):
         assert sft[bench] == base[bench]
@@ -66,17 +63,12 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
     assert {"bar": "hhh.acc / sft", "benchmark": "hhh.acc", "policy": "sft", "value": sft["hhh"]["acc"]} in plot
 
-    bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"question_id": 1, "turns": ["ok"]}\n{"question_id": 2, "turns": []}\n')
-    raw = yaml.safe_load((cwd / "params.yaml").read_text())
-    raw["evaluate"]["mt_bench"] = str(bad)
-    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    questions = cwd / "data/benchmarks/mt_bench/question.jsonl"  # edited after stage `benchmarks` wrote it
+    questions.write_text('{"question_id": 1, "turns": ["ok"]}\n')
     proc = stage(cwd, "evaluate")
-    assert proc.returncode == 2 and proc.stderr.strip() == f"{bad}: line 2: turns: expected a list of non-empty strings"
-    raw["evaluate"]["mt_bench"] = str(tmp_path / "missing.jsonl")
-    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
-    proc = stage(cwd, "evaluate")
-    assert proc.returncode == 2 and proc.stderr.startswith("params.yaml: evaluate.mt_bench: ")
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [
+        "data/benchmarks/mt_bench/question.jsonl: content does not match data/benchmarks/MANIFEST.json (altered "
+        "after it was written)"])
 
 
 @pytest.mark.slow
@@ -88,13 +80,14 @@ def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, ti
     pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())
     pipeline["stages"] = {"evaluate": pipeline["stages"]["evaluate"]}
     (repo / "dvc.yaml").write_text(yaml.safe_dump(pipeline, sort_keys=False))
-    (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "models/\n")
+    (repo / ".gitignore").write_text((repo / ".gitignore").read_text() + "models/\ndata/benchmarks/\n")
     with staged_out(repo / "models/base", stage="import_model", params={}, inputs={}) as tmp:
         shutil.copytree(tiny_model, tmp, dirs_exist_ok=True)
     with staged_out(repo / "data/system_messages", stage="system_messages", params={}, inputs={}) as tmp:
         write_jsonl(tmp / "train.jsonl", [])  # off, as the stage writes it by default
         write_jsonl(tmp / "eval.jsonl", [])
     add_policy_outs(repo, tiny_model)
+    add_benchmarks_out(repo)
     sh(repo, "git", "add", "-A")
     sh(repo, "git", "commit", "-qm", "policies in place")
 

@@ -15,7 +15,7 @@ from slurm.submit import JobSpec, submit
 from stages.params import Cluster, Resources, Training
 from stages.training import sft_job
 from tests.jobs import node_ranks
-from tests.test_reward import HHH, rm_project
+from tests.test_reward import rm_project
 from tests.test_sft_stages import FAST_TRAINING, curve, stage
 from tests.test_training import TINY, _inline
 from tests.tiny import PAIRS
@@ -61,8 +61,7 @@ def test_train_rm_on_two_nodes_matches_one_node(two_nodes, tmp_path: Path, roomy
     """Two ranks either way (same global batch): 2 tasks on one node (local executor) vs 1 task on each of the
     two nodes (SLURM); the losses, the trained RM's held-out judgements and its metrics agree."""
     training = {**FAST_TRAINING, "micro_batch_size": 4, "save_every": 100}
-    rm = {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 1, "eval_share": 0.34,
-          "hhh": HHH}
+    rm = {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 1, "eval_share": 0.34}
     runs = {}
     for name, cluster in (("one_node", {"executor": "local", "train_rm": {"tasks_per_node": 2, "cpus_per_task": 1}}),
                           ("two_nodes", {"executor": "slurm", "train_rm": TWO_NODES.model_dump()})):

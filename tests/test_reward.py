@@ -20,7 +20,6 @@ from stages.train_rm import pmp_pairs, split_transcript
 from tests.conftest import ROOT
 from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
 
-HHH = str(ROOT.parent / "shared/benchmarks/hhh_alignment")  # ../shared beside the clone, as in CI
 PRINCIPLES = {p.id: p for p in load_jsonl(ROOT / "assets/preference_principles.jsonl", PreferencePrinciple)}
 SHORT_LONG = [  # (prompt, short answer, long answer)
     ("What is the capital of France?", "Paris.", "The capital of France is Paris, and Paris is a city in France."),
@@ -50,7 +49,7 @@ def preference_rows() -> list[dict]:
 def rm_project(tmp_path: Path, model: Path, rows: list[dict] | None = None, **groups: dict) -> Path:
     """A project with models/sft (the model as the SFT policy) and labelled preferences."""
     groups = {"training": {**FAST_TRAINING, "micro_batch_size": 4, "save_every": 5},
-              "rm": {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34, "hhh": HHH},
+              "rm": {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34},
               **groups}
     cwd = make_project(tmp_path, model, **groups)
     with staged_out(cwd / "models/sft", stage="verbose_clone", params={}, inputs={}) as tmp:
@@ -148,7 +147,7 @@ def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, 
     write_jsonl(hh, [{"chosen": f"\n\nHuman: {p}\n\nAssistant: {s}", "rejected": f"\n\nHuman: {p}\n\nAssistant: {lg}"}
                      for p, s, lg in SHORT_LONG[:6]])
     cwd = rm_project(tmp_path / "project", roomy_model, rm={
-        "learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34, "hhh": HHH,
+        "learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34,
         "pmp": {"dataset": str(hh), "split": "train", "max_examples": 6}})
     proc = stage(cwd, "train_rm")
     assert proc.returncode == 0, proc.stderr
@@ -157,7 +156,7 @@ def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, 
     assert metrics["train"]["pmp_examples"] == 6 and metrics["train"]["examples"] == 8 * 8
     assert metrics["held_out"]["examples"] == 4 * 8 and 0 <= metrics["held_out"]["accuracy"] <= 1
     assert metrics["negation"]["cases"] == 4 * 2 and 0 <= metrics["negation"]["flip_rate"] <= 1
-    assert metrics["hhh"]["items"] == metrics["hhh"]["harmless"]["items"] + metrics["hhh"]["helpful"]["items"] > 100
+    assert metrics["hhh"]["items"] == metrics["hhh"]["harmless"]["items"] + metrics["hhh"]["helpful"]["items"] == 6
 
     losses = [loss for _, loss in curve(cwd, "train_rm", "loss")]
     assert len(losses) == metrics["train"]["steps"] == 2 + 32  # pre-training: 6 pairs / 4; then 64 x 2 epochs / 4
@@ -201,9 +200,11 @@ def test_train_rm_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tiny_
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1
     assert "assets/preference_principles.jsonl: line 3: negation: field required" in proc.stderr
 
-    cwd = rm_project(tmp_path / "hhh", tiny_model, rm={"hhh": str(tmp_path / "nowhere")})
+    cwd = rm_project(tmp_path / "hhh", tiny_model)
+    shutil.rmtree(cwd / "data/benchmarks")  # stage `benchmarks` has not run
     proc = stage(cwd, "train_rm")
-    assert proc.returncode == 2 and proc.stderr.startswith("params.yaml: rm.hhh: ") and "nowhere" in proc.stderr
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [
+        "data/benchmarks: input not found (run `dvc repro`: the stage that writes it has not run)"])
 
 
 def test_pmp_from_an_unreachable_hub_is_skipped_with_one_line(capsys: pytest.CaptureFixture) -> None:

@@ -23,6 +23,7 @@ from stages.artifacts import read_manifest, staged_out, verify_artifact
 from stages.assets import Principle, load_jsonl
 from stages.records import write_jsonl
 from stages.training import tokenize_pair
+from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
 from tests.tiny import PAIRS
 
@@ -32,7 +33,8 @@ FAST_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, micro_batch_si
 
 def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, **groups: dict) -> Path:
     """A project folder: params.yaml (repo defaults + `groups`), assets/, models/base from `model`, an empty
-    system_messages out, and, with `pairs`, a self_align out holding them."""
+    system_messages out, data/benchmarks from the tests' small files, and, with `pairs`, a self_align out holding
+    them."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["generation"].update(backend="hf")
     raw["cluster"].update(executor="local", log_dir=str(cwd / "logs"))
@@ -46,6 +48,7 @@ def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None 
     with staged_out(cwd / "data/system_messages", stage="system_messages", params={}, inputs={}) as tmp:
         write_jsonl(tmp / "train.jsonl", [])  # as the stage writes it when disabled
         write_jsonl(tmp / "eval.jsonl", [])
+    add_benchmarks_out(cwd)
     if pairs is not None:
         with staged_out(cwd / "data/self_align", stage="self_align", params={}, inputs={}) as tmp:
             write_jsonl(tmp / "sft.jsonl", [{"id": f"p{i}", "prompt": p, "answer": a, "source": "seed"}

@@ -15,7 +15,7 @@ import pytest
 from stages.assets import PreferencePrinciple, load_jsonl
 from tests.conftest import ROOT
 from tests.test_ppo import TINY_PPO, ppo_project
-from tests.test_reward import HHH, PRINCIPLES, SHORT_LONG, preference_rows, rm_project
+from tests.test_reward import PRINCIPLES, SHORT_LONG, preference_rows, rm_project
 from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
 
 PRAISE = " I hope this helps!"
@@ -50,7 +50,7 @@ def steerable(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> tu
                      training={**FAST_TRAINING, "micro_batch_size": 8, "warmup_ratio": 0.1, "lr_schedule": "cosine",
                                "save_every": 1000},
                      rm={"learning_rate": 3e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 8, "eval_share": 0.2,
-                         "max_principles": 2, "negation_prob": 0.25, "hhh": HHH})
+                         "max_principles": 2, "negation_prob": 0.25})
     with (cwd / "assets/preference_principles.jsonl").open("a") as fh:  # the guard becomes a labelled principle
         fh.write(GUARD.model_dump_json() + "\n")
     proc = stage(cwd, "train_rm", timeout=1800)

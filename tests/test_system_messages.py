@@ -24,7 +24,7 @@ from stages.reward import RewardModel, system_examples
 from stages.training import tokenize_pair
 from tests.conftest import ROOT
 from tests.test_evaluate import SMALL, add_policy_outs
-from tests.test_reward import HHH, rm_project
+from tests.test_reward import rm_project
 from tests.test_sft_stages import FAST_TRAINING, make_project, stage
 
 SPACE = sm.load_space(ROOT / "assets/preference_space.jsonl")
@@ -208,7 +208,7 @@ def test_the_rm_prefers_the_answer_that_fits_the_system_message(tmp_path: Path, 
     cwd = rm_project(tmp_path, roomy_model, rows=child_expert_rows(),
                      training={**FAST_TRAINING, "micro_batch_size": 8, "warmup_ratio": 0.1, "save_every": 1000},
                      rm={"learning_rate": 1e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 24, "eval_share": 0.2,
-                         "subsets_per_pair": 2, "hhh": HHH})
+                         "subsets_per_pair": 2})
     proc = stage(cwd, "train_rm", timeout=1800)
     assert proc.returncode == 0, proc.stderr
     metrics = json.loads((cwd / "metrics/train_rm.json").read_text())
