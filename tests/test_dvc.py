@@ -64,3 +64,19 @@ def test_repro_is_idempotent_and_exp_run_switches_model(tmp_path: Path, tiny_mod
     assert read_manifest(repo / "models" / "base")["params"]["model"]["base"] == str(other)
     shown = sh(repo, "dvc", "exp", "show", "--csv").stdout
     assert str(other) in shown
+
+
+def test_repro_without_a_benchmark_source_stops_at_the_first_stage_in_one_line(tmp_path: Path) -> None:
+    """A clone with no ../shared beside it, offline: `dvc repro` runs `benchmarks` first and stops there, before
+    any model is loaded, with one line naming the param and both ways to satisfy it."""
+    repo = new_repo(tmp_path / "repo", {"cluster": {"executor": "local"}})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "HF_HUB_CACHE": str(tmp_path / "hf")}
+    proc = subprocess.run(["dvc", "repro"], cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "Running stage 'benchmarks'" in proc.stdout and "Running stage 'import_model'" not in proc.stdout
+    said = [line for line in proc.stderr.splitlines() if line.startswith("params.yaml:")]
+    assert len(said) == 1 and said[0].startswith(
+        "params.yaml: benchmarks.hhh: auto: no ../shared/benchmarks/hhh_alignment and hub:"), proc.stderr
+    assert "set it to a local copy of" in said[0] and "or to hub:<dataset id>@<commit>" in said[0]
+    assert not (repo / "models").exists() and not (repo / "data/benchmarks").exists()
