@@ -39,6 +39,7 @@ PINNED = {  # what `auto` downloads where no local copy exists: commits, so a re
     "truthfulqa_csv": TRUTHFULQA,
     "mt_bench": "hub:HuggingFaceH4/mt_bench_prompts@e3a795c5e9a82ee40611c416b8a7786c73198991",
 }
+DATA_FILES = ["*.parquet", "*.json", "*.jsonl", "*.csv", "README.md"]  # what a dataset repo's rows are in
 FORMATS = {"hhh": "a BIG-bench hhh_alignment folder (<subset>/task.json)",
            "truthfulqa_mc": "BIG-bench's truthful_qa task_mc.json", "truthfulqa_csv": "the TruthfulQA CSV",
            "mt_bench": "MT-Bench's question.jsonl"}
@@ -64,7 +65,7 @@ def download(key: str, source: str, value: str) -> Path:
     repo, revision = HUB_SOURCE.fullmatch(source).groups()  # type: ignore[union-attr]
     hub_logging.set_verbosity_error()  # its retries say "Retrying in 2s" each: the one line below says it all
     try:
-        return Path(snapshot_download(repo, repo_type="dataset", revision=revision))
+        return Path(snapshot_download(repo, repo_type="dataset", revision=revision, allow_patterns=DATA_FILES))
     except Exception as exc:  # offline, unknown repo or revision, gated: the hub client's own error names it
         why = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         found = f"no {SHARED / SHARED_FILES[key]} and " if value == "auto" else ""
