@@ -252,14 +252,15 @@ class Ppo(Strict):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1)  # must stay 1.0: see _full_distribution
     max_query_tokens: int = Field(256, ge=1)  # prompts longer than this (chat template included) are left out
     max_new_tokens: int = Field(128, ge=1)
     max_prompts: int | None = Field(None, ge=1)  # the prompt pool: prompts not used for SFT, drawn at random
     principles: list[str] | None = None  # ids from assets/ppo_principles.jsonl to draw from; None: all
     num_principles: int = Field(3, ge=0, le=3)  # drawn per prompt (SALMON: at most 3)
     guard_principles: list[str] | None = None  # ids from assets/guard_principles.jsonl, always shown; None: all
-    stop_penalty: float | None = -6.0  # the score of a response that ends without its stop token (None: its RM score)
+    stop_penalty: float | None = -6.0  # for a response that ends without its stop token (None: none)
+    stop_penalty_mode: Literal["relative", "absolute"] = "relative"  # added to its RM score (SALMON) | replaces it
     length_bonus: float = 0.0  # x min(tokens / max_new_tokens, length_bonus_cap) added to the score
     length_bonus_cap: float = Field(0.8, ge=0)
     kl_coef: float = Field(0.01, ge=0)  # per-token KL penalty to the SFT policy
@@ -272,6 +273,14 @@ class Ppo(Strict):
     score_batch_size: int = Field(8, ge=1)  # RM rows per forward pass
     sample_every: int = Field(1, ge=1)  # iterations between sample rows kept in samples.jsonl
     save_every: int = Field(2, ge=1)  # iterations between checkpoints
+
+    @field_validator("top_p")
+    @classmethod
+    def _full_distribution(cls, value: float) -> float:
+        if value < 1:
+            raise ValueError(f"must be 1.0, got {value}: PPO's update takes the log-probs of the whole "
+                             f"distribution, so nucleus-sampled rollouts would not come from the policy it updates")
+        return value
 
     @model_validator(mode="after")
     def _batches(self) -> Ppo:

@@ -135,13 +135,15 @@ def guide_for(cfg: Ppo, collection: list[PreferencePrinciple], guards: list[Pref
 
 
 def shaped_scores(raw: list[float], finishes: list[str], lengths: list[int], cfg: Ppo) -> list[float]:
-    """The RM score, replaced by `stop_penalty` (unless None) where the response ran out of tokens before its stop
-    token, plus
-    `length_bonus` x min(tokens / max_new_tokens, `length_bonus_cap`)."""
+    """The RM score plus `length_bonus` x min(tokens / max_new_tokens, `length_bonus_cap`); a response that ran
+    out of tokens before its stop token gets `stop_penalty` (unless None) added to its score (`relative`, SALMON's
+    and TRL's `missing_eos_penalty`: a Bradley-Terry score has no fixed offset, so only a relative penalty is sure
+    to lower it, and the truncated response keeps its quality signal) or in place of it (`absolute`)."""
     shaped = []
     for score, finish, n in zip(raw, finishes, lengths):
-        value = cfg.stop_penalty if finish == "length" and cfg.stop_penalty is not None else score
-        shaped.append(value + cfg.length_bonus * min(n / cfg.max_new_tokens, cfg.length_bonus_cap))
+        if finish == "length" and cfg.stop_penalty is not None:
+            score = score + cfg.stop_penalty if cfg.stop_penalty_mode == "relative" else cfg.stop_penalty
+        shaped.append(score + cfg.length_bonus * min(n / cfg.max_new_tokens, cfg.length_bonus_cap))
     return shaped
 
 

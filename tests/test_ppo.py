@@ -19,7 +19,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from stages.artifacts import staged_out, verify_artifact
-from stages.params import Ppo
+from stages.errors import UserError
+from stages.params import Ppo, parse_params
 from stages.records import read_jsonl, write_jsonl
 from stages.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
 from stages.ppo import pack, policy_outputs, shaped_scores
@@ -96,8 +97,19 @@ def test_policy_log_probabilities_read_the_response_tokens_only(tiny_model: Path
 
 def test_no_stop_token_gets_the_penalty_and_length_bonus_is_capped() -> None:
     cfg = Ppo(max_new_tokens=10, stop_penalty=-6.0, length_bonus=1.0, length_bonus_cap=0.5)
-    assert shaped_scores([1.0, 1.0, 1.0], ["stop", "length", "stop"], [2, 10, 9], cfg) == \
-        pytest.approx([1.0 + 0.2, -6.0 + 0.5, 1.0 + 0.5])
+    assert cfg.stop_penalty_mode == "relative"  # SALMON's: added to the RM score
+    assert shaped_scores([1.0, 7.0, 1.0], ["stop", "length", "stop"], [2, 10, 9], cfg) == \
+        pytest.approx([1.0 + 0.2, 7.0 - 6.0 + 0.5, 1.0 + 0.5])
+    absolute = cfg.model_copy(update={"stop_penalty_mode": "absolute"})
+    assert shaped_scores([1.0, 7.0], ["stop", "length"], [2, 10], absolute) == pytest.approx([1.2, -6.0 + 0.5])
+    assert shaped_scores([-9.0], ["length"], [10], absolute) == pytest.approx([-5.5])  # replacing can reward
+    none = cfg.model_copy(update={"stop_penalty": None})
+    assert shaped_scores([7.0], ["length"], [10], none) == pytest.approx([7.5])
+
+
+def test_ppo_top_p_below_one_is_one_params_line() -> None:
+    with pytest.raises(UserError, match=r"^params.yaml: ppo.top_p: must be 1.0, got 0.9: PPO's update takes"):
+        parse_params({"ppo": {"top_p": 0.9}})
 
 
 @pytest.mark.slow
