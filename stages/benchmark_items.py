@@ -138,9 +138,11 @@ def load_mt_bench(path: Path) -> list[dict]:
 
 
 def choice_logprobs(scorer: Scorer, item: ChoiceItem, normalise: bool) -> list[float]:
-    """Log-likelihood of each choice after the context (a space joins them), per token when `normalise`."""
+    """Log-likelihood of each choice after the context, per token when `normalise`. One space joins them, at the
+    start of the choice where tokenizers put it (" Paris" is one token): a BIG-bench output prefix ends in a space
+    ("\nA: "), which moves to the choice instead of doubling."""
     continuations = [" " + c.strip() for c in item.choices]
-    totals = scorer.continuation_logprobs(item.context, continuations)
+    totals = scorer.continuation_logprobs(item.context.rstrip(" "), continuations)
     if not normalise:
         return totals
     lengths = [len(scorer.tokenizer(c, add_special_tokens=False)["input_ids"]) for c in continuations]

@@ -81,11 +81,14 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def multiple_choice(scorer: Scorer, items: list[ChoiceItem], normalise: bool, by_subset: str | None) -> dict:
-    """mc1 (accuracy) and mc2 over `items`, and per subset under the key `by_subset` when given."""
+def multiple_choice(scorer: Scorer, items: list[ChoiceItem], normalise: bool, by_subset: str | None,
+                    mass: str = "mc2") -> dict:
+    """mc1 (accuracy) and the normalised probability mass on the correct choices over `items` (named `mass`: mc2
+    where items have several true answers, as TruthfulQA's CSV; p_true where each has one, as BIG-bench's
+    TruthfulQA), and per subset under the key `by_subset` when given."""
     scores = [mc_scores(choice_logprobs(scorer, item, normalise), item)
               for item in progress(items, desc="Multiple-choice items", unit="item")]
-    result = {k: statistics.fmean(s[k] for s in scores) for k in ("mc1", "mc2")}
+    result = {"mc1": statistics.fmean(s["mc1"] for s in scores), mass: statistics.fmean(s["mc2"] for s in scores)}
     result["items"] = len(items)
     if by_subset:
         groups: dict[str, list[dict]] = {}
@@ -217,7 +220,7 @@ def plot_rows(metrics: dict) -> list[dict]:
     """One row per (policy, headline benchmark) for the bar chart; its bars are labelled "benchmark / policy", so
     each policy's bar stands beside the others' under the same benchmark (DVC's template colours by revision
     only: bars sharing a label would stack)."""
-    heads = [("hhh", "acc"), ("truthfulqa", "mc1"), ("truthfulqa", "mc2"), ("truthfulqa_csv", "mc1"),
+    heads = [("hhh", "acc"), ("truthfulqa", "mc1"), ("truthfulqa_csv", "mc1"), ("truthfulqa_csv", "mc2"),
              ("mtbench", "win_rate_vs_base")]
     heads += [("system_messages", f"{d}.win_rate") for d in (*DIMENSIONS, "overall")]
     rows = []
@@ -245,7 +248,7 @@ def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Ge
         scorer = Scorer(model, batch_size=cfg.batch_size)
         results[name] = {
             "hhh": hhh_metrics(scorer, benchmarks["hhh"], cfg.normalise),
-            "truthfulqa": multiple_choice(scorer, benchmarks["truthfulqa"], cfg.normalise, None),
+            "truthfulqa": multiple_choice(scorer, benchmarks["truthfulqa"], cfg.normalise, None, mass="p_true"),
             "truthfulqa_csv": multiple_choice(scorer, benchmarks["truthfulqa_csv"], cfg.normalise, "category"),
         }
         del scorer

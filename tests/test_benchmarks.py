@@ -149,3 +149,25 @@ def test_choice_scoring_and_mc_metrics(tiny_model: Path) -> None:
     scores = mc_scores([-1.0, -2.0, -3.0], item)
     assert scores["mc1"] == 1.0 and scores["mc2"] == pytest.approx(1 / (1 + 2.718281828459045**-1 + 2.718281828459045**-2))
     assert mc_scores([-3.0, -2.0, -1.0], item)["mc1"] == 0.0
+
+
+def test_a_choice_follows_the_context_after_exactly_one_space(tiny_model: Path) -> None:
+    """BIG-bench's TruthfulQA output prefix ends in a space ("\nA: "): the choice is scored as " Blue" after "A:",
+    the way text is tokenized, never after a double space."""
+    scorer = Scorer(tiny_model)
+    item = ChoiceItem("\nQ: What colour is the sky?\nA: ", ("Blue", "Green"), frozenset({0}), 0, "t")
+    once = scorer.continuation_logprobs("\nQ: What colour is the sky?\nA:", [" Blue", " Green"])
+    assert choice_logprobs(scorer, item, normalise=False) == once
+    assert once != scorer.continuation_logprobs(item.context, [" Blue", " Green"])  # the double space differs
+
+
+def test_mc1_and_mc2_by_hand() -> None:
+    """Two true answers (the best first) and two false ones: MC1 compares the best with the false ones only, MC2
+    is the probability mass on the true ones, normalised over all four."""
+    item = ChoiceItem("Q: ?\nA:", ("best", "also true", "false", "very false"), frozenset({0, 1}), 0, "t")
+    scores = mc_scores([-1.0, -2.0, -0.5, -3.0], item)
+    e = 2.718281828459045
+    assert scores["mc1"] == 0.0  # a false answer (-0.5) beats the best one (-1.0)
+    assert scores["mc2"] == pytest.approx((e**-1 + e**-2) / (e**-1 + e**-2 + e**-0.5 + e**-3))  # 0.4136...
+    assert mc_scores([-1.0, -0.2, -1.5, -3.0], item) == pytest.approx(
+        {"mc1": 1.0, "mc2": (e**-1 + e**-0.2) / (e**-1 + e**-0.2 + e**-1.5 + e**-3)})

@@ -50,7 +50,8 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     assert metrics["policy"]["hhh"] == base["hhh"]
     assert base["hhh"]["items"] == 6 and 0 <= base["hhh"]["acc"] <= 1
     assert sum(v["items"] for k, v in base["hhh"].items() if isinstance(v, dict)) == 6  # per subset folder
-    assert 0 <= base["truthfulqa"]["mc1"] <= 1 and 0 < base["truthfulqa"]["mc2"] < 1
+    assert 0 <= base["truthfulqa"]["mc1"] <= 1 and 0 < base["truthfulqa"]["p_true"] < 1
+    assert "mc2" not in base["truthfulqa"] and 0 < base["truthfulqa_csv"]["mc2"] < 1  # one true answer: no MC2
     assert sum(c["items"] for c in base["truthfulqa_csv"]["category"].values()) == 3  # all the small CSV has
     # base, sft and policy are the same model: same scores, same answers, every MT-Bench turn a tie for both judges
     for bench in ("hhh", "truthfulqa", "truthfulqa_csv"):
@@ -61,6 +62,7 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     answers = read_jsonl(cwd / "data/evaluation/answers/sft.jsonl")
     assert len(answers) == 2 and all(len(a["answers"]) == 2 == len(a["turns"]) for a in answers)
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
+    assert {r["benchmark"] for r in plot if r["policy"] == "sft"} >= {"truthfulqa_csv.mc1", "truthfulqa_csv.mc2"}
     assert {"bar": "hhh.acc / sft", "benchmark": "hhh.acc", "policy": "sft", "value": sft["hhh"]["acc"]} in plot
 
     questions = cwd / "data/benchmarks/mt_bench/question.jsonl"  # edited after stage `benchmarks` wrote it
@@ -103,5 +105,5 @@ def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, ti
 
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "summed", "per-token", "--json").stdout)
     changed = diff["metrics/evaluate.json"]
-    assert "base.truthfulqa.mc2" in changed  # scoring per token moves the probability mass
+    assert "base.truthfulqa.p_true" in changed  # scoring per token moves the probability mass
     assert "base.mtbench.mean_reward" not in changed  # generation and RM judging do not depend on it
