@@ -22,7 +22,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from stages.records import write_json  # noqa: E402
+from align.records import write_json  # noqa: E402
 
 TYPES = ("copy", "reflink", "hardlink", "symlink")
 FILES = 4

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages import generation as gen  # noqa: E402
-from stages import params  # noqa: E402
+from align import generation as gen  # noqa: E402
+from align import params  # noqa: E402
 
 QUESTIONS = ["What is 2 + 2?", "Name a colour.", "def add(a, b):", "The quick brown fox", "Why?", "1 2 3"]
 

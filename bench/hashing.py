@@ -1,4 +1,4 @@
-"""Manifest hashing (blake3, as stages/artifacts.py does it) vs md5 (DVC's cache) and sha256 over the same
+"""Manifest hashing (blake3, as align/artifacts.py does it) vs md5 (DVC's cache) and sha256 over the same
 ~1 GiB of checkpoint-like files. Prints a table, writes bench/results/hashing.json.
 
     python bench/hashing.py [--gib 1.0] [--files 4]
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from stages.artifacts import hash_file  # noqa: E402
+from align.artifacts import hash_file  # noqa: E402
 
 CHUNK = 1 << 20
 

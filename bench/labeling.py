@@ -19,10 +19,11 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stages import label_preferences as lp  # noqa: E402
-from stages.assets import Exemplar, PreferencePrinciple, SeedPrompt, load_jsonl, load_template  # noqa: E402
-from stages.records import read_jsonl  # noqa: E402
-from stages.scoring import Scorer  # noqa: E402
+from align.assets import Exemplar, PreferencePrinciple, SeedPrompt, load_jsonl, load_template  # noqa: E402
+from align.records import read_jsonl  # noqa: E402
+from align.scoring import Scorer  # noqa: E402
+from align import judge as lp  # noqa: E402
+from stages import label_preferences  # noqa: E402
 
 
 def make_pairs(count: int) -> list[dict]:
@@ -59,8 +60,8 @@ def main() -> None:
     if not (args.model / "config.json").is_file():
         sys.exit(f"{args.model}: no model folder; run `dvc repro import_model` first or pass --model")
 
-    principles = load_jsonl(ROOT / lp.PRINCIPLES, PreferencePrinciple)
-    template = load_template(ROOT / lp.TEMPLATE, lp.PLACEHOLDERS)
+    principles = load_jsonl(ROOT / label_preferences.PRINCIPLES, PreferencePrinciple)
+    template = load_template(ROOT / label_preferences.TEMPLATE, lp.PLACEHOLDERS)
     pairs = make_pairs(args.pairs)
     scorer = Scorer(args.model, batch_size=args.batch)
     choices = (scorer.token_id("a"), scorer.token_id("b"))

@@ -51,9 +51,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from align.params import Ppo, Training, load_params  # noqa: E402
+from align.records import write_json  # noqa: E402
 from bench.common import run_worker  # noqa: E402
-from stages.params import Ppo, Training, load_params  # noqa: E402
-from stages.records import write_json  # noqa: E402
 
 SIDES = ("ours", "trl")
 TRL_PAD = "<|endoftext|>"  # TRL's pad token (see `run_trl`)
@@ -84,8 +84,8 @@ def prompt_pool(model: Path, count: int, max_query_tokens: int) -> list[dict]:
     """The first `count` prompts of data/prompts whose chat prompt fits `max_query_tokens` (the stage's filter)."""
     from transformers import AutoTokenizer
 
-    from stages.generation import chat_prompt
-    from stages.records import read_jsonl
+    from align.generation import chat_prompt
+    from align.records import read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     fits = [p for p in read_jsonl(ROOT / "data" / "prompts" / "prompts.jsonl")
@@ -96,8 +96,8 @@ def prompt_pool(model: Path, count: int, max_query_tokens: int) -> list[dict]:
 
 def untrained_rm(model: Path, folder: Path) -> Path:
     """An RM out folder (adapter with a fresh head, template, limits) on `model`, for when models/rm is absent."""
-    from stages.reward import CONFIG_FILE, TEMPLATE_FILE
-    from stages.training import lora_model
+    from align.reward import CONFIG_FILE, TEMPLATE_FILE
+    from align.training import lora_model
 
     rm = load_params(ROOT / "params.yaml").rm
     training = Training(lora_r=rm.lora_r, lora_alpha=rm.lora_alpha)
@@ -142,8 +142,8 @@ class Finished(Exception):
 
 def run_ours(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     """`stages.ppo.job` with a log call that also reads the clock and the peak RSS, in the scratch folder."""
+    from align.assets import PreferencePrinciple, load_jsonl
     from stages import ppo
-    from stages.assets import PreferencePrinciple, load_jsonl
 
     iterations: list[dict] = []
     rss: list[float] = []
@@ -203,9 +203,9 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as module
 
-    from stages.generation import chat_prompt
+    from align.generation import chat_prompt
+    from align.training import reward_trunk
     from stages.ppo import value_model
-    from stages.training import reward_trunk
 
     cfg, training, model_dir = ppo_config(spec), training_config(spec), spec["model"]
     # TRL treats every token equal to the pad id as padding, also inside the queries; this tokenizer pads with its

@@ -1,4 +1,4 @@
-"""Our reward-model training (`stages.training.train`, head "reward", DeepSpeed over a LoRA model, `reward.bt_loss`)
+"""Our reward-model training (`align.training.train`, head "reward", DeepSpeed over a LoRA model, `reward.bt_loss`)
 vs TRL's `RewardTrainer` (trl 1.12), same model, same LoRA, same optimizer settings, same token ids in the same
 batches, same CPU, in one run. Prints a table, writes bench/results/rm_vs_trl.json.
 
@@ -47,9 +47,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from align.params import Training, load_params  # noqa: E402
+from align.records import write_json  # noqa: E402
 from bench.common import run_worker  # noqa: E402
-from stages.params import Training, load_params  # noqa: E402
-from stages.records import write_json  # noqa: E402
 
 TRAINERS = ("ours", "trl")
 HELD_OUT_SHARE = 0.2
@@ -114,8 +114,8 @@ def peak_rss_mb() -> float:
 
 def train_ours(spec: dict, scratch: Path) -> dict:
     """Our loop; the clock reads at the end of every step (`on_step`)."""
-    from stages.reward import bt_loss, pair_batches
-    from stages.training import train
+    from align.reward import bt_loss, pair_batches
+    from align.training import train
 
     ends: list[tuple[float, float]] = []
     batches = pair_batches(spec["train"], spec["batch"], spec["seed"], spec["pad_id"])
@@ -128,7 +128,7 @@ def train_ours(spec: dict, scratch: Path) -> dict:
 
 def batch_stream(spec: dict) -> list[dict[str, list[int]]]:
     """The examples our `pair_batches` hands out over `steps` steps, in order."""
-    from stages.training import shuffled_batches
+    from align.training import shuffled_batches
 
     draw = shuffled_batches(spec["train"], spec["batch"], spec["seed"], list)
     return [example for step in range(spec["steps"]) for example in draw(step)]
@@ -182,8 +182,8 @@ def held_out_accuracy(model_dir: str, adapter_dir: Path, held_out: list[dict], p
     import torch
     from peft import PeftModel
 
-    from stages.reward import collate_pairs, pair_rewards
-    from stages.training import reward_trunk
+    from align.reward import collate_pairs, pair_rewards
+    from align.training import reward_trunk
 
     model = PeftModel.from_pretrained(reward_trunk(model_dir, torch.float32), str(adapter_dir)).eval()
     right = 0
@@ -272,8 +272,8 @@ def make_spec(args: argparse.Namespace) -> tuple[dict, dict]:
     """(what the workers get: model, steps, training config, token ids; the setup the results record)."""
     from transformers import AutoTokenizer
 
-    from stages.reward import shared_length
-    from stages.training import padding_id
+    from align.reward import shared_length
+    from align.training import padding_id
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad_id = padding_id(tokenizer)

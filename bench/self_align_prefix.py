@@ -22,9 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from stages import params, templates  # noqa: E402
-from stages.assets import Exemplar, Principle, SeedPrompt, load_jsonl  # noqa: E402
-from stages.generation import Generator, Sampling  # noqa: E402
+from align.assets import Exemplar, Principle, SeedPrompt, load_jsonl  # noqa: E402
+from align.generation import Generator, Sampling  # noqa: E402
+from align import params, templates  # noqa: E402
 
 
 def main() -> None:

@@ -32,8 +32,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from align.params import Cluster, Resources  # noqa: E402
 from slurm.submit import JobSpec, submit  # noqa: E402
-from stages.params import Cluster, Resources  # noqa: E402
 
 TESTCLUSTER = ROOT / "slurm" / "testcluster.sh"
 TARGET_S = 2.0

@@ -29,11 +29,11 @@ import submitit
 import submitit.helpers
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from stages.artifacts import JOB_STARTED, digest
-from stages.errors import UserError
+from align.artifacts import JOB_STARTED, digest
+from align.errors import UserError
+from align.params import Cluster, Resources
+from align.progress import latest_progress
 from slurm.watcher import GONE, SLURM_FAILED, SlurmJob
-from stages.params import Cluster, Resources
-from stages.progress import latest_progress
 
 STDERR_TAIL_LINES = 20
 PROGRESS_EVERY = 30.0  # seconds between looks at the job log's progress while waiting (the polling stays fast)

@@ -1,7 +1,7 @@
 """Stage `benchmarks`: the public evaluation sets (HHH, TruthfulQA as BIG-bench MC and as the CSV, MT-Bench
 questions) read from where params.yaml says and written into data/benchmarks in the formats the loaders read,
 with a manifest like every other out: `train_rm` and `evaluate` depend on a versioned artifact, a changed
-benchmark reruns them, and `stages.lineage` walks back to the source files. The project commits no copy.
+benchmark reruns them, and `align.lineage` walks back to the source files. The project commits no copy.
 
 A source (`benchmarks.<name>`) is a local file or folder in the benchmark's own published format (checked item by
 item, then copied), `hub:<dataset id>@<commit>` (downloaded into the HF cache with huggingface_hub, read with
@@ -21,12 +21,12 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
-from stages import cli
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.benchmark_items import DATA, FILES, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv
-from stages.errors import UserError
-from stages.params import HUB_SOURCE, load_params
-from stages.records import publish_metrics, write_json
+from align import runner
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.benchmarks import DATA, FILES, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv
+from align.errors import UserError
+from align.params import HUB_SOURCE, load_params
+from align.records import publish_metrics, write_json
 
 STAGE = "benchmarks"
 SHARED = Path("../shared/benchmarks")  # beside a clone in CI; a user sets a path or uses the hub instead
@@ -193,7 +193,8 @@ def main() -> None:
     cfg = params.benchmarks
     sources = {key: read_source(key, getattr(cfg, key)) for key in FILES}
     inputs = input_refs({key: path for key, (path, _) in sources.items()})
-    with staged_out(DATA, stage=STAGE, params={"benchmarks": cfg.model_dump()}, inputs=inputs) as tmp:
+    subset = {"benchmarks": cfg.model_dump()}
+    with staged_out(DATA, stage=STAGE, params=subset, inputs=inputs) as tmp:
         for _, write in sources.values():
             write(tmp)
         write_json(tmp / "metrics.json", counts(tmp))
@@ -203,4 +204,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -1,6 +1,6 @@
 """DPO (Rafailov et al. 2023), the alternative to PPO (`policy.algorithm: dpo`): the SFT policy + LoRA trained
 directly on the labelled synthetic pairs, no reward model. Each instance is a pair under a principle subset drawn
-as for the reward model (stages/reward.py: some principles negated, the label the shown principles' majority),
+as for the reward model (align/reward.py: some principles negated, the label the shown principles' majority),
 and the policy sees that subset as the system message of the chat, so the same preferences teach it to follow
 stated principles. A system-message pair (stage `system_messages`) is shown under its own system message. The
 reference is the SFT policy itself: the same model with the adapter disabled.
@@ -21,22 +21,25 @@ from typing import Any
 
 import torch
 
-from stages import cli, sft
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl
-from stages.errors import UserError
-from stages.params import Dpo, Training, load_params
-from stages.records import write_json
-from stages.reward import guide_text, preference_examples, read_preferences
-from stages.sft import MODEL, LiveCurve
-from stages.system_messages import SPACE, value_descriptions
-from stages.training import Batch, collate, merge_adapter, padding_id, shuffled_batches, tokenize_pair, train
+from align import paths, runner
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.assets import PreferencePrinciple, load_jsonl, value_descriptions
+from align.errors import UserError
+from align.params import Dpo, Training, load_params
+from align.paths import MODEL
+from align.records import write_json
+from align.reward import guide_text, preference_examples, read_preferences
+from align.training import (
+    Batch, LiveCurve, checkpoint_dir, collate, merge_adapter, padding_id, shuffled_batches, step_count,
+    tokenize_pair, train,
+)
 
 STAGE = "policy"
-OUT = Path("models/policy")
-SFT = Path("models/sft")
-PREFERENCES = Path("data/preferences")
-PRINCIPLES = Path("assets/preference_principles.jsonl")
+OUT = paths.POLICY
+SFT = paths.SFT
+PREFERENCES = paths.PREFERENCES
+PRINCIPLES = paths.PREFERENCE_PRINCIPLES
+SPACE = paths.PREFERENCE_SPACE
 LIVE = Path("dvclive/policy")
 
 
@@ -81,7 +84,7 @@ def job(model: Path, examples: list[dict], cfg: Dpo, training: Training, seed: i
     batches = shuffled_batches(tokenized, training.micro_batch_size, seed,
                                functools.partial(collate_sides, pad_id=pad_id))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps = sft.max_steps(len(examples), cfg.epochs, training, world)
+    steps = step_count(len(examples), cfg.epochs, training, world)
     adapter = ckpt_dir / "adapter"
     result = train(model, batches, functools.partial(dpo_loss, cfg.beta), ckpt_dir, training, steps,
                    adapter_dir=adapter, seed=seed, on_step=LiveCurve(LIVE))
@@ -103,7 +106,7 @@ def main() -> None:
     params = load_params()
     cfg = params.dpo
     principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
-    descriptions = value_descriptions()  # bad assets fail before the inputs are hashed
+    descriptions = value_descriptions(SPACE)  # bad assets fail before the inputs are hashed
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "space": SPACE})
     rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
     examples = preference_examples(rows, principles, descriptions, cfg.subsets_per_pair, cfg.max_principles,
@@ -115,12 +118,12 @@ def main() -> None:
                                                   "lora_alpha": cfg.lora_alpha})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "dpo": cfg.model_dump()}
-    ckpt_dir = sft.checkpoint_dir("dpo", {"params": subset, "inputs": inputs})
+    ckpt_dir = checkpoint_dir("dpo", {"params": subset, "inputs": inputs})
     fn = functools.partial(job, SFT / MODEL, examples, cfg, training, params.seed, ckpt_dir, subset, inputs)
-    cli.submit_stage(STAGE, OUT, fn, params.cluster.dpo, params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, params.cluster.dpo, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
     import sys
 
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -9,15 +9,16 @@ import functools
 import sys
 from pathlib import Path
 
-from stages import cli, sft
-from stages.artifacts import input_refs
-from stages.params import load_params
-from stages.records import read_jsonl
+from align import paths, runner, sft
+from align.artifacts import input_refs
+from align.params import load_params
+from align.records import read_jsonl
+from align.training import checkpoint_dir
 
 STAGE = "engrave"
-OUT = Path("models/engraved")
-BASE = Path("models/base")
-DATA = Path("data/self_align")
+OUT = paths.ENGRAVED
+BASE = paths.BASE
+DATA = paths.SELF_ALIGN
 LIVE = Path("dvclive/engrave")
 
 
@@ -30,13 +31,13 @@ def main() -> None:
     params = load_params()
     inputs = input_refs({"model": BASE, "data": DATA})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "engrave": params.engrave.model_dump()}
-    ckpt_dir = sft.checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
+    ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
     fn = functools.partial(
         sft.job, STAGE, BASE, pairs(DATA), OUT, LIVE, ckpt_dir, params.training, params.engrave.epochs,
         params.engrave.max_prompt_tokens, params.engrave.max_answer_tokens, params.seed, subset, inputs, {},
     )
-    cli.submit_stage(STAGE, OUT, fn, params.cluster.engrave, params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, params.cluster.engrave, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

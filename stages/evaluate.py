@@ -3,7 +3,7 @@
 
 - Multiple choice (HHH alignment, TruthfulQA from BIG-bench and from the original CSV): each choice scored by the
   policy's log-likelihood after the context (summed, or per token with `evaluate.normalise`), the context run once
-  per item (stages/scoring.py); HHH accuracy per subset folder, TruthfulQA MC1/MC2, per category for the CSV.
+  per item (align/scoring.py); HHH accuracy per subset folder, TruthfulQA MC1/MC2, per category for the CSV.
 - MT-Bench: each policy answers both turns of every question (the second with its own first answer in context)
   through the generation interface, greedy; answers are kept in the out. Each answer is judged against the base
   model's answer to the same turn by the instructable RM under `evaluate.judge_principles` (win / tie / loss by
@@ -31,28 +31,31 @@ import statistics
 import sys
 from pathlib import Path
 
-from stages import cli
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles, read_text
-from stages.benchmark_items import (DATA as BENCHMARKS, ChoiceItem, bench_path, choice_logprobs, load_bigbench, load_hhh,
-                                    load_mt_bench, load_truthfulqa_csv, mc_scores)
-from stages.errors import UserError
-from stages.generation import Generator, Sampling, chat_prompt, one_task
-from stages.params import Evaluate, Generation, SystemMessages, load_params
-from stages.progress import progress
-from stages.records import read_jsonl, sample_in_order, write_json, write_jsonl
-from stages.reward import RewardModel
-from stages.scoring import Scorer
-from stages.sft import MODEL
-from stages.system_messages import DIMENSIONS, SPACE, value_descriptions
+from align import paths, runner
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.assets import DIMENSIONS, PreferencePrinciple, load_jsonl, load_template, pick_principles, value_descriptions
+from align.benchmarks import DATA as BENCHMARKS
+from align.benchmarks import (
+    ChoiceItem, bench_path, choice_logprobs, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv, mc_scores,
+)
+from align.errors import UserError
+from align.generation import Generator, Sampling, chat_prompt, one_task
+from align.judge import PLACEHOLDERS, criteria_of, judge
+from align.params import Evaluate, Generation, SystemMessages, load_params
+from align.paths import MODEL
+from align.progress import progress
+from align.records import read_jsonl, sample_in_order, write_json, write_jsonl
+from align.reward import RewardModel
+from align.scoring import Scorer
 
 STAGE = "evaluate"
-OUT = Path("data/evaluation")
+OUT = paths.EVALUATION
 POLICIES = {"base": Path("models/base"), "sft": Path("models/sft") / MODEL, "policy": Path("models/policy") / MODEL}
-RM = Path("models/rm")
-RM_BASE = Path("models/sft") / MODEL
-PRINCIPLES = Path("assets/preference_principles.jsonl")
-SYSTEM = Path("data/system_messages")
+RM = paths.RM
+RM_BASE = paths.SFT / MODEL
+PRINCIPLES = paths.PREFERENCE_PRINCIPLES
+SYSTEM = paths.SYSTEM_MESSAGES
+SPACE = paths.PREFERENCE_SPACE
 JUDGE_TEMPLATE = Path("assets/judge_prompt.txt")
 PLOT = "plot.json"
 
@@ -195,10 +198,8 @@ def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principle
                     batch_size: int, trust_remote_code: bool = False) -> dict:
     """A separate judge model, as `label_preferences` judges: policy answer vs base answer under each principle in
     both orders; a turn is won where more principles prefer the policy's answer than the base's."""
-    from stages.label_preferences import criteria_of, judge
-
     scorer = Scorer(judge_model, batch_size=batch_size, trust_remote_code=trust_remote_code)
-    template = load_template(JUDGE_TEMPLATE, ("instruction", "output_a", "output_b", "principle"))
+    template = load_template(JUDGE_TEMPLATE, PLACEHOLDERS)
     choices = (scorer.token_id("a"), scorer.token_id("b"))
     result = {}
     for policy, rows in answers.items():
@@ -290,7 +291,7 @@ def main() -> None:
     if cfg.judge_model and not Path(cfg.judge_model).is_dir():
         raise UserError(f"params.yaml: evaluate.judge_model: {cfg.judge_model} is not a folder; expected a local HF "
                         f"model folder")
-    descriptions = value_descriptions()
+    descriptions = value_descriptions(SPACE)
     policies = {name: POLICIES[name] for name in cfg.policies}
     inputs = input_refs({**{name: path.parent if path.name == MODEL else path for name, path in policies.items()},
                          "rm": RM, "principles": PRINCIPLES, "system_messages": SYSTEM, "space": SPACE,
@@ -302,7 +303,7 @@ def main() -> None:
     fn = functools.partial(job, policies, benchmarks, cfg, params.generation, [p.definition for p in judged], judged,
                            params.system_messages, descriptions, params.seed, subset, inputs,
                            params.model.trust_remote_code)
-    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.evaluate, STAGE), params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.evaluate, STAGE), params.cluster, subset, inputs)
     publish_plot()
 
 
@@ -312,4 +313,4 @@ def publish_plot() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -7,14 +7,14 @@ import functools
 import sys
 from pathlib import Path
 
+from align import paths, runner
+from align.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from align.models import ModelSource, check_remote_code, import_model, resolve_model
+from align.params import load_params
 from slurm.submit import JobSpec, submit
-from stages import cli
-from stages.artifacts import code_revision, input_refs, staged_out, verify_artifact
-from stages.models import ModelSource, check_remote_code, import_model, resolve_model
-from stages.params import load_params
 
 STAGE = "import_model"
-OUT = Path("models/base")  # declared in dvc.yaml; later stages read the base model from here
+OUT = paths.BASE  # declared in dvc.yaml; later stages read the base model from here
 
 
 def job(source: ModelSource, out: Path, dtype: str, params: dict, inputs: dict, trust_remote_code: bool = False) -> str:
@@ -44,4 +44,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -18,81 +18,24 @@ import statistics
 import sys
 from pathlib import Path
 
-from stages import cli
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, PreferenceValue, load_jsonl, load_template, pick_principles
-from stages.errors import UserError
-from stages.generation import one_task
-from stages.params import LabelPreferences, load_params
-from stages.records import read_jsonl, write_json, write_jsonl
-from stages.scoring import Scorer
-from stages.sft import MODEL
-from stages.system_messages import DIMENSIONS, SPACE
+from align import paths, runner
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.assets import DIMENSIONS, PreferencePrinciple, PreferenceValue, load_jsonl, load_template, pick_principles
+from align.errors import UserError
+from align.generation import one_task
+from align.judge import PLACEHOLDERS, check_choices, criteria_of, judge, value_criteria
+from align.params import LabelPreferences, load_params
+from align.paths import MODEL
+from align.records import read_jsonl, write_json, write_jsonl
+from align.scoring import Scorer
 
 STAGE = "label_preferences"
-OUT = Path("data/preferences")
-JUDGE = Path("models/sft")
-PAIRS = Path("data/pairs")
-PRINCIPLES = Path("assets/preference_principles.jsonl")
+OUT = paths.PREFERENCES
+JUDGE = paths.SFT
+PAIRS = paths.PAIRS
+PRINCIPLES = paths.PREFERENCE_PRINCIPLES
+SPACE = paths.PREFERENCE_SPACE
 TEMPLATE = Path("assets/judge_prompt.txt")
-PLACEHOLDERS = ("instruction", "output_a", "output_b", "principle")
-
-
-Criterion = tuple[str, str]  # (id the label is keyed by, the text the judge reads)
-
-
-def principle_text(principle: PreferencePrinciple) -> str:
-    return f"{principle.name}: {principle.definition}"
-
-
-def criteria_of(principles: list[PreferencePrinciple]) -> list[Criterion]:
-    return [(p.id, principle_text(p)) for p in principles]
-
-
-def value_criteria(values: dict[str, str], space: dict[str, PreferenceValue]) -> list[Criterion]:
-    """The judging principles of a system message: its values' descriptions."""
-    return [(space[v].id, f"{space[v].name}: {space[v].description}") for v in values.values()]
-
-
-def label(score_ab: float, score_ba: float) -> str:
-    """'a' or 'b' where both orders prefer the same response, else 'tie'. `score_ab` is logit(a) - logit(b)
-    with the pair shown as is; `score_ba` the same with the two responses swapped, so it favours b when > 0."""
-    if score_ab > 0 and score_ba < 0:
-        return "a"
-    if score_ab < 0 and score_ba > 0:
-        return "b"
-    return "tie"
-
-
-def check_choices(model: Path, choices: tuple[str, str]) -> None:
-    """Each choice must be one token of the judge's tokenizer: its score is one next-token logit."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
-    for choice in choices:
-        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise UserError(f"params.yaml: label_preferences.choices: {choice!r} is {len(ids)} tokens for the tokenizer "
-                            f"of {model}; expected a single token")
-
-
-def judge(scorer: Scorer, template: str, pairs: list[dict], criteria: list[list[Criterion]],
-          choices: tuple[int, int]) -> list[dict]:
-    """Per pair: the scores in both orders and the labels under each of its criteria (one list per pair)."""
-    rows = []
-    for pair, shown in zip(pairs, criteria):
-        scores: dict[str, list[float]] = {cid: [] for cid, _ in shown}
-        for first, second in (("response_a", "response_b"), ("response_b", "response_a")):
-            texts = [template.format(instruction=pair["prompt"], output_a=pair[first], output_b=pair[second],
-                                     principle=text) for _, text in shown]
-            logits = scorer.next_token_logits(texts, list(choices))
-            for (cid, _), (a, b) in zip(shown, logits.tolist()):
-                scores[cid].append(a - b)
-        labels = {pid: label(ab, ba) for pid, (ab, ba) in scores.items()}
-        rows.append({**pair, "scores": scores, "labels": labels})
-    return rows
-
-
 def system_metrics(rows: list[dict]) -> dict:
     """Per dimension, over the system-message pairs: the share decided, and of those the share that prefers
     response a, the one written under the message (how often the judge sees the message followed)."""
@@ -152,9 +95,9 @@ def main() -> None:
         raise UserError(f"{PAIRS}/pairs.jsonl: a pair has an empty response; expected two non-empty responses")
     subset = {"label_preferences": cfg.model_dump()}
     fn = functools.partial(job, JUDGE / MODEL, pairs, cfg, subset, inputs)
-    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.label_preferences, STAGE), params.cluster, subset,
+    runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.label_preferences, STAGE), params.cluster, subset,
                      inputs)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import sys
 
-from stages import cli, dpo, ppo
-from stages.params import load_params
+from align import runner
+from align.params import load_params
+from stages import dpo, ppo
 
 
 def main() -> None:
@@ -16,4 +17,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

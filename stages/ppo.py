@@ -32,29 +32,31 @@ from typing import Any
 
 import torch
 
+from align import paths, runner
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.assets import PreferencePrinciple, load_jsonl, pick_principles
+from align.errors import UserError
+from align.generation import Generator, Sampling, chat_prompt
+from align.params import Generation, Ppo, Training, load_params
+from align.paths import MODEL
+from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
+from align.reward import RewardModel
+from align.rl import (
+    adapt_kl_coef, entropy, explained_variance, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten,
+)
+from align.training import (
+    DTYPES, LiveCurve, checkpoint_dir, end_of_step, init_distributed, latest_checkpoint, load_checkpoint,
+    lora_model, make_engine, merge_adapter, padding_id, reward_trunk, save_adapter,
+)
 from slurm import preemption
-from stages import cli, sft
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, pick_principles
-from stages.errors import UserError
-from stages.generation import Generator, Sampling, chat_prompt
-from stages.params import Generation, Ppo, Training, load_params
-from stages.records import read_jsonl, write_json, write_jsonl
-from stages.reward import RewardModel
-from stages.rl import (adapt_kl_coef, entropy, explained_variance, gae, masked_mean, policy_loss, token_rewards,
-                       value_loss, whiten)
-from stages.sample_pairs import unused_prompts
-from stages.sft import MODEL, LiveCurve
-from stages.training import (DTYPES, end_of_step, init_distributed, latest_checkpoint, load_checkpoint, lora_model, make_engine,
-                             merge_adapter, padding_id, reward_trunk, save_adapter)
 
 STAGE = "policy"  # the DVC stage that runs this module or stages/dpo.py (policy.algorithm)
-OUT = Path("models/policy")
-SFT = Path("models/sft")
-RM = Path("models/rm")
-PROMPTS = Path("data/prompts")
-SFT_DATA = Path("data/self_align")
-SYSTEM = Path("data/system_messages")
+OUT = paths.POLICY
+SFT = paths.SFT
+RM = paths.RM
+PROMPTS = paths.PROMPTS
+SFT_DATA = paths.SELF_ALIGN
+SYSTEM = paths.SYSTEM_MESSAGES
 COLLECTION = Path("assets/ppo_principles.jsonl")
 GUARDS = Path("assets/guard_principles.jsonl")
 LIVE = Path("dvclive/policy")
@@ -340,11 +342,11 @@ def main() -> None:
                                                   "lora_alpha": cfg.lora_alpha})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "ppo": cfg.model_dump(), "generation": params.generation.model_dump()}
-    ckpt_dir = sft.checkpoint_dir("ppo", {"params": subset, "inputs": inputs})
+    ckpt_dir = checkpoint_dir("ppo", {"params": subset, "inputs": inputs})
     fn = functools.partial(job, SFT / MODEL, RM, pool, collection, guards, cfg, training, params.generation,
                            params.seed, ckpt_dir, subset, inputs)
-    cli.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -17,19 +17,19 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from stages import cli, templates
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import QuestionType, SeedPrompt, load_jsonl
-from stages.errors import UserError
-from stages.filters import RougePool, counts_text, distinct_n, prompt_problem
-from stages.generation import Generation, Generator, Sampling, one_task
-from stages.params import Generation as GenerationSettings
-from stages.params import Prompts, load_params
-from stages.records import write_json, write_jsonl
+from align import paths, runner, templates
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.assets import QuestionType, SeedPrompt, load_jsonl
+from align.errors import UserError
+from align.filters import RougePool, counts_text, distinct_n, prompt_problem
+from align.generation import Generation, Generator, Sampling, one_task
+from align.params import Generation as GenerationSettings
+from align.params import Prompts, load_params
+from align.records import write_json, write_jsonl
 
 STAGE = "prompts"
-OUT = Path("data/prompts")
-BASE = Path("models/base")
+OUT = paths.PROMPTS
+BASE = paths.BASE
 SEEDS = Path("assets/seed_prompts.jsonl")
 QUESTION_TYPES = Path("assets/tgrt_question_types.jsonl")
 MAX_TOPIC_WORDS = 12
@@ -158,8 +158,8 @@ def main() -> None:
     inputs = input_refs({"model": BASE, "seeds": SEEDS, "question_types": QUESTION_TYPES})
     subset = {"seed": params.seed, "prompts": params.prompts.model_dump(), "generation": params.generation.model_dump()}
     fn = functools.partial(job, BASE, params.prompts, params.generation, params.seed, subset, inputs)
-    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.prompts, STAGE), params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.prompts, STAGE), params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -17,27 +17,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from stages import cli
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.errors import UserError
-from stages.filters import counts_text
-from stages.generation import Generator, Sampling, chat_prompt, one_task
-from stages.params import Generation, SamplePairs, load_params
-from stages.records import read_jsonl, sample_in_order, write_json, write_jsonl
-from stages.sft import MODEL
+from align import paths, runner
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.errors import UserError
+from align.filters import counts_text
+from align.generation import Generator, Sampling, chat_prompt, one_task
+from align.params import Generation, SamplePairs, load_params
+from align.paths import MODEL
+from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
 
 STAGE = "sample_pairs"
-OUT = Path("data/pairs")
-POLICY = Path("models/sft")
-PROMPTS = Path("data/prompts")
-SFT_DATA = Path("data/self_align")
-SYSTEM = Path("data/system_messages")
-
-
-def unused_prompts(prompts: list[dict], sft: list[dict], limit: int | None, seed: int) -> list[dict]:
-    """Up to `limit` prompts not in the SFT data, drawn at random (file order kept)."""
-    used = {row["id"] for row in sft}
-    return sample_in_order([p for p in prompts if p["id"] not in used], limit, seed)
+OUT = paths.PAIRS
+POLICY = paths.SFT
+PROMPTS = paths.PROMPTS
+SFT_DATA = paths.SELF_ALIGN
+SYSTEM = paths.SYSTEM_MESSAGES
 
 
 def system_pair(row: dict) -> dict:
@@ -100,8 +94,8 @@ def main() -> None:
     subset = {"seed": params.seed, "sample_pairs": cfg.model_dump(), "generation": params.generation.model_dump()}
     fn = functools.partial(job, POLICY / MODEL, prompts, system_rows, cfg, params.generation, params.seed, subset,
                            inputs)
-    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.sample_pairs, STAGE), params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.sample_pairs, STAGE), params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -14,42 +14,22 @@ import sys
 from collections import Counter
 from pathlib import Path
 
-from stages import cli, templates
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import Exemplar, Principle, load_jsonl
-from stages.errors import UserError
-from stages.filters import counts_text, fixed_tokens, repeated_ngram_share, rouge_l, tokens
-from stages.generation import Generation, Generator, Sampling, one_task
-from stages.params import Generation as GenerationSettings
-from stages.params import SelfAlign, load_params
-from stages.records import read_jsonl, sample_in_order, write_json, write_jsonl
+from align import paths, runner, templates
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.assets import Exemplar, Principle, load_jsonl
+from align.errors import UserError
+from align.filters import answer_problem, counts_text
+from align.generation import Generator, Sampling, one_task
+from align.params import Generation as GenerationSettings
+from align.params import SelfAlign, load_params
+from align.records import read_jsonl, sample_in_order, write_json, write_jsonl
 
 STAGE = "self_align"
-OUT = Path("data/self_align")
-BASE = Path("models/base")
-PROMPTS = Path("data/prompts")
+OUT = paths.SELF_ALIGN
+BASE = paths.BASE
+PROMPTS = paths.PROMPTS
 PRINCIPLES = Path("assets/principles.jsonl")
 EXEMPLARS = Path("assets/exemplars.jsonl")
-
-
-def answer_problem(generation: Generation, answer: str | None, principles: list[Principle],
-                   cfg: SelfAlign) -> str | None:
-    """Why an answer is not kept (None: kept)."""
-    if generation.finish_reason == "length":
-        return "cut_off"
-    if answer is None:
-        return "no_answer"
-    if not answer.strip():
-        return "empty"
-    if repeated_ngram_share(answer) > cfg.max_repeated_ngram_share:
-        return "repetitive"
-    lowered = answer.lower()
-    if "internal thoughts" in lowered or any(f"({p.name.lower()})" in lowered for p in principles):
-        return "echoes_principles"
-    words = tokens(answer)
-    if any(rouge_l(words, fixed_tokens(p.definition)) >= cfg.echo_threshold for p in principles):
-        return "echoes_principles"
-    return None
 
 
 def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, seed: int, params: dict, inputs: dict) -> str:
@@ -99,8 +79,8 @@ def main() -> None:
     subset = {"seed": params.seed, "self_align": params.self_align.model_dump(),
               "generation": params.generation.model_dump()}
     fn = functools.partial(job, BASE, params.self_align, params.generation, params.seed, subset, inputs)
-    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.self_align, STAGE), params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.self_align, STAGE), params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

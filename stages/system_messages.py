@@ -27,47 +27,23 @@ from pathlib import Path
 
 import blake3
 
-from stages import cli
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferenceValue, load_jsonl
-from stages.errors import UserError
-from stages.generation import Generator, Sampling, chat_prompt, one_task
-from stages.params import Generation, SystemMessages, load_params
-from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
-from stages.sample_pairs import unused_prompts
-from stages.sft import MODEL
+from align import paths, runner
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.assets import DIMENSIONS, Space, load_space, values_by_id
+from align.errors import UserError
+from align.generation import Generator, Sampling, chat_prompt, one_task
+from align.params import Generation, SystemMessages, load_params
+from align.paths import MODEL
+from align.records import publish_metrics, read_jsonl, unused_prompts, write_json, write_jsonl
 
 STAGE = "system_messages"
-OUT = Path("data/system_messages")
-POLICY = Path("models/sft")
-PROMPTS = Path("data/prompts")
-SFT_DATA = Path("data/self_align")
-SPACE = Path("assets/preference_space.jsonl")
-DIMENSIONS = ("style", "background", "informativeness", "harmlessness")
-MIN_VALUES = 6
+OUT = paths.SYSTEM_MESSAGES
+POLICY = paths.SFT
+PROMPTS = paths.PROMPTS
+SFT_DATA = paths.SELF_ALIGN
+SPACE = paths.PREFERENCE_SPACE
 MESSAGE_CHARS = (20, 800)  # a model-written message outside these lengths falls back to the template
 
-Space = dict[str, list[PreferenceValue]]
-
-
-def load_space(path: Path = SPACE) -> Space:
-    """The values by dimension; each dimension needs MIN_VALUES values (one line naming the file else)."""
-    space: Space = {d: [] for d in DIMENSIONS}
-    for value in load_jsonl(path, PreferenceValue):
-        space[value.dimension].append(value)
-    short = next((d for d in DIMENSIONS if len(space[d]) < MIN_VALUES), None)
-    if short is not None:
-        raise UserError(f"{path}: dimension {short!r} has {len(space[short])} values; expected at least {MIN_VALUES}")
-    return space
-
-
-def values_by_id(space: Space) -> dict[str, PreferenceValue]:
-    return {v.id: v for values in space.values() for v in values}
-
-
-def value_descriptions(path: Path = SPACE) -> dict[str, str]:
-    """Value id -> its description: the judging principle the judge, the RM and evaluation read for it."""
-    return {v.id: v.description for v in load_jsonl(path, PreferenceValue)}
 
 
 def combination(values: dict[str, str]) -> str:
@@ -224,7 +200,7 @@ def main() -> None:
         publish_metrics(OUT, STAGE)
         print(f"{STAGE}: {OUT} {verify_artifact(OUT)} (disabled)")
         return
-    space = load_space()
+    space = load_space(SPACE)
     inputs = input_refs({"policy": POLICY, "prompts": PROMPTS, "sft_data": SFT_DATA, "space": SPACE})
     pool = unused_prompts(read_jsonl(PROMPTS / "prompts.jsonl"), read_jsonl(SFT_DATA / "sft.jsonl"), None,
                           params.seed)
@@ -234,8 +210,8 @@ def main() -> None:
     train, evals = plan(pool, space, cfg, params.seed)
     fn = functools.partial(job, POLICY / MODEL, train, evals, space, cfg, params.generation, params.seed, subset,
                            inputs)
-    cli.submit_stage(STAGE, OUT, fn, one_task(params.cluster.system_messages, STAGE), params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.system_messages, STAGE), params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -1,7 +1,7 @@
 """Stage `train_rm`: the instructable reward model (SALMON), then its evaluation.
 
 Trains a LoRA adapter and a scalar head on the SFT policy with the Bradley-Terry loss on instances drawn from
-the labelled pairs of `label_preferences` (stages/reward.py: random principle subsets, some negated), after an
+the labelled pairs of `label_preferences` (align/reward.py: random principle subsets, some negated), after an
 optional preference-model pre-training pass on a public preference set (`rm.pmp`). The job then scores, with
 the same `RewardModel.score` PPO uses: accuracy on held-out pairs, the negation flip rate on held-out pairs a
 single principle decides, and accuracy on the HHH pairs of the benchmark folder.
@@ -20,24 +20,28 @@ import statistics
 import sys
 from pathlib import Path
 
-from stages import cli, sft
-from stages.artifacts import input_refs, staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles
-from stages.benchmark_items import DATA as BENCHMARKS, ChoiceItem, bench_path, load_hhh
-from stages.errors import UserError
-from stages.params import Pmp, RewardModel as RewardParams, Training, load_params
-from stages.records import write_json, write_jsonl
-from stages.reward import (CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases,
-                           pair_batches, preference_examples, read_preferences, split_pairs, tokenize_examples)
-from stages.sft import MODEL, LiveCurve
-from stages.system_messages import SPACE, value_descriptions
-from stages.training import Batch, Batches, global_batch_size, padding_id, train
+from align import paths, runner
+from align.artifacts import input_refs, staged_out, verify_artifact
+from align.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles, value_descriptions
+from align.benchmarks import DATA as BENCHMARKS
+from align.benchmarks import ChoiceItem, bench_path, load_hhh
+from align.errors import UserError
+from align.params import Pmp, Training, load_params
+from align.params import RewardModel as RewardParams
+from align.paths import MODEL
+from align.records import write_json, write_jsonl
+from align.reward import (
+    CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases, pair_batches,
+    preference_examples, read_preferences, split_pairs, tokenize_examples,
+)
+from align.training import Batch, Batches, LiveCurve, checkpoint_dir, global_batch_size, padding_id, step_count, train
 
 STAGE = "train_rm"
-OUT = Path("models/rm")
-SFT = Path("models/sft")
-PREFERENCES = Path("data/preferences")
-PRINCIPLES = Path("assets/preference_principles.jsonl")
+OUT = paths.RM
+SFT = paths.SFT
+PREFERENCES = paths.PREFERENCES
+PRINCIPLES = paths.PREFERENCE_PRINCIPLES
+SPACE = paths.PREFERENCE_SPACE
 TEMPLATE = Path("assets/rm_prompt.txt")
 LIVE = Path("dvclive/train_rm")
 
@@ -182,7 +186,7 @@ def job(base: Path, train_examples: list[dict], pmp_examples: list[dict], held_o
     tokenize = functools.partial(tokenize_examples, tokenizer, template, max_prompt_tokens=cfg.max_prompt_tokens,
                                  max_response_tokens=cfg.max_response_tokens)
     pmp_steps = math.ceil(len(pmp_examples) / global_batch)  # one pass over the pre-training pairs
-    steps = pmp_steps + sft.max_steps(len(train_examples), cfg.epochs, training, world)
+    steps = pmp_steps + step_count(len(train_examples), cfg.epochs, training, world)
     synthetic = pair_batches(tokenize(train_examples), training.micro_batch_size, seed, pad_id)
     batches = synthetic
     if pmp_steps:
@@ -221,7 +225,7 @@ def main() -> None:
     principles = {p.id: p for p in every}
     hhh_guide = [p.definition for p in pick_principles(every, cfg.hhh_principles, "rm.hhh_principles", PRINCIPLES)]
     template = load_template(TEMPLATE, PLACEHOLDERS)
-    descriptions = value_descriptions()
+    descriptions = value_descriptions(SPACE)
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "template": TEMPLATE,
                          "space": SPACE, "benchmarks": BENCHMARKS})
     hhh = load_hhh(bench_path("hhh"))
@@ -239,12 +243,12 @@ def main() -> None:
     training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
                                                   "lora_alpha": cfg.lora_alpha})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "rm": cfg.model_dump()}
-    ckpt_dir = sft.checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
+    ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
     fn = functools.partial(job, SFT / MODEL, train_examples, pmp_examples, draw(held_rows),
                            negation_cases(held_rows, principles), principles, hhh, hhh_guide, template, cfg,
                            training, params.seed, ckpt_dir, subset, inputs)
-    cli.submit_stage(STAGE, OUT, fn, params.cluster.train_rm, params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, params.cluster.train_rm, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

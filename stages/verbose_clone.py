@@ -24,22 +24,23 @@ from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 
+from align import paths, runner, sft, templates
+from align.artifacts import MANIFEST, code_revision, input_refs, staged_out, verify_artifact
+from align.assets import load_text
+from align.errors import UserError
+from align.filters import answer_problem, counts_text, trim_to_boundary
+from align.generation import Generator, Sampling, chat_prompt, one_task
+from align.params import Generation, Params, SelfAlign, VerboseClone, load_params
+from align.paths import MODEL
+from align.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from align.training import checkpoint_dir
 from slurm.submit import JobSpec, submit
-from stages import cli, sft, templates
-from stages.artifacts import MANIFEST, code_revision, input_refs, staged_out, verify_artifact
-from stages.assets import load_text
-from stages.errors import UserError
-from stages.filters import counts_text, trim_to_boundary
-from stages.generation import Generator, Sampling, chat_prompt, one_task
-from stages.params import Generation, Params, SelfAlign, VerboseClone, load_params
-from stages.records import publish_metrics, read_jsonl, write_json, write_jsonl
-from stages.self_align import answer_problem
 
 STAGE = "verbose_clone"
-OUT = Path("models/sft")
-BASE = Path("models/base")
-ENGRAVED = Path("models/engraved")
-DATA = Path("data/self_align")
+OUT = paths.SFT
+BASE = paths.BASE
+ENGRAVED = paths.ENGRAVED
+DATA = paths.SELF_ALIGN
 INSTRUCTION = Path("assets/verbose_instruction.txt")
 LIVE = Path("dvclive/verbose_clone")
 ENGRAVED_LIVE = Path("dvclive/engrave")
@@ -97,11 +98,11 @@ def link_engraved(params: dict, inputs: dict) -> str:
 def distill(params: Params, subset: dict, inputs: dict) -> str:
     cfg = params.verbose_clone
     key = {"params": subset, "inputs": inputs}
-    scratch = sft.checkpoint_dir(STAGE, key)
+    scratch = checkpoint_dir(STAGE, key)
     answers = scratch / "answers.jsonl"
     if not answers.is_file():
         queries = [row["prompt"] for row in read_jsonl(DATA / "sft.jsonl")]
-        fn = functools.partial(answers_job, ENGRAVED / sft.MODEL, load_text(INSTRUCTION), queries, cfg,
+        fn = functools.partial(answers_job, ENGRAVED / MODEL, load_text(INSTRUCTION), queries, cfg,
                                params.self_align, params.generation, answers)
         spec = JobSpec(stage=f"{STAGE}_answers", fn=fn,
                        resources=one_task(params.cluster.verbose_answers, "verbose_answers"),
@@ -137,4 +138,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

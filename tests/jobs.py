@@ -53,7 +53,7 @@ class RankFault:
     def __call__(self, model, batch: dict):  # noqa: ANN001, ANN204
         import signal
 
-        from stages.training import sft_loss
+        from align.training import sft_loss
 
         self.calls += 1
         if int(os.environ["RANK"]) == self.rank and self.calls > self.after:

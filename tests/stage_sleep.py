@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 from slurm.submit import JobSpec, submit
-from stages import cli
-from stages.artifacts import staged_out
-from stages.params import Cluster, Resources
+from align import runner
+from align.artifacts import staged_out
+from align.params import Cluster, Resources
 
 OUT = Path("out")
 
@@ -37,4 +37,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(cli.run(main))
+    sys.exit(runner.run(main))

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from stages import lineage, records
-from stages.artifacts import MANIFEST, artifact_id, hash_file, input_id, input_refs, recover, staged_out, verify_artifact
-from stages.errors import UserError
-from stages.params import Cluster, Resources
+from align import lineage, records
+from align.artifacts import MANIFEST, artifact_id, hash_file, input_id, input_refs, recover, staged_out, verify_artifact
+from align.errors import UserError
+from align.params import Cluster, Resources
 from slurm.submit import JobSpec, submit
 from tests.conftest import ROOT
 
@@ -94,7 +94,7 @@ def test_replacing_an_out_swaps_it_whole(tmp_path: Path) -> None:
 CRASHER = """
 import sys, time
 from pathlib import Path
-from stages.artifacts import staged_out
+from align.artifacts import staged_out
 with staged_out(Path(sys.argv[1]), stage="test", params={}, inputs={}) as tmp:
     for i in range(1000):
         (tmp / f"part{i}.bin").write_bytes(b"x" * 100_000)

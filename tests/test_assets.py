@@ -6,17 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from stages.assets import (
-    Exemplar,
-    PreferencePrinciple,
-    Principle,
-    QuestionType,
-    SeedPrompt,
-    load_jsonl,
-    load_template,
-    load_text,
+from align.assets import (
+    Exemplar, PreferencePrinciple, Principle, QuestionType, SeedPrompt, load_jsonl, load_template, load_text,
 )
-from stages.errors import UserError
+from align.errors import UserError
 from tests.conftest import ROOT
 
 ASSETS = ROOT / "assets"

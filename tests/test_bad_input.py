@@ -22,7 +22,7 @@ import blake3
 import pytest
 import yaml
 
-from stages.params import parse_params
+from align.params import parse_params
 from tests.conftest import ROOT
 
 ENV = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
@@ -77,7 +77,7 @@ def write(path: Path, content: str | bytes) -> None:
 def make_project(cwd: Path) -> Path:
     """params.yaml (the repository's, run inline so that nothing can reach a cluster, benchmark sources in the
     project), assets/, a finished out with its MANIFEST.json for every stage, metrics/ and dvclive/ files."""
-    from stages.artifacts import MANIFEST, hash_tree
+    from align.artifacts import MANIFEST, hash_tree
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["cluster"]["executor"] = "inline"
@@ -409,10 +409,10 @@ def test_ordinary_scheduler_names_pass(key: str, value: str) -> None:
 # ------------------------------------------------------------------------------------------ model code
 
 LOADERS = {
-    "import_model": "from stages.models import ModelSource, import_model\n"
+    "import_model": "from align.models import ModelSource, import_model\n"
                     "import_model(ModelSource('folder', MODEL), OUT, 'float32'{extra})",
-    "scorer": "from stages.scoring import Scorer\nScorer(MODEL{extra})",
-    "generator_hf": "from stages.generation import Generator\nfrom stages.params import Generation\n"
+    "scorer": "from align.scoring import Scorer\nScorer(MODEL{extra})",
+    "generator_hf": "from align.generation import Generator\nfrom align.params import Generation\n"
                     "Generator(MODEL, Generation(backend='hf'){extra})",
 }
 
@@ -475,5 +475,6 @@ def test_stages_load_nothing_with_pickle() -> None:
                                "np.load(p, allow_pickle=True)\nfrom joblib import load\n")) == [
         "line 1: import pickle", "line 2: torch.load(p)", "line 3: pickle.load(f)",
         "line 5: np.load(p, allow_pickle=True)", "line 6: import joblib"]
-    found = {path.name: unsafe_loads(path.read_text()) for path in sorted((ROOT / "stages").glob("*.py"))}
+    found = {f"{path.parent.name}/{path.name}": unsafe_loads(path.read_text())
+             for folder in ("stages", "align") for path in sorted((ROOT / folder).glob("*.py"))}
     assert {name: calls for name, calls in found.items() if calls} == {}

@@ -12,15 +12,15 @@ import sys
 from pathlib import Path
 
 import pytest
-
 import yaml
 
-from stages.artifacts import read_manifest, verify_artifact
-from stages.benchmark_items import (FILES, ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_mt_bench,
-                                    load_truthfulqa_csv, mc_scores)
+from align.artifacts import read_manifest, verify_artifact
+from align.benchmarks import (
+    FILES, ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv, mc_scores,
+)
+from align.errors import UserError
+from align.scoring import Scorer
 from stages.benchmarks import PINNED
-from stages.errors import UserError
-from stages.scoring import Scorer
 from tests.benchmark_files import HHH, MT_BENCH, TRUTHFULQA, hub_cache, write_published
 from tests.conftest import ROOT
 
@@ -72,11 +72,11 @@ def test_local_copies_become_a_versioned_out_that_lineage_walks_back(tmp_path: P
     assert json.loads((cwd / "metrics/benchmarks.json").read_text())["truthfulqa_csv"]["items"] == len(TRUTHFULQA)
     inputs = read_manifest(out)["inputs"]
     assert inputs["hhh"]["path"] == str(copies / "hhh_alignment") and len(inputs) == 4
-    lineage = subprocess.run([sys.executable, "-m", "stages.lineage", "data/benchmarks"], cwd=cwd, text=True,
+    lineage = subprocess.run([sys.executable, "-m", "align.lineage", "data/benchmarks"], cwd=cwd, text=True,
                              capture_output=True, env={"PYTHONPATH": str(ROOT)})
     assert lineage.returncode == 0 and str(copies / "mt_bench/question.jsonl") in lineage.stdout
     (copies / "mt_bench/question.jsonl").write_text('{"question_id": 1, "turns": ["Edited?"]}\n')
-    lineage = subprocess.run([sys.executable, "-m", "stages.lineage", "data/benchmarks"], cwd=cwd, text=True,
+    lineage = subprocess.run([sys.executable, "-m", "align.lineage", "data/benchmarks"], cwd=cwd, text=True,
                              capture_output=True, env={"PYTHONPATH": str(ROOT)})
     assert lineage.returncode == 1 and "question.jsonl: changed since it was used" in lineage.stderr
 

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import yaml
 
-from stages.artifacts import read_manifest, verify_artifact
+from align.artifacts import read_manifest, verify_artifact
 from tests.conftest import ROOT
 from tests.tiny import make_tiny_model
 
-PROJECT_FILES = ["stages", "slurm", "assets", "dvc.yaml", "params.yaml", ".gitignore"]
+PROJECT_FILES = ["stages", "align", "slurm", "assets", "dvc.yaml", "params.yaml", ".gitignore"]
 
 
 def sh(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:

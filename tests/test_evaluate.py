@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.artifacts import staged_out, verify_artifact
-from stages.params import Training
-from stages.records import read_jsonl, write_jsonl
-from stages.reward import CONFIG_FILE, TEMPLATE_FILE
-from stages.training import lora_model
+from align.artifacts import staged_out, verify_artifact
+from align.params import Training
+from align.records import read_jsonl, write_jsonl
+from align.reward import CONFIG_FILE, TEMPLATE_FILE
+from align.training import lora_model
 from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
 from tests.test_dvc import new_repo, sh

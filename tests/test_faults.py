@@ -32,10 +32,10 @@ from typing import Callable
 import pytest
 import yaml
 
+from align.artifacts import read_manifest, staged_out, verify_artifact
+from align.params import Cluster, Resources, Training
+from align.training import sft_job
 from slurm.submit import JobFailed, JobSpec, submit
-from stages.artifacts import read_manifest, staged_out, verify_artifact
-from stages.params import Cluster, Resources, Training
-from stages.training import sft_job
 from tests.conftest import ROOT
 from tests.jobs import RankFault
 from tests.slurm_fixture import SCRIPT

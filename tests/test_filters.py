@@ -6,12 +6,11 @@ from __future__ import annotations
 import pytest
 from rouge_score import rouge_scorer
 
-from stages import filters, templates
-from stages.assets import Principle
-from stages.filters import RougePool, distinct_n, prompt_problem, repeated_ngram_share
-from stages.generation import Generation
-from stages.params import SelfAlign
-from stages.self_align import answer_problem
+from align import filters, templates
+from align.assets import Principle
+from align.filters import RougePool, answer_problem, distinct_n, prompt_problem, repeated_ngram_share
+from align.generation import Generation
+from align.params import SelfAlign
 
 KEPT = [
     "Write a short poem about the sea at night.",

@@ -1,4 +1,4 @@
-"""stages/generation.py on real transformers, PEFT and vLLM (CPU build) with the tiny model.
+"""align/generation.py on real transformers, PEFT and vLLM (CPU build) with the tiny model.
 
 The tiny model is built with hidden=128 (head_dim 32: vLLM's CPU attention has no kernel for the default head_dim
 16) and its matrices re-drawn with std 0.2: at the default init std 0.02 a random tied-embedding model just repeats
@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from stages import generation as gen
-from stages import params
-from stages.errors import UserError
+from align import params
+from align.errors import UserError
+from align import generation as gen
 from tests.tiny import make_tiny_model
 
 SYSTEM = "An assistant answers questions helpfully, honestly and harmlessly. Principles: be ethical and candid. " * 3

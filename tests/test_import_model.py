@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.artifacts import MANIFEST, verify_artifact
+from align.artifacts import MANIFEST, verify_artifact
 from tests.conftest import ROOT
 
 
@@ -44,7 +44,7 @@ def test_local_folder_through_local_executor(tmp_path: Path, tiny_model: Path) -
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert "submitted local job" in proc.stderr and list((cwd / "logs" / "import_model").glob("*_0_log.out"))
 
-    lineage = run_stage(cwd, "stages.lineage", "models/base")
+    lineage = run_stage(cwd, "align.lineage", "models/base")
     assert lineage.returncode == 0, lineage.stderr
     assert f"artifact {artifact_id[:16]}  stage=import_model" in lineage.stdout
 
@@ -104,6 +104,6 @@ def test_embedded_smollm2_imports_answers_and_detects_corruption(tmp_path: Path)
         byte = fh.read(1)
         fh.seek(-1, 1)
         fh.write(bytes([byte[0] ^ 0xFF]))
-    lineage = run_stage(cwd, "stages.lineage", "models/base")
+    lineage = run_stage(cwd, "align.lineage", "models/base")
     assert lineage.returncode == 1
     assert lineage.stderr.strip() == f"lineage: models/base/model.safetensors: content does not match models/base/{MANIFEST} (altered after it was written)"

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from align.params import Cluster, Resources, Training
+from align.training import sft_job
 from slurm.submit import JobSpec, submit
-from stages.params import Cluster, Resources, Training
-from stages.training import sft_job
 from tests.jobs import node_ranks
 from tests.test_reward import rm_project
 from tests.test_sft_stages import FAST_TRAINING, curve, stage

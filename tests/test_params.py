@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.errors import UserError
-from stages.generation import one_task
-from stages.params import Params, load_params, parse_params
+from align.errors import UserError
+from align.generation import one_task
+from align.params import Params, load_params, parse_params
 from tests.conftest import ROOT
 
 
@@ -117,7 +117,7 @@ def test_missing_model_folder_exits_2(tmp_path: Path) -> None:
 
 
 def test_hub_id_offline_fails_with_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
-    from stages.models import resolve_model
+    from align.models import resolve_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(UserError, match=r"^params.yaml: model.base: 'HuggingFaceTB/SmolLM2-135M' is a hub id and the hub is not reachable"):

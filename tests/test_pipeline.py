@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from stages.artifacts import read_manifest, verify_artifact
-from stages.records import read_jsonl
+from align.artifacts import read_manifest, verify_artifact
+from align.records import read_jsonl
 from tests.test_dvc import new_repo, sh
 
 SMALL = {
@@ -37,7 +37,7 @@ def test_dvc_repro_self_align_stages_on_the_embedded_model(tmp_path: Path) -> No
     for out in ("data/prompts", "data/self_align", "models/engraved", "models/sft"):
         verify_artifact(repo / out)
     assert read_manifest(repo / "models/sft")["params"]["verbose_clone"]["enabled"] is True
-    lineage = sh(repo, "python", "-m", "stages.lineage", "models/sft").stdout
+    lineage = sh(repo, "python", "-m", "align.lineage", "models/sft").stdout
     assert "assets/principles.jsonl" in lineage and "assets/seed_prompts.jsonl" in lineage
     metrics = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
     shown = json.dumps(metrics)

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -18,18 +18,18 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from stages.artifacts import staged_out, verify_artifact
-from stages.errors import UserError
-from stages.params import Ppo, parse_params
-from stages.records import read_jsonl, write_jsonl
-from stages.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
+from align.artifacts import staged_out, verify_artifact
+from align.errors import UserError
+from align.params import Ppo, parse_params
+from align.records import read_jsonl, write_jsonl
+from align.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
+from align.training import tokenize_pair
 from stages.ppo import pack, policy_outputs, shaped_scores
-from stages.training import tokenize_pair
-from tests.test_evaluate import add_policy_outs
-from tests.test_reward import preference_rows, rm_project
 from tests.conftest import ROOT
-from tests.test_sft_stages import FAST_TRAINING, _kill_tree, curve, make_project, stage
+from tests.test_evaluate import add_policy_outs
 from tests.test_preferences import PROMPTS
+from tests.test_reward import preference_rows, rm_project
+from tests.test_sft_stages import FAST_TRAINING, _kill_tree, curve, make_project, stage
 
 TINY_PPO = {"iterations": 3, "rollout_batch_size": 4, "step_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 8,
             "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "save_every": 1, "score_batch_size": 4}
@@ -200,7 +200,7 @@ def test_dpo_learns_the_pairs_under_their_principles_and_writes_the_same_out(tmp
 def test_dpo_shows_the_principles_as_the_system_message(tiny_model: Path) -> None:
     from transformers import AutoTokenizer
 
-    from stages.reward import guide_text
+    from align.reward import guide_text
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
     guide = guide_text(["The response is concise.", "The response is honest."])

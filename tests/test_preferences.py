@@ -12,11 +12,11 @@ import pytest
 import torch
 import yaml
 
-from stages.artifacts import read_manifest, staged_out, verify_artifact
-from stages.label_preferences import label, principle_text
-from stages.assets import PreferencePrinciple, load_jsonl, load_template
-from stages.records import read_jsonl, write_jsonl
-from stages.scoring import Scorer
+from align.artifacts import read_manifest, staged_out, verify_artifact
+from align.assets import PreferencePrinciple, load_jsonl, load_template
+from align.judge import label, principle_text
+from align.records import read_jsonl, write_jsonl
+from align.scoring import Scorer
 from tests.test_sft_stages import make_project, stage
 
 PROMPTS = ["What is the capital of France?", "Add 1 and 2.", "What colour is the quick fox?",

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from stages import progress as progress_module
-from stages.progress import latest_progress, progress
+from align.progress import latest_progress, progress
+from align import progress as progress_module
 
 
 def test_a_long_loop_logs_plain_lines_and_a_short_one_nothing(capfd: pytest.CaptureFixture,

@@ -11,11 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from stages.artifacts import staged_out, verify_artifact
-from stages.assets import PreferencePrinciple, load_jsonl
-from stages.records import read_jsonl, write_jsonl
-from stages.reward import (RewardModel, collate_pairs, pair_rewards, shared_length, split_pairs, subset_label,
-                           training_examples)
+from align.artifacts import staged_out, verify_artifact
+from align.assets import PreferencePrinciple, load_jsonl
+from align.records import read_jsonl, write_jsonl
+from align.reward import (
+    RewardModel, collate_pairs, pair_rewards, shared_length, split_pairs, subset_label, training_examples,
+)
 from stages.train_rm import pmp_pairs, split_transcript
 from tests.conftest import ROOT
 from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
@@ -119,8 +120,8 @@ def test_hh_transcripts_split_into_prompt_and_replies() -> None:
 def test_the_shared_prefix_runs_once_and_gives_the_rewards_and_gradients_of_whole_rows(tiny_model: Path) -> None:
     import torch
 
-    from stages.params import Training
-    from stages.training import lora_model
+    from align.params import Training
+    from align.training import lora_model
 
     model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, lora_dropout=0.0), seed=0, head="reward")
     pad = model.config.pad_token_id
@@ -208,7 +209,7 @@ def test_train_rm_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, tiny_
 
 
 def test_pmp_from_an_unreachable_hub_is_skipped_with_one_line(capsys: pytest.CaptureFixture) -> None:
-    from stages.params import Pmp
+    from align.params import Pmp
     from stages.train_rm import load_pmp
 
     assert load_pmp(Pmp(dataset="no-such-org/no-such-preferences")) == []  # HF_HUB_OFFLINE=1 in tests

@@ -1,4 +1,4 @@
-"""stages/scoring.py on the tiny model: the shared-prefix batched forward gives what one plain forward pass per
+"""align/scoring.py on the tiny model: the shared-prefix batched forward gives what one plain forward pass per
 text gives (next-token logits and continuation log-likelihoods), across batches and with uneven suffixes."""
 
 from __future__ import annotations
@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.errors import UserError
-from stages.scoring import Scorer
+from align.errors import UserError
+from align.scoring import Scorer
 
 PREFIX = "Principles: be ethical, informative, helpful, candid and step-by-step. " * 4
 SUFFIXES = ["The quick brown fox.", "1 2 3", "What is the capital of France? The capital", "def add(a, b):", "An"]

@@ -19,10 +19,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.artifacts import read_manifest, staged_out, verify_artifact
-from stages.assets import Principle, load_jsonl
-from stages.records import write_jsonl
-from stages.training import tokenize_pair
+from align.artifacts import read_manifest, staged_out, verify_artifact
+from align.assets import Principle, load_jsonl
+from align.records import write_jsonl
+from align.training import tokenize_pair
 from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
 from tests.tiny import PAIRS

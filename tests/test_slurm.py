@@ -17,9 +17,9 @@ import pytest
 import submitit
 import yaml
 
+from align.artifacts import MANIFEST, verify_artifact
+from align.params import Cluster, Resources
 from slurm.submit import JobFailed, JobSpec, _attach, state_path, submit
-from stages.artifacts import MANIFEST, verify_artifact
-from stages.params import Cluster, Resources
 from tests.conftest import ROOT
 from tests.jobs import all_reduce_rank, fail
 

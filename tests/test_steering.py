@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from stages.assets import PreferencePrinciple, load_jsonl
+from align.assets import PreferencePrinciple, load_jsonl
 from tests.conftest import ROOT
 from tests.test_ppo import TINY_PPO, ppo_project
 from tests.test_reward import PRINCIPLES, SHORT_LONG, preference_rows, rm_project
@@ -60,7 +60,7 @@ def steerable(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> tu
 
 @pytest.mark.slow
 def test_guard_principles_lower_the_reward_of_self_praise(steerable: tuple[Path, Path]) -> None:
-    from stages.reward import RewardModel
+    from align.reward import RewardModel
 
     sft_model, rm_dir = steerable
     rm = RewardModel(sft_model, rm_dir)

@@ -14,13 +14,13 @@ from pathlib import Path
 
 import pytest
 
+from align.artifacts import verify_artifact
+from align.errors import UserError
+from align.params import Cluster, Resources
+from align.progress import progress
 from slurm import submit as submit_module
 from slurm.submit import JobFailed, JobSpec, job_name, state_path, submit
-from stages import progress as progress_module
-from stages.artifacts import verify_artifact
-from stages.errors import UserError
-from stages.params import Cluster, Resources
-from stages.progress import progress
+from align import progress as progress_module
 from tests.conftest import ROOT
 
 

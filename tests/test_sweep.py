@@ -26,7 +26,7 @@ def sweep_repo(folder: Path, model: Path, logs: Path) -> Path:
     cwd = ppo_project(folder, model, ppo={**TINY_PPO, "iterations": 2},
                       cluster={"executor": "slurm", "log_dir": str(logs),
                                "ppo": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 3, "time_min": 20}})
-    for name in ("stages", "slurm"):
+    for name in ("stages", "align", "slurm"):
         shutil.copytree(ROOT / name, cwd / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / ".gitignore", cwd / ".gitignore")
     policy = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["policy"]

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
+from align.artifacts import staged_out, verify_artifact
+from align.errors import UserError
+from align.generation import chat_prompt, has_system_role
+from align.params import SystemMessages
+from align.records import read_jsonl, write_jsonl
+from align.reward import RewardModel, system_examples
+from align.training import tokenize_pair
 from stages import system_messages as sm
-from stages.artifacts import staged_out, verify_artifact
-from stages.errors import UserError
-from stages.generation import chat_prompt, has_system_role
-from stages.params import SystemMessages
-from stages.records import read_jsonl, write_jsonl
-from stages.reward import RewardModel, system_examples
-from stages.training import tokenize_pair
 from tests.conftest import ROOT
 from tests.test_evaluate import SMALL, add_policy_outs
 from tests.test_reward import rm_project

@@ -1,4 +1,4 @@
-"""stages/training.py on the tiny Llama: DeepSpeed config mapping, LoRA-only updates, adapter round trip, exact
+"""align/training.py on the tiny Llama: DeepSpeed config mapping, LoRA-only updates, adapter round trip, exact
 resume (also after a crash), and 2-process ZeRO-2/ZeRO-3 runs through the submission layer."""
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from slurm.submit import JobSpec, submit
-from stages.params import Cluster, Resources, Training
-from stages.training import (
+from align.params import Cluster, Resources, Training
+from align.training import (
     collate, deepspeed_config, fit, init_distributed, latest_checkpoint, lora_model, make_engine, save_adapter,
     sft_job, sft_loss, shuffled_batches, tokenize_pair,
 )
+from slurm.submit import JobSpec, submit
 from tests.tiny import PAIRS
 
 # dropout on, so an exact resume needs the RNG states restored

@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
-from stages.errors import UserError
-from stages.generation import MIN_SHARED_PREFIX, config_dtype
-from stages.progress import progress
+from align.errors import UserError
+from align.generation import MIN_SHARED_PREFIX, config_dtype
+from align.progress import progress
 
 
 class Scorer:

@@ -14,7 +14,7 @@ from typing import Any, Literal, get_args, get_origin
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from stages.errors import UserError
+from align.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
 

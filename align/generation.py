@@ -26,9 +26,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from stages import params
-from stages.errors import UserError
-from stages.progress import progress
+from align import params
+from align.errors import UserError
+from align.progress import progress
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 MIN_SHARED_PREFIX = 8  # hf: shorter common prefixes are not worth a separate forward pass
@@ -102,7 +102,7 @@ def adapter_rank(adapter: Path) -> int:
 
 def adapter_key(adapter: Path) -> str:
     """Content hash of an adapter folder: changes exactly when the adapter does (a PPO step rewrites it in place)."""
-    from stages.artifacts import digest, hash_tree
+    from align.artifacts import digest, hash_tree
 
     return digest(hash_tree(Path(adapter)))
 

@@ -1,4 +1,4 @@
-"""`python -m stages.lineage PATH`: an artifact's chain of ids back to the assets and params it came from.
+"""`python -m align.lineage PATH`: an artifact's chain of ids back to the assets and params it came from.
 
 Every file on the way is re-hashed; the first one that no longer matches ends the walk with one line and exit 1.
 """
@@ -9,8 +9,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from stages.artifacts import MANIFEST, input_id, read_manifest, verify_artifact
-from stages.errors import UserError
+from align.artifacts import MANIFEST, input_id, read_manifest, verify_artifact
+from align.errors import UserError
 
 
 def _flat(params: dict, prefix: str = "") -> list[str]:

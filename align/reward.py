@@ -22,10 +22,10 @@ from typing import Any, Sequence
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages.assets import PreferencePrinciple
-from stages.errors import UserError
-from stages.progress import progress
-from stages.training import Batch, Batches, DTYPES, reward_trunk, shuffled_batches
+from align.assets import PreferencePrinciple
+from align.errors import UserError
+from align.progress import progress
+from align.training import DTYPES, Batch, Batches, reward_trunk, shuffled_batches
 
 PLACEHOLDERS = ("principles", "instruction", "response")
 TEMPLATE_FILE = "rm_prompt.txt"  # inside the RM out: the template it was trained with
@@ -276,7 +276,7 @@ class RewardModel:
 
         rm_dir = Path(rm_dir)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # the trunk: stages/training.py
+        self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # the trunk: align/training.py
         trunk = reward_trunk(base, DTYPES[precision])
         adapted = PeftModel.from_pretrained(trunk, str(rm_dir / "adapter"))
         self.model = adapted.merge_and_unload().to(self.device).eval()  # LoRA folded in: plain matmuls when scoring

@@ -7,7 +7,7 @@ import os
 import random
 from pathlib import Path
 
-from stages.artifacts import MANIFEST
+from align.artifacts import MANIFEST
 
 METRICS_DIR = Path("metrics")  # metrics/<stage>.json: what `dvc metrics show/diff` reads (declared in dvc.yaml)
 
@@ -29,6 +29,12 @@ def sample_in_order(rows: list[dict], limit: int | None, seed: int) -> list[dict
     if limit is None or limit >= len(rows):
         return rows
     return [rows[i] for i in sorted(random.Random(seed).sample(range(len(rows)), limit))]
+
+
+def unused_prompts(prompts: list[dict], sft: list[dict], limit: int | None, seed: int) -> list[dict]:
+    """Up to `limit` prompts not in the SFT data, drawn at random (file order kept)."""
+    used = {row["id"] for row in sft}
+    return sample_in_order([p for p in prompts if p["id"] not in used], limit, seed)
 
 
 def write_json(path: Path, data: dict) -> None:

@@ -13,9 +13,14 @@ import os
 import re
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from typing import Iterable
+from typing import TYPE_CHECKING, Iterable
 
 from rouge_score import rouge_scorer, tokenizers
+
+if TYPE_CHECKING:
+    from align.assets import Principle
+    from align.generation import Generation
+    from align.params import SelfAlign
 
 PARALLEL_MIN_POOL = 2000  # below this, one process is faster than shipping the pool to workers
 _TOKENIZER = tokenizers.DefaultTokenizer(use_stemmer=False)
@@ -137,3 +142,23 @@ def trim_to_boundary(text: str) -> str | None:
     ends = [m.end() for m in _SENTENCE_END.finditer(text + " ")]
     ends = [e for e in ends if e < len(text)]
     return text[: ends[-1]].rstrip() if ends else None
+
+
+def answer_problem(generation: Generation, answer: str | None, principles: list[Principle],
+                   cfg: SelfAlign) -> str | None:
+    """Why an answer is not kept (None: kept)."""
+    if generation.finish_reason == "length":
+        return "cut_off"
+    if answer is None:
+        return "no_answer"
+    if not answer.strip():
+        return "empty"
+    if repeated_ngram_share(answer) > cfg.max_repeated_ngram_share:
+        return "repetitive"
+    lowered = answer.lower()
+    if "internal thoughts" in lowered or any(f"({p.name.lower()})" in lowered for p in principles):
+        return "echoes_principles"
+    words = tokens(answer)
+    if any(rouge_l(words, fixed_tokens(p.definition)) >= cfg.echo_threshold for p in principles):
+        return "echoes_principles"
+    return None

@@ -12,11 +12,12 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.assets import read_text
-from stages.errors import UserError
-from stages.scoring import Scorer
+from align import paths
+from align.assets import read_text
+from align.errors import UserError
+from align.scoring import Scorer
 
-DATA = Path("data/benchmarks")  # the out of stage `benchmarks`; train_rm and evaluate read it
+DATA = paths.BENCHMARKS  # the out of stage `benchmarks`; train_rm and evaluate read it
 FILES = {"hhh": "hhh_alignment", "truthfulqa_mc": "truthfulqa/task_mc.json",
          "truthfulqa_csv": "truthfulqa/truthfulqa.csv", "mt_bench": "mt_bench/question.jsonl"}
 

@@ -10,7 +10,7 @@ from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from stages.errors import UserError
+from align.errors import UserError
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -63,6 +63,12 @@ class QuestionType(_Record):
     id: str = Field(min_length=1)
     name: str = Field(min_length=1)
     description: str = Field(min_length=1)
+
+
+DIMENSIONS = ("style", "background", "informativeness", "harmlessness")  # Janus' preference dimensions
+MIN_VALUES = 6
+
+Space = dict[str, list["PreferenceValue"]]
 
 
 def read_text(path: Path) -> str:
@@ -151,3 +157,26 @@ def load_template(path: Path, placeholders: tuple[str, ...]) -> str:
         if found != 1:
             raise UserError(f"{path}: placeholder {{{name}}} must appear exactly once, found {found}")
     return text
+
+
+# -------------------------------------------------------------------------------- Janus: the preference space
+
+
+def load_space(path: Path) -> Space:
+    """The values by dimension; each dimension needs MIN_VALUES values (one line naming the file else)."""
+    space: Space = {d: [] for d in DIMENSIONS}
+    for value in load_jsonl(path, PreferenceValue):
+        space[value.dimension].append(value)
+    short = next((d for d in DIMENSIONS if len(space[d]) < MIN_VALUES), None)
+    if short is not None:
+        raise UserError(f"{path}: dimension {short!r} has {len(space[short])} values; expected at least {MIN_VALUES}")
+    return space
+
+
+def values_by_id(space: Space) -> dict[str, PreferenceValue]:
+    return {v.id: v for values in space.values() for v in values}
+
+
+def value_descriptions(path: Path) -> dict[str, str]:
+    """Value id -> its description: the judging principle the judge, the RM and evaluation read for it."""
+    return {v.id: v.description for v in load_jsonl(path, PreferenceValue)}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 
-from stages.assets import Exemplar, Principle, QuestionType
+from align.assets import Exemplar, Principle, QuestionType
 
 THOUGHTS_TAG = "Assistant (internal thoughts):"
 ANSWER_TAG = "Assistant:"

@@ -25,7 +25,7 @@ from typing import Any, Iterator
 
 import blake3
 
-from stages.errors import UserError
+from align.errors import UserError
 
 MANIFEST = "MANIFEST.json"
 RUN_RECORD = ("host", "slurm_job_id", "started", "ended", "wall_seconds")  # in the manifest, not in the id

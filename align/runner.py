@@ -7,11 +7,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
+from align.artifacts import code_revision
+from align.errors import EXIT_USER_ERROR, UserError
+from align.params import Cluster, Resources
+from align.records import publish_metrics
 from slurm.submit import JobFailed, JobSpec, submit
-from stages.artifacts import code_revision
-from stages.errors import EXIT_USER_ERROR, UserError
-from stages.params import Cluster, Resources
-from stages.records import publish_metrics
 
 
 def submit_stage(stage: str, out: Path, fn: Callable[[], Any], resources: Resources, cluster: Cluster,

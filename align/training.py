@@ -36,10 +36,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from align.artifacts import digest
+from align.generation import with_system
+from align.params import Training
 from slurm import preemption
 from slurm.submit import free_port
-from stages.generation import with_system
-from stages.params import Training
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 LATEST = "latest"
@@ -427,7 +428,7 @@ def merge_adapter(model_dir: Path | str, adapter_dir: Path | str, out: Path | st
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from stages.generation import config_dtype
+    from align.generation import config_dtype
 
     base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, config_dtype(model_dir)))
     merged = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
@@ -470,3 +471,37 @@ def shuffled_batches(examples: list, micro_batch_size: int, seed: int,
 def sft_loss(model: Any, batch: Batch) -> torch.Tensor:
     """Causal-LM cross-entropy over the labelled (response) tokens of the micro-batch; the model shifts labels."""
     return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
+# ---------------------------------------------------------------------------------------- a training stage's run
+
+CHECKPOINTS = Path("checkpoints")  # checkpoints/<stage>/<key>: kept until the out is in place (not a DVC out)
+
+
+class LiveCurve:
+    """`on_step` for the training loop: one dvclive step per optimizer step (plots/metrics/<name>.tsv in
+    `folder`), restarted from step 0 on every run, which the loop replays from its checkpoint first."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.live = None
+
+    def __call__(self, step: int, metrics: dict) -> None:
+        if self.live is None:
+            from dvclive import Live
+
+            self.live = Live(str(self.folder), resume=False, save_dvc_exp=False, dvcyaml=None)
+        self.live.step = step
+        for name, value in metrics.items():
+            self.live.log_metric(name, value)
+        self.live.next_step()
+
+
+def checkpoint_dir(stage: str, key: dict) -> Path:
+    """Where a stage's run keeps its checkpoints: one folder per params+inputs, so a changed run starts fresh
+    and an interrupted identical run resumes."""
+    return CHECKPOINTS / stage / digest(key)[:16]
+
+
+def step_count(examples: int, epochs: float, training: Training, world_size: int) -> int:
+    return max(1, math.ceil(epochs * examples / global_batch_size(training, world_size)))

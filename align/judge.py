@@ -1,0 +1,70 @@
+"""The a/b judge (SALMON's preference labelling): a model reads the judge prompt (instruction, Output (a),
+Output (b), one principle) ending where the next token is the choice, and the score is logit("a") - logit("b")
+there. Each pair is judged in both orders; a label is the preferred response only where both orders agree, a tie
+otherwise, which cancels the judge's position bias. Used by `label_preferences` (the SFT model labels pairs) and
+by `evaluate` (a judge model compares two policies' answers)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from align.assets import PreferencePrinciple, PreferenceValue
+from align.errors import UserError
+from align.scoring import Scorer
+
+PLACEHOLDERS = ("instruction", "output_a", "output_b", "principle")
+
+
+Criterion = tuple[str, str]  # (id the label is keyed by, the text the judge reads)
+
+
+def principle_text(principle: PreferencePrinciple) -> str:
+    return f"{principle.name}: {principle.definition}"
+
+
+def criteria_of(principles: list[PreferencePrinciple]) -> list[Criterion]:
+    return [(p.id, principle_text(p)) for p in principles]
+
+
+def value_criteria(values: dict[str, str], space: dict[str, PreferenceValue]) -> list[Criterion]:
+    """The judging principles of a system message: its values' descriptions."""
+    return [(space[v].id, f"{space[v].name}: {space[v].description}") for v in values.values()]
+
+
+def label(score_ab: float, score_ba: float) -> str:
+    """'a' or 'b' where both orders prefer the same response, else 'tie'. `score_ab` is logit(a) - logit(b)
+    with the pair shown as is; `score_ba` the same with the two responses swapped, so it favours b when > 0."""
+    if score_ab > 0 and score_ba < 0:
+        return "a"
+    if score_ab < 0 and score_ba > 0:
+        return "b"
+    return "tie"
+
+
+def check_choices(model: Path, choices: tuple[str, str]) -> None:
+    """Each choice must be one token of the judge's tokenizer: its score is one next-token logit."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    for choice in choices:
+        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
+        if len(ids) != 1:
+            raise UserError(f"params.yaml: label_preferences.choices: {choice!r} is {len(ids)} tokens for the tokenizer "
+                            f"of {model}; expected a single token")
+
+
+def judge(scorer: Scorer, template: str, pairs: list[dict], criteria: list[list[Criterion]],
+          choices: tuple[int, int]) -> list[dict]:
+    """Per pair: the scores in both orders and the labels under each of its criteria (one list per pair)."""
+    rows = []
+    for pair, shown in zip(pairs, criteria):
+        scores: dict[str, list[float]] = {cid: [] for cid, _ in shown}
+        for first, second in (("response_a", "response_b"), ("response_b", "response_a")):
+            texts = [template.format(instruction=pair["prompt"], output_a=pair[first], output_b=pair[second],
+                                     principle=text) for _, text in shown]
+            logits = scorer.next_token_logits(texts, list(choices))
+            for (cid, _), (a, b) in zip(shown, logits.tolist()):
+                scores[cid].append(a - b)
+        labels = {pid: label(ab, ba) for pid, (ab, ba) in scores.items()}
+        rows.append({**pair, "scores": scores, "labels": labels})
+    return rows
