@@ -28,6 +28,7 @@ from typing import Any
 
 from align import params
 from align.errors import UserError
+from align.models import padding_id
 from align.progress import progress
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -312,8 +313,7 @@ class _HF:
         eos = self.base.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
         self.eos = set(eos) | ({self.tokenizer.eos_token_id} - {None})
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else min(self.eos, default=0)  # pads are masked: any id will do
+        self.pad_id = padding_id(self.tokenizer)
 
     def _use_adapter(self, adapter: Path | None) -> tuple[Any, Any]:
         """(model to call, context to call it in): the PeftModel with `adapter` active, or the plain base model

@@ -10,6 +10,7 @@ import re
 import socket
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from align.errors import UserError
 
@@ -135,3 +136,13 @@ def import_model(source: ModelSource, out_dir: Path, dtype: str, *, trust_remote
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     model.to(torch_dtype).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
+
+
+def padding_id(tokenizer: Any) -> int:
+    """The id batches are padded with, everywhere (training, scoring, generation, the RM): the tokenizer's pad
+    token, else its eos token (pads are always masked, so any id will do), else 0."""
+    for token in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if token is not None:
+            return token
+    return 0
+

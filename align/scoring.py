@@ -20,6 +20,7 @@ import torch
 
 from align.errors import UserError
 from align.generation import MIN_SHARED_PREFIX, config_dtype
+from align.models import padding_id
 from align.progress import progress
 
 
@@ -42,8 +43,7 @@ class Scorer:
             self.model = PeftModel.from_pretrained(self.model, str(adapter)).eval()
         self.batch_size = batch_size
         self.reuse_prefix = True  # switch for tests and benchmarks: False = every row computes its own prefix
-        pad = self.tokenizer.pad_token_id
-        self.pad_id = pad if pad is not None else (self.tokenizer.eos_token_id or 0)
+        self.pad_id = padding_id(self.tokenizer)
         self._prefix: tuple[tuple[int, ...], Any] | None = None  # (prefix tokens, its cache for batch size 1)
 
     def token_id(self, text: str) -> int:

@@ -18,7 +18,7 @@ Typical use, inside the job function a stage hands to `slurm.submit.submit`:
 
     tok = AutoTokenizer.from_pretrained(model_dir)
     batches = shuffled_batches([tokenize_pair(tok, p, r) for p, r in pairs], training.micro_batch_size, seed,
-                               functools.partial(collate, pad_id=tok.pad_token_id))
+                               functools.partial(collate, pad_id=padding_id(tok)))
     result = train(model_dir, batches, sft_loss, ckpt_dir, training, max_steps, adapter_dir=out, seed=seed)
 """
 
@@ -38,6 +38,7 @@ import torch
 
 from align.artifacts import digest
 from align.generation import with_system
+from align.models import padding_id
 from align.params import Training
 from slurm import preemption
 from slurm.submit import free_port
@@ -155,11 +156,6 @@ def reward_trunk(model_dir: Path | str, dtype: torch.dtype) -> torch.nn.Module:
 
     pad = padding_id(AutoTokenizer.from_pretrained(model_dir))
     return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype, pad_token_id=pad)
-
-
-def padding_id(tokenizer: Any) -> int:
-    """The id batches are padded with: the tokenizer's pad token, else its eos token (always masked)."""
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def lr_scheduler(training: Training, total_steps: int) -> Callable[[Any], Any]:
@@ -395,7 +391,7 @@ def sft_job(model_dir: Path | str, pairs: list[tuple[str, str]], ckpt_dir: Path 
     examples = [tokenize_pair(tokenizer, prompt, response, max_prompt_tokens, max_response_tokens)
                 for prompt, response in pairs]
     batches = shuffled_batches(examples, training.micro_batch_size, seed,
-                               functools.partial(collate, pad_id=tokenizer.pad_token_id))
+                               functools.partial(collate, pad_id=padding_id(tokenizer)))
     return train(model_dir, batches, loss_fn or sft_loss, ckpt_dir, training, max_steps, adapter_dir=adapter_dir,
                  seed=seed, log=log, on_step=on_step)
 

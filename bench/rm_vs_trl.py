@@ -273,7 +273,7 @@ def make_spec(args: argparse.Namespace) -> tuple[dict, dict]:
     from transformers import AutoTokenizer
 
     from align.reward import shared_length
-    from align.training import padding_id
+    from align.models import padding_id
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     pad_id = padding_id(tokenizer)

@@ -25,12 +25,13 @@ from align import paths, runner
 from align.artifacts import input_refs, staged_out, verify_artifact
 from align.assets import PreferencePrinciple, load_jsonl, value_descriptions
 from align.errors import UserError
+from align.models import padding_id
 from align.params import Dpo, Training, load_params
 from align.paths import MODEL
 from align.records import write_json
 from align.reward import guide_text, preference_examples, read_preferences
 from align.training import (
-    Batch, LiveCurve, checkpoint_dir, collate, merge_adapter, padding_id, shuffled_batches, step_count,
+    Batch, LiveCurve, checkpoint_dir, collate, merge_adapter, shuffled_batches, step_count,
     tokenize_pair, train,
 )
 

@@ -37,6 +37,7 @@ from align.artifacts import input_refs, staged_out, verify_artifact
 from align.assets import PreferencePrinciple, load_jsonl, pick_principles
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
+from align.models import padding_id
 from align.params import Generation, Ppo, Training, load_params
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
@@ -46,7 +47,7 @@ from align.rl import (
 )
 from align.training import (
     DTYPES, LiveCurve, checkpoint_dir, end_of_step, init_distributed, latest_checkpoint, load_checkpoint,
-    lora_model, make_engine, merge_adapter, padding_id, reward_trunk, save_adapter,
+    lora_model, make_engine, merge_adapter, reward_trunk, save_adapter,
 )
 from slurm import preemption
 

@@ -26,6 +26,7 @@ from align.assets import PreferencePrinciple, load_jsonl, load_template, pick_pr
 from align.benchmarks import DATA as BENCHMARKS
 from align.benchmarks import ChoiceItem, bench_path, load_hhh
 from align.errors import UserError
+from align.models import padding_id
 from align.params import Pmp, Training, load_params
 from align.params import RewardModel as RewardParams
 from align.paths import MODEL
@@ -34,7 +35,7 @@ from align.reward import (
     CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases, pair_batches,
     preference_examples, read_preferences, split_pairs, tokenize_examples,
 )
-from align.training import Batch, Batches, LiveCurve, checkpoint_dir, global_batch_size, padding_id, step_count, train
+from align.training import Batch, Batches, LiveCurve, checkpoint_dir, global_batch_size, step_count, train
 
 STAGE = "train_rm"
 OUT = paths.RM

@@ -4,6 +4,8 @@ resume (also after a crash), and 2-process ZeRO-2/ZeRO-3 runs through the submis
 from __future__ import annotations
 
 import functools
+import math
+import shutil
 import time
 from pathlib import Path
 
@@ -214,3 +216,22 @@ def test_two_processes_match_one_process(tiny_model: Path, tmp_path: Path, stage
         a = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter1")
         b = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), tmp_path / "adapter2")
         assert torch.allclose(a.eval()(input_ids=ids).logits, b.eval()(input_ids=ids).logits, atol=1e-5)
+
+
+def test_sft_pads_with_eos_where_the_tokenizer_has_no_pad_token(tiny_model: Path, tmp_path: Path) -> None:
+    """Base models often ship no pad token: batches of two pad with the eos id (masked) instead of crashing on
+    pad_token_id None, and every other helper agrees on that id."""
+    from transformers import AutoTokenizer
+
+    from align.models import padding_id
+
+    model = tmp_path / "no_pad"
+    shutil.copytree(tiny_model, model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(model)
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    assert tokenizer.pad_token_id is None and padding_id(tokenizer) == tokenizer.eos_token_id
+    training = Training(**{**TINY, "micro_batch_size": 2})
+    result = _inline(functools.partial(sft_job, model, PAIRS, tmp_path / "ckpt", training, 3, log=None))
+    assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
