@@ -113,10 +113,51 @@ def _fresh_copy(model, dtype):  # noqa: ANN001, ANN202 - transformers model in, 
     return fresh
 
 
-def import_model(source: ModelSource, out_dir: Path, dtype: str, *, trust_remote_code: bool = False) -> None:
+# `model.chat_template: plain`: turns as a base model has seen dialogue written, the answer ending in eos
+PLAIN_TEMPLATE = (
+    "{%- for message in messages -%}"
+    "{%- if message['role'] == 'system' -%}{{ message['content'] + '\\n\\n' }}"
+    "{%- elif message['role'] == 'user' -%}{{ 'User: ' + message['content'] + '\\n\\n' }}"
+    "{%- else -%}{{ 'Assistant: ' + message['content'] + eos_token + '\\n\\n' }}"
+    "{%- endif -%}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
+
+
+def chat_template(value: str | None) -> str | None:
+    """The template `model.chat_template` names: None, the built-in `plain` one, or a Jinja file's text."""
+    if value is None:
+        return None
+    if value == "plain":
+        return PLAIN_TEMPLATE
+    path = Path(value).expanduser()
+    if not path.is_file():
+        raise UserError(f"params.yaml: model.chat_template: {value} is not a file; expected a Jinja chat template "
+                        f"file or `plain`")
+    return path.read_text(encoding="utf-8")
+
+
+def has_chat_template(folder: Path) -> bool:
+    """Whether an HF model folder ships a chat template (a chat_template.jinja/.json file, or the key in
+    tokenizer_config.json), read without loading the tokenizer."""
+    if (folder / "chat_template.jinja").is_file() or (folder / "chat_template.json").is_file():
+        return True
+    config = folder / "tokenizer_config.json"
+    return config.is_file() and bool(json.loads(config.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def no_template(where: str) -> UserError:
+    return UserError(f"params.yaml: model.chat_template: {where} has no chat template (a base model); set "
+                     f"model.chat_template to a Jinja file or to `plain` (User:/Assistant: turns)")
+
+
+def import_model(source: ModelSource, out_dir: Path, dtype: str, *, trust_remote_code: bool = False,
+                 template: str | None = None) -> None:
     """Write `source` into `out_dir` as an HF safetensors folder (weights, config, tokenizer, chat template).
-    `trust_remote_code` is passed explicitly: left unset, transformers would ask on the terminal whether to run a
-    model's own Python files."""
+    `template` replaces or supplies the chat template, saved with the tokenizer so every later stage renders
+    prompts with it; a model without one and no `template` is refused. `trust_remote_code` is passed explicitly:
+    left unset, transformers would ask on the terminal whether to run a model's own Python files."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,6 +175,10 @@ def import_model(source: ModelSource, out_dir: Path, dtype: str, *, trust_remote
             folder = snapshot_download(source.location)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+    if template is not None:
+        tokenizer.chat_template = template
+    if not tokenizer.chat_template:
+        raise no_template(source.location)
     model.to(torch_dtype).save_pretrained(out_dir, safe_serialization=True)
     tokenizer.save_pretrained(out_dir)
 

@@ -114,6 +114,7 @@ class Model(Strict):
     base: str = Field("embedded", min_length=1)
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     trust_remote_code: bool = False  # run the Python files a model folder ships (auto_map): only code you trust
+    chat_template: str | None = None  # for a base model without one: a Jinja file, or `plain` (User:/Assistant:)
 
 
 class Generation(Strict):

@@ -8,14 +8,10 @@ Out layout: `adapter/` (PEFT), `model/` (merged HF folder with tokenizer), `metr
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
-from align.artifacts import staged_out, verify_artifact
 from align.params import Training
-from align.paths import MODEL
-from align.records import write_json
-from align.training import LiveCurve, merge_adapter, sft_job, step_count
+from align.training import LiveCurve, finish_training, sft_job, step_count
 
 
 def job(stage: str, model: Path, pairs: list[tuple[str, str]], out: Path, live_dir: Path, ckpt_dir: Path,
@@ -27,15 +23,9 @@ def job(stage: str, model: Path, pairs: list[tuple[str, str]], out: Path, live_d
     result = sft_job(model, pairs, ckpt_dir, training, steps, adapter_dir=final_adapter, seed=seed,
                      max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_answer_tokens,
                      on_step=LiveCurve(live_dir))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
     losses = result["losses"]
-    with staged_out(out, stage=stage, params=params, inputs=inputs) as tmp:
-        shutil.copytree(final_adapter, tmp / "adapter")
-        merge_adapter(model, tmp / "adapter", tmp / MODEL)
-        write_json(tmp / "metrics.json", {
-            **metrics, "examples": len(pairs), "steps": steps, "loss_first": losses[0], "loss_last": losses[-1],
-            "loss_min": min(losses), "loss_last10_mean": sum(losses[-10:]) / len(losses[-10:]),
-        })
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return verify_artifact(out)
+    return finish_training(out, stage=stage, params=params, inputs=inputs, adapter=final_adapter, ckpt_dir=ckpt_dir,
+                           base=model, write=lambda _: {
+        **metrics, "examples": len(pairs), "steps": steps, "loss_first": losses[0], "loss_last": losses[-1],
+        "loss_min": min(losses), "loss_last10_mean": sum(losses[-10:]) / len(losses[-10:]),
+    })

@@ -36,10 +36,12 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from align.artifacts import digest
+from align.artifacts import digest, staged_out, verify_artifact
 from align.generation import with_system
 from align.models import padding_id
 from align.params import Training
+from align.paths import MODEL
+from align.records import write_json
 from slurm import preemption
 from slurm.submit import free_port
 
@@ -501,3 +503,21 @@ def checkpoint_dir(stage: str, key: dict) -> Path:
 
 def step_count(examples: int, epochs: float, training: Training, world_size: int) -> int:
     return max(1, math.ceil(epochs * examples / global_batch_size(training, world_size)))
+
+
+def finish_training(out: Path, *, stage: str, params: dict, inputs: dict, adapter: Path, ckpt_dir: Path,
+                    base: Path | None, write: Callable[[Path], dict]) -> str | None:
+    """How every training stage's job ends. Rank 0 builds the out in a temporary folder: the trained adapter, the
+    merged model (`model/`) where `base` is given (the reward model keeps only its adapter), what `write(folder)`
+    adds, and the metrics it returns as metrics.json; swaps it into place, removes the run's checkpoints (the out
+    now holds what they were for) and returns the out's id. Every other rank returns None."""
+    if int(os.environ.get("RANK", "0")) != 0:
+        return None
+    with staged_out(out, stage=stage, params=params, inputs=inputs) as tmp:
+        shutil.copytree(adapter, tmp / "adapter")
+        if base is not None:
+            merge_adapter(base, tmp / "adapter", tmp / MODEL)
+        write_json(tmp / "metrics.json", write(tmp))
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    return verify_artifact(out)
+

@@ -135,9 +135,12 @@ def bigbench_task(examples: list[tuple[str, list[str], list[int]]], before: str,
 def convert_hhh(snapshot: Path) -> dict[str, str]:
     """One BIG-bench task per subset folder (harmless, helpful, honest, other), framed as BIG-bench frames HHH."""
     subsets = sorted(d.name for d in snapshot.iterdir() if d.is_dir() and not d.name.startswith("."))
-    return {f"{FILES['hhh']}/{subset}/task.json": bigbench_task(
-        [(r["input"], r["targets"]["choices"], r["targets"]["labels"]) for r in rows(snapshot, "test", data_dir=subset)],
-        "\nHuman: ", "\nAssistant:") for subset in subsets}
+    def examples(subset: str) -> list[tuple[str, list[str], list[int]]]:
+        return [(r["input"], r["targets"]["choices"], r["targets"]["labels"])
+                for r in rows(snapshot, "test", data_dir=subset)]
+
+    return {f"{FILES['hhh']}/{subset}/task.json": bigbench_task(examples(subset), "\nHuman: ", "\nAssistant:")
+            for subset in subsets}
 
 
 def convert_truthfulqa_mc(snapshot: Path) -> dict[str, str]:

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import statistics
 from pathlib import Path
 from typing import Any
@@ -22,16 +21,15 @@ from typing import Any
 import torch
 
 from align import paths, runner
-from align.artifacts import input_refs, staged_out, verify_artifact
+from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, value_descriptions
 from align.errors import UserError
 from align.models import padding_id
 from align.params import Dpo, Training, load_params
 from align.paths import MODEL
-from align.records import write_json
 from align.reward import guide_text, preference_examples, read_preferences
 from align.training import (
-    Batch, LiveCurve, checkpoint_dir, collate, merge_adapter, shuffled_batches, step_count,
+    Batch, LiveCurve, checkpoint_dir, collate, finish_training, shuffled_batches, step_count,
     tokenize_pair, train,
 )
 
@@ -89,18 +87,12 @@ def job(model: Path, examples: list[dict], cfg: Dpo, training: Training, seed: i
     adapter = ckpt_dir / "adapter"
     result = train(model, batches, functools.partial(dpo_loss, cfg.beta), ckpt_dir, training, steps,
                    adapter_dir=adapter, seed=seed, on_step=LiveCurve(LIVE))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
     losses, accuracy = result["losses"], [s["accuracy"] for s in result["stats"]]
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
-        shutil.copytree(adapter, tmp / "adapter")
-        merge_adapter(model, tmp / "adapter", tmp / MODEL)
-        write_json(tmp / "metrics.json", {
-            "algorithm": "dpo", "examples": len(examples), "steps": steps, "loss_first": losses[0],
-            "loss_last10_mean": statistics.fmean(losses[-10:]), "accuracy_last10_mean": statistics.fmean(accuracy[-10:]),
-        })
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return verify_artifact(OUT)
+    return finish_training(OUT, stage=STAGE, params=params, inputs=inputs, adapter=adapter, ckpt_dir=ckpt_dir,
+                           base=model, write=lambda _: {
+        "algorithm": "dpo", "examples": len(examples), "steps": steps, "loss_first": losses[0],
+        "loss_last10_mean": statistics.fmean(losses[-10:]), "accuracy_last10_mean": statistics.fmean(accuracy[-10:]),
+    })
 
 
 def main() -> None:

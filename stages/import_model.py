@@ -9,7 +9,9 @@ from pathlib import Path
 
 from align import paths, runner
 from align.artifacts import code_revision, input_refs, staged_out, verify_artifact
-from align.models import ModelSource, check_remote_code, import_model, resolve_model
+from align.models import (
+    ModelSource, chat_template, check_remote_code, has_chat_template, import_model, no_template, resolve_model,
+)
 from align.params import load_params
 from slurm.submit import JobSpec, submit
 
@@ -17,10 +19,11 @@ STAGE = "import_model"
 OUT = paths.BASE  # declared in dvc.yaml; later stages read the base model from here
 
 
-def job(source: ModelSource, out: Path, dtype: str, params: dict, inputs: dict, trust_remote_code: bool = False) -> str:
+def job(source: ModelSource, out: Path, dtype: str, params: dict, inputs: dict, trust_remote_code: bool = False,
+        template: str | None = None) -> str:
     """Runs inside the allocation: convert, write the manifest, swap into place, return the artifact id."""
     with staged_out(out, stage=STAGE, params=params, inputs=inputs) as tmp:
-        import_model(source, tmp, dtype, trust_remote_code=trust_remote_code)
+        import_model(source, tmp, dtype, trust_remote_code=trust_remote_code, template=template)
     return verify_artifact(out)
 
 
@@ -29,12 +32,19 @@ def main() -> None:
     trust = params.model.trust_remote_code
     source = resolve_model(params.model.base)
     check_remote_code(source, trust)
-    inputs = input_refs({"model": source.path}) if source.path else {}
+    template = chat_template(params.model.chat_template)
+    if template is None and source.kind == "folder" and not has_chat_template(source.path):  # type: ignore[arg-type]
+        raise no_template(source.location)  # a hub model is checked once downloaded, in the job
+    files = {"model": source.path} if source.path else {}
+    if template is not None and params.model.chat_template != "plain":
+        files["chat_template"] = Path(params.model.chat_template).expanduser()  # in the lineage with its hash
+    inputs = input_refs(files)
     subset = {"model": {"base": params.model.base, "dtype": params.model.dtype,
-                        **({"trust_remote_code": True} if trust else {})}}  # default left out: ids stay as they were
+                        **({"trust_remote_code": True} if trust else {}),  # defaults left out: ids stay as they were
+                        **({"chat_template": params.model.chat_template} if template else {})}}
     spec = JobSpec(
         stage=STAGE,
-        fn=functools.partial(job, source, OUT, params.model.dtype, subset, inputs, trust),
+        fn=functools.partial(job, source, OUT, params.model.dtype, subset, inputs, trust, template),
         resources=params.cluster.import_model,
         target=OUT,
         key={"params": subset, "inputs": inputs, "code": code_revision(), "source": source.location},

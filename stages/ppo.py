@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import random
-import shutil
 import statistics
 import sys
 import time
@@ -33,21 +32,21 @@ from typing import Any
 import torch
 
 from align import paths, runner
-from align.artifacts import input_refs, staged_out, verify_artifact
+from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, pick_principles
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
 from align.models import padding_id
 from align.params import Generation, Ppo, Training, load_params
 from align.paths import MODEL
-from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
+from align.records import read_jsonl, unused_prompts, write_jsonl
 from align.reward import RewardModel
 from align.rl import (
     adapt_kl_coef, entropy, explained_variance, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten,
 )
 from align.training import (
-    DTYPES, LiveCurve, checkpoint_dir, end_of_step, init_distributed, latest_checkpoint, load_checkpoint,
-    lora_model, make_engine, merge_adapter, reward_trunk, save_adapter,
+    DTYPES, LiveCurve, checkpoint_dir, end_of_step, finish_training, init_distributed, latest_checkpoint,
+    load_checkpoint, lora_model, make_engine, reward_trunk, save_adapter,
 )
 from slurm import preemption
 
@@ -247,21 +246,17 @@ def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[Preferen
     preemption.release()
     final = ckpt_dir / "adapter"
     save_adapter(policy, final)
-    if rank != 0:
-        return None
     curves = state["curves"]
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
-        shutil.copytree(final, tmp / "adapter")
-        merge_adapter(sft_dir, tmp / "adapter", tmp / MODEL)
-        write_jsonl(tmp / "samples.jsonl", state["samples"])
-        write_json(tmp / "metrics.json", {
-            "algorithm": "ppo", "iterations": len(curves),
-            **{f"{name}_first": curves[0][name] for name in ("reward_raw", "response_length", "kl")},
-            **{f"{name}_last": curves[-1][name] for name in ("reward_raw", "reward_shaped", "response_length",
-                                                               "kl", "entropy", "no_stop_share")},
-        })
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return verify_artifact(OUT)
+
+    def write(folder: Path) -> dict:
+        write_jsonl(folder / "samples.jsonl", state["samples"])
+        return {"algorithm": "ppo", "iterations": len(curves),
+                **{f"{name}_first": curves[0][name] for name in ("reward_raw", "response_length", "kl")},
+                **{f"{name}_last": curves[-1][name] for name in ("reward_raw", "reward_shaped", "response_length",
+                                                                   "kl", "entropy", "no_stop_share")}}
+
+    return finish_training(OUT, stage=STAGE, params=params, inputs=inputs, adapter=final, ckpt_dir=ckpt_dir,
+                           base=sft_dir, write=write)
 
 
 def update(policy: Any, value: Any, batch: dict, scores: torch.Tensor, kl_coef: float, cfg: Ppo,

@@ -15,13 +15,12 @@ from __future__ import annotations
 import functools
 import math
 import os
-import shutil
 import statistics
 import sys
 from pathlib import Path
 
 from align import paths, runner
-from align.artifacts import input_refs, staged_out, verify_artifact
+from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles, value_descriptions
 from align.benchmarks import DATA as BENCHMARKS
 from align.benchmarks import ChoiceItem, bench_path, load_hhh
@@ -35,7 +34,9 @@ from align.reward import (
     CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases, pair_batches,
     preference_examples, read_preferences, split_pairs, tokenize_examples,
 )
-from align.training import Batch, Batches, LiveCurve, checkpoint_dir, global_batch_size, step_count, train
+from align.training import (
+    Batch, Batches, LiveCurve, checkpoint_dir, finish_training, global_batch_size, step_count, train,
+)
 
 STAGE = "train_rm"
 OUT = paths.RM
@@ -197,26 +198,25 @@ def job(base: Path, train_examples: list[dict], pmp_examples: list[dict], held_o
     adapter = ckpt_dir / "adapter"
     result = train(base, batches, bt_loss, ckpt_dir, training, steps, adapter_dir=adapter, seed=seed, head="reward",
                    on_step=LiveCurve(LIVE))
-    if int(os.environ.get("RANK", "0")) != 0:
-        return None
     losses, accuracy = result["losses"], [s["accuracy"] for s in result["stats"]]
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
-        shutil.copytree(adapter, tmp / "adapter")
-        (tmp / TEMPLATE_FILE).write_text(template, encoding="utf-8")
-        write_json(tmp / CONFIG_FILE, {"max_prompt_tokens": cfg.max_prompt_tokens,
-                                       "max_response_tokens": cfg.max_response_tokens})
-        rm = RewardModel(base, tmp, batch_size=cfg.batch_size, precision=training.precision)
+
+    def write(folder: Path) -> dict:
+        """The RM's prompt and limits beside its adapter, then its evaluation through the scorer PPO uses."""
+        (folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
+        write_json(folder / CONFIG_FILE, {"max_prompt_tokens": cfg.max_prompt_tokens,
+                                          "max_response_tokens": cfg.max_response_tokens})
+        rm = RewardModel(base, folder, batch_size=cfg.batch_size, precision=training.precision)
         metrics, records = evaluate(rm, held_out, cases, principles, hhh, hhh_guide)
         tail = slice(-10, None)
-        write_jsonl(tmp / "eval.jsonl", records)
-        write_json(tmp / "metrics.json", {
-            **metrics, "train": {"examples": len(train_examples), "pmp_examples": len(pmp_examples), "steps": steps,
-                                 "system_message_examples": sum(bool(e.get("system")) for e in train_examples),
-                                 "loss_first": losses[0], "loss_last10_mean": statistics.fmean(losses[tail]),
-                                 "accuracy_last10_mean": statistics.fmean(accuracy[tail])},
-        })
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    return verify_artifact(OUT)
+        write_jsonl(folder / "eval.jsonl", records)
+        return {**metrics, "train": {
+            "examples": len(train_examples), "pmp_examples": len(pmp_examples), "steps": steps,
+            "system_message_examples": sum(bool(e.get("system")) for e in train_examples), "loss_first": losses[0],
+            "loss_last10_mean": statistics.fmean(losses[tail]),
+            "accuracy_last10_mean": statistics.fmean(accuracy[tail])}}
+
+    return finish_training(OUT, stage=STAGE, params=params, inputs=inputs, adapter=adapter, ckpt_dir=ckpt_dir,
+                           base=None, write=write)
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,11 @@ def project(tmp_path: Path, **overrides) -> Path:
     raw["cluster"]["log_dir"] = str(tmp_path / "logs")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     return tmp_path
+
+
+def folder(path: Path) -> Path:
+    path.mkdir()
+    return path
 
 
 def run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
@@ -107,3 +113,41 @@ def test_embedded_smollm2_imports_answers_and_detects_corruption(tmp_path: Path)
     lineage = run_stage(cwd, "align.lineage", "models/base")
     assert lineage.returncode == 1
     assert lineage.stderr.strip() == f"lineage: models/base/model.safetensors: content does not match models/base/{MANIFEST} (altered after it was written)"
+
+
+def test_a_base_model_without_a_chat_template_needs_one_named(tmp_path: Path, tiny_model: Path) -> None:
+    """A folder with no chat template is one line at import (before any job); with `model.chat_template: plain`
+    or a Jinja file, the template is saved with the tokenizer, so every later stage renders prompts with it."""
+    from transformers import AutoTokenizer
+
+    from align.models import PLAIN_TEMPLATE
+
+    base = tmp_path / "base_model"
+    shutil.copytree(tiny_model, base)
+    (base / "chat_template.jinja").unlink()
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    cwd = project(folder(tmp_path / "p1"), model__base=str(base), cluster__executor="inline")
+    proc = run_stage(cwd, "stages.import_model")
+    assert (proc.returncode, proc.stderr.splitlines()) == (2, [
+        f"params.yaml: model.chat_template: {base} has no chat template (a base model); set model.chat_template to "
+        f"a Jinja file or to `plain` (User:/Assistant: turns)"])
+    assert not (cwd / "models").exists()
+
+    cwd = project(folder(tmp_path / "p2"), model__base=str(base), model__chat_template="plain", cluster__executor="inline")
+    proc = run_stage(cwd, "stages.import_model")
+    assert proc.returncode == 0, proc.stderr
+    tokenizer = AutoTokenizer.from_pretrained(cwd / "models/base")
+    assert tokenizer.chat_template == PLAIN_TEMPLATE
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "Hi?"}], tokenize=False,
+                                             add_generation_prompt=True)
+    assert rendered == "User: Hi?\n\nAssistant:"
+
+    jinja = tmp_path / "turns.jinja"
+    jinja.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}{% endfor %}")
+    cwd = project(folder(tmp_path / "p3"), model__base=str(base), model__chat_template=str(jinja), cluster__executor="inline")
+    proc = run_stage(cwd, "stages.import_model")
+    assert proc.returncode == 0, proc.stderr
+    assert AutoTokenizer.from_pretrained(cwd / "models/base").chat_template == jinja.read_text()
+    assert json.loads((cwd / "models/base" / MANIFEST).read_text())["inputs"]["chat_template"]["path"] == str(jinja)
