@@ -114,10 +114,10 @@ def allocations(log: str, unit: str = "step") -> list[tuple[int, int]]:
 
 
 def one_line_error(stderr: str, stage_name: str) -> str:
-    """The stage's error: its last stderr line, every line before it the submission layer's progress."""
+    """The stage's error: its last stderr line, every line before it the submission layer's (submitted, job
+    state, the job's progress lines)."""
     lines = stderr.splitlines()
-    assert lines and all(line.startswith(f"{stage_name}: submitted ") or line.startswith(f"{stage_name}: job ")
-                         for line in lines[:-1]), stderr
+    assert lines and all(line.startswith(f"{stage_name}: ") for line in lines[:-1]), stderr
     return lines[-1]
 
 
