@@ -86,14 +86,13 @@ def read_source(key: str, value: str) -> tuple[Path, Callable[[Path], None]]:
     if not path.exists():
         raise UserError(f"params.yaml: benchmarks.{key}: {value} not found; set it to a local copy of "
                         f"{FORMATS[key]}, or to hub:<dataset id>@<commit>")
-    check_local(key, path)
+    LOADERS[key](path)
     return path, lambda out: copy_local(key, path, out)
 
 
-def check_local(key: str, path: Path) -> None:
-    """Parse every item of a local benchmark file (one line naming the file and field otherwise)."""
-    {"hhh": load_hhh, "truthfulqa_mc": lambda p: load_bigbench(p, "truthfulqa"),
-     "truthfulqa_csv": load_truthfulqa_csv, "mt_bench": load_mt_bench}[key](path)
+LOADERS: dict[str, Callable[[Path], list]] = {  # each parses every item, one line naming file and field otherwise
+    "hhh": load_hhh, "truthfulqa_mc": lambda path: load_bigbench(path, "truthfulqa"),
+    "truthfulqa_csv": load_truthfulqa_csv, "mt_bench": load_mt_bench}
 
 
 def copy_local(key: str, path: Path, out: Path) -> None:
@@ -185,10 +184,7 @@ def convert(key: str, snapshot: Path, source: str) -> dict[str, str]:
 
 def counts(out: Path) -> dict[str, dict[str, int]]:
     """Items per benchmark as the loaders read them back from the out (which also checks a converted file)."""
-    return {"hhh": {"items": len(load_hhh(out / FILES["hhh"]))},
-            "truthfulqa_mc": {"items": len(load_bigbench(out / FILES["truthfulqa_mc"], "truthfulqa"))},
-            "truthfulqa_csv": {"items": len(load_truthfulqa_csv(out / FILES["truthfulqa_csv"]))},
-            "mt_bench": {"questions": len(load_mt_bench(out / FILES["mt_bench"]))}}
+    return {key: {"items": len(load(out / FILES[key]))} for key, load in LOADERS.items()}
 
 
 def main() -> None:
