@@ -239,8 +239,10 @@ def test_a_cancelled_training_job_fails_with_its_id_and_log_and_the_rerun_resume
 @pytest.mark.slow
 def test_a_time_limit_checkpoints_requeues_and_completes_over_several_allocations(
         slurm_cluster, tmp_path: Path, tiny_model: Path, reference: dict, fault_figures_record: dict) -> None:
-    steps = 6000  # 84-180 s of steps alone on this box (14-30 ms a step seen): more than one 1-minute allocation,
-    # signalled 20 s (or more) early, holds; 2000 steps finished inside the first allocation on a fast day
+    steps = 3000  # 42-90 s of steps alone here (14-30 ms a step seen): more than one 1-minute allocation, signalled
+    # 20 s (or more) early, holds (2000 steps once finished inside the first). Not many more: each resume replays the
+    # whole curve into dvclive first, which took ~8 s at step 2700 and ~20 s at step 4000, so 6000 steps ran out of
+    # requeues
     cwd = engrave_project(tmp_path, tiny_model, steps, time_min=1, signal_delay_s=20, max_requeues=8)
     before = set(squeue_jobs("engrave"))
     started = time.monotonic()
