@@ -68,7 +68,7 @@ class QuestionType(_Record):
 DIMENSIONS = ("style", "background", "informativeness", "harmlessness")  # Janus' preference dimensions
 MIN_VALUES = 6
 
-Space = dict[str, list["PreferenceValue"]]
+Space = dict[str, list[PreferenceValue]]
 
 
 def read_text(path: Path) -> str:

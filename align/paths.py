@@ -22,3 +22,4 @@ EVALUATION = Path("data/evaluation")
 
 PREFERENCE_SPACE = Path("assets/preference_space.jsonl")  # Janus: dimensions and values
 PREFERENCE_PRINCIPLES = Path("assets/preference_principles.jsonl")  # SALMON's judging principles
+JUDGE_PROMPT = Path("assets/judge_prompt.txt")  # the a/b judge's prompt (label_preferences, evaluate's judge model)

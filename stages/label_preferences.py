@@ -35,7 +35,7 @@ JUDGE = paths.SFT
 PAIRS = paths.PAIRS
 PRINCIPLES = paths.PREFERENCE_PRINCIPLES
 SPACE = paths.PREFERENCE_SPACE
-TEMPLATE = Path("assets/judge_prompt.txt")
+TEMPLATE = paths.JUDGE_PROMPT
 def system_metrics(rows: list[dict]) -> dict:
     """Per dimension, over the system-message pairs: the share decided, and of those the share that prefers
     response a, the one written under the message (how often the judge sees the message followed)."""
