@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from align import params
+from align.devices import config_dtype, load_causal_lm
 from align.errors import UserError
 from align.models import padding_id
 from align.progress import progress
@@ -85,12 +86,6 @@ def max_model_len(model: Path | str) -> int:
     """The context length the model's config.json allows (vLLM's default max_model_len)."""
     config = json.loads((Path(model) / "config.json").read_text())
     return int(config.get("max_position_embeddings", 2048))
-
-
-def config_dtype(model: Path | str) -> str:
-    """The dtype the model was saved in (config.json `dtype`, `torch_dtype` before transformers 5)."""
-    config = json.loads((Path(model) / "config.json").read_text())
-    return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
 def adapter_rank(adapter: Path) -> int:
@@ -297,14 +292,7 @@ class _HF:
     """
 
     def __init__(self, model: str, settings: params.Generation, trust_remote_code: bool = False):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = config_dtype(model) if self.device.type == "cuda" else "float32"  # as vLLM: float32 on CPU
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.base = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype),
-                                                         trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tokenizer, self.base, self.device = load_causal_lm(model, trust_remote_code=trust_remote_code)
         self.batch_size = settings.batch_size
         self.peft: Any = None  # PeftModel wrapping self.base once an adapter was asked for
         self.adapter: str | None = None  # content hash of the adapter loaded into self.peft

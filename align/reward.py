@@ -23,6 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from align.assets import PreferencePrinciple
+from align.devices import job_device
 from align.errors import UserError
 from align.progress import progress
 from align.training import DTYPES, Batch, Batches, reward_trunk, shuffled_batches
@@ -275,7 +276,7 @@ class RewardModel:
         from transformers import AutoTokenizer
 
         rm_dir = Path(rm_dir)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = job_device()
         self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # the trunk: align/training.py
         trunk = reward_trunk(base, DTYPES[precision])
         adapted = PeftModel.from_pretrained(trunk, str(rm_dir / "adapter"))

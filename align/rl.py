@@ -1,7 +1,8 @@
 """The arithmetic of PPO on token sequences (Schulman et al. 2017; Ziegler et al. 2019 for language): per-token
 rewards with a KL penalty to the reference policy, generalised advantage estimation, whitening, the clipped
 policy and value losses, and the adaptive KL coefficient. Tensors are [batch, response tokens] with a 0/1 mask
-for the padding after each response; every mean is over the unmasked tokens.
+for the padding after each response; every mean is over the unmasked tokens. Every tensor a function makes is on
+its inputs' device.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def token_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logprobs: to
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
     last = mask.sum(dim=1).long().clamp(min=1) - 1
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=rewards.device), last] += scores.to(rewards)
     return rewards, kl
 
 
@@ -34,7 +35,7 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
     """(advantages, returns) by generalised advantage estimation, backwards over each response; the value after
     the last token is 0 (the episode ends there)."""
     advantages = torch.zeros_like(rewards)
-    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype)
+    running = torch.zeros(rewards.shape[0], dtype=rewards.dtype, device=rewards.device)
     for t in reversed(range(rewards.shape[1])):
         next_value = values[:, t + 1] * mask[:, t + 1] if t + 1 < rewards.shape[1] else torch.zeros_like(running)
         delta = rewards[:, t] + gamma * next_value - values[:, t]

@@ -19,7 +19,8 @@ from typing import Any
 import torch
 
 from align.errors import UserError
-from align.generation import MIN_SHARED_PREFIX, config_dtype
+from align.devices import load_causal_lm
+from align.generation import MIN_SHARED_PREFIX
 from align.models import padding_id
 from align.progress import progress
 
@@ -29,14 +30,8 @@ class Scorer:
 
     def __init__(self, model: Path | str, *, batch_size: int = 16, adapter: Path | None = None,
                  trust_remote_code: bool = False):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         self.name = str(model)
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        dtype = config_dtype(model) if self.device.type == "cuda" else "float32"
-        self.tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=trust_remote_code)
-        self.model = AutoModelForCausalLM.from_pretrained(model, dtype=getattr(torch, dtype),
-                                                          trust_remote_code=trust_remote_code).to(self.device).eval()
+        self.tokenizer, self.model, self.device = load_causal_lm(model, trust_remote_code=trust_remote_code)
         if adapter is not None:
             from peft import PeftModel
 
@@ -81,8 +76,8 @@ class Scorer:
             kept = logits.shape[1]  # the last `kept` columns; every row's tokens end at the last column
             for row, lp in zip(batch, logprobs):
                 end = kept - (len(row) - n)  # column of position n of this row, in kept columns
-                targets = torch.tensor(row[len(context_ids):])
-                columns = torch.arange(len(context_ids) - 1, len(row) - 1) - n + end  # position t-1 predicts t
+                targets = torch.tensor(row[len(context_ids):], device=lp.device)
+                columns = torch.arange(len(context_ids) - 1, len(row) - 1, device=lp.device) - n + end  # t-1 -> t
                 totals.append(lp[columns, targets].sum().item())
         return totals
 

@@ -11,7 +11,7 @@ with the current adapter (saved, then served as a LoRA request by vLLM or loaded
 response is scored by the RM under `num_principles` principles drawn per prompt from the PPO collection plus
 every guard principle, or, for a prompt of the `system_messages` training rows, under its system message (which
 the policy sees in the system role); the score is shaped (a response that ends without the stop token gets `stop_penalty`
-instead; an optional capped length bonus) and spread into per-token rewards with the KL penalty to the reference;
+added; an optional capped length bonus) and spread into per-token rewards with the KL penalty to the reference;
 GAE gives advantages (whitened over all ranks) and returns; `ppo_epochs` passes of clipped policy and value
 updates in steps of `step_batch_size` samples follow. Curves go to dvclive every iteration, sample rows to the
 out, checkpoints (both engines, RNG, iteration, KL coefficient, curves) every `save_every` iterations.
@@ -26,8 +26,8 @@ import random
 import statistics
 import sys
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -44,11 +44,11 @@ from align.reward import RewardModel
 from align.rl import (
     adapt_kl_coef, entropy, explained_variance, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten,
 )
+from align.rollout import Rollout, pack, policy_outputs, token_values
 from align.training import (
-    DTYPES, LiveCurve, checkpoint_dir, end_of_step, finish_training, init_distributed, latest_checkpoint,
-    load_checkpoint, lora_model, make_engine, reward_trunk, save_adapter,
+    DTYPES, LiveCurve, checkpoint_dir, finish_training, init_distributed, lora_model, make_engine, resumed_steps,
+    reward_trunk, save_adapter,
 )
-from slurm import preemption
 
 STAGE = "policy"  # the DVC stage that runs this module or stages/dpo.py (policy.algorithm)
 OUT = paths.POLICY
@@ -76,54 +76,7 @@ def value_model(sft_dir: Path, rm_dir: Path, training: Training, seed: int) -> t
     return get_peft_model(rm.merge_and_unload(), config)
 
 
-def token_values(value: Any, batch: dict) -> torch.Tensor:
-    """The value head at every position, [B, L]: the classifier's trunk and head called directly (its own
-    forward keeps only the last token)."""
-    inner = value.module.get_base_model() if hasattr(value, "module") else value.get_base_model()
-    hidden = inner.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                         position_ids=batch["position_ids"]).last_hidden_state
-    return inner.score(hidden).squeeze(-1).float()
-
-
-def response_slice(x: torch.Tensor, width: int, responses: int) -> torch.Tensor:
-    """Columns that predict (logits) or value (values) the response tokens: query width - 1 onwards."""
-    return x[:, width - 1 : width - 1 + responses]
-
-
-def policy_outputs(model: Any, batch: dict, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-probabilities of the sampled response tokens, the logits they come from), at sampling temperature.
-    The LM head runs only where it predicts a response token (the response columns and the query's last one are
-    the sequence's last R + 1): over the query it would be a fifth of the FLOPs of a 135M model, for nothing."""
-    length = batch["responses"].shape[1]
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                   position_ids=batch["position_ids"], logits_to_keep=length + 1).logits
-    logits = logits[:, :length].float() / temperature
-    logprobs = logits.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
-    return logprobs, logits
-
-
-def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int) -> dict:
-    """Queries left-padded to one width, responses right-padded after them, so every response starts at the
-    same column; position ids count real tokens only."""
-    width = max(len(q) for q in queries)
-    length = max(len(r) for r in responses)
-    ids, mask, resp, resp_mask = [], [], [], []
-    for q, r in zip(queries, responses):
-        ids.append([pad_id] * (width - len(q)) + q + r + [pad_id] * (length - len(r)))
-        mask.append([0] * (width - len(q)) + [1] * (len(q) + len(r)) + [0] * (length - len(r)))
-        resp.append(r + [pad_id] * (length - len(r)))
-        resp_mask.append([1] * len(r) + [0] * (length - len(r)))
-    attention = torch.tensor(mask)
-    return {"input_ids": torch.tensor(ids), "attention_mask": attention,
-            "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "responses": torch.tensor(resp),
-            "response_mask": torch.tensor(resp_mask, dtype=torch.float32), "query_width": width}
-
-
-def rows(batch: dict, index: torch.Tensor) -> dict:
-    return {k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
-
-
-# ------------------------------------------------------------------------------------------------- the rollout
+# --------------------------------------------------------------------------------------------- what a job reads
 
 
 def guide_for(cfg: Ppo, collection: list[PreferencePrinciple], guards: list[PreferencePrinciple], seed: int,
@@ -159,149 +112,186 @@ def iteration_prompts(pool: list[dict], cfg: Ppo, seed: int, iteration: int, ran
     return picked[rank::world]
 
 
-def all_mean(values: dict[str, float], world: int) -> dict[str, float]:
+def all_mean(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
     """The mean over ranks of each statistic (each rank holds the same share of the batch)."""
     import torch.distributed as dist
 
     names = sorted(values)
-    totals = torch.tensor([float(values[n]) for n in names], dtype=torch.float64)
+    totals = torch.tensor([float(values[n]) for n in names], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     return {n: t / world for n, t in zip(names, totals.tolist())}
 
 
-# ------------------------------------------------------------------------------------------------------- job
+@dataclass(frozen=True)
+class PpoJob:
+    """What a PPO job reads, built on the login node and pickled into the job; calling it runs the job."""
+
+    sft_dir: Path
+    rm_dir: Path
+    pool: list[dict]  # prompts: {"id", "text"} and system-message rows with "system", "combination"
+    collection: list[PreferencePrinciple]  # RL-time principles, `num_principles` drawn per prompt
+    guards: list[PreferencePrinciple]  # shown with every prompt
+    cfg: Ppo
+    training: Training
+    generation: Generation
+    seed: int
+    ckpt_dir: Path
+    params: dict
+    inputs: dict
+
+    def __call__(self) -> str | None:
+        """Runs in every task of the allocation; rank 0 returns the out's artifact id."""
+        return PpoRecipe(self).run()
 
 
-def job(sft_dir: Path, rm_dir: Path, pool: list[dict], collection: list[PreferencePrinciple],
-        guards: list[PreferencePrinciple], cfg: Ppo, training: Training, settings: Generation, seed: int,
-        ckpt_dir: Path, params: dict, inputs: dict) -> str | None:
-    """Runs in every task of the allocation: PPO iterations from the newest checkpoint; rank 0 writes the out."""
-    from transformers import AutoTokenizer
-
-    rank, world = init_distributed()
-    local = cfg.rollout_batch_size // world
-    accum = cfg.step_batch_size // (world * training.micro_batch_size)
-    training = training.model_copy(update={"gradient_accumulation_steps": accum})
-    updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.step_batch_size)
-    policy = make_engine(lora_model(sft_dir, training, seed), training, world, total_steps=updates)
-    value = make_engine(value_model(sft_dir, rm_dir, training, seed), training, world, total_steps=updates)
-    reward = RewardModel(sft_dir, rm_dir, batch_size=cfg.score_batch_size, precision=training.precision)
-    tokenizer = AutoTokenizer.from_pretrained(sft_dir)
-    pad_id = padding_id(tokenizer)
-    state = load_checkpoint(policy, ckpt_dir, others={"value": value}) or {
-        "step": 0, "kl_coef": cfg.kl_coef, "curves": [], "samples": []}
-    live = LiveCurve(LIVE) if rank == 0 else None
-    if rank == 0 and state["step"]:
-        print(f"resumed from {ckpt_dir}/{latest_checkpoint(ckpt_dir)} at iteration {state['step']}")
-    for step, stats in enumerate(state["curves"]):
-        if live:
-            live(step, stats)
-    rollout_adapter = ckpt_dir / "rollout_adapter"
-    preemption.defer()  # a time-limit signal from here on stops after an iteration, with a checkpoint
-    with Generator(sft_dir, settings, lora_rank=training.lora_r) as generator:
-        while state["step"] < cfg.iterations:
-            iteration = state["step"]
-            started = time.perf_counter()
-            picked = iteration_prompts(pool, cfg, seed, iteration, rank, world)
-            save_adapter(policy, rollout_adapter)  # the current policy, for the generation backend to serve
-            prompts = [pool[i] for i in picked]
-            texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
-                     for p in prompts]
-            sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                                seed=seed * 1_000_003 + iteration * 7_919 + rank * 104_729)
-            outs = generator.generate(texts, sampling, adapter=rollout_adapter)
-            rolled = time.perf_counter()
-            queries = [generator.tokenizer(t)["input_ids"] for t in texts]
-            responses = [list(o.token_ids) or [pad_id] for o in outs]
-            guides = [([f"system:{p['combination']}"], p["system"]) if "system" in p else
-                      guide_for(cfg, collection, guards, seed, iteration, rank * local + k) for k, p in enumerate(prompts)]
-            raw = reward.score([p["text"] for p in prompts], [o.text for o in outs], [g[1] for g in guides])
-            scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], cfg)
-            scored = time.perf_counter()
-            batch = pack(queries, responses, pad_id)
-            stats = update(policy, value, batch, torch.tensor(scores), state["kl_coef"], cfg, training, seed,
-                           iteration, rank, world)
-            stats.update(all_mean({
-                "seconds_rollout": rolled - started, "seconds_reward": scored - rolled,
-                "seconds_update": time.perf_counter() - scored, "rollout_tokens": sum(len(r) for r in responses),
-                "reward_raw": statistics.fmean(raw), "reward_shaped": statistics.fmean(scores),
-                "response_length": statistics.fmean(len(r) for r in responses),
-                "no_stop_share": sum(o.finish_reason == "length" for o in outs) / len(outs)}, world))
-            stats["kl_coef"] = state["kl_coef"]
-            state["kl_coef"] = adapt_kl_coef(state["kl_coef"], stats["kl"], cfg.kl_target, cfg.kl_horizon,
-                                             cfg.rollout_batch_size)
-            state["curves"].append(stats)
-            if iteration % cfg.sample_every == 0:
-                state["samples"] += [{"iteration": iteration, "prompt": p["text"], "response": o.text, "principles": g[0],
-                                      "reward_raw": r, "reward_shaped": s, "finish": o.finish_reason}
-                                     for p, o, g, r, s in list(zip(prompts, outs, guides, raw, scores))[:2]]
-            state["step"] += 1
-            if rank == 0:
-                print(f"iteration {state['step']}/{cfg.iterations} reward {stats['reward_raw']:.3f} "
-                      f"kl {stats['kl']:.4f} length {stats['response_length']:.1f}")
-                live(iteration, stats)
-            end_of_step(policy, ckpt_dir, state, training.keep_checkpoints, cfg.save_every, cfg.iterations,
-                        others={"value": value}, say=functools.partial(print, flush=True) if rank == 0 else None,
-                        unit="iteration")
-    preemption.release()
-    final = ckpt_dir / "adapter"
-    save_adapter(policy, final)
-    curves = state["curves"]
-
-    def write(folder: Path) -> dict:
-        write_jsonl(folder / "samples.jsonl", state["samples"])
-        return {"algorithm": "ppo", "iterations": len(curves),
-                **{f"{name}_first": curves[0][name] for name in ("reward_raw", "response_length", "kl")},
-                **{f"{name}_last": curves[-1][name] for name in ("reward_raw", "reward_shaped", "response_length",
-                                                                   "kl", "entropy", "no_stop_share")}}
-
-    return finish_training(OUT, stage=STAGE, params=params, inputs=inputs, adapter=final, ckpt_dir=ckpt_dir,
-                           base=sft_dir, write=write)
+# ----------------------------------------------------------------------------------------------------- recipe
 
 
-def update(policy: Any, value: Any, batch: dict, scores: torch.Tensor, kl_coef: float, cfg: Ppo,
-           training: Training, seed: int, iteration: int, rank: int, world: int) -> dict[str, float]:
-    """Rewards, advantages and `ppo_epochs` passes of clipped updates over this rank's rollouts; the iteration's
-    statistics, averaged over ranks."""
-    import torch.distributed as dist
+class PpoRecipe:
+    """One rank's PPO run: the models in `__init__`, then per iteration `rollout` -> `update` -> `record`, with
+    resume, curve replay, checkpoints and the preemption protocol from `training.resumed_steps`."""
 
-    mask = batch["response_mask"]
-    with torch.no_grad():
-        logprobs, logits = policy_outputs(policy, batch, cfg.temperature)
-        start_entropy = entropy(logits, mask)
-        with policy.module.disable_adapter():
-            ref_logprobs, _ = policy_outputs(policy, batch, cfg.temperature)
-        values = response_slice(token_values(value, batch), batch["query_width"], mask.shape[1]) * mask
-        rewards, kl = token_rewards(scores, logprobs, ref_logprobs, mask, kl_coef)
-        advantages, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
-        moments = torch.stack([(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum()]).double()
-        dist.all_reduce(moments)
-        mean = moments[0] / moments[2]
-        advantages = whiten(advantages, mask, mean.float(), (moments[1] / moments[2] - mean ** 2).float())
-    sums: dict[str, float] = {}
-    micro = training.micro_batch_size
-    for epoch in range(cfg.ppo_epochs):
-        generator = torch.Generator().manual_seed(((seed * 7_919 + iteration) * 104_729 + epoch) * 1_009 + rank)
-        order = torch.randperm(mask.shape[0], generator=generator)
-        for start in range(0, len(order), micro):
-            index = order[start : start + micro]
-            part = rows(batch, index)
-            new_logprobs, _ = policy_outputs(policy, part, cfg.temperature)
-            loss, stats = policy_loss(new_logprobs, logprobs[index], advantages[index], mask[index], cfg.cliprange)
-            policy.backward(loss)
-            policy.step()
-            new_values = response_slice(token_values(value, part), part["query_width"], mask.shape[1])
-            v_loss = value_loss(new_values, values[index], returns[index], mask[index], cfg.cliprange_value)
-            value.backward(v_loss)
-            value.step()
-            for name, x in {"policy_loss": loss, "value_loss": v_loss, **stats}.items():
-                sums[name] = sums.get(name, 0.0) + float(x.detach())
-    passes = cfg.ppo_epochs * -(-mask.shape[0] // micro)
-    local = {name: total / passes for name, total in sums.items()}
-    local.update(kl=float((kl.sum(1)).mean()), entropy=float(start_entropy),
-                 explained_variance=explained_variance(values, returns, mask),
-                 advantage_mean=float(masked_mean(advantages, mask)))
-    return all_mean(local, world)
+    def __init__(self, job: PpoJob):
+        from transformers import AutoTokenizer
+
+        self.job, cfg = job, job.cfg
+        self.rank, self.world = init_distributed()
+        accum = cfg.step_batch_size // (self.world * job.training.micro_batch_size)
+        self.training = job.training.model_copy(update={"gradient_accumulation_steps": accum})
+        updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.step_batch_size)
+        self.policy = make_engine(lora_model(job.sft_dir, self.training, job.seed), self.training, self.world,
+                                  total_steps=updates)
+        self.value = make_engine(value_model(job.sft_dir, job.rm_dir, self.training, job.seed), self.training,
+                                 self.world, total_steps=updates)
+        self.reward = RewardModel(job.sft_dir, job.rm_dir, batch_size=cfg.score_batch_size,
+                                  precision=self.training.precision)
+        self.pad_id = padding_id(AutoTokenizer.from_pretrained(job.sft_dir))
+        self.rollout_adapter = job.ckpt_dir / "rollout_adapter"  # the current policy, for the generation backend
+
+    def run(self) -> str | None:
+        job, cfg = self.job, self.job.cfg
+        state = {"step": 0, "kl_coef": cfg.kl_coef, "curves": [], "samples": []}
+        with Generator(job.sft_dir, job.generation, lora_rank=self.training.lora_r) as generator:
+            for iteration in resumed_steps(self.policy, job.ckpt_dir, state, cfg.iterations,
+                                           keep=self.training.keep_checkpoints, every=cfg.save_every,
+                                           others={"value": self.value}, log=functools.partial(print, flush=True),
+                                           on_step=LiveCurve(LIVE), unit="iteration"):
+                started = time.perf_counter()
+                rollout = self.rollout(generator, iteration)
+                stats = self.update(rollout, state["kl_coef"], iteration)
+                scored = started + rollout.stats["seconds_rollout"] + rollout.stats["seconds_reward"]
+                self.record(state, rollout, {**stats, "seconds_update": time.perf_counter() - scored})
+        save_adapter(self.policy, job.ckpt_dir / "adapter")
+        return self.finish(state)
+
+    def rollout(self, generator: Generator, iteration: int) -> Rollout:
+        """This rank's prompts answered by the current policy, scored by the RM under each prompt's principles
+        (or its system message) and shaped; with the sampling policy's and the reference's log-probs and the
+        values, all computed before the first update."""
+        job, cfg = self.job, self.job.cfg
+        started = time.perf_counter()
+        prompts = [job.pool[i] for i in iteration_prompts(job.pool, cfg, job.seed, iteration, self.rank, self.world)]
+        save_adapter(self.policy, self.rollout_adapter)
+        texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
+                 for p in prompts]
+        sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
+                            seed=job.seed * 1_000_003 + iteration * 7_919 + self.rank * 104_729)
+        outs = generator.generate(texts, sampling, adapter=self.rollout_adapter)
+        rolled = time.perf_counter()
+        queries = [generator.tokenizer(t)["input_ids"] for t in texts]
+        responses = [list(o.token_ids) or [self.pad_id] for o in outs]
+        first = self.rank * (cfg.rollout_batch_size // self.world)
+        guides = [([f"system:{p['combination']}"], p["system"]) if "system" in p else
+                  guide_for(cfg, job.collection, job.guards, job.seed, iteration, first + k)
+                  for k, p in enumerate(prompts)]
+        raw = self.reward.score([p["text"] for p in prompts], [o.text for o in outs], [g[1] for g in guides])
+        scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], cfg)
+        samples = [{"iteration": iteration, "prompt": p["text"], "response": o.text, "principles": g[0],
+                    "reward_raw": r, "reward_shaped": s, "finish": o.finish_reason}
+                   for p, o, g, r, s in zip(prompts, outs, guides, raw, scores)]
+        stats = {"seconds_rollout": rolled - started, "seconds_reward": time.perf_counter() - rolled}
+        rollout = pack(queries, responses, self.pad_id, scores, device=self.policy.device, samples=samples)
+        with torch.no_grad():
+            logprobs, logits = policy_outputs(self.policy, rollout, cfg.temperature)
+            stats["entropy"] = float(entropy(logits, rollout.response_mask))
+            with self.policy.module.disable_adapter():
+                ref_logprobs, _ = policy_outputs(self.policy, rollout, cfg.temperature)
+            values = token_values(self.value, rollout) * rollout.response_mask
+        return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, stats=stats)
+
+    def update(self, rollout: Rollout, kl_coef: float, iteration: int) -> dict[str, float]:
+        """Per-token rewards with the KL penalty, advantages by GAE (whitened over every rank's tokens) and
+        returns, then `ppo_epochs` passes of clipped policy and value steps over the rollout in micro-batches (the
+        engines accumulate them into steps of `step_batch_size` samples); the means of the losses and statistics."""
+        import torch.distributed as dist
+
+        cfg, mask = self.job.cfg, rollout.response_mask
+        with torch.no_grad():
+            rewards, kl = token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef)
+            advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+            moments = torch.stack([(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum()]).double()
+            dist.all_reduce(moments)
+            mean = moments[0] / moments[2]
+            advantages = whiten(advantages, mask, mean.float(), (moments[1] / moments[2] - mean ** 2).float())
+        sums: dict[str, float] = {}
+        micro = self.training.micro_batch_size
+        for epoch in range(cfg.ppo_epochs):
+            seed = ((self.job.seed * 7_919 + iteration) * 104_729 + epoch) * 1_009 + self.rank
+            order = torch.randperm(len(rollout), generator=torch.Generator().manual_seed(seed))
+            for start in range(0, len(order), micro):
+                index = order[start : start + micro].to(mask.device)
+                part = rollout.rows(index)
+                logprobs, _ = policy_outputs(self.policy, part, cfg.temperature)
+                loss, stats = policy_loss(logprobs, part.logprobs, advantages[index], part.response_mask,
+                                          cfg.cliprange)
+                self.policy.backward(loss)
+                self.policy.step()
+                values = token_values(self.value, part)
+                v_loss = value_loss(values, part.values, returns[index], part.response_mask, cfg.cliprange_value)
+                self.value.backward(v_loss)
+                self.value.step()
+                for name, x in {"policy_loss": loss, "value_loss": v_loss, **stats}.items():
+                    sums[name] = sums.get(name, 0.0) + float(x.detach())
+        passes = cfg.ppo_epochs * -(-len(rollout) // micro)
+        return {**{name: total / passes for name, total in sums.items()}, "kl": float(kl.sum(1).mean()),
+                "explained_variance": explained_variance(rollout.values, returns, mask),
+                "advantage_mean": float(masked_mean(advantages, mask))}
+
+    def record(self, state: dict, rollout: Rollout, stats: dict[str, float]) -> None:
+        """The iteration's statistics (means over ranks) into the curves, two sample rows every `sample_every`
+        iterations, the KL coefficient's next value, one line on rank 0; then the step is done."""
+        cfg, samples = self.job.cfg, rollout.samples
+        iteration = state["step"]
+        stats = all_mean({**stats, **rollout.stats, "rollout_tokens": float(rollout.response_mask.sum()),
+                          "reward_raw": statistics.fmean(s["reward_raw"] for s in samples),
+                          "reward_shaped": statistics.fmean(s["reward_shaped"] for s in samples),
+                          "response_length": float(rollout.response_mask.sum(1).mean()),
+                          "no_stop_share": sum(s["finish"] == "length" for s in samples) / len(samples)},
+                         self.world, self.policy.device)
+        stats["kl_coef"] = state["kl_coef"]
+        state["kl_coef"] = adapt_kl_coef(state["kl_coef"], stats["kl"], cfg.kl_target, cfg.kl_horizon,
+                                         cfg.rollout_batch_size)
+        state["curves"].append(stats)
+        if iteration % cfg.sample_every == 0:
+            state["samples"] += samples[:2]
+        state["step"] += 1
+        if self.rank == 0:
+            print(f"iteration {state['step']}/{cfg.iterations} reward {stats['reward_raw']:.3f} "
+                  f"kl {stats['kl']:.4f} length {stats['response_length']:.1f}", flush=True)
+
+    def finish(self, state: dict) -> str | None:
+        """Rank 0 writes the out (adapter, merged model, samples, metrics); every rank returns."""
+        job, curves = self.job, state["curves"]
+
+        def write(folder: Path) -> dict:
+            write_jsonl(folder / "samples.jsonl", state["samples"])
+            return {"algorithm": "ppo", "iterations": len(curves),
+                    **{f"{name}_first": curves[0][name] for name in ("reward_raw", "response_length", "kl")},
+                    **{f"{name}_last": curves[-1][name] for name in ("reward_raw", "reward_shaped", "response_length",
+                                                                       "kl", "entropy", "no_stop_share")}}
+
+        return finish_training(OUT, stage=STAGE, params=job.params, inputs=job.inputs, adapter=job.ckpt_dir / "adapter",
+                               ckpt_dir=job.ckpt_dir, base=job.sft_dir, write=write)
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -339,9 +329,10 @@ def main() -> None:
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "ppo": cfg.model_dump(), "generation": params.generation.model_dump()}
     ckpt_dir = checkpoint_dir("ppo", {"params": subset, "inputs": inputs})
-    fn = functools.partial(job, SFT / MODEL, RM, pool, collection, guards, cfg, training, params.generation,
-                           params.seed, ckpt_dir, subset, inputs)
-    runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
+    job = PpoJob(sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, cfg=cfg,
+                 training=training, generation=params.generation, seed=params.seed, ckpt_dir=ckpt_dir, params=subset,
+                 inputs=inputs)
+    runner.submit_stage(STAGE, OUT, job, resources, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

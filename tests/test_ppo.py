@@ -23,8 +23,9 @@ from align.errors import UserError
 from align.params import Ppo, parse_params
 from align.records import read_jsonl, write_jsonl
 from align.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
+from align.rollout import pack, policy_outputs
 from align.training import tokenize_pair
-from stages.ppo import pack, policy_outputs, shaped_scores
+from stages.ppo import shaped_scores
 from tests.conftest import ROOT
 from tests.test_evaluate import add_policy_outs
 from tests.test_preferences import PROMPTS
@@ -83,14 +84,14 @@ def test_clipped_losses_and_kl_controller() -> None:
 
 def test_policy_log_probabilities_read_the_response_tokens_only(tiny_model: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
-    batch = pack([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], pad_id=0)  # query width 3, responses 3 wide
+    batch = pack([[5, 6, 7], [8, 9]], [[10, 11], [12, 13, 14]], pad_id=0, scores=[0.0, 0.0])  # width 3, responses 3
     with torch.no_grad():
         logprobs, _ = policy_outputs(model, batch, temperature=0.5)
         expected = []
         for query, response in (([5, 6, 7], [10, 11]), ([8, 9], [12, 13, 14])):  # each alone, unpadded
             logits = model(torch.tensor([query + response])).logits[0, len(query) - 1 : -1] / 0.5
             expected.append(torch.log_softmax(logits, -1).gather(-1, torch.tensor(response)[:, None]).squeeze(-1))
-    mask = batch["response_mask"].bool()
+    mask = batch.response_mask.bool()
     assert torch.allclose(logprobs[0][mask[0]], expected[0], atol=1e-4)
     assert torch.allclose(logprobs[1][mask[1]], expected[1], atol=1e-4)
 
