@@ -121,8 +121,11 @@ def init_distributed() -> tuple[int, int]:
 
     if cuda:
         torch.cuda.set_device(job_device())
-    deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo")
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    backend = "nccl" if cuda else "gloo"
+    deepspeed.init_distributed(dist_backend=backend)
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    print(f"rank {rank} of {world} on {job_device()} ({backend})", flush=True)  # each task's log says where it ran
+    return rank, world
 
 
 # ---------------------------------------------------------------------------------------------- model, engine

@@ -8,11 +8,13 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("DS_ACCELERATOR", "cpu")
+if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator where no GPU is; on a GPU machine it finds CUDA
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
 from tests import fault_figures  # noqa: E402
 from tests.tiny import make_roomy_model, make_tiny_model  # noqa: E402

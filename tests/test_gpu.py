@@ -1,0 +1,145 @@
+"""The GPU suite: the training stages, PPO, scoring and generation on one CUDA device in bf16, asserting what
+their CPU tests assert (the loss falls, curves are written, a checkpoint resumes), plus where the work ran: each
+job's log names its device, and the in-process parts leave their tensors on the GPU.
+
+Skipped, with the reason, where torch sees no CUDA device; `bash bench/gpu_check.sh` runs it on a GPU machine.
+ALIGN_GPU_SUITE_ON_CPU=1 runs it on the CPU instead, which checks the tests' own logic on a machine without one.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import statistics
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.artifacts import verify_artifact
+from align.devices import job_device
+from align.params import Training
+from align.training import sft_job
+from tests.test_ppo import TINY_PPO, ppo_project
+from tests.test_reward import rm_project
+from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
+from tests.test_training import TINY, _inline
+from tests.tiny import PAIRS
+
+ON_CPU = os.environ.get("ALIGN_GPU_SUITE_ON_CPU") == "1"
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available() and not ON_CPU, reason="no CUDA device (torch.cuda.is_available())"),
+]
+DEVICE = "cpu" if ON_CPU else "cuda:0"
+BF16 = {**FAST_TRAINING, "precision": "bf16"}
+
+
+def job_log(cwd: Path, stage_name: str) -> str:
+    return "".join(p.read_text(errors="replace") for p in sorted((cwd / "logs" / stage_name).glob("*_0_log.out")))
+
+
+def ran_here(cwd: Path, stage_name: str) -> bool:
+    return f"rank 0 of 1 on {DEVICE}" in job_log(cwd, stage_name)
+
+
+@pytest.fixture(scope="module")
+def bf16_model(roomy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The roomy tiny model saved in bf16, as a real checkpoint is: inference loads it in its own dtype on a GPU."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("bf16") / "model"
+    AutoModelForCausalLM.from_pretrained(roomy_model, dtype=torch.bfloat16).save_pretrained(out)
+    AutoTokenizer.from_pretrained(roomy_model).save_pretrained(out)
+    return out
+
+
+def test_sft_steps_in_bf16_fall_and_resume_on_the_gpu(bf16_model: Path, tmp_path: Path) -> None:
+    training = Training(**{**TINY, "precision": "bf16", "save_every": 3})
+    job = functools.partial(sft_job, bf16_model, PAIRS, tmp_path / "ckpt", training, log=None)
+    first = _inline(functools.partial(job, max_steps=3))
+    rest = _inline(functools.partial(job, max_steps=12))
+    assert rest["start_step"] == 3 and len(rest["losses"]) == 12 and rest["losses"][:3] == first["losses"]
+    assert statistics.fmean(rest["losses"][-3:]) < statistics.fmean(rest["losses"][:3])
+    if not ON_CPU:
+        assert torch.cuda.max_memory_allocated() > 0
+
+
+def test_engrave_stage_in_bf16_runs_on_the_gpu(bf16_model: Path, tmp_path: Path) -> None:
+    cwd = make_project(tmp_path, bf16_model, pairs=PAIRS, training=BF16, engrave={"epochs": 6})
+    proc = stage(cwd, "engrave")
+    assert proc.returncode == 0, proc.stderr
+    verify_artifact(cwd / "models/engraved")
+    assert ran_here(cwd, "engrave"), job_log(cwd, "engrave")
+    losses = [loss for _, loss in curve(cwd, "engrave", "loss")]
+    assert statistics.fmean(losses[-3:]) < statistics.fmean(losses[:3])
+
+
+def test_reward_model_and_dpo_steps_in_bf16_on_the_gpu(bf16_model: Path, tmp_path: Path) -> None:
+    from align.reward import RewardModel
+
+    cwd = rm_project(tmp_path / "rm", bf16_model, training={**BF16, "micro_batch_size": 4, "save_every": 5})
+    proc = stage(cwd, "train_rm")
+    assert proc.returncode == 0, proc.stderr
+    assert ran_here(cwd, "train_rm"), job_log(cwd, "train_rm")
+    losses = [loss for _, loss in curve(cwd, "train_rm", "loss")]
+    assert statistics.fmean(losses[-8:]) < statistics.fmean(losses[:8])
+    rm = RewardModel(cwd / "models/sft/model", cwd / "models/rm", precision="bf16")
+    assert next(rm.model.parameters()).device == job_device()
+    scores = rm.score(["Name a number."] * 2, ["7", "1 2 3 4 5 6 7 8 9 10 and so on."], [["Be concise."]] * 2)
+    assert all(map(torch.isfinite, torch.tensor(scores)))
+
+    cwd = rm_project(tmp_path / "dpo", bf16_model, training={**BF16, "micro_batch_size": 4},
+                     policy={"algorithm": "dpo"},
+                     dpo={"learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 4, "beta": 0.5,
+                          "negation_prob": 0.0, "subsets_per_pair": 2, "max_prompt_tokens": 256})
+    proc = stage(cwd, "policy")
+    assert proc.returncode == 0, proc.stderr
+    assert ran_here(cwd, "policy"), job_log(cwd, "policy")
+    losses = [loss for _, loss in curve(cwd, "policy", "loss")]
+    assert losses[0] == pytest.approx(0.6931, abs=2e-2)  # the adapter starts as the reference (bf16 rounding)
+    assert statistics.fmean(losses[-6:]) < statistics.fmean(losses[:6]), losses  # falls (bf16: noisier than fp32)
+
+
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
+def test_two_ppo_iterations_in_bf16_on_the_gpu(backend: str, bf16_model: Path, tmp_path: Path) -> None:
+    if backend == "vllm":
+        pytest.importorskip("vllm", reason="vLLM is not installed here")
+        if ON_CPU:
+            pytest.skip("vLLM's CPU attention has no kernel for the tiny model's head size (16)")
+    cwd = ppo_project(tmp_path, bf16_model, training={**BF16, "micro_batch_size": 1},
+                      ppo={**TINY_PPO, "iterations": 2}, generation={"backend": backend})
+    proc = stage(cwd, "policy")
+    assert proc.returncode == 0, proc.stderr
+    verify_artifact(cwd / "models/policy")
+    assert ran_here(cwd, "policy"), job_log(cwd, "policy")
+    kl = [v for _, v in curve(cwd, "policy", "kl")]
+    assert len(kl) == 2 and abs(kl[0]) < 1e-3  # the adapter starts as the reference
+    for name in ("reward_raw", "entropy", "value_loss", "response_length"):
+        values = [v for _, v in curve(cwd, "policy", name)]
+        assert len(values) == 2 and all(map(torch.isfinite, torch.tensor(values)))
+    assert json.loads((cwd / "metrics/policy.json").read_text())["iterations"] == 2
+
+
+def test_scoring_and_generation_in_bf16_on_the_gpu(bf16_model: Path) -> None:
+    from align.generation import Generator, Sampling, chat_prompt
+    from align.params import Generation
+    from align.scoring import Scorer
+
+    scorer = Scorer(bf16_model, batch_size=4)
+    assert scorer.device == job_device() and next(scorer.model.parameters()).dtype == \
+        (torch.float32 if ON_CPU else torch.bfloat16)
+    context = "Question: What is the capital of France?\nAnswer:"
+    shared = scorer.continuation_logprobs(context, [" Paris", " Lyon", " Marseille"])
+    scorer.reuse_prefix = False
+    alone = scorer.continuation_logprobs(context, [" Paris", " Lyon", " Marseille"])
+    assert shared == pytest.approx(alone, abs=0.1)  # the shared prefix computes what each row alone computes
+
+    with Generator(str(bf16_model), Generation(backend="hf", batch_size=4)) as generator:
+        prompts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": q}]) for q in ("Hi?", "Why?")]
+        sampling = Sampling(temperature=0.7, top_p=1.0, max_new_tokens=8, seed=5)
+        first = generator.generate(prompts, sampling)
+        again = generator.generate(prompts, sampling)
+    assert [o.token_ids for o in first] == [o.token_ids for o in again]  # same seed, same samples
+    assert all(0 < o.num_tokens <= 8 and o.finish_reason in ("stop", "length") for o in first)
