@@ -47,6 +47,7 @@ from slurm import preemption
 from slurm.submit import free_port
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # as config.json names them
 LATEST = "latest"
 TAG = re.compile(r"^step_(\d{8})$")
 

@@ -34,6 +34,7 @@ import torch
 from align import paths, runner
 from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, pick_principles
+from align.devices import config_dtype
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
 from align.models import padding_id
@@ -46,7 +47,7 @@ from align.rl import (
 )
 from align.rollout import Rollout, pack, policy_outputs, token_values
 from align.training import (
-    DTYPES, LiveCurve, checkpoint_dir, finish_training, init_distributed, lora_model, make_engine, resumed_steps,
+    DTYPE_NAMES, DTYPES, LiveCurve, checkpoint_dir, finish_training, init_distributed, lora_model, make_engine, resumed_steps,
     reward_trunk, save_adapter,
 )
 
@@ -324,6 +325,11 @@ def main() -> None:
                                                          system=p.get("system")))["input_ids"]) <= cfg.max_query_tokens]
     if not pool:
         raise UserError(f"{PROMPTS}/prompts.jsonl: no prompt fits ppo.max_query_tokens ({cfg.max_query_tokens})")
+    sampled, trained = config_dtype(SFT / MODEL), DTYPE_NAMES[params.training.precision]
+    if sampled != trained:  # rollouts sample in the folder's dtype on a GPU; the update's log-probs in precision's
+        raise UserError(f"params.yaml: training.precision: {params.training.precision} but {SFT / MODEL} holds "
+                        f"{sampled} weights, which rollouts sample in: PPO's ratio needs one dtype (set "
+                        f"model.dtype or training.precision to match)")
     training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
                                                   "lora_alpha": cfg.lora_alpha})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),

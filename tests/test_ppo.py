@@ -172,6 +172,14 @@ def test_ppo_bad_params_are_one_line_and_write_nothing(tmp_path: Path, tiny_mode
     assert message in proc.stderr and not (cwd / "models/policy").exists()
 
 
+def test_ppo_refuses_to_sample_in_one_dtype_and_train_in_another(tmp_path: Path, tiny_model: Path) -> None:
+    cwd = ppo_project(tmp_path, tiny_model, training={**FAST_TRAINING, "micro_batch_size": 1, "precision": "bf16"})
+    proc = stage(cwd, "policy")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("params.yaml: training.precision: bf16 but models/sft/model holds float32 weights")
+    assert not (cwd / "models/policy").exists()
+
+
 def test_ppo_without_a_reward_model_is_one_line(tmp_path: Path, tiny_model: Path) -> None:
     cwd = ppo_project(tmp_path, tiny_model)
     shutil.rmtree(cwd / "models/rm")
