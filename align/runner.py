@@ -14,15 +14,28 @@ from align.records import publish_metrics
 from slurm.submit import JobFailed, JobSpec, submit
 
 
+def submit_job(stage: str, target: Path, fn: Callable[[], Any], resources: Resources, cluster: Cluster,
+               params: dict, inputs: dict, key_extra: dict | None = None) -> Any:
+    """Run one job of a stage and return rank 0's result. The job is keyed by the params subset, input ids and
+    code revision it depends on (and `key_extra`): a rerun with the same key re-attaches to a running job."""
+    key = {"params": params, "inputs": inputs, "code": code_revision(), **(key_extra or {})}
+    return submit(JobSpec(stage=stage, fn=fn, resources=resources, target=target, key=key), cluster)
+
+
 def submit_stage(stage: str, out: Path, fn: Callable[[], Any], resources: Resources, cluster: Cluster,
-                 params: dict, inputs: dict) -> str:
-    """Run a stage's job, keyed by the params subset, input ids and code revision it depends on (a rerun with the
-    same key re-attaches to a running job); copy its metrics for DVC; print `stage: out id`."""
-    key = {"params": params, "inputs": inputs, "code": code_revision()}
-    artifact_id = submit(JobSpec(stage=stage, fn=fn, resources=resources, target=out, key=key), cluster)
-    publish_metrics(out, stage)
-    print(f"{stage}: {out} {artifact_id}")
+                 params: dict, inputs: dict, key_extra: dict | None = None, metrics: bool = True) -> str:
+    """Run the job that writes a stage's out (`submit_job`), then end the stage (`finish_stage`)."""
+    artifact_id = submit_job(stage, out, fn, resources, cluster, params, inputs, key_extra)
+    finish_stage(stage, out, artifact_id, metrics=metrics)
     return artifact_id
+
+
+def finish_stage(stage: str, out: Path, artifact_id: str, note: str = "", metrics: bool = True) -> None:
+    """Copy the out's metrics for DVC (`metrics`: the out has a metrics.json) and print `stage: out id`, the line a
+    stage ends with (and `note`, where the stage wrote its out without a job)."""
+    if metrics:
+        publish_metrics(out, stage)
+    print(f"{stage}: {out} {artifact_id}" + (f" ({note})" if note else ""))
 
 
 def run(main: Callable[[], None]) -> int:

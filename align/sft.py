@@ -8,24 +8,42 @@ Out layout: `adapter/` (PEFT), `model/` (merged HF folder with tokenizer), `metr
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from align.params import Training
 from align.training import LiveCurve, finish_training, sft_job, step_count
 
 
-def job(stage: str, model: Path, pairs: list[tuple[str, str]], out: Path, live_dir: Path, ckpt_dir: Path,
-        training: Training, epochs: float, max_prompt_tokens: int, max_answer_tokens: int, seed: int,
-        params: dict, inputs: dict, metrics: dict) -> str | None:
+@dataclass(frozen=True)
+class SftJob:
+    """The job's arguments, sent to the allocation with it."""
+    stage: str
+    model: Path  # the model the LoRA trains on, and the base it is merged into
+    pairs: list[tuple[str, str]]  # (query, answer)
+    out: Path
+    live_dir: Path  # the dvclive folder of the training curve
+    ckpt_dir: Path
+    training: Training
+    epochs: float
+    max_prompt_tokens: int
+    max_answer_tokens: int
+    seed: int
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+    metrics: dict = field(default_factory=dict)  # written into metrics.json beside the training's own
+
+
+def job(args: SftJob) -> str | None:
     """Runs in every task of the allocation: train, then rank 0 writes the out; returns its artifact id (rank 0)."""
-    steps = step_count(len(pairs), epochs, training, int(os.environ.get("WORLD_SIZE", "1")))
-    final_adapter = ckpt_dir / "adapter"
-    result = sft_job(model, pairs, ckpt_dir, training, steps, adapter_dir=final_adapter, seed=seed,
-                     max_prompt_tokens=max_prompt_tokens, max_response_tokens=max_answer_tokens,
-                     on_step=LiveCurve(live_dir))
+    steps = step_count(len(args.pairs), args.epochs, args.training, int(os.environ.get("WORLD_SIZE", "1")))
+    final_adapter = args.ckpt_dir / "adapter"
+    result = sft_job(args.model, args.pairs, args.ckpt_dir, args.training, steps, adapter_dir=final_adapter,
+                     seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,
+                     max_response_tokens=args.max_answer_tokens, on_step=LiveCurve(args.live_dir))
     losses = result["losses"]
-    return finish_training(out, stage=stage, params=params, inputs=inputs, adapter=final_adapter, ckpt_dir=ckpt_dir,
-                           base=model, write=lambda _: {
-        **metrics, "examples": len(pairs), "steps": steps, "loss_first": losses[0], "loss_last": losses[-1],
+    return finish_training(args.out, stage=args.stage, params=args.params, inputs=args.inputs, adapter=final_adapter,
+                           ckpt_dir=args.ckpt_dir, base=args.model, write=lambda _: {
+        **args.metrics, "examples": len(args.pairs), "steps": steps, "loss_first": losses[0], "loss_last": losses[-1],
         "loss_min": min(losses), "loss_last10_mean": sum(losses[-10:]) / len(losses[-10:]),
     })

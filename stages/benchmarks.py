@@ -26,7 +26,7 @@ from align.artifacts import input_refs, staged_out, verify_artifact
 from align.benchmarks import DATA, FILES, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv
 from align.errors import UserError
 from align.params import HUB_SOURCE, load_params
-from align.records import publish_metrics, write_json
+from align.records import write_json
 
 STAGE = "benchmarks"
 SHARED = Path("../shared/benchmarks")  # beside a clone in CI; a user sets a path or uses the hub instead
@@ -197,9 +197,7 @@ def main() -> None:
         for _, write in sources.values():
             write(tmp)
         write_json(tmp / "metrics.json", counts(tmp))
-    artifact = verify_artifact(DATA)
-    publish_metrics(DATA, STAGE)
-    print(f"{STAGE}: {DATA} {artifact}")
+    runner.finish_stage(STAGE, DATA, verify_artifact(DATA))
 
 
 if __name__ == "__main__":

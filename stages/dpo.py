@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import os
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -70,27 +71,39 @@ def collate_sides(examples: list[dict], pad_id: int) -> Batch:
     return collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
 
 
-def job(model: Path, examples: list[dict], cfg: Dpo, training: Training, seed: int, ckpt_dir: Path, params: dict,
-        inputs: dict) -> str | None:
+@dataclass(frozen=True)
+class DpoJob:
+    """The job's arguments, sent to the allocation with it."""
+    model: Path  # the SFT policy: the LoRA trains on it, and it is the reference with the adapter disabled
+    examples: list[dict]  # pairs under their principle subsets (`preference_examples`)
+    cfg: Dpo
+    training: Training
+    seed: int
+    ckpt_dir: Path
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+
+
+def job(args: DpoJob) -> str | None:
     """Runs in every task of the allocation: DPO, then rank 0 writes the out."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=False)
     pad_id = padding_id(tokenizer)
-    tokenized = [{side: tokenize_pair(tokenizer, e["prompt"], e[side], cfg.max_prompt_tokens, cfg.max_response_tokens,
-                                      system=guide_text(e["guide"])) for side in ("chosen", "rejected")}
-                 for e in examples]
-    batches = shuffled_batches(tokenized, training.micro_batch_size, seed,
+    tokenized = [{side: tokenize_pair(tokenizer, e["prompt"], e[side], args.cfg.max_prompt_tokens,
+                                      args.cfg.max_response_tokens, system=guide_text(e["guide"]))
+                  for side in ("chosen", "rejected")} for e in args.examples]
+    batches = shuffled_batches(tokenized, args.training.micro_batch_size, args.seed,
                                functools.partial(collate_sides, pad_id=pad_id))
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps = step_count(len(examples), cfg.epochs, training, world)
-    adapter = ckpt_dir / "adapter"
-    result = train(model, batches, functools.partial(dpo_loss, cfg.beta), ckpt_dir, training, steps,
-                   adapter_dir=adapter, seed=seed, on_step=LiveCurve(LIVE))
+    steps = step_count(len(args.examples), args.cfg.epochs, args.training, world)
+    adapter = args.ckpt_dir / "adapter"
+    result = train(args.model, batches, functools.partial(dpo_loss, args.cfg.beta), args.ckpt_dir, args.training,
+                   steps, adapter_dir=adapter, seed=args.seed, on_step=LiveCurve(LIVE))
     losses, accuracy = result["losses"], [s["accuracy"] for s in result["stats"]]
-    return finish_training(OUT, stage=STAGE, params=params, inputs=inputs, adapter=adapter, ckpt_dir=ckpt_dir,
-                           base=model, write=lambda _: {
-        "algorithm": "dpo", "examples": len(examples), "steps": steps, "loss_first": losses[0],
+    return finish_training(OUT, stage=STAGE, params=args.params, inputs=args.inputs, adapter=adapter,
+                           ckpt_dir=args.ckpt_dir, base=args.model, write=lambda _: {
+        "algorithm": "dpo", "examples": len(args.examples), "steps": steps, "loss_first": losses[0],
         "loss_last10_mean": statistics.fmean(losses[-10:]), "accuracy_last10_mean": statistics.fmean(accuracy[-10:]),
     })
 
@@ -112,7 +125,8 @@ def main() -> None:
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "dpo": cfg.model_dump()}
     ckpt_dir = checkpoint_dir("dpo", {"params": subset, "inputs": inputs})
-    fn = functools.partial(job, SFT / MODEL, examples, cfg, training, params.seed, ckpt_dir, subset, inputs)
+    fn = functools.partial(job, DpoJob(model=SFT / MODEL, examples=examples, cfg=cfg, training=training,
+                                       seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, params.cluster.dpo, params.cluster, subset, inputs)
 
 

@@ -32,10 +32,11 @@ def main() -> None:
     inputs = input_refs({"model": BASE, "data": DATA})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "engrave": params.engrave.model_dump()}
     ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
-    fn = functools.partial(
-        sft.job, STAGE, BASE, pairs(DATA), OUT, LIVE, ckpt_dir, params.training, params.engrave.epochs,
-        params.engrave.max_prompt_tokens, params.engrave.max_answer_tokens, params.seed, subset, inputs, {},
-    )
+    fn = functools.partial(sft.job, sft.SftJob(
+        stage=STAGE, model=BASE, pairs=pairs(DATA), out=OUT, live_dir=LIVE, ckpt_dir=ckpt_dir,
+        training=params.training, epochs=params.engrave.epochs, max_prompt_tokens=params.engrave.max_prompt_tokens,
+        max_answer_tokens=params.engrave.max_answer_tokens, seed=params.seed, params=subset, inputs=inputs,
+    ))
     runner.submit_stage(STAGE, OUT, fn, params.cluster.engrave, params.cluster, subset, inputs)
 
 

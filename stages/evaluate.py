@@ -29,6 +29,7 @@ import re
 import shutil
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from align import paths, runner
@@ -236,43 +237,66 @@ def plot_rows(metrics: dict) -> list[dict]:
     return rows
 
 
-def job(policies: dict[str, Path], benchmarks: dict, cfg: Evaluate, settings: Generation, guide: list[str],
-        judge_principles: list[PreferencePrinciple], system: SystemMessages, descriptions: dict[str, str],
-        seed: int, params: dict, inputs: dict, trust_remote_code: bool = False) -> str:
-    """Runs inside the allocation: score, generate and judge every policy; write the out. `trust_remote_code`
-    applies to the judge model (a user's folder); the policies are the pipeline's own outs."""
+@dataclass(frozen=True)
+class EvaluateJob:
+    """The job's arguments, sent to the allocation with it."""
+    policies: dict[str, Path]  # name -> model folder
+    benchmarks: dict  # the sampled items per benchmark (`load_benchmarks`) and the held-out system-message rows
+    cfg: Evaluate
+    generation: Generation
+    guide: list[str]  # the principles the RM judges MT-Bench answers under
+    judge_principles: list[PreferencePrinciple]  # the same, for `evaluate.judge_model`
+    system: SystemMessages
+    descriptions: dict[str, str]  # value id -> its description, for the RM's per-dimension verdicts
+    seed: int
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+    trust_remote_code: bool = False  # for the judge model (a user's folder); the policies are the pipeline's outs
+
+
+def score_and_answer(args: EvaluateJob) -> tuple[dict[str, dict], dict[str, list[dict]], dict[str, list[dict]]]:
+    """Per policy: its multiple-choice results, its MT-Bench answers, its answers under the held-out system
+    messages; one policy's model in memory at a time."""
     results: dict[str, dict] = {}
     answers: dict[str, list[dict]] = {}
     system_answers: dict[str, list[dict]] = {}
-    held_out = benchmarks["system_messages"]
-    for name, model in policies.items():
+    bench, cfg = args.benchmarks, args.cfg
+    for name, model in args.policies.items():
         scorer = Scorer(model, batch_size=cfg.batch_size)
         results[name] = {
-            "hhh": hhh_metrics(scorer, benchmarks["hhh"], cfg.normalise),
-            "truthfulqa": multiple_choice(scorer, benchmarks["truthfulqa"], cfg.normalise, None, mass="p_true"),
-            "truthfulqa_csv": multiple_choice(scorer, benchmarks["truthfulqa_csv"], cfg.normalise, "category"),
+            "hhh": hhh_metrics(scorer, bench["hhh"], cfg.normalise),
+            "truthfulqa": multiple_choice(scorer, bench["truthfulqa"], cfg.normalise, None, mass="p_true"),
+            "truthfulqa_csv": multiple_choice(scorer, bench["truthfulqa_csv"], cfg.normalise, "category"),
         }
         del scorer
         gc.collect()
-        with Generator(model, settings) as generator:
-            answers[name] = answer_mt_bench(generator, benchmarks["mt_bench"], cfg.max_new_tokens, seed)
-            system_answers[name] = answer_system_messages(generator, held_out, system.eval_max_new_tokens, seed)
-    rm = RewardModel(RM_BASE, RM, batch_size=cfg.batch_size)
-    for name, judged in rm_judgement(rm, answers, guide, cfg.tie_margin).items():
+        with Generator(model, args.generation) as generator:
+            answers[name] = answer_mt_bench(generator, bench["mt_bench"], cfg.max_new_tokens, args.seed)
+            system_answers[name] = answer_system_messages(generator, bench["system_messages"],
+                                                          args.system.eval_max_new_tokens, args.seed)
+    return results, answers, system_answers
+
+
+def job(args: EvaluateJob) -> str:
+    """Runs inside the allocation: score, generate and judge every policy; write the out."""
+    results, answers, system_answers = score_and_answer(args)
+    held_out = args.benchmarks["system_messages"]
+    rm = RewardModel(RM_BASE, RM, batch_size=args.cfg.batch_size)
+    for name, judged in rm_judgement(rm, answers, args.guide, args.cfg.tie_margin).items():
         results[name]["mtbench"] = judged
     if held_out:
         for name, rows in system_answers.items():
-            results[name]["system_messages"] = system_message_judgement(rm, held_out, rows, descriptions,
-                                                                        cfg.tie_margin)
-    if cfg.judge_model:
-        for name, judged in model_judgement(Path(cfg.judge_model), answers, judge_principles, cfg.batch_size,
-                                            trust_remote_code).items():
+            results[name]["system_messages"] = system_message_judgement(rm, held_out, rows, args.descriptions,
+                                                                        args.cfg.tie_margin)
+    if args.cfg.judge_model:
+        for name, judged in model_judgement(Path(args.cfg.judge_model), answers, args.judge_principles,
+                                            args.cfg.batch_size, args.trust_remote_code).items():
             results[name]["mtbench"]["judge"] = judged
     for name, rows in answers.items():
         finishes = [f for row in rows for f in row["finish"]]
         results[name]["mtbench"]["cut_off_share"] = finishes.count("length") / len(finishes)
-    metrics = {"scoring": "per_token" if cfg.normalise else "sum", "policies": results}
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+    metrics = {"scoring": "per_token" if args.cfg.normalise else "sum", "policies": results}
+    with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
         for name, rows in answers.items():
             (tmp / "answers").mkdir(exist_ok=True)
             write_jsonl(tmp / "answers" / f"{name}.jsonl", rows)
@@ -300,9 +324,12 @@ def main() -> None:
     benchmarks["system_messages"] = read_jsonl(SYSTEM / "eval.jsonl")
     subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump(),
               "system_messages": params.system_messages.model_dump()}
-    fn = functools.partial(job, policies, benchmarks, cfg, params.generation, [p.definition for p in judged], judged,
-                           params.system_messages, descriptions, params.seed, subset, inputs,
-                           params.model.trust_remote_code)
+    fn = functools.partial(job, EvaluateJob(
+        policies=policies, benchmarks=benchmarks, cfg=cfg, generation=params.generation,
+        guide=[p.definition for p in judged], judge_principles=judged, system=params.system_messages,
+        descriptions=descriptions, seed=params.seed, params=subset, inputs=inputs,
+        trust_remote_code=params.model.trust_remote_code,
+    ))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.evaluate, STAGE), params.cluster, subset, inputs)
     publish_plot()
 

@@ -5,26 +5,36 @@ from __future__ import annotations
 
 import functools
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from align import paths, runner
-from align.artifacts import code_revision, input_refs, staged_out, verify_artifact
+from align.artifacts import input_refs, staged_out, verify_artifact
 from align.models import (
     ModelSource, chat_template, check_remote_code, has_chat_template, import_model, no_template, resolve_model,
 )
 from align.params import load_params
-from slurm.submit import JobSpec, submit
 
 STAGE = "import_model"
 OUT = paths.BASE  # declared in dvc.yaml; later stages read the base model from here
 
 
-def job(source: ModelSource, out: Path, dtype: str, params: dict, inputs: dict, trust_remote_code: bool = False,
-        template: str | None = None) -> str:
+@dataclass(frozen=True)
+class ImportJob:
+    """The job's arguments, sent to the allocation with it."""
+    source: ModelSource
+    dtype: str
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+    trust_remote_code: bool = False
+    template: str | None = None  # a chat template to save with the tokenizer
+
+
+def job(args: ImportJob) -> str:
     """Runs inside the allocation: convert, write the manifest, swap into place, return the artifact id."""
-    with staged_out(out, stage=STAGE, params=params, inputs=inputs) as tmp:
-        import_model(source, tmp, dtype, trust_remote_code=trust_remote_code, template=template)
-    return verify_artifact(out)
+    with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
+        import_model(args.source, tmp, args.dtype, trust_remote_code=args.trust_remote_code, template=args.template)
+    return verify_artifact(OUT)
 
 
 def main() -> None:
@@ -42,15 +52,10 @@ def main() -> None:
     subset = {"model": {"base": params.model.base, "dtype": params.model.dtype,
                         **({"trust_remote_code": True} if trust else {}),  # defaults left out: ids stay as they were
                         **({"chat_template": params.model.chat_template} if template else {})}}
-    spec = JobSpec(
-        stage=STAGE,
-        fn=functools.partial(job, source, OUT, params.model.dtype, subset, inputs, trust, template),
-        resources=params.cluster.import_model,
-        target=OUT,
-        key={"params": subset, "inputs": inputs, "code": code_revision(), "source": source.location},
-    )
-    artifact_id = submit(spec, params.cluster)
-    print(f"{STAGE}: {OUT} {artifact_id}")
+    fn = functools.partial(job, ImportJob(source=source, dtype=params.model.dtype, params=subset, inputs=inputs,
+                                          trust_remote_code=trust, template=template))
+    runner.submit_stage(STAGE, OUT, fn, params.cluster.import_model, params.cluster, subset, inputs,
+                        key_extra={"source": source.location}, metrics=False)  # a model folder: no metrics
 
 
 if __name__ == "__main__":

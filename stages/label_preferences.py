@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from align import paths, runner
@@ -36,6 +37,8 @@ PAIRS = paths.PAIRS
 PRINCIPLES = paths.PREFERENCE_PRINCIPLES
 SPACE = paths.PREFERENCE_SPACE
 TEMPLATE = paths.JUDGE_PROMPT
+
+
 def system_metrics(rows: list[dict]) -> dict:
     """Per dimension, over the system-message pairs: the share decided, and of those the share that prefers
     response a, the one written under the message (how often the judge sees the message followed)."""
@@ -48,16 +51,26 @@ def system_metrics(rows: list[dict]) -> dict:
     return result
 
 
-def job(model: Path, pairs: list[dict], cfg: LabelPreferences, params: dict, inputs: dict) -> str:
+@dataclass(frozen=True)
+class LabelPreferencesJob:
+    """The job's arguments, sent to the allocation with it."""
+    judge: Path  # the judging model
+    pairs: list[dict]
+    cfg: LabelPreferences
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+
+
+def job(args: LabelPreferencesJob) -> str:
     """Runs inside the allocation: judge every pair under every principle, write preferences.jsonl + metrics."""
-    principles = pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles,
+    principles = pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), args.cfg.principles,
                                  "label_preferences.principles", PRINCIPLES)
     template = load_template(TEMPLATE, PLACEHOLDERS)
     space = {v.id: v for v in load_jsonl(SPACE, PreferenceValue)}
-    scorer = Scorer(model, batch_size=cfg.batch_size)
-    choices = (scorer.token_id(cfg.choices[0]), scorer.token_id(cfg.choices[1]))
-    criteria = [value_criteria(p["values"], space) if "system" in p else criteria_of(principles) for p in pairs]
-    rows = judge(scorer, template, pairs, criteria, choices)
+    scorer = Scorer(args.judge, batch_size=args.cfg.batch_size)
+    choices = (scorer.token_id(args.cfg.choices[0]), scorer.token_id(args.cfg.choices[1]))
+    criteria = [value_criteria(p["values"], space) if "system" in p else criteria_of(principles) for p in args.pairs]
+    rows = judge(scorer, template, args.pairs, criteria, choices)
     plain = [row for row in rows if "system" not in row]
     labels = [label for row in rows for label in row["labels"].values()]
     metrics = {
@@ -70,7 +83,7 @@ def job(model: Path, pairs: list[dict], cfg: LabelPreferences, params: dict, inp
     }
     if len(plain) < len(rows):
         metrics["system_messages"] = system_metrics([row for row in rows if "system" in row])
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+    with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
         write_jsonl(tmp / "preferences.jsonl", rows)
         write_json(tmp / "metrics.json", metrics)
     return verify_artifact(OUT)
@@ -94,9 +107,10 @@ def main() -> None:
     if any(not (row["response_a"].strip() and row["response_b"].strip()) for row in pairs):
         raise UserError(f"{PAIRS}/pairs.jsonl: a pair has an empty response; expected two non-empty responses")
     subset = {"label_preferences": cfg.model_dump()}
-    fn = functools.partial(job, JUDGE / MODEL, pairs, cfg, subset, inputs)
+    fn = functools.partial(job, LabelPreferencesJob(judge=JUDGE / MODEL, pairs=pairs, cfg=cfg, params=subset,
+                                                    inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.label_preferences, STAGE), params.cluster, subset,
-                     inputs)
+                        inputs)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import random
 import statistics
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from align import paths, runner, templates
@@ -107,22 +108,33 @@ def tgrt(generator: Generator, cfg: Prompts, types: list[QuestionType], collecto
                 kept += collector.offer(text, {"source": "tgrt", "type": qtype.name, "topic": topic})
 
 
-def job(model: Path, cfg: Prompts, settings: GenerationSettings, seed: int, params: dict, inputs: dict) -> str:
+@dataclass(frozen=True)
+class PromptsJob:
+    """The job's arguments, sent to the allocation with it."""
+    model: Path
+    cfg: Prompts
+    generation: GenerationSettings
+    seed: int
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+
+
+def job(args: PromptsJob) -> str:
     """Runs inside the allocation: generate, filter, write prompts.jsonl + metrics.json, return the artifact id."""
     seeds = load_jsonl(SEEDS, SeedPrompt)
     types = load_jsonl(QUESTION_TYPES, QuestionType)
-    pool = RougePool(cfg.rouge_threshold)
+    pool = RougePool(args.cfg.rouge_threshold)
     pool.extend(s.text for s in seeds)  # a near-copy of a seed is no new prompt either
-    collector = _Collector(cfg, pool)
+    collector = _Collector(args.cfg, pool)
     try:
-        with Generator(model, settings) as generator:
-            self_instruct(generator, cfg, [s.text for s in seeds], collector, seed)
-            if cfg.tgrt.enabled:
-                tgrt(generator, cfg, types, collector, seed)
+        with Generator(args.model, args.generation) as generator:
+            self_instruct(generator, args.cfg, [s.text for s in seeds], collector, args.seed)
+            if args.cfg.tgrt.enabled:
+                tgrt(generator, args.cfg, types, collector, args.seed)
     finally:
         pool.close()
-    wanted = cfg.num_self_instruct + (len(types) * cfg.tgrt.topics_per_type * cfg.tgrt.questions_per_topic
-                                      if cfg.tgrt.enabled else 0)
+    tgrt_wanted = len(types) * args.cfg.tgrt.topics_per_type * args.cfg.tgrt.questions_per_topic
+    wanted = args.cfg.num_self_instruct + (tgrt_wanted if args.cfg.tgrt.enabled else 0)
     if wanted and not collector.kept:
         reasons = counts_text(collector.rejected)
         raise UserError(f"{STAGE}: all {collector.generated} candidates were rejected ({reasons or 'none parsed'}); "
@@ -145,7 +157,7 @@ def job(model: Path, cfg: Prompts, settings: GenerationSettings, seed: int, para
         "rouge_l_nearest_mean": statistics.fmean(collector.nearest) if collector.nearest else 0.0,
         "distinct_2": distinct_n(machine, 2),
     }
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+    with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
         write_jsonl(tmp / "prompts.jsonl", rows)
         write_json(tmp / "metrics.json", metrics)
     return verify_artifact(OUT)
@@ -157,7 +169,8 @@ def main() -> None:
     load_jsonl(QUESTION_TYPES, QuestionType)
     inputs = input_refs({"model": BASE, "seeds": SEEDS, "question_types": QUESTION_TYPES})
     subset = {"seed": params.seed, "prompts": params.prompts.model_dump(), "generation": params.generation.model_dump()}
-    fn = functools.partial(job, BASE, params.prompts, params.generation, params.seed, subset, inputs)
+    fn = functools.partial(job, PromptsJob(model=BASE, cfg=params.prompts, generation=params.generation,
+                                           seed=params.seed, params=subset, inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.prompts, STAGE), params.cluster, subset, inputs)
 
 

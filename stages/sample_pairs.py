@@ -15,6 +15,7 @@ import functools
 import statistics
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from align import paths, runner
@@ -40,21 +41,34 @@ def system_pair(row: dict) -> dict:
             "mismatched_system": row["mismatched"]["system"]}
 
 
-def job(model: Path, prompts: list[dict], system_rows: list[dict], cfg: SamplePairs, settings: Generation,
-        seed: int, params: dict, inputs: dict) -> str:
+@dataclass(frozen=True)
+class SamplePairsJob:
+    """The job's arguments, sent to the allocation with it."""
+    policy: Path  # the model that samples
+    prompts: list[dict]
+    system_rows: list[dict]  # the system_messages stage's training rows
+    cfg: SamplePairs
+    generation: Generation
+    seed: int
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+
+
+def job(args: SamplePairsJob) -> str:
     """Runs inside the allocation: sample twice, keep the usable pairs, write pairs.jsonl + metrics.json."""
-    with Generator(model, settings) as generator:
+    with Generator(args.policy, args.generation) as generator:
         def text(prompt: str, system: str | None) -> str:
             return chat_prompt(generator.tokenizer, [{"role": "user", "content": prompt}], system=system)
 
-        plain = [text(p["text"], None) for p in prompts]
-        systems = [[text(r["prompt"], r["system"]) for r in system_rows],
-                   [text(r["prompt"], r["mismatched"]["system"]) for r in system_rows]]
-        samples = [generator.generate(plain + systems[k], Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                                                                   seed=seed * 1_000_003 + k * 500_009))
+        plain = [text(p["text"], None) for p in args.prompts]
+        systems = [[text(r["prompt"], r["system"]) for r in args.system_rows],
+                   [text(r["prompt"], r["mismatched"]["system"]) for r in args.system_rows]]
+        samples = [generator.generate(plain + systems[k], Sampling(args.cfg.temperature, args.cfg.top_p,
+                                                                   args.cfg.max_new_tokens,
+                                                                   seed=args.seed * 1_000_003 + k * 500_009))
                    for k in (0, 1)]
-    sources = [{"id": p["id"], "prompt": p["text"]} for p in prompts] + \
-              [{"id": f"sys-{r['id']}", "prompt": r["prompt"], **system_pair(r)} for r in system_rows]
+    sources = [{"id": p["id"], "prompt": p["text"]} for p in args.prompts] + \
+              [{"id": f"sys-{r['id']}", "prompt": r["prompt"], **system_pair(r)} for r in args.system_rows]
     pairs, dropped = [], Counter()
     for source, a, b in zip(sources, *samples):
         if not a.text.strip() or not b.text.strip():
@@ -69,14 +83,14 @@ def job(model: Path, prompts: list[dict], system_rows: list[dict], cfg: SamplePa
         raise UserError(f"{STAGE}: none of {len(sources)} prompts gave a usable pair ({reasons}); nothing written")
     responses = [g for sample in samples for g in sample]
     metrics = {
-        "prompts": len(prompts),
+        "prompts": len(args.prompts),
         "pairs": len(pairs),
         "system_message_pairs": sum("system" in p for p in pairs),
         "dropped": dict(sorted(dropped.items())),
         "response_tokens_mean": statistics.fmean(g.num_tokens for g in responses),
         "cut_off_share": sum(g.finish_reason == "length" for g in responses) / len(responses),
     }
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+    with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
         write_jsonl(tmp / "pairs.jsonl", pairs)
         write_json(tmp / "metrics.json", metrics)
     return verify_artifact(OUT)
@@ -92,8 +106,9 @@ def main() -> None:
     if not prompts:
         raise UserError(f"{PROMPTS}/prompts.jsonl: every prompt was used for SFT; none left to sample pairs for")
     subset = {"seed": params.seed, "sample_pairs": cfg.model_dump(), "generation": params.generation.model_dump()}
-    fn = functools.partial(job, POLICY / MODEL, prompts, system_rows, cfg, params.generation, params.seed, subset,
-                           inputs)
+    fn = functools.partial(job, SamplePairsJob(policy=POLICY / MODEL, prompts=prompts, system_rows=system_rows, cfg=cfg,
+                                               generation=params.generation, seed=params.seed, params=subset,
+                                               inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.sample_pairs, STAGE), params.cluster, subset, inputs)
 
 

@@ -12,6 +12,7 @@ import functools
 import statistics
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 from align import paths, runner, templates
@@ -32,19 +33,32 @@ PRINCIPLES = Path("assets/principles.jsonl")
 EXEMPLARS = Path("assets/exemplars.jsonl")
 
 
-def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, seed: int, params: dict, inputs: dict) -> str:
+@dataclass(frozen=True)
+class SelfAlignJob:
+    """The job's arguments, sent to the allocation with it."""
+    model: Path
+    cfg: SelfAlign
+    generation: GenerationSettings
+    seed: int
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+
+
+def job(args: SelfAlignJob) -> str:
     """Runs inside the allocation: answer every prompt, filter, write sft.jsonl + metrics.json."""
     principles = load_jsonl(PRINCIPLES, Principle)
     exemplars = load_jsonl(EXEMPLARS, Exemplar)
-    prompts = sample_in_order(read_jsonl(PROMPTS / "prompts.jsonl"), cfg.max_prompts, seed)  # from every source
+    every = read_jsonl(PROMPTS / "prompts.jsonl")  # from every source
+    prompts = sample_in_order(every, args.cfg.max_prompts, args.seed)
     prefix = templates.self_align_prefix(principles, exemplars)
-    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, stop=templates.SELF_ALIGN_STOP)
-    with Generator(model, settings) as generator:
+    sampling = Sampling(args.cfg.temperature, args.cfg.top_p, args.cfg.max_new_tokens,
+                        stop=templates.SELF_ALIGN_STOP)
+    with Generator(args.model, args.generation) as generator:
         generations = generator.generate([templates.self_align_prompt(prefix, p["text"]) for p in prompts], sampling)
     kept, rejected = [], Counter()
     for prompt, generation in zip(prompts, generations):
         _thoughts, answer = templates.split_thoughts(generation.text)
-        reason = answer_problem(generation, answer, principles, cfg)
+        reason = answer_problem(generation, answer, principles, args.cfg)
         if reason:
             rejected[reason] += 1
             continue
@@ -65,7 +79,7 @@ def job(model: Path, cfg: SelfAlign, settings: GenerationSettings, seed: int, pa
         "generated_tokens": sum(g.num_tokens for g in generations),
         "prefix_chars": len(prefix),
     }
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
+    with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
         write_jsonl(tmp / "sft.jsonl", kept)
         write_json(tmp / "metrics.json", metrics)
     return verify_artifact(OUT)
@@ -78,7 +92,8 @@ def main() -> None:
     inputs = input_refs({"model": BASE, "prompts": PROMPTS, "principles": PRINCIPLES, "exemplars": EXEMPLARS})
     subset = {"seed": params.seed, "self_align": params.self_align.model_dump(),
               "generation": params.generation.model_dump()}
-    fn = functools.partial(job, BASE, params.self_align, params.generation, params.seed, subset, inputs)
+    fn = functools.partial(job, SelfAlignJob(model=BASE, cfg=params.self_align, generation=params.generation,
+                                             seed=params.seed, params=subset, inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.self_align, STAGE), params.cluster, subset, inputs)
 
 

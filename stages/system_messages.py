@@ -23,6 +23,7 @@ import random
 import re
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import blake3
@@ -34,7 +35,7 @@ from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.params import Generation, SystemMessages, load_params
 from align.paths import MODEL
-from align.records import publish_metrics, read_jsonl, unused_prompts, write_json, write_jsonl
+from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
 
 STAGE = "system_messages"
 OUT = paths.SYSTEM_MESSAGES
@@ -43,7 +44,6 @@ PROMPTS = paths.PROMPTS
 SFT_DATA = paths.SELF_ALIGN
 SPACE = paths.PREFERENCE_SPACE
 MESSAGE_CHARS = (20, 800)  # a model-written message outside these lengths falls back to the template
-
 
 
 def combination(values: dict[str, str]) -> str:
@@ -163,27 +163,41 @@ def compose(generator: Generator | None, sides: list[dict], space: Space, cfg: S
     return rejected
 
 
-def job(model: Path, train: list[dict], evals: list[dict], space: Space, cfg: SystemMessages, settings: Generation,
-        seed: int, params: dict, inputs: dict) -> str:
+@dataclass(frozen=True)
+class SystemMessagesJob:
+    """The job's arguments, sent to the allocation with it."""
+    policy: Path  # the model that writes the messages
+    train: list[dict]  # rows without messages yet (`plan`)
+    evals: list[dict]
+    space: Space
+    cfg: SystemMessages
+    generation: Generation
+    seed: int
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+
+
+def job(args: SystemMessagesJob) -> str:
     """Runs inside the allocation: write every message, then train.jsonl, eval.jsonl and metrics.json."""
-    rows = train + evals
+    rows = args.train + args.evals
     sides = rows + [r["mismatched"] for r in rows]
-    if cfg.composer == "model":
-        with Generator(model, settings) as generator:
-            rejected = compose(generator, sides, space, cfg, seed)
+    if args.cfg.composer == "model":
+        with Generator(args.policy, args.generation) as generator:
+            rejected = compose(generator, sides, args.space, args.cfg, args.seed)
     else:
-        rejected = compose(None, sides, space, cfg, seed)
+        rejected = compose(None, sides, args.space, args.cfg, args.seed)
     metrics = {
-        "enabled": True, "train_prompts": len(train), "eval_prompts": len(evals),
-        "combinations": {"train": len({r["combination"] for r in train}), "eval": len({r["combination"] for r in evals}),
-                         "space": math.prod(len(space[d]) for d in DIMENSIONS)},
+        "enabled": True, "train_prompts": len(args.train), "eval_prompts": len(args.evals),
+        "combinations": {"train": len({r["combination"] for r in args.train}),
+                         "eval": len({r["combination"] for r in args.evals}),
+                         "space": math.prod(len(args.space[d]) for d in DIMENSIONS)},
         "model_written_share": sum(s["source"] == "model" for s in sides) / len(sides),
         "model_rejected": dict(sorted(rejected.items())),
         "message_chars_mean": sum(len(s["system"]) for s in sides) / len(sides),
     }
-    with staged_out(OUT, stage=STAGE, params=params, inputs=inputs) as tmp:
-        write_jsonl(tmp / "train.jsonl", train)
-        write_jsonl(tmp / "eval.jsonl", evals)
+    with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
+        write_jsonl(tmp / "train.jsonl", args.train)
+        write_jsonl(tmp / "eval.jsonl", args.evals)
         write_json(tmp / "metrics.json", metrics)
     return verify_artifact(OUT)
 
@@ -197,8 +211,7 @@ def main() -> None:
             write_jsonl(tmp / "train.jsonl", [])
             write_jsonl(tmp / "eval.jsonl", [])
             write_json(tmp / "metrics.json", {"enabled": False})
-        publish_metrics(OUT, STAGE)
-        print(f"{STAGE}: {OUT} {verify_artifact(OUT)} (disabled)")
+        runner.finish_stage(STAGE, OUT, verify_artifact(OUT), note="disabled")
         return
     space = load_space(SPACE)
     inputs = input_refs({"policy": POLICY, "prompts": PROMPTS, "sft_data": SFT_DATA, "space": SPACE})
@@ -208,8 +221,9 @@ def main() -> None:
         raise UserError(f"{PROMPTS}/prompts.jsonl: {len(pool)} prompts not used for SFT; system messages need at "
                         f"least 2 (one to train on, one to evaluate)")
     train, evals = plan(pool, space, cfg, params.seed)
-    fn = functools.partial(job, POLICY / MODEL, train, evals, space, cfg, params.generation, params.seed, subset,
-                           inputs)
+    fn = functools.partial(job, SystemMessagesJob(policy=POLICY / MODEL, train=train, evals=evals, space=space, cfg=cfg,
+                                                  generation=params.generation, seed=params.seed, params=subset,
+                                                  inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.system_messages, STAGE), params.cluster, subset, inputs)
 
 

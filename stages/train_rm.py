@@ -17,6 +17,7 @@ import math
 import os
 import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from align import paths, runner
@@ -174,49 +175,67 @@ def evaluate(rm: RewardModel, held_out: list[dict], cases: list[dict], principle
     return metrics, records
 
 
-def job(base: Path, train_examples: list[dict], pmp_examples: list[dict], held_out: list[dict], cases: list[dict],
-        principles: dict[str, PreferencePrinciple], hhh: list[ChoiceItem], hhh_guide: list[str], template: str,
-        cfg: RewardParams, training: Training, seed: int, ckpt_dir: Path, params: dict, inputs: dict) -> str | None:
+@dataclass(frozen=True)
+class TrainRmJob:
+    """The job's arguments, sent to the allocation with it."""
+    base: Path  # the SFT policy the RM's LoRA and head train on
+    train_examples: list[dict]
+    pmp_examples: list[dict]  # preference-model pre-training pairs, trained on first
+    held_out: list[dict]  # examples of the held-out pairs
+    cases: list[dict]  # held-out pairs one principle decides, for the negation flip rate
+    principles: dict[str, PreferencePrinciple]
+    hhh: list[ChoiceItem]
+    hhh_guide: list[str]  # the principles the RM is shown for HHH and the pre-training pairs
+    template: str  # the RM's prompt
+    cfg: RewardParams
+    training: Training
+    seed: int
+    ckpt_dir: Path
+    params: dict  # the params subset and the input refs: the manifest records both
+    inputs: dict
+
+
+def job(args: TrainRmJob) -> str | None:
     """Runs in every task of the allocation: train (pre-training pairs first, then the synthetic instances),
     then rank 0 evaluates through `RewardModel.score` and writes the out."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(args.base, trust_remote_code=False)
     pad_id = padding_id(tokenizer)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    global_batch = global_batch_size(training, world)
-    tokenize = functools.partial(tokenize_examples, tokenizer, template, max_prompt_tokens=cfg.max_prompt_tokens,
-                                 max_response_tokens=cfg.max_response_tokens)
-    pmp_steps = math.ceil(len(pmp_examples) / global_batch)  # one pass over the pre-training pairs
-    steps = pmp_steps + step_count(len(train_examples), cfg.epochs, training, world)
-    synthetic = pair_batches(tokenize(train_examples), training.micro_batch_size, seed, pad_id)
+    tokenize = functools.partial(tokenize_examples, tokenizer, args.template,
+                                 max_prompt_tokens=args.cfg.max_prompt_tokens,
+                                 max_response_tokens=args.cfg.max_response_tokens)
+    pmp_steps = math.ceil(len(args.pmp_examples) / global_batch_size(args.training, world))  # one pass over them
+    steps = pmp_steps + step_count(len(args.train_examples), args.cfg.epochs, args.training, world)
+    synthetic = pair_batches(tokenize(args.train_examples), args.training.micro_batch_size, args.seed, pad_id)
     batches = synthetic
     if pmp_steps:
-        pmp = pair_batches(tokenize(pmp_examples), training.micro_batch_size, seed, pad_id)
-        micro_batches = pmp_steps * training.gradient_accumulation_steps * world
+        pmp = pair_batches(tokenize(args.pmp_examples), args.training.micro_batch_size, args.seed, pad_id)
+        micro_batches = pmp_steps * args.training.gradient_accumulation_steps * world
         batches = functools.partial(_phased_batch, pmp, micro_batches, synthetic)
-    adapter = ckpt_dir / "adapter"
-    result = train(base, batches, bt_loss, ckpt_dir, training, steps, adapter_dir=adapter, seed=seed, head="reward",
-                   on_step=LiveCurve(LIVE))
+    adapter = args.ckpt_dir / "adapter"
+    result = train(args.base, batches, bt_loss, args.ckpt_dir, args.training, steps, adapter_dir=adapter,
+                   seed=args.seed, head="reward", on_step=LiveCurve(LIVE))
     losses, accuracy = result["losses"], [s["accuracy"] for s in result["stats"]]
 
     def write(folder: Path) -> dict:
         """The RM's prompt and limits beside its adapter, then its evaluation through the scorer PPO uses."""
-        (folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
-        write_json(folder / CONFIG_FILE, {"max_prompt_tokens": cfg.max_prompt_tokens,
-                                          "max_response_tokens": cfg.max_response_tokens})
-        rm = RewardModel(base, folder, batch_size=cfg.batch_size, precision=training.precision)
-        metrics, records = evaluate(rm, held_out, cases, principles, hhh, hhh_guide)
+        (folder / TEMPLATE_FILE).write_text(args.template, encoding="utf-8")
+        write_json(folder / CONFIG_FILE, {"max_prompt_tokens": args.cfg.max_prompt_tokens,
+                                          "max_response_tokens": args.cfg.max_response_tokens})
+        rm = RewardModel(args.base, folder, batch_size=args.cfg.batch_size, precision=args.training.precision)
+        metrics, records = evaluate(rm, args.held_out, args.cases, args.principles, args.hhh, args.hhh_guide)
         tail = slice(-10, None)
         write_jsonl(folder / "eval.jsonl", records)
         return {**metrics, "train": {
-            "examples": len(train_examples), "pmp_examples": len(pmp_examples), "steps": steps,
-            "system_message_examples": sum(bool(e.get("system")) for e in train_examples), "loss_first": losses[0],
-            "loss_last10_mean": statistics.fmean(losses[tail]),
+            "examples": len(args.train_examples), "pmp_examples": len(args.pmp_examples), "steps": steps,
+            "system_message_examples": sum(bool(e.get("system")) for e in args.train_examples),
+            "loss_first": losses[0], "loss_last10_mean": statistics.fmean(losses[tail]),
             "accuracy_last10_mean": statistics.fmean(accuracy[tail])}}
 
-    return finish_training(OUT, stage=STAGE, params=params, inputs=inputs, adapter=adapter, ckpt_dir=ckpt_dir,
-                           base=None, write=write)
+    return finish_training(OUT, stage=STAGE, params=args.params, inputs=args.inputs, adapter=adapter,
+                           ckpt_dir=args.ckpt_dir, base=None, write=write)
 
 
 def main() -> None:
@@ -245,9 +264,12 @@ def main() -> None:
                                                   "lora_alpha": cfg.lora_alpha})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "rm": cfg.model_dump()}
     ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
-    fn = functools.partial(job, SFT / MODEL, train_examples, pmp_examples, draw(held_rows),
-                           negation_cases(held_rows, principles), principles, hhh, hhh_guide, template, cfg,
-                           training, params.seed, ckpt_dir, subset, inputs)
+    fn = functools.partial(job, TrainRmJob(
+        base=SFT / MODEL, train_examples=train_examples, pmp_examples=pmp_examples, held_out=draw(held_rows),
+        cases=negation_cases(held_rows, principles), principles=principles, hhh=hhh, hhh_guide=hhh_guide,
+        template=template, cfg=cfg, training=training, seed=params.seed, ckpt_dir=ckpt_dir, params=subset,
+        inputs=inputs,
+    ))
     runner.submit_stage(STAGE, OUT, fn, params.cluster.train_rm, params.cluster, subset, inputs)
 
 

@@ -21,20 +21,19 @@ import shutil
 import statistics
 import sys
 from collections import Counter
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from align import paths, runner, sft, templates
-from align.artifacts import MANIFEST, code_revision, input_refs, staged_out, verify_artifact
+from align.artifacts import MANIFEST, input_refs, staged_out, verify_artifact
 from align.assets import load_text
 from align.errors import UserError
 from align.filters import answer_problem, counts_text, trim_to_boundary
 from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.params import Generation, Params, SelfAlign, VerboseClone, load_params
 from align.paths import MODEL
-from align.records import publish_metrics, read_jsonl, write_json, write_jsonl
+from align.records import read_jsonl, write_json, write_jsonl
 from align.training import checkpoint_dir
-from slurm.submit import JobSpec, submit
 
 STAGE = "verbose_clone"
 OUT = paths.SFT
@@ -47,34 +46,45 @@ ENGRAVED_LIVE = Path("dvclive/engrave")
 ANSWERS_METRICS = "answers_metrics.json"
 
 
-def answers_job(model: Path, instruction: str, queries: list[str], cfg: VerboseClone, filters: SelfAlign,
-                settings: Generation, out: Path) -> None:
-    """Runs inside the allocation: the engraved model's answers under the instruction, filtered, to `out`, and
-    their metrics beside it (written first: `out` existing means both are complete)."""
-    sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens)
-    with Generator(model, settings) as generator:
+@dataclass(frozen=True)
+class VerboseAnswersJob:
+    """The answers job's arguments, sent to the allocation with it."""
+    model: Path  # the engraved model
+    instruction: str  # the verbose-cloning instruction, put in front of each query
+    queries: list[str]
+    cfg: VerboseClone
+    filters: SelfAlign  # the answer filters' settings
+    generation: Generation
+    out: Path  # the answers' JSONL file, in the stage's scratch folder
+
+
+def answers_job(args: VerboseAnswersJob) -> None:
+    """Runs inside the allocation: the engraved model's answers under the instruction, filtered, to `args.out`,
+    and their metrics beside it (written first: `args.out` existing means both are complete)."""
+    sampling = Sampling(args.cfg.temperature, args.cfg.top_p, args.cfg.max_new_tokens)
+    with Generator(args.model, args.generation) as generator:
         prompts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": templates.verbose_prompt(
-            instruction, query)}]) for query in queries]
+            args.instruction, query)}]) for query in args.queries]
         generations = generator.generate(prompts, sampling)
     rows, rejected, trimmed = [], Counter(), 0
-    for query, generation in zip(queries, generations):
+    for query, generation in zip(args.queries, generations):
         answer = generation.text.strip()
-        if generation.finish_reason == "length" and cfg.trim_cut_off and (kept := trim_to_boundary(answer)):
+        if generation.finish_reason == "length" and args.cfg.trim_cut_off and (kept := trim_to_boundary(answer)):
             answer, generation, trimmed = kept, replace(generation, finish_reason="stop"), trimmed + 1
-        reason = answer_problem(generation, answer, [], filters)
+        reason = answer_problem(generation, answer, [], args.filters)
         if reason:
             rejected[reason] += 1
         else:
             rows.append({"prompt": query, "answer": answer})
     if not rows:
         reasons = counts_text(rejected)
-        raise UserError(f"{STAGE}: all {len(queries)} verbose answers were rejected ({reasons}); nothing written")
-    write_json(out.with_name(ANSWERS_METRICS), {
+        raise UserError(f"{STAGE}: all {len(args.queries)} verbose answers were rejected ({reasons}); nothing written")
+    write_json(args.out.with_name(ANSWERS_METRICS), {
         "verbose_kept": len(rows), "verbose_trimmed": trimmed, "verbose_rejected": dict(sorted(rejected.items())),
         "verbose_answer_words_mean": statistics.fmean(len(r["answer"].split()) for r in rows)})
-    tmp = out.with_name(f".{out.name}.tmp")
+    tmp = args.out.with_name(f".{args.out.name}.tmp")
     write_jsonl(tmp, rows)
-    os.replace(tmp, out)
+    os.replace(tmp, args.out)
 
 
 def link_engraved(params: dict, inputs: dict) -> str:
@@ -95,30 +105,27 @@ def link_engraved(params: dict, inputs: dict) -> str:
     return verify_artifact(OUT)
 
 
-def distill(params: Params, subset: dict, inputs: dict) -> str:
-    cfg = params.verbose_clone
-    key = {"params": subset, "inputs": inputs}
-    scratch = checkpoint_dir(STAGE, key)
+def distill(params: Params, subset: dict, inputs: dict) -> None:
+    """The answers job (unless a failed run left its answers), then the SFT job that writes the out."""
+    scratch = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
     answers = scratch / "answers.jsonl"
     if not answers.is_file():
-        queries = [row["prompt"] for row in read_jsonl(DATA / "sft.jsonl")]
-        fn = functools.partial(answers_job, ENGRAVED / MODEL, load_text(INSTRUCTION), queries, cfg,
-                               params.self_align, params.generation, answers)
-        spec = JobSpec(stage=f"{STAGE}_answers", fn=fn,
-                       resources=one_task(params.cluster.verbose_answers, "verbose_answers"),
-                       target=scratch / "answers", key={**key, "code": code_revision()})
-        submit(spec, params.cluster)
-    rows = read_jsonl(answers)
-    fn = functools.partial(
-        sft.job, STAGE, BASE, [(r["prompt"], r["answer"]) for r in rows], OUT, LIVE, scratch / "train",
-        params.training, cfg.epochs, params.engrave.max_prompt_tokens, params.engrave.max_answer_tokens,
-        params.seed, subset, inputs, {"verbose_clone": True, **json.loads((scratch / ANSWERS_METRICS).read_text())},
-    )
-    spec = JobSpec(stage=STAGE, fn=fn, resources=params.cluster.verbose_clone, target=OUT,
-                   key={**key, "code": code_revision()})
-    artifact_id = submit(spec, params.cluster)
+        fn = functools.partial(answers_job, VerboseAnswersJob(
+            model=ENGRAVED / MODEL, instruction=load_text(INSTRUCTION),
+            queries=[row["prompt"] for row in read_jsonl(DATA / "sft.jsonl")], cfg=params.verbose_clone,
+            filters=params.self_align, generation=params.generation, out=answers,
+        ))
+        runner.submit_job(f"{STAGE}_answers", scratch / "answers", fn,
+                          one_task(params.cluster.verbose_answers, "verbose_answers"), params.cluster, subset, inputs)
+    fn = functools.partial(sft.job, sft.SftJob(
+        stage=STAGE, model=BASE, pairs=[(r["prompt"], r["answer"]) for r in read_jsonl(answers)], out=OUT,
+        live_dir=LIVE, ckpt_dir=scratch / "train", training=params.training, epochs=params.verbose_clone.epochs,
+        max_prompt_tokens=params.engrave.max_prompt_tokens, max_answer_tokens=params.engrave.max_answer_tokens,
+        seed=params.seed, params=subset, inputs=inputs,
+        metrics={"verbose_clone": True, **json.loads((scratch / ANSWERS_METRICS).read_text())},
+    ))
+    runner.submit_stage(STAGE, OUT, fn, params.cluster.verbose_clone, params.cluster, subset, inputs)
     shutil.rmtree(scratch, ignore_errors=True)
-    return artifact_id
 
 
 def main() -> None:
@@ -130,11 +137,10 @@ def main() -> None:
         subset = {"seed": params.seed, "verbose_clone": cfg.model_dump(), "training": params.training.model_dump(),
                   "engrave": params.engrave.model_dump(), "generation": params.generation.model_dump(),
                   "self_align": {"max_repeated_ngram_share": params.self_align.max_repeated_ngram_share}}
-        artifact_id = distill(params, subset, inputs)
+        distill(params, subset, inputs)
     else:
         artifact_id = link_engraved({"verbose_clone": cfg.model_dump()}, input_refs({"engraved": ENGRAVED}))
-    publish_metrics(OUT, STAGE)
-    print(f"{STAGE}: {OUT} {artifact_id}")
+        runner.finish_stage(STAGE, OUT, artifact_id)
 
 
 if __name__ == "__main__":

@@ -4,46 +4,13 @@ no-op, and `dvc exp run -S model.base=...` imports another model into an experim
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 from align.artifacts import read_manifest, verify_artifact
-from tests.conftest import ROOT
+from tests.helpers import new_repo, sh
 from tests.tiny import make_tiny_model
-
-PROJECT_FILES = ["stages", "align", "slurm", "assets", "dvc.yaml", "params.yaml", ".gitignore"]
-
-
-def sh(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
-           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def new_repo(folder: Path, groups: dict[str, dict]) -> Path:
-    """A copy of the project in a fresh git + DVC repository, its params groups updated with `groups`, committed."""
-    folder.mkdir()
-    for name in PROJECT_FILES:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
-        else:
-            shutil.copy(src, folder / name)
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    for group, values in groups.items():
-        params[group].update(values)
-    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh(folder, "git", "init", "-q")
-    sh(folder, "dvc", "init", "-q")
-    sh(folder, "git", "add", "-A")
-    sh(folder, "git", "commit", "-qm", "init")
-    return folder
 
 
 def test_repro_is_idempotent_and_exp_run_switches_model(tmp_path: Path, tiny_model: Path) -> None:

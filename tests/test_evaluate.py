@@ -13,33 +13,15 @@ import pytest
 import yaml
 
 from align.artifacts import staged_out, verify_artifact
-from align.params import Training
 from align.records import read_jsonl, write_jsonl
-from align.reward import CONFIG_FILE, TEMPLATE_FILE
-from align.training import lora_model
 from tests.benchmark_files import add_benchmarks_out
-from tests.conftest import ROOT
-from tests.test_dvc import new_repo, sh
-from tests.test_sft_stages import make_project, stage
-
-SMALL = {"max_items": 6, "mt_bench_questions": 2, "max_new_tokens": 6, "batch_size": 4}
-
-
-def add_policy_outs(cwd: Path, model: Path) -> None:
-    """models/sft and models/policy (the tiny model as the SFT and the final policy) and models/rm (an
-    untrained reward model on it)."""
-    for out, stage_name in (("models/sft", "verbose_clone"), ("models/policy", "ppo")):
-        with staged_out(cwd / out, stage=stage_name, params={}, inputs={}) as tmp:
-            shutil.copytree(model, tmp / "model")
-    with staged_out(cwd / "models/rm", stage="train_rm", params={}, inputs={}) as tmp:
-        lora_model(model, Training(lora_r=4, lora_alpha=8), seed=0, head="reward").save_pretrained(tmp / "adapter")
-        shutil.copy(ROOT / "assets/rm_prompt.txt", tmp / TEMPLATE_FILE)
-        (tmp / CONFIG_FILE).write_text(json.dumps({"max_prompt_tokens": 64, "max_response_tokens": 64}))
+from tests.helpers import new_repo, sh, stage
+from tests.projects import SMALL_EVALUATE, add_policy_outs, make_project
 
 
 @pytest.mark.slow
 def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path, tiny_model: Path) -> None:
-    cwd = make_project(tmp_path, tiny_model, evaluate={**SMALL, "judge_model": str(tiny_model)})
+    cwd = make_project(tmp_path, tiny_model, evaluate={**SMALL_EVALUATE, "judge_model": str(tiny_model)})
     add_policy_outs(cwd, tiny_model)
     proc = stage(cwd, "evaluate")
     assert proc.returncode == 0, proc.stderr
@@ -76,7 +58,7 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
 @pytest.mark.slow
 def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, tiny_model: Path) -> None:
     repo = new_repo(tmp_path / "repo", {"model": {"base": str(tiny_model)}, "generation": {"backend": "hf"},
-                                        "cluster": {"executor": "local"}, "evaluate": SMALL})
+                                        "cluster": {"executor": "local"}, "evaluate": SMALL_EVALUATE})
     # only the evaluate stage: the upstream stages' outs are put in place by hand, and DVC would remove outs of
     # stages it has no lock entry for when an experiment checks out
     pipeline = yaml.safe_load((repo / "dvc.yaml").read_text())

@@ -37,12 +37,10 @@ from align.params import Cluster, Resources, Training
 from align.training import sft_job
 from slurm.submit import JobFailed, JobSpec, submit
 from tests.conftest import ROOT
+from tests.helpers import FAST_TRAINING, SqueueWatch, curve, sh, squeue_jobs, stage, stage_env
 from tests.jobs import RankFault
+from tests.projects import TINY_PPO, make_project, ppo_project, salmon_project, slurm_project
 from tests.slurm_fixture import SCRIPT
-from tests.test_dvc import sh
-from tests.test_preferences import salmon_project
-from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
-from tests.test_slurm import SqueueWatch, squeue_jobs, stage_env
 from tests.tiny import PAIRS
 
 pytestmark = pytest.mark.slurm
@@ -274,8 +272,6 @@ def test_a_preempted_ppo_job_stops_after_an_iteration_and_resumes_there(
     the KL coefficient and the curves. The signal is sent by hand, `scancel --signal=USR2`, once a few iterations
     are done: PPO's start-up (two engines, the RM, the generator) takes ~30 s here, about what a 1-minute
     allocation leaves before its signal."""
-    from tests.test_ppo import TINY_PPO, ppo_project
-
     iterations = 12
     cwd = ppo_project(tmp_path, tiny_model, ppo={**TINY_PPO, "iterations": iterations, "save_every": NO_PERIODIC},
                       cluster={"executor": "slurm", "log_dir": str(tmp_path / "logs"), "ppo": ON_CPU})
@@ -403,9 +399,7 @@ def test_a_node_dying_under_a_job_is_reported_and_the_run_completes_once_it_is_b
 
 def test_a_full_disk_while_writing_an_out_is_one_line_and_keeps_the_previous_out(
         slurm_cluster, tmp_path: Path, tiny_model: Path, roomy_model: Path, fault_figures_record: dict) -> None:
-    from tests.test_slurm import project
-
-    cwd = project(tmp_path, tiny_model)
+    cwd = slurm_project(tmp_path, tiny_model)
     models = cwd / "models"
     models.mkdir()
     def kib(folder: Path) -> int:

@@ -14,10 +14,9 @@ import pytest
 from align.params import Cluster, Resources, Training
 from align.training import sft_job
 from slurm.submit import JobSpec, submit
+from tests.helpers import FAST_TRAINING, TINY_TRAINING, curve, inline, stage
 from tests.jobs import node_ranks
-from tests.test_reward import rm_project
-from tests.test_sft_stages import FAST_TRAINING, curve, stage
-from tests.test_training import TINY, _inline
+from tests.projects import rm_project
 from tests.tiny import PAIRS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
@@ -45,8 +44,8 @@ def test_a_two_node_job_runs_one_rank_per_node_in_one_gloo_group(two_nodes, tmp_
 def test_zero_lora_across_two_nodes_matches_one_process(two_nodes, tmp_path: Path, tiny_model: Path,
                                                         zero: int) -> None:
     # the same global batch of 2: 1 rank x 2 accumulation micro-batches, or 2 nodes x 1 rank x 1
-    setup = {**TINY, "lora_dropout": 0.0, "zero_stage": zero, "save_every": 100}
-    single = _inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1",
+    setup = {**TINY_TRAINING, "lora_dropout": 0.0, "zero_stage": zero, "save_every": 100}
+    single = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1",
                                        Training(**setup, gradient_accumulation_steps=2), 4,
                                        adapter_dir=tmp_path / "adapter1", log=None))
     spec = JobSpec(stage=f"zero{zero}_two_nodes", resources=TWO_NODES, target=tmp_path / "adapter2", key={},

@@ -11,7 +11,7 @@ import pytest
 
 from align.artifacts import read_manifest, verify_artifact
 from align.records import read_jsonl
-from tests.test_dvc import new_repo, sh
+from tests.helpers import new_repo, sh
 
 SMALL = {
     "prompts": {"num_self_instruct": 8, "requests_per_round": 8, "max_rounds": 2, "max_new_tokens": 96,

@@ -18,37 +18,17 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from align.artifacts import staged_out, verify_artifact
+from align.artifacts import verify_artifact
 from align.errors import UserError
 from align.params import Ppo, parse_params
-from align.records import read_jsonl, write_jsonl
+from align.records import read_jsonl
 from align.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
 from align.rollout import pack, policy_outputs
 from align.training import tokenize_pair
 from stages.ppo import shaped_scores
 from tests.conftest import ROOT
-from tests.test_evaluate import add_policy_outs
-from tests.test_preferences import PROMPTS
-from tests.test_reward import preference_rows, rm_project
-from tests.test_sft_stages import FAST_TRAINING, _kill_tree, curve, make_project, stage
-
-TINY_PPO = {"iterations": 3, "rollout_batch_size": 4, "step_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 8,
-            "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "save_every": 1, "score_batch_size": 4}
-
-
-def ppo_project(tmp_path: Path, model: Path, rm: Path | None = None, **groups: dict) -> Path:
-    """A project with models/sft (`model`), models/rm (an untrained RM, or `rm`'s out), prompts and SFT data."""
-    groups = {"training": {**FAST_TRAINING, "micro_batch_size": 1}, "ppo": TINY_PPO, **groups}
-    cwd = make_project(tmp_path, model, pairs=[(PROMPTS[0], "Paris.")], **groups)
-    add_policy_outs(cwd, model)
-    shutil.rmtree(cwd / "models/policy")  # what the stage writes
-    if rm is not None:
-        shutil.rmtree(cwd / "models/rm")
-        shutil.copytree(rm, cwd / "models/rm")
-    with staged_out(cwd / "data/prompts", stage="prompts", params={}, inputs={}) as tmp:
-        write_jsonl(tmp / "prompts.jsonl", [{"id": f"p{i}", "text": t, "source": "seed", "type": None, "topic": None}
-                                            for i, t in enumerate(PROMPTS)])
-    return cwd
+from tests.helpers import curve, kill_tree, stage
+from tests.projects import TINY_PPO, ppo_project, preference_rows, rm_project
 
 
 def test_gae_with_lambda_one_and_gamma_one_is_the_return_to_go_minus_value() -> None:
@@ -141,7 +121,7 @@ def test_a_killed_ppo_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_mode
     while not list(cwd.glob("checkpoints/ppo/*/latest")) and time.time() < deadline:
         time.sleep(0.2)
     assert list(cwd.glob("checkpoints/ppo/*/latest")), "no checkpoint was written"
-    _kill_tree(int(json.loads((cwd / "models/.policy.job.json").read_text())["job_id"]))
+    kill_tree(int(json.loads((cwd / "models/.policy.job.json").read_text())["job_id"]))
     _, err = first.communicate(timeout=120)
     assert first.returncode == 1 and "policy: job" in err and not (cwd / "models/policy").exists()
     (latest,) = cwd.glob("checkpoints/ppo/*/latest")

@@ -17,31 +17,10 @@ from align.assets import PreferencePrinciple, load_jsonl, load_template
 from align.judge import label, principle_text
 from align.records import read_jsonl, write_jsonl
 from align.scoring import Scorer
-from tests.test_sft_stages import make_project, stage
+from tests.helpers import stage
+from tests.projects import SAMPLED_PAIRS, salmon_project
 
-PROMPTS = ["What is the capital of France?", "Add 1 and 2.", "What colour is the quick fox?",
-           "Say something helpful.", "Name a number.", "Write a function that adds two numbers."]
-PAIRS = [
-    {"id": "p1", "prompt": "What is the capital of France?", "response_a": "Paris.",
-     "response_b": "The capital of France is Paris, a city on the Seine.", "finish_a": "stop", "finish_b": "stop"},
-    {"id": "p2", "prompt": "Add 1 and 2.", "response_a": "3", "response_b": "1 2 3", "finish_a": "stop",
-     "finish_b": "length"},
-]
 PRINCIPLE_IDS = ["concise", "honest_accurate", "specific"]
-
-
-def salmon_project(tmp_path: Path, model: Path, **groups: dict) -> Path:
-    """A project with models/sft (the tiny model as the SFT policy), prompts, SFT data and pairs."""
-    cwd = make_project(tmp_path, model, pairs=[(PROMPTS[0], "Paris."), (PROMPTS[1], "3")], **groups)
-    # make_project's SFT rows have ids p0, p1; the prompts out uses the same ids for the same texts
-    with staged_out(cwd / "data/prompts", stage="prompts", params={}, inputs={}) as tmp:
-        write_jsonl(tmp / "prompts.jsonl", [{"id": f"p{i}", "text": t, "source": "seed", "type": None, "topic": None}
-                                            for i, t in enumerate(PROMPTS)])
-    with staged_out(cwd / "models/sft", stage="verbose_clone", params={}, inputs={}) as tmp:
-        shutil.copytree(model, tmp / "model")
-    with staged_out(cwd / "data/pairs", stage="sample_pairs", params={}, inputs={}) as tmp:
-        write_jsonl(tmp / "pairs.jsonl", PAIRS)
-    return cwd
 
 
 def test_label_rule() -> None:
@@ -77,8 +56,8 @@ def test_label_preferences_scores_both_orders_and_labels_only_agreement(tmp_path
     scorer = Scorer(tiny_model)
     template = load_template(cwd / "assets/judge_prompt.txt", ("instruction", "output_a", "output_b", "principle"))
     principle = {p.id: p for p in load_jsonl(cwd / "assets/preference_principles.jsonl", PreferencePrinciple)}["specific"]
-    text = template.format(instruction=PAIRS[1]["prompt"], output_a=PAIRS[1]["response_b"],
-                           output_b=PAIRS[1]["response_a"], principle=principle_text(principle))
+    text = template.format(instruction=SAMPLED_PAIRS[1]["prompt"], output_a=SAMPLED_PAIRS[1]["response_b"],
+                           output_b=SAMPLED_PAIRS[1]["response_a"], principle=principle_text(principle))
     with torch.inference_mode():
         logits = scorer.model(input_ids=torch.tensor([scorer.tokenizer(text)["input_ids"]])).logits[0, -1]
     a, b = scorer.token_id("a"), scorer.token_id("b")
@@ -104,7 +83,7 @@ def test_bad_input_is_one_line_before_any_job(tmp_path: Path, tiny_model: Path, 
     cwd = salmon_project(tmp_path, tiny_model)
     if edit == "empty_response":
         with staged_out(cwd / "data/pairs", stage="sample_pairs", params={}, inputs={}) as tmp:
-            write_jsonl(tmp / "pairs.jsonl", [PAIRS[0], {**PAIRS[1], "response_b": "  "}])
+            write_jsonl(tmp / "pairs.jsonl", [SAMPLED_PAIRS[0], {**SAMPLED_PAIRS[1], "response_b": "  "}])
     else:
         raw = yaml.safe_load((cwd / "params.yaml").read_text())
         for group, values in edit.items():

@@ -11,53 +11,14 @@ from pathlib import Path
 
 import pytest
 
-from align.artifacts import staged_out, verify_artifact
-from align.assets import PreferencePrinciple, load_jsonl
+from align.artifacts import verify_artifact
 from align.records import read_jsonl, write_jsonl
 from align.reward import (
     RewardModel, collate_pairs, pair_rewards, shared_length, split_pairs, subset_label, training_examples,
 )
 from stages.train_rm import pmp_pairs, split_transcript
-from tests.conftest import ROOT
-from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
-
-PRINCIPLES = {p.id: p for p in load_jsonl(ROOT / "assets/preference_principles.jsonl", PreferencePrinciple)}
-SHORT_LONG = [  # (prompt, short answer, long answer)
-    ("What is the capital of France?", "Paris.", "The capital of France is Paris, and Paris is a city in France."),
-    ("Add 1 and 2.", "3", "1 and 2 and so on: 1 2 3, so the answer is 3 and 3 it is."),
-    ("What colour is the quick fox?", "brown", "The quick brown fox is brown, the quick fox jumps and it is brown."),
-    ("Say something helpful.", "Be kind.", "An assistant answers questions helpfully, honestly and harmlessly."),
-    ("Name a number.", "7", "1 2 3 4 5 6 7 8 9 10 and so on, numbers and words together."),
-    ("Write a function that adds two numbers.", "def add(a, b): return a + b",
-     "def add(a, b):\n    return a + b\n\nThe function add takes a and b and returns a + b."),
-] * 2
-
-
-def preference_rows() -> list[dict]:
-    """Pairs where Concise prefers the short answer and Comprehensive the long one; the rest tie. The short
-    answer is `a` in even rows, `b` in odd ones, so position says nothing."""
-    rows = []
-    for i, (prompt, short, long) in enumerate(SHORT_LONG):
-        a, b = (short, long) if i % 2 == 0 else (long, short)
-        short_side, long_side = ("a", "b") if i % 2 == 0 else ("b", "a")
-        labels = {pid: "tie" for pid in PRINCIPLES}
-        labels.update(concise=short_side, comprehensive=long_side)
-        rows.append({"id": f"q{i}", "prompt": prompt, "response_a": a, "response_b": b,
-                     "scores": {pid: [0.0, 0.0] for pid in PRINCIPLES}, "labels": labels})
-    return rows
-
-
-def rm_project(tmp_path: Path, model: Path, rows: list[dict] | None = None, **groups: dict) -> Path:
-    """A project with models/sft (the model as the SFT policy) and labelled preferences."""
-    groups = {"training": {**FAST_TRAINING, "micro_batch_size": 4, "save_every": 5},
-              "rm": {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34},
-              **groups}
-    cwd = make_project(tmp_path, model, **groups)
-    with staged_out(cwd / "models/sft", stage="verbose_clone", params={}, inputs={}) as tmp:
-        shutil.copytree(model, tmp / "model")
-    with staged_out(cwd / "data/preferences", stage="label_preferences", params={}, inputs={}) as tmp:
-        write_jsonl(tmp / "preferences.jsonl", preference_rows() if rows is None else rows)
-    return cwd
+from tests.helpers import curve, stage
+from tests.projects import PRINCIPLES, SHORT_LONG, preference_rows, rm_project
 
 
 def test_subset_label_majority_with_negation_flipping() -> None:

@@ -5,12 +5,9 @@ distils and its flag toggles, and a model that writes nothing usable fails the s
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import re
-import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,48 +20,10 @@ from align.artifacts import read_manifest, staged_out, verify_artifact
 from align.assets import Principle, load_jsonl
 from align.records import write_jsonl
 from align.training import tokenize_pair
-from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
+from tests.helpers import FAST_TRAINING, curve, kill_tree, stage
+from tests.projects import make_project
 from tests.tiny import PAIRS
-
-FAST_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, micro_batch_size=4, warmup_ratio=0.0,
-                     lr_schedule="constant", zero_stage=2)
-
-
-def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, **groups: dict) -> Path:
-    """A project folder: params.yaml (repo defaults + `groups`), assets/, models/base from `model`, an empty
-    system_messages out, data/benchmarks from the tests' small files, and, with `pairs`, a self_align out holding
-    them."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["generation"].update(backend="hf")
-    raw["cluster"].update(executor="local", log_dir=str(cwd / "logs"))
-    for group, values in groups.items():
-        raw[group].update(values)
-    cwd.mkdir(parents=True, exist_ok=True)
-    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
-    shutil.copytree(ROOT / "assets", cwd / "assets")
-    with staged_out(cwd / "models/base", stage="import_model", params={}, inputs={}) as tmp:
-        shutil.copytree(model, tmp, dirs_exist_ok=True)
-    with staged_out(cwd / "data/system_messages", stage="system_messages", params={}, inputs={}) as tmp:
-        write_jsonl(tmp / "train.jsonl", [])  # as the stage writes it when disabled
-        write_jsonl(tmp / "eval.jsonl", [])
-    add_benchmarks_out(cwd)
-    if pairs is not None:
-        with staged_out(cwd / "data/self_align", stage="self_align", params={}, inputs={}) as tmp:
-            write_jsonl(tmp / "sft.jsonl", [{"id": f"p{i}", "prompt": p, "answer": a, "source": "seed"}
-                                            for i, (p, a) in enumerate(pairs)])
-    return cwd
-
-
-def stage(cwd: Path, name: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
-
-
-def curve(cwd: Path, stage_name: str, metric: str) -> list[tuple[int, float]]:
-    with (cwd / "dvclive" / stage_name / "plots" / "metrics" / f"{metric}.tsv").open() as fh:
-        return [(int(row["step"]), float(row[metric])) for row in csv.DictReader(fh, delimiter="\t")]
 
 
 def test_engraving_trains_on_the_query_alone(tmp_path: Path, tiny_model: Path) -> None:
@@ -109,16 +68,6 @@ def test_engrave_loss_falls_and_writes_adapter_model_and_curve(tmp_path: Path, r
     AutoModelForCausalLM.from_pretrained(out / "model")  # the merged folder loads as a plain model
 
 
-def _kill_tree(pid: int) -> None:
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
-    for child in children:
-        _kill_tree(int(child))
-    try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 @pytest.mark.slow
 def test_a_killed_engrave_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_model: Path) -> None:
     training = {**FAST_TRAINING, "save_every": 10, "lr_schedule": "cosine", "warmup_ratio": 0.1}
@@ -131,7 +80,7 @@ def test_a_killed_engrave_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_
     while not list(cwd.glob("checkpoints/engrave/*/latest")) and time.time() < deadline:
         time.sleep(0.2)
     assert list(cwd.glob("checkpoints/engrave/*/latest")), "no checkpoint was written"
-    _kill_tree(int(json.loads(state.read_text())["job_id"]))
+    kill_tree(int(json.loads(state.read_text())["job_id"]))
     _, err = first.communicate(timeout=120)
     assert first.returncode == 1 and "engrave: job" in err and "log:" in err
     assert not (cwd / "models/engraved").exists()

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import subprocess
 import sys
 import threading
@@ -15,65 +14,19 @@ from pathlib import Path
 
 import pytest
 import submitit
-import yaml
 
 from align.artifacts import MANIFEST, verify_artifact
 from align.params import Cluster, Resources
 from slurm.submit import JobFailed, JobSpec, _attach, state_path, submit
-from tests.conftest import ROOT
+from tests.helpers import SqueueWatch, squeue_jobs, stage_env
 from tests.jobs import all_reduce_rank, fail
+from tests.projects import slurm_project
 
 pytestmark = pytest.mark.slurm
 
 
 def job_ids(folder: Path) -> set[str]:
     return {p.name.split("_")[0] for p in folder.glob("*_submitted.pkl")}
-
-
-def squeue_jobs(name: str) -> dict[str, str]:
-    """{job id: state} of the jobs called `name` that slurmctld lists (pending, running, recently ended)."""
-    out = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"], capture_output=True, text=True,
-                         check=True, timeout=30).stdout
-    return dict(line.split() for line in out.splitlines() if line.strip())
-
-
-def project(tmp_path: Path, tiny_model: Path) -> Path:
-    """A project folder whose params.yaml imports the tiny model through the slurm executor."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-    raw["model"]["base"] = str(tiny_model)
-    raw["cluster"]["executor"] = "slurm"
-    raw["cluster"]["log_dir"] = str(tmp_path / "logs")
-    raw["cluster"]["import_model"] = {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
-    return tmp_path
-
-
-def stage_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
-
-
-class SqueueWatch:
-    """Polls squeue in a thread and keeps every job id it lists under `name` (as a set of snapshots)."""
-
-    def __init__(self, name: str) -> None:
-        self.name, self.snapshots, self._stop = name, [], threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.snapshots.append(squeue_jobs(self.name))
-            except (subprocess.SubprocessError, OSError):
-                pass  # slurmctld busy for a moment: the next poll sees the same jobs
-            time.sleep(0.2)
-
-    def __enter__(self) -> "SqueueWatch":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(timeout=30)
 
 
 def test_two_tasks_on_the_gpu_partition_form_one_gloo_group(slurm_cluster, tmp_path: Path) -> None:
@@ -142,7 +95,7 @@ def test_a_job_cancelled_before_its_result_fails_instead_of_waiting_forever(slur
 
 
 def test_a_killed_submitter_is_re_attached_to_its_running_job(slurm_cluster, tmp_path: Path, tiny_model: Path) -> None:
-    cwd = project(tmp_path, tiny_model)
+    cwd = slurm_project(tmp_path, tiny_model)
     cmd = [sys.executable, "-m", "stages.import_model"]
     state_file = cwd / "models" / ".base.job.json"
     before = set(squeue_jobs("import_model"))
@@ -177,7 +130,7 @@ def test_a_killed_submitter_is_re_attached_to_its_running_job(slurm_cluster, tmp
 
 
 def test_import_model_end_to_end_through_slurm(slurm_cluster, tmp_path: Path, tiny_model: Path) -> None:
-    cwd = project(tmp_path, tiny_model)
+    cwd = slurm_project(tmp_path, tiny_model)
     proc = subprocess.run([sys.executable, "-m", "stages.import_model"], cwd=cwd, env=stage_env(),
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr

@@ -14,9 +14,10 @@ import pytest
 
 from align.assets import PreferencePrinciple, load_jsonl
 from tests.conftest import ROOT
-from tests.test_ppo import TINY_PPO, ppo_project
-from tests.test_reward import PRINCIPLES, SHORT_LONG, preference_rows, rm_project
-from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
+from tests.helpers import FAST_TRAINING, curve, stage
+from tests.projects import (
+    PRINCIPLES, SHORT_LONG, TINY_PPO, make_project, ppo_project, preference_rows, rm_project,
+)
 
 PRAISE = " I hope this helps!"
 GUARD = load_jsonl(ROOT / "assets/guard_principles.jsonl", PreferencePrinciple)[0]  # no_self_commentary

@@ -2,7 +2,7 @@
 runs (and the policy stage's two algorithms), no stage imports another, and each stage's dvc.yaml deps list every
 file of ours it runs (its module and every project module it imports, transitively, lazy imports included) and
 every asset file it reads, nothing else of ours; its params list is the params subset its job key and manifest
-record."""
+record. And no test module imports another: what several share lives in tests/helpers.py and tests/projects.py."""
 
 from __future__ import annotations
 
@@ -127,3 +127,23 @@ def test_params_list_is_what_the_stage_records(stage: str) -> None:
     recorded = set().union(*(recorded_params(m) for m in modules))
     assert recorded, f"{modules}: no `subset = {{...}}` found"
     assert set(PIPELINE[stage].get("params", [])) == recorded
+
+
+def imported_test_modules(path: Path) -> set[str]:
+    """The tests/test_*.py modules the file at `path` imports, relative imports and lazy ones included."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            module = f"tests.{node.module or ''}".rstrip(".") if node.level else node.module or ""
+            found |= {module} | {f"{module}.{a.name}" for a in node.names}
+    return {m for m in found if m.startswith("tests.test_") and module_file(m)}
+
+
+def test_no_test_module_imports_another() -> None:
+    """Importing a test module runs its body and ties its edits to the importer's: shared helpers go into
+    tests/helpers.py (running things) or tests/projects.py (project folders)."""
+    found = {f"tests/{path.name}": sorted(imported_test_modules(path) - {f"tests.{path.stem}"})
+             for path in sorted((ROOT / "tests").glob("test_*.py"))}
+    assert not {name: others for name, others in found.items() if others}

@@ -13,9 +13,8 @@ import pytest
 import yaml
 
 from tests.conftest import ROOT
-from tests.test_dvc import sh
-from tests.test_ppo import TINY_PPO, ppo_project
-from tests.test_slurm import SqueueWatch
+from tests.helpers import SqueueWatch, sh
+from tests.projects import TINY_PPO, ppo_project
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 

@@ -23,9 +23,8 @@ from align.reward import RewardModel, system_examples
 from align.training import tokenize_pair
 from stages import system_messages as sm
 from tests.conftest import ROOT
-from tests.test_evaluate import SMALL, add_policy_outs
-from tests.test_reward import rm_project
-from tests.test_sft_stages import FAST_TRAINING, make_project, stage
+from tests.helpers import FAST_TRAINING, stage
+from tests.projects import SMALL_EVALUATE, add_policy_outs, make_project, rm_project
 
 SPACE = sm.load_space(ROOT / "assets/preference_space.jsonl")
 DESCRIPTIONS = {v.id: v.description for vs in SPACE.values() for v in vs}
@@ -111,7 +110,7 @@ def test_system_messages_feed_pairs_and_labels_and_evaluate_never_training_on_he
     cwd = make_project(tmp_path, tiny_model, pairs=[("What is the capital of France?", "Paris.")],
                        system_messages={"enabled": True, "train_prompts": 6, "eval_prompts": 3, "max_new_tokens": 24,
                                         "eval_max_new_tokens": 8},
-                       sample_pairs={"max_prompts": 2, "max_new_tokens": 8}, evaluate=SMALL)
+                       sample_pairs={"max_prompts": 2, "max_new_tokens": 8}, evaluate=SMALL_EVALUATE)
     add_policy_outs(cwd, tiny_model)
     with staged_out(cwd / "data/prompts", stage="prompts", params={}, inputs={}) as tmp:
         write_jsonl(tmp / "prompts.jsonl", [{"id": f"p{i}", "text": f"Tell me about the number {i}.", "source": "seed"}

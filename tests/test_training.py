@@ -18,17 +18,8 @@ from align.training import (
     sft_job, sft_loss, shuffled_batches, tokenize_pair,
 )
 from slurm.submit import JobSpec, submit
+from tests.helpers import TINY_TRAINING, inline
 from tests.tiny import PAIRS
-
-# dropout on, so an exact resume needs the RNG states restored
-TINY = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1, micro_batch_size=1,
-            lr_schedule="constant", warmup_ratio=0.0)  # runs of different lengths share their first steps
-
-
-def _inline(fn: functools.partial) -> dict:
-    """Run `fn` as one process through the submission layer (it exports RANK/WORLD_SIZE/MASTER_* itself)."""
-    spec = JobSpec(stage="train_test", fn=fn, resources=Resources(), target=Path("unused"), key={})
-    return submit(spec, Cluster(executor="inline"))
 
 
 def _crash_after(calls: int, counter: list[int], model, batch: dict) -> torch.Tensor:  # noqa: ANN001
@@ -95,7 +86,7 @@ def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    training = Training(**TINY, zero_stage=2, gradient_accumulation_steps=2, save_every=100)
+    training = Training(**TINY_TRAINING, zero_stage=2, gradient_accumulation_steps=2, save_every=100)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     assert init_distributed() == (0, 1)  # no environment: one process on a free local port
@@ -128,12 +119,12 @@ def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path,
 
 
 def test_resume_continues_the_same_loss_curve(tiny_model: Path, tmp_path: Path) -> None:
-    training = Training(**TINY, gradient_accumulation_steps=2, save_every=3, keep_checkpoints=2)
+    training = Training(**TINY_TRAINING, gradient_accumulation_steps=2, save_every=3, keep_checkpoints=2)
     run = functools.partial(sft_job, tiny_model, PAIRS, training=training, log=None)
-    full = _inline(functools.partial(run, tmp_path / "a", max_steps=10))
-    first = _inline(functools.partial(run, tmp_path / "b", max_steps=4))  # checkpoints at 3 and 4 (the end)
+    full = inline(functools.partial(run, tmp_path / "a", max_steps=10))
+    first = inline(functools.partial(run, tmp_path / "b", max_steps=4))  # checkpoints at 3 and 4 (the end)
     assert sorted(p.name for p in (tmp_path / "b").glob("step_*")) == ["step_00000003", "step_00000004"]
-    rest = _inline(functools.partial(run, tmp_path / "b", max_steps=10, adapter_dir=tmp_path / "adapter"))
+    rest = inline(functools.partial(run, tmp_path / "b", max_steps=10, adapter_dir=tmp_path / "adapter"))
 
     assert first["losses"] == full["losses"][:4]
     assert rest["start_step"] == 4 and rest["step"] == 10
@@ -144,17 +135,17 @@ def test_resume_continues_the_same_loss_curve(tiny_model: Path, tmp_path: Path) 
 
 
 def test_crash_mid_run_loses_at_most_one_checkpoint_interval(tiny_model: Path, tmp_path: Path) -> None:
-    training = Training(**TINY, gradient_accumulation_steps=2, save_every=3)
+    training = Training(**TINY_TRAINING, gradient_accumulation_steps=2, save_every=3)
     run = functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt", training, 10, log=None)
-    full = _inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "full", training, 10, log=None))
+    full = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "full", training, 10, log=None))
     crash_step = 8  # raises in the middle of step 8's accumulation (after one of its two micro-batches)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        _inline(functools.partial(run, loss_fn=functools.partial(_crash_after, 7 * 2 + 1, [0])))
+        inline(functools.partial(run, loss_fn=functools.partial(_crash_after, 7 * 2 + 1, [0])))
     assert latest_checkpoint(tmp_path / "ckpt") == "step_00000006"
     (tmp_path / "ckpt" / "step_00000009").mkdir()  # a half-written checkpoint of a crash during save: ignored
     (tmp_path / "ckpt" / "step_00000009" / "junk").write_text("partial")
 
-    resumed = _inline(run)
+    resumed = inline(run)
     assert crash_step - resumed["start_step"] <= training.save_every
     assert resumed["start_step"] == 6
     assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)
@@ -173,10 +164,10 @@ def test_two_processes_match_one_process(tiny_model: Path, tmp_path: Path, stage
 
     # the same global batch of 2: 1 rank x 2 accumulation micro-batches, or 2 ranks x 1, over the same stream;
     # no dropout: with it each rank draws its own masks, so the runs would differ by more than arithmetic order
-    setup = {**TINY, "lora_dropout": 0.0, "zero_stage": stage, "save_every": 3}
+    setup = {**TINY_TRAINING, "lora_dropout": 0.0, "zero_stage": stage, "save_every": 3}
     one = Training(**setup, gradient_accumulation_steps=2)
     two = Training(**setup, gradient_accumulation_steps=1)
-    single = _inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1", one, 6,
+    single = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1", one, 6,
                                        adapter_dir=tmp_path / "adapter1", log=None))
 
     def two_processes(max_steps: int) -> dict:
@@ -232,6 +223,6 @@ def test_sft_pads_with_eos_where_the_tokenizer_has_no_pad_token(tiny_model: Path
     tokenizer.save_pretrained(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     assert tokenizer.pad_token_id is None and padding_id(tokenizer) == tokenizer.eos_token_id
-    training = Training(**{**TINY, "micro_batch_size": 2})
-    result = _inline(functools.partial(sft_job, model, PAIRS, tmp_path / "ckpt", training, 3, log=None))
+    training = Training(**{**TINY_TRAINING, "micro_batch_size": 2})
+    result = inline(functools.partial(sft_job, model, PAIRS, tmp_path / "ckpt", training, 3, log=None))
     assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])

@@ -1,0 +1,119 @@
+"""What many test modules run things with: a command or a stage as DVC would run it, a fresh git + DVC copy of the
+project, a job inline through the submission layer, the SLURM queue watched; and the training settings the tiny
+model learns fast with. Shared here so that no test module imports another (tests/test_structure.py checks)."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import yaml
+
+from align.params import Cluster, Resources
+from slurm.submit import JobSpec, submit
+from tests.conftest import ROOT
+
+PROJECT_FILES = ["stages", "align", "slurm", "assets", "dvc.yaml", "params.yaml", ".gitignore"]
+FAST_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, micro_batch_size=4, warmup_ratio=0.0,
+                     lr_schedule="constant", zero_stage=2)
+# dropout on, so an exact resume needs the RNG states restored
+TINY_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1, micro_batch_size=1,
+                     lr_schedule="constant", warmup_ratio=0.0)  # runs of different lengths share their first steps
+
+
+def sh(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+           "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def new_repo(folder: Path, groups: dict[str, dict]) -> Path:
+    """A copy of the project in a fresh git + DVC repository, its params groups updated with `groups`, committed."""
+    folder.mkdir()
+    for name in PROJECT_FILES:
+        src = ROOT / name
+        if src.is_dir():
+            shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, folder / name)
+    params = yaml.safe_load((folder / "params.yaml").read_text())
+    for group, values in groups.items():
+        params[group].update(values)
+    (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh(folder, "git", "init", "-q")
+    sh(folder, "dvc", "init", "-q")
+    sh(folder, "git", "add", "-A")
+    sh(folder, "git", "commit", "-qm", "init")
+    return folder
+
+
+def stage_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+
+
+def stage(cwd: Path, name: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run stage `name` in the project folder `cwd` as dvc.yaml's cmd does."""
+    return subprocess.run([sys.executable, "-m", f"stages.{name}"], cwd=cwd, env=stage_env(), capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def curve(cwd: Path, stage_name: str, metric: str) -> list[tuple[int, float]]:
+    with (cwd / "dvclive" / stage_name / "plots" / "metrics" / f"{metric}.tsv").open() as fh:
+        return [(int(row["step"]), float(row[metric])) for row in csv.DictReader(fh, delimiter="\t")]
+
+
+def kill_tree(pid: int) -> None:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    for child in children:
+        kill_tree(int(child))
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def inline(fn: functools.partial) -> dict:
+    """Run `fn` as one process through the submission layer (it exports RANK/WORLD_SIZE/MASTER_* itself)."""
+    spec = JobSpec(stage="train_test", fn=fn, resources=Resources(), target=Path("unused"), key={})
+    return submit(spec, Cluster(executor="inline"))
+
+
+def squeue_jobs(name: str) -> dict[str, str]:
+    """{job id: state} of the jobs called `name` that slurmctld lists (pending, running, recently ended)."""
+    out = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"], capture_output=True, text=True,
+                         check=True, timeout=30).stdout
+    return dict(line.split() for line in out.splitlines() if line.strip())
+
+
+class SqueueWatch:
+    """Polls squeue in a thread and keeps every job id it lists under `name` (as a set of snapshots)."""
+
+    def __init__(self, name: str) -> None:
+        self.name, self.snapshots, self._stop = name, [], threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.snapshots.append(squeue_jobs(self.name))
+            except (subprocess.SubprocessError, OSError):
+                pass  # slurmctld busy for a moment: the next poll sees the same jobs
+            time.sleep(0.2)
+
+    def __enter__(self) -> "SqueueWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
