@@ -1,4 +1,4 @@
-"""One PPO iteration (rollout + reward + update) of our PPO stage (`stages.ppo.PpoJob`: DeepSpeed engines, rollouts
+"""One PPO iteration (rollout + reward + update) of our PPO stage (`stages.ppo.job`: DeepSpeed engines, rollouts
 through params.yaml's generation backend, the instructable RM) vs TRL's PPOTrainer (trl 1.12, `trl.experimental.ppo`), same SFT model,
 same reward model, same prompts, same batch sizes, same CPU, in one run. Prints a table, writes
 bench/results/ppo_vs_trl.json.
@@ -141,7 +141,7 @@ class Finished(Exception):
 
 
 def run_ours(spec: dict, scratch: Path, memory: TreeRss) -> dict:
-    """`stages.ppo.PpoJob` with a log call that also reads the clock and the peak RSS, in the scratch folder."""
+    """`stages.ppo.job` with a log call that also reads the clock and the peak RSS, in the scratch folder."""
     from align.assets import PreferencePrinciple, load_jsonl
     from stages import ppo
 
@@ -167,9 +167,9 @@ def run_ours(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     settings = load_params(ROOT / "params.yaml").generation.model_copy(
         update={"backend": spec["backend"], "batch_size": spec["rollout"]})
     try:
-        ppo.PpoJob(sft_dir=Path(spec["model"]), rm_dir=Path(spec["rm"]), pool=spec["pool"], collection=collection,
-                   guards=guards, cfg=cfg, training=training_config(spec), generation=settings, seed=spec["seed"],
-                   ckpt_dir=scratch / "ckpt", params={}, inputs={})()
+        ppo.job(ppo.PpoJob(sft_dir=Path(spec["model"]), rm_dir=Path(spec["rm"]), pool=spec["pool"],
+                           collection=collection, guards=guards, cfg=cfg, training=training_config(spec),
+                           generation=settings, seed=spec["seed"], ckpt_dir=scratch / "ckpt", params={}, inputs={}))
     except Finished:
         pass
     steps = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.step_batch_size)

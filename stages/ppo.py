@@ -125,7 +125,7 @@ def all_mean(values: dict[str, float], world: int, device: torch.device) -> dict
 
 @dataclass(frozen=True)
 class PpoJob:
-    """What a PPO job reads, built on the login node and pickled into the job; calling it runs the job."""
+    """What a PPO job reads, built on the login node and pickled into the job."""
 
     sft_dir: Path
     rm_dir: Path
@@ -140,9 +140,9 @@ class PpoJob:
     params: dict
     inputs: dict
 
-    def __call__(self) -> str | None:
-        """Runs in every task of the allocation; rank 0 returns the out's artifact id."""
-        return PpoRecipe(self).run()
+def job(args: PpoJob) -> str | None:
+    """Runs in every task of the allocation; rank 0 returns the out's artifact id."""
+    return PpoRecipe(args).run()
 
 
 # ----------------------------------------------------------------------------------------------------- recipe
@@ -335,10 +335,10 @@ def main() -> None:
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "ppo": cfg.model_dump(), "generation": params.generation.model_dump()}
     ckpt_dir = checkpoint_dir("ppo", {"params": subset, "inputs": inputs})
-    job = PpoJob(sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, cfg=cfg,
-                 training=training, generation=params.generation, seed=params.seed, ckpt_dir=ckpt_dir, params=subset,
-                 inputs=inputs)
-    runner.submit_stage(STAGE, OUT, job, resources, params.cluster, subset, inputs)
+    fn = functools.partial(job, PpoJob(
+        sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, cfg=cfg, training=training,
+        generation=params.generation, seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs))
+    runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

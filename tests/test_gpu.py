@@ -21,10 +21,8 @@ from align.artifacts import verify_artifact
 from align.devices import job_device
 from align.params import Training
 from align.training import sft_job
-from tests.test_ppo import TINY_PPO, ppo_project
-from tests.test_reward import rm_project
-from tests.test_sft_stages import FAST_TRAINING, curve, make_project, stage
-from tests.test_training import TINY, _inline
+from tests.helpers import FAST_TRAINING, TINY_TRAINING, curve, inline, stage
+from tests.projects import TINY_PPO, make_project, ppo_project, rm_project
 from tests.tiny import PAIRS
 
 ON_CPU = os.environ.get("ALIGN_GPU_SUITE_ON_CPU") == "1"
@@ -56,10 +54,10 @@ def bf16_model(roomy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_sft_steps_in_bf16_fall_and_resume_on_the_gpu(bf16_model: Path, tmp_path: Path) -> None:
-    training = Training(**{**TINY, "precision": "bf16", "save_every": 3})
+    training = Training(**{**TINY_TRAINING, "precision": "bf16", "save_every": 3})
     job = functools.partial(sft_job, bf16_model, PAIRS, tmp_path / "ckpt", training, log=None)
-    first = _inline(functools.partial(job, max_steps=3))
-    rest = _inline(functools.partial(job, max_steps=12))
+    first = inline(functools.partial(job, max_steps=3))
+    rest = inline(functools.partial(job, max_steps=12))
     assert rest["start_step"] == 3 and len(rest["losses"]) == 12 and rest["losses"][:3] == first["losses"]
     assert statistics.fmean(rest["losses"][-3:]) < statistics.fmean(rest["losses"][:3])
     if not ON_CPU:

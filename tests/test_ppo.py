@@ -27,7 +27,7 @@ from align.rollout import pack, policy_outputs
 from align.training import tokenize_pair
 from stages.ppo import shaped_scores
 from tests.conftest import ROOT
-from tests.helpers import curve, kill_tree, stage
+from tests.helpers import FAST_TRAINING, curve, kill_tree, stage
 from tests.projects import TINY_PPO, ppo_project, preference_rows, rm_project
 
 
