@@ -19,7 +19,7 @@ from rouge_score import rouge_scorer, tokenizers
 
 if TYPE_CHECKING:
     from align.assets import Principle
-    from align.generation import Generation
+    from align.generation import Completion
     from align.params import SelfAlign
 
 PARALLEL_MIN_POOL = 2000  # below this, one process is faster than shipping the pool to workers
@@ -144,10 +144,10 @@ def trim_to_boundary(text: str) -> str | None:
     return text[: ends[-1]].rstrip() if ends else None
 
 
-def answer_problem(generation: Generation, answer: str | None, principles: list[Principle],
+def answer_problem(completion: Completion, answer: str | None, principles: list[Principle],
                    cfg: SelfAlign) -> str | None:
     """Why an answer is not kept (None: kept)."""
-    if generation.finish_reason == "length":
+    if completion.finish_reason == "length":
         return "cut_off"
     if answer is None:
         return "no_answer"

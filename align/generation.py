@@ -46,7 +46,7 @@ class Sampling:
 
 
 @dataclass(frozen=True)
-class Generation:
+class Completion:
     text: str
     num_tokens: int  # generated tokens (up to and including the stop/eos token)
     finish_reason: str  # "stop" (eos or stop string) | "length"
@@ -165,7 +165,7 @@ class Generator:
     def tokenizer(self) -> Any:
         return self._impl.tokenizer
 
-    def generate(self, prompts: list[str], sampling: Sampling, *, adapter: Path | None = None) -> list[Generation]:
+    def generate(self, prompts: list[str], sampling: Sampling, *, adapter: Path | None = None) -> list[Completion]:
         if adapter is not None and (rank := adapter_rank(adapter)) > self.lora_rank:
             raise UserError(f"{adapter}: LoRA rank {rank} but the generator was started with lora_rank={self.lora_rank}")
         return self._impl.generate(list(prompts), sampling, None if adapter is None else Path(adapter))
@@ -188,7 +188,7 @@ def generate(
     settings: params.Generation | None = None,
     *,
     adapter: Path | None = None,
-) -> list[Generation]:
+) -> list[Completion]:
     """One-shot: load, generate, release. Loops should keep a `Generator` instead."""
     rank = adapter_rank(adapter) if adapter is not None else 0
     with Generator(model, settings or params.Generation(), lora_rank=rank) as generator:
@@ -244,7 +244,7 @@ class _VLLM:
             self.loras[key] = LoRARequest(f"adapter-{n}", n, str(adapter.resolve()))
         return self.loras[key]
 
-    def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | None) -> list[Generation]:
+    def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | None) -> list[Completion]:
         from vllm import SamplingParams
 
         per_prompt = [
@@ -263,7 +263,7 @@ class _VLLM:
         for out in outputs:
             done = out.outputs[0]
             reason = "length" if done.finish_reason == "length" else "stop"
-            records.append(Generation(done.text, len(done.token_ids), reason, tuple(done.token_ids)))
+            records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids)))
         return records
 
     def close(self) -> None:
@@ -325,14 +325,14 @@ class _HF:
             self.adapter = key
         return self.peft, nullcontext()
 
-    def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | None) -> list[Generation]:
+    def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | None) -> list[Completion]:
         import torch
 
         model, context = self._use_adapter(adapter)
         key = self.adapter if adapter is not None else None
         ids = self.tokenizer(prompts)["input_ids"]
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        records: list[Generation] = []
+        records: list[Completion] = []
         with context, torch.inference_mode(), torch.random.fork_rng(devices=devices):
             torch.manual_seed(sampling.seed)  # one stream per call: reproducible, rows of a batch differ
             with progress(total=len(ids), desc="Generated prompts", unit="prompt") as bar:
@@ -360,7 +360,7 @@ class _HF:
         cache.batch_repeat_interleave(batch)
         return cache
 
-    def _batch(self, model: Any, adapter: str | None, ids: list[list[int]], sampling: Sampling) -> list[Generation]:
+    def _batch(self, model: Any, adapter: str | None, ids: list[list[int]], sampling: Sampling) -> list[Completion]:
         import torch
 
         n = self._shared_prefix(ids) if self.reuse_prefix and len(ids) > 1 else 0
@@ -391,7 +391,7 @@ class _HF:
         )
         return [self._record(row, new.tolist(), sampling.stop) for row, new in zip(ids, out[:, n + width :])]
 
-    def _record(self, prompt: list[int], new: list[int], stop: tuple[str, ...]) -> Generation:
+    def _record(self, prompt: list[int], new: list[int], stop: tuple[str, ...]) -> Completion:
         """Finish reason, token count and text of one row of generated ids, detokenized as vLLM does: token by
         token with a DecodeStream primed with the prompt (a partial UTF-8 character is held back until completed,
         so a trailing one never shows), stopping at the first eos token or the stop string that completes first.
@@ -403,7 +403,7 @@ class _HF:
         text = ""
         for k, token in enumerate(new, 1):
             if token in self.eos:
-                return Generation(text, k, "stop", tuple(new[:k]))
+                return Completion(text, k, "stop", tuple(new[:k]))
             try:
                 piece = stream.step(backend, token)
             except Exception as exc:  # tokenizers' stream breaks on non-monotonic output; vLLM restarts it too
@@ -420,8 +420,8 @@ class _HF:
                 if (i := text.find(s, max(len(text) - len(piece) - len(s) + 1, 0))) >= 0
             ]
             if hits:
-                return Generation(text[: min(hits)[2]], k, "stop", tuple(new[:k]))
-        return Generation(text, len(new), "length", tuple(new))
+                return Completion(text[: min(hits)[2]], k, "stop", tuple(new[:k]))
+        return Completion(text, len(new), "length", tuple(new))
 
     def close(self) -> None:
         self.prefix = None

@@ -268,7 +268,7 @@ def bt_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Ten
 # ----------------------------------------------------------------------------------------------------- scoring
 
 
-class RewardModel:
+class RewardScorer:
     """A trained RM loaded for scoring: the base model folder it was trained on plus its out folder."""
 
     def __init__(self, base: Path | str, rm_dir: Path | str, *, batch_size: int = 8, precision: str = "fp32"):

@@ -46,7 +46,7 @@ from align.params import Evaluate, Generation, SystemMessages, load_params
 from align.paths import MODEL
 from align.progress import progress
 from align.records import read_jsonl, sample_in_order, write_json, write_jsonl
-from align.reward import RewardModel
+from align.reward import RewardScorer
 from align.scoring import Scorer
 
 STAGE = "evaluate"
@@ -143,7 +143,7 @@ def answer_system_messages(generator: Generator, rows: list[dict], max_new_token
              "mismatched": next(outs).text.strip()} for row in rows]
 
 
-def system_message_judgement(rm: RewardModel, rows: list[dict], answers: list[dict], descriptions: dict[str, str],
+def system_message_judgement(rm: RewardScorer, rows: list[dict], answers: list[dict], descriptions: dict[str, str],
                              margin: float) -> dict:
     """The RM's verdict on answers under the matched vs the mismatched system message: per dimension, scored
     under the description of the row's value for it; and overall, under the whole system message. Win: the
@@ -180,7 +180,7 @@ def outcomes(diffs: list[float], margin: float) -> dict:
             "turns": n}
 
 
-def rm_judgement(rm: RewardModel, answers: dict[str, list[dict]], guide: list[str], margin: float) -> dict:
+def rm_judgement(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[str], margin: float) -> dict:
     """Per policy: mean reward of its answers and, against the base model's answer to the same turn, win/tie/loss."""
     rewards = {}
     for policy, rows in answers.items():
@@ -281,7 +281,7 @@ def job(args: EvaluateJob) -> str:
     """Runs inside the allocation: score, generate and judge every policy; write the out."""
     results, answers, system_answers = score_and_answer(args)
     held_out = args.benchmarks["system_messages"]
-    rm = RewardModel(RM_BASE, RM, batch_size=args.cfg.batch_size)
+    rm = RewardScorer(RM_BASE, RM, batch_size=args.cfg.batch_size)
     for name, judged in rm_judgement(rm, answers, args.guide, args.cfg.tie_margin).items():
         results[name]["mtbench"] = judged
     if held_out:

@@ -3,7 +3,7 @@
 Models, all in each task of the job: the policy = the SFT model + a trainable LoRA adapter; the reference = the
 same model with the adapter disabled (no second copy); the value model = the RM (its trunk with the RM adapter
 folded in, and its scalar head) + its own LoRA, read at every response token; the RM itself, frozen, through
-`RewardModel.score`. Policy and value train as two DeepSpeed engines of the training base (ZeRO stage from
+`RewardScorer.score`. Policy and value train as two DeepSpeed engines of the training base (ZeRO stage from
 `training`), data-parallel over the job's ranks.
 
 One iteration: `rollout_batch_size` prompts (each rank its share) are answered through the generation interface
@@ -41,7 +41,7 @@ from align.models import padding_id
 from align.params import Generation, Ppo, Training, load_params
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_jsonl
-from align.reward import RewardModel
+from align.reward import RewardScorer
 from align.rl import (
     adapt_kl_coef, entropy, explained_variance, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten,
 )
@@ -164,7 +164,7 @@ class PpoRecipe:
                                   total_steps=updates)
         self.value = make_engine(value_model(job.sft_dir, job.rm_dir, self.training, job.seed), self.training,
                                  self.world, total_steps=updates)
-        self.reward = RewardModel(job.sft_dir, job.rm_dir, batch_size=cfg.score_batch_size,
+        self.reward = RewardScorer(job.sft_dir, job.rm_dir, batch_size=cfg.score_batch_size,
                                   precision=self.training.precision)
         self.pad_id = padding_id(AutoTokenizer.from_pretrained(job.sft_dir))
         self.rollout_adapter = job.ckpt_dir / "rollout_adapter"  # the current policy, for the generation backend

@@ -23,9 +23,8 @@ from align.artifacts import input_refs, staged_out, verify_artifact
 from align.assets import QuestionType, SeedPrompt, load_jsonl
 from align.errors import UserError
 from align.filters import RougePool, counts_text, distinct_n, prompt_problem
-from align.generation import Generation, Generator, Sampling, one_task
-from align.params import Generation as GenerationSettings
-from align.params import Prompts, load_params
+from align.generation import Completion, Generator, Sampling, one_task
+from align.params import Generation, Prompts, load_params
 from align.records import write_json, write_jsonl
 
 STAGE = "prompts"
@@ -59,10 +58,10 @@ class _Collector:
         self.kept.append({"text": text, **record})
         return True
 
-    def candidates(self, generation: Generation, first: int) -> list[str]:
+    def candidates(self, completion: Completion, first: int) -> list[str]:
         """The list items of one completion; a last item cut by the token limit is counted, not offered."""
-        items = templates.parse_numbered(generation.text, first)
-        if generation.finish_reason == "length" and "\n\n" not in generation.text:
+        items = templates.parse_numbered(completion.text, first)
+        if completion.finish_reason == "length" and "\n\n" not in completion.text:
             items.pop()
             self.generated += 1
             self.rejected["cut_off"] += 1
@@ -91,10 +90,10 @@ def self_instruct(generator: Generator, cfg: Prompts, seeds: list[str], collecto
 def tgrt(generator: Generator, cfg: Prompts, types: list[QuestionType], collector: _Collector, seed: int) -> None:
     sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed=seed * 100_003 + 50_000)
     pairs = []
-    for qtype, generation in zip(types, generator.generate([templates.tgrt_topics_prompt(t) for t in types],
+    for qtype, completion in zip(types, generator.generate([templates.tgrt_topics_prompt(t) for t in types],
                                                            sampling)):
         topics: list[str] = []
-        for topic in templates.parse_numbered(generation.text, 1):
+        for topic in templates.parse_numbered(completion.text, 1):
             topic = topic.rstrip(".")
             if 0 < len(topic.split()) <= MAX_TOPIC_WORDS and topic.lower() not in (t.lower() for t in topics):
                 topics.append(topic)
@@ -113,7 +112,7 @@ class PromptsJob:
     """The job's arguments, sent to the allocation with it."""
     model: Path
     cfg: Prompts
-    generation: GenerationSettings
+    generation: Generation
     seed: int
     params: dict  # the params subset and the input refs: the manifest records both
     inputs: dict

@@ -3,7 +3,7 @@
 Trains a LoRA adapter and a scalar head on the SFT policy with the Bradley-Terry loss on instances drawn from
 the labelled pairs of `label_preferences` (align/reward.py: random principle subsets, some negated), after an
 optional preference-model pre-training pass on a public preference set (`rm.pmp`). The job then scores, with
-the same `RewardModel.score` PPO uses: accuracy on held-out pairs, the negation flip rate on held-out pairs a
+the same `RewardScorer.score` PPO uses: accuracy on held-out pairs, the negation flip rate on held-out pairs a
 single principle decides, and accuracy on the HHH pairs of the benchmark folder.
 
 Out (models/rm): adapter/ (LoRA + head), rm_prompt.txt, reward.json, eval.jsonl (every held-out judgement),
@@ -32,7 +32,7 @@ from align.params import RewardModel as RewardParams
 from align.paths import MODEL
 from align.records import write_json, write_jsonl
 from align.reward import (
-    CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardModel, bt_loss, negation_cases, pair_batches,
+    CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardScorer, bt_loss, negation_cases, pair_batches,
     preference_examples, read_preferences, split_pairs, tokenize_examples,
 )
 from align.training import (
@@ -127,7 +127,7 @@ def mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def hhh_accuracy(rm: RewardModel, items: list[ChoiceItem], guide: list[str]) -> dict:
+def hhh_accuracy(rm: RewardScorer, items: list[ChoiceItem], guide: list[str]) -> dict:
     """Per subset and overall: the share of items whose best reply gets a higher reward than every wrong one."""
     prompts = [item.context.strip() for item in items for _ in item.choices]
     replies = [choice for item in items for choice in item.choices]
@@ -142,7 +142,7 @@ def hhh_accuracy(rm: RewardModel, items: list[ChoiceItem], guide: list[str]) -> 
             **{subset: {"acc": statistics.fmean(rs), "items": len(rs)} for subset, rs in sorted(right.items())}}
 
 
-def evaluate(rm: RewardModel, held_out: list[dict], cases: list[dict], principles: dict[str, PreferencePrinciple],
+def evaluate(rm: RewardScorer, held_out: list[dict], cases: list[dict], principles: dict[str, PreferencePrinciple],
              hhh: list[ChoiceItem], hhh_guide: list[str]) -> tuple[dict, list[dict]]:
     """Metrics and the per-judgement records of the held-out pairs, the negation cases and the HHH pairs."""
     records = []
@@ -197,7 +197,7 @@ class TrainRmJob:
 
 def job(args: TrainRmJob) -> str | None:
     """Runs in every task of the allocation: train (pre-training pairs first, then the synthetic instances),
-    then rank 0 evaluates through `RewardModel.score` and writes the out."""
+    then rank 0 evaluates through `RewardScorer.score` and writes the out."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.base, trust_remote_code=False)
@@ -224,7 +224,7 @@ def job(args: TrainRmJob) -> str | None:
         (folder / TEMPLATE_FILE).write_text(args.template, encoding="utf-8")
         write_json(folder / CONFIG_FILE, {"max_prompt_tokens": args.cfg.max_prompt_tokens,
                                           "max_response_tokens": args.cfg.max_response_tokens})
-        rm = RewardModel(args.base, folder, batch_size=args.cfg.batch_size, precision=args.training.precision)
+        rm = RewardScorer(args.base, folder, batch_size=args.cfg.batch_size, precision=args.training.precision)
         metrics, records = evaluate(rm, args.held_out, args.cases, args.principles, args.hhh, args.hhh_guide)
         tail = slice(-10, None)
         write_jsonl(folder / "eval.jsonl", records)

@@ -140,14 +140,14 @@ def test_eos_record(hf: gen.Generator) -> None:
     tok = hf.tokenizer
     prompt, body = tok("Hi")["input_ids"], tok(" The quick brown fox")["input_ids"]
     row = body + [tok.eos_token_id] + [tok.pad_token_id] * 3
-    assert hf._impl._record(prompt, row, ()) == gen.Generation(" The quick brown fox", len(body) + 1, "stop",
+    assert hf._impl._record(prompt, row, ()) == gen.Completion(" The quick brown fox", len(body) + 1, "stop",
                                                                tuple(body + [tok.eos_token_id]))
     assert hf._impl._record(prompt, row, ("brown", "quick")).text == " The "
     assert hf._impl._record(prompt, body[:2], ()).finish_reason == "length"
 
 
 def test_seeded_sampling(hf: gen.Generator, prompts: list[str]) -> None:
-    def sample(seed: int) -> list[gen.Generation]:
+    def sample(seed: int) -> list[gen.Completion]:
         return hf.generate(prompts[:2] * 2, gen.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=seed))
 
     first = sample(7)
@@ -210,7 +210,7 @@ def test_vllm_stop_strings_match_hf(vllm: gen.Generator, hf: gen.Generator, prom
 
 @pytest.mark.slow
 def test_vllm_seeded_sampling(vllm: gen.Generator, prompts: list[str]) -> None:
-    def sample(seed: int) -> list[gen.Generation]:
+    def sample(seed: int) -> list[gen.Completion]:
         return vllm.generate(prompts[:2] * 2, gen.Sampling(temperature=1.0, top_p=0.9, max_new_tokens=16, seed=seed))
 
     first = sample(7)

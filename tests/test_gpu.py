@@ -75,7 +75,7 @@ def test_engrave_stage_in_bf16_runs_on_the_gpu(bf16_model: Path, tmp_path: Path)
 
 
 def test_reward_model_and_dpo_steps_in_bf16_on_the_gpu(bf16_model: Path, tmp_path: Path) -> None:
-    from align.reward import RewardModel
+    from align.reward import RewardScorer
 
     cwd = rm_project(tmp_path / "rm", bf16_model, training={**BF16, "micro_batch_size": 4, "save_every": 5})
     proc = stage(cwd, "train_rm")
@@ -83,7 +83,7 @@ def test_reward_model_and_dpo_steps_in_bf16_on_the_gpu(bf16_model: Path, tmp_pat
     assert ran_here(cwd, "train_rm"), job_log(cwd, "train_rm")
     losses = [loss for _, loss in curve(cwd, "train_rm", "loss")]
     assert statistics.fmean(losses[-8:]) < statistics.fmean(losses[:8])
-    rm = RewardModel(cwd / "models/sft/model", cwd / "models/rm", precision="bf16")
+    rm = RewardScorer(cwd / "models/sft/model", cwd / "models/rm", precision="bf16")
     assert next(rm.model.parameters()).device == job_device()
     scores = rm.score(["Name a number."] * 2, ["7", "1 2 3 4 5 6 7 8 9 10 and so on."], [["Be concise."]] * 2)
     assert all(map(torch.isfinite, torch.tensor(scores)))

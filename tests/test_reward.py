@@ -1,6 +1,6 @@
 """The instructable reward model: labels under a principle subset (negation flips them, ties are dropped), the
 held-out split, and the `train_rm` stage on the tiny model — the Bradley-Terry loss falls, the out's RM is the
-one `RewardModel.score` loads, the metrics hold held-out / negation / HHH results, and bad input is one line."""
+one `RewardScorer.score` loads, the metrics hold held-out / negation / HHH results, and bad input is one line."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 from align.artifacts import verify_artifact
 from align.records import read_jsonl, write_jsonl
 from align.reward import (
-    RewardModel, collate_pairs, pair_rewards, shared_length, split_pairs, subset_label, training_examples,
+    RewardScorer, collate_pairs, pair_rewards, shared_length, split_pairs, subset_label, training_examples,
 )
 from stages.train_rm import pmp_pairs, split_transcript
 from tests.helpers import curve, stage
@@ -126,7 +126,7 @@ def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, 
     assert len(curve(cwd, "train_rm", "accuracy")) == len(losses)
 
     # the out is a reward model `score` loads: it reproduces the job's own held-out judgements
-    rm = RewardModel(cwd / "models/sft/model", cwd / "models/rm")
+    rm = RewardScorer(cwd / "models/sft/model", cwd / "models/rm")
     held = [r for r in read_jsonl(cwd / "models/rm/eval.jsonl") if r["kind"] == "held_out"][:4]
     rows = {r["id"]: r for r in preference_rows()}
     guides = [[PRINCIPLES[p].negation if neg else PRINCIPLES[p].definition for p, neg in r["shown"]] for r in held]

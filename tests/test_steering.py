@@ -61,10 +61,10 @@ def steerable(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> tu
 
 @pytest.mark.slow
 def test_guard_principles_lower_the_reward_of_self_praise(steerable: tuple[Path, Path]) -> None:
-    from align.reward import RewardModel
+    from align.reward import RewardScorer
 
     sft_model, rm_dir = steerable
-    rm = RewardModel(sft_model, rm_dir)
+    rm = RewardScorer(sft_model, rm_dir)
     prompts, plain = [p for p, _, _ in SHORT_LONG[:6]], [s for _, s, _ in SHORT_LONG[:6]]
 
     def margin(guide: list[str]) -> float:  # the reward of each plain answer minus that of its self-praising twin

@@ -19,7 +19,7 @@ from align.errors import UserError
 from align.generation import chat_prompt, has_system_role
 from align.params import SystemMessages
 from align.records import read_jsonl, write_jsonl
-from align.reward import RewardModel, system_examples
+from align.reward import RewardScorer, system_examples
 from align.training import tokenize_pair
 from stages import system_messages as sm
 from tests.conftest import ROOT
@@ -213,7 +213,7 @@ def test_the_rm_prefers_the_answer_that_fits_the_system_message(tmp_path: Path, 
     metrics = json.loads((cwd / "metrics/train_rm.json").read_text())
     assert metrics["train"]["system_message_examples"] > 0 and metrics["system_messages"]["examples"] > 0
 
-    rm = RewardModel(cwd / "models/sft/model", cwd / "models/rm")
+    rm = RewardScorer(cwd / "models/sft/model", cwd / "models/rm")
     prompts = [row[0] for row in CHILD_EXPERT]
     margins = {}
     for background, fits in (("child", 1), ("expert_programmer", 2)):
