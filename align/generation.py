@@ -17,7 +17,6 @@ vLLM starts its engine in spawned processes, which re-import the calling script:
 
 from __future__ import annotations
 
-import copy
 import functools
 import json
 import os
@@ -29,11 +28,11 @@ from typing import Any
 from align import params
 from align.devices import config_dtype, load_causal_lm
 from align.errors import UserError
+from align.prefix_cache import PrefixCache, shared_prefix
 from align.models import padding_id
 from align.progress import progress
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
-MIN_SHARED_PREFIX = 8  # hf: shorter common prefixes are not worth a separate forward pass
 
 
 @dataclass(frozen=True)
@@ -296,7 +295,7 @@ class _HF:
         self.batch_size = settings.batch_size
         self.peft: Any = None  # PeftModel wrapping self.base once an adapter was asked for
         self.adapter: str | None = None  # content hash of the adapter loaded into self.peft
-        self.prefix: tuple[Any, Any] | None = None  # ((adapter, prefix tokens), cache for batch size 1)
+        self.prefix = PrefixCache()  # keyed by (adapter, prefix tokens)
         self.reuse_prefix = True  # switch for tests/benchmarks: False = plain left padding
         eos = self.base.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -341,30 +340,10 @@ class _HF:
                     bar.update(len(records) - bar.n)
         return records
 
-    def _shared_prefix(self, ids: list[list[int]]) -> int:
-        """Length of the token prefix common to all rows, leaving each row at least one token to feed."""
-        n = min(len(row) for row in ids) - 1
-        for i in range(n):
-            if any(row[i] != ids[0][i] for row in ids):
-                return i
-        return max(n, 0)
-
-    def _prefix_cache(self, model: Any, key: tuple, batch: int) -> Any:
-        """A fresh cache holding the prefix's keys/values for `batch` rows (generate appends to it in place)."""
-        import torch
-
-        if self.prefix is None or self.prefix[0] != key:
-            prefix = torch.tensor([key[1]], device=self.device)
-            self.prefix = (key, model(input_ids=prefix, use_cache=True).past_key_values)
-        cache = copy.deepcopy(self.prefix[1])
-        cache.batch_repeat_interleave(batch)
-        return cache
-
     def _batch(self, model: Any, adapter: str | None, ids: list[list[int]], sampling: Sampling) -> list[Completion]:
         import torch
 
-        n = self._shared_prefix(ids) if self.reuse_prefix and len(ids) > 1 else 0
-        n = n if n >= MIN_SHARED_PREFIX else 0
+        n = shared_prefix(ids) if self.reuse_prefix else 0
         width = max(len(row) - n for row in ids)
         rows, mask = [], []
         for row in ids:
@@ -383,7 +362,8 @@ class _HF:
         if sampling.stop:  # an early exit only; the cut below decides, on the decoded text, as vLLM does
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
         if n:
-            kwargs["past_key_values"] = self._prefix_cache(model, (adapter, tuple(ids[0][:n])), len(ids))
+            kwargs["past_key_values"] = self.prefix.for_batch(model, (adapter, tuple(ids[0][:n])), ids[0][:n],
+                                                              len(ids))
         out = model.generate(
             input_ids=torch.tensor(rows, device=self.device),
             attention_mask=torch.tensor(mask, device=self.device),
@@ -424,5 +404,5 @@ class _HF:
         return Completion(text, len(new), "length", tuple(new))
 
     def close(self) -> None:
-        self.prefix = None
+        self.prefix.clear()
 

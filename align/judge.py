@@ -9,8 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from align.assets import PreferencePrinciple, PreferenceValue
-from align.errors import UserError
-from align.scoring import Scorer
+from align.scoring import Scorer, choice_token_id
 
 PLACEHOLDERS = ("instruction", "output_a", "output_b", "principle")
 
@@ -42,15 +41,12 @@ def label(score_ab: float, score_ba: float) -> str:
 
 
 def check_choices(model: Path, choices: tuple[str, str]) -> None:
-    """Each choice must be one token of the judge's tokenizer: its score is one next-token logit."""
+    """Each choice must be one token of the judge's tokenizer (checked on the login node, before any job)."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model, trust_remote_code=False)
     for choice in choices:
-        ids = tokenizer(choice, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise UserError(f"params.yaml: label_preferences.choices: {choice!r} is {len(ids)} tokens for the tokenizer "
-                            f"of {model}; expected a single token")
+        choice_token_id(tokenizer, choice, f"params.yaml: label_preferences.choices (tokenizer of {model})")
 
 
 def judge(scorer: Scorer, template: str, pairs: list[dict], criteria: list[list[Criterion]],

@@ -12,7 +12,6 @@ its own unpadded tokens computes. Only the positions that are read go through th
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +19,18 @@ import torch
 
 from align.errors import UserError
 from align.devices import load_causal_lm
-from align.generation import MIN_SHARED_PREFIX
 from align.models import padding_id
+from align.prefix_cache import PrefixCache, shared_prefix
 from align.progress import progress
+
+
+def choice_token_id(tokenizer: Any, text: str, what: str) -> int:
+    """The one token `text` encodes to: a choice read from a single next-token logit must be one token; else one
+    line starting with `what` (where the choice comes from, and whose tokenizer)."""
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    if len(ids) != 1:
+        raise UserError(f"{what}: {text!r} is {len(ids)} tokens; expected exactly one (ids {ids})")
+    return ids[0]
 
 
 class Scorer:
@@ -39,15 +47,10 @@ class Scorer:
         self.batch_size = batch_size
         self.reuse_prefix = True  # switch for tests and benchmarks: False = every row computes its own prefix
         self.pad_id = padding_id(self.tokenizer)
-        self._prefix: tuple[tuple[int, ...], Any] | None = None  # (prefix tokens, its cache for batch size 1)
+        self.prefix = PrefixCache()  # keyed by the prefix's tokens
 
     def token_id(self, text: str) -> int:
-        """The one token `text` encodes to; a choice read from a single next-token logit must be one token."""
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        if len(ids) != 1:
-            raise UserError(f"{self.name}: the choice {text!r} is {len(ids)} tokens {ids} in this tokenizer; "
-                            f"expected exactly one")
-        return ids[0]
+        return choice_token_id(self.tokenizer, text, f"{self.name}: a choice")
 
     def next_token_logits(self, texts: list[str], token_ids: list[int]) -> torch.Tensor:
         """[len(texts), len(token_ids)]: the logit of each of `token_ids` as the token that follows each text
@@ -81,26 +84,10 @@ class Scorer:
                 totals.append(lp[columns, targets].sum().item())
         return totals
 
-    def _shared(self, ids: list[list[int]], limit: int) -> int:
-        if not self.reuse_prefix or len(ids) < 2:
-            return 0
-        n = 0
-        while n < limit and all(row[n] == ids[0][n] for row in ids):
-            n += 1
-        return n if n >= MIN_SHARED_PREFIX else 0
-
-    def _prefix_cache(self, prefix: tuple[int, ...], batch: int) -> Any:
-        if self._prefix is None or self._prefix[0] != prefix:
-            out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
-            self._prefix = (prefix, out.past_key_values)
-        cache = copy.deepcopy(self._prefix[1])
-        cache.batch_repeat_interleave(batch)
-        return cache
-
     @torch.inference_mode()
     def _forward(self, ids: list[list[int]], keep: int, max_shared: int) -> tuple[torch.Tensor, int]:
         """Logits of the last `keep` columns of the left-padded suffix block, and the shared prefix length n."""
-        n = self._shared(ids, max(max_shared, 0))
+        n = shared_prefix(ids, max(max_shared, 0)) if self.reuse_prefix else 0
         width = max(len(row) - n for row in ids)
         tokens, mask, positions = [], [], []
         for row in ids:
@@ -110,7 +97,7 @@ class Scorer:
             positions.append([n] * pad + list(range(n, len(row))))
         kwargs: dict[str, Any] = {}
         if n:
-            kwargs["past_key_values"] = self._prefix_cache(tuple(ids[0][:n]), len(ids))
+            kwargs["past_key_values"] = self.prefix.for_batch(self.model, tuple(ids[0][:n]), ids[0][:n], len(ids))
         out = self.model(
             input_ids=torch.tensor(tokens, device=self.device),
             attention_mask=torch.tensor(mask, device=self.device),

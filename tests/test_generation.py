@@ -101,13 +101,15 @@ def test_prefix_reuse_matches_plain_left_padding(hf: gen.Generator, prompts: lis
     sampled = gen.Sampling(temperature=1.0, max_new_tokens=16, seed=3)
     impl = hf._impl
     try:
-        impl.reuse_prefix, impl.prefix = True, None
+        impl.reuse_prefix = True
+        impl.prefix.clear()
         reused, reused_sampled = hf.generate(prompts, GREEDY), hf.generate(prompts, sampled)
-        key, cache = impl.prefix
+        key, cache = impl.prefix.key, impl.prefix.cache
         assert cache.get_seq_length() == len(key[1]) >= len(hf.tokenizer(SYSTEM)["input_ids"])  # it was used
-        impl.reuse_prefix, impl.prefix = False, None
+        impl.reuse_prefix = False
+        impl.prefix.clear()
         plain, plain_sampled = hf.generate(prompts, GREEDY), hf.generate(prompts, sampled)
-        assert impl.prefix is None
+        assert impl.prefix.cache is None
     finally:
         impl.reuse_prefix = True
     assert reused == plain  # greedy, token for token (text and count)

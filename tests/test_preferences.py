@@ -72,8 +72,8 @@ def test_label_preferences_scores_both_orders_and_labels_only_agreement(tmp_path
 
 @pytest.mark.parametrize("edit, expected", [
     ({"label_preferences": {"choices": ["a", "capital"]}},
-     "params.yaml: label_preferences.choices: 'capital' is {n} tokens for the tokenizer of models/sft/model; "
-     "expected a single token"),
+     "params.yaml: label_preferences.choices (tokenizer of models/sft/model): 'capital' is {n} tokens; "
+     "expected exactly one"),
     ({"label_preferences": {"principles": ["concise", "brief"]}},
      "params.yaml: label_preferences.principles: 'brief' is not an id in assets/preference_principles.jsonl; "
      "expected some of concise, "),

@@ -26,7 +26,7 @@ def test_next_token_logits_match_one_forward_per_text(tiny_model: Path) -> None:
     choices = [scorer.token_id("a"), scorer.token_id("b"), 5]
     texts = [PREFIX + s for s in SUFFIXES]
     got = scorer.next_token_logits(texts, choices)
-    assert scorer._prefix is not None and len(scorer._prefix[0]) > 20  # the shared prefix was cached
+    assert scorer.prefix.cache is not None and len(scorer.prefix.key) > 20  # the shared prefix was cached
     want = torch.stack([naive_last_logits(scorer, t)[choices] for t in texts])
     assert got.shape == (5, 3)
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
@@ -51,5 +51,5 @@ def test_continuation_logprobs_match_one_forward_per_continuation(tiny_model: Pa
 
 def test_a_choice_of_several_tokens_is_refused(tiny_model: Path) -> None:
     scorer = Scorer(tiny_model)
-    with pytest.raises(UserError, match=r"the choice 'capital of France' is \d+ tokens .* expected exactly one$"):
+    with pytest.raises(UserError, match=r"a choice: 'capital of France' is \d+ tokens; expected exactly one \(ids \[.*\]\)$"):
         scorer.token_id("capital of France")
