@@ -25,6 +25,7 @@ Typical use, inside the job function a stage hands to `slurm.submit.submit`:
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 import random
@@ -383,9 +384,19 @@ def save_adapter(engine: Any, out: Path | str) -> None:
             tmp = out.with_name(f".{out.name}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             model.save_pretrained(tmp, state_dict={n: p.detach().cpu().clone() for n, p in named})
+            sort_target_modules(tmp / "adapter_config.json")
             shutil.rmtree(out, ignore_errors=True)
             os.replace(tmp, out)
     dist.barrier()
+
+
+def sort_target_modules(config_file: Path) -> None:
+    """PEFT writes `target_modules` from a set, in an order that changes with the interpreter's hash seed: sorted,
+    the same adapter gets the same bytes (and artifact id) in every run."""
+    config = json.loads(config_file.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+        config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def train(model_dir: Path | str, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: Training,
