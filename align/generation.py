@@ -72,13 +72,14 @@ def resolve_backend(choice: str) -> str:
     return "hf"
 
 
-def one_task(resources: params.Resources, stage: str) -> params.Resources:
+def one_task(resources: params.Resources, key: str) -> params.Resources:
     """`resources` of a generation job, which runs as one task (vLLM spreads a model over the node's GPUs by
-    tensor parallelism, not by ranks); several tasks would each generate everything."""
-    if resources.tasks != 1 or resources.nodes != 1:
-        raise UserError(f"params.yaml: cluster.{stage}: a generation job runs as one task on one node (vLLM uses "
+    tensor parallelism, not by ranks): `tasks_per_node` left unset means one here, so one profile serves training
+    jobs (a task per GPU) and generation jobs; set to more, or on several nodes, it is refused."""
+    if (resources.tasks_per_node or 1) != 1 or resources.nodes != 1:
+        raise UserError(f"params.yaml: cluster.{key}: a generation job runs as one task on one node (vLLM uses "
                         f"the node's GPUs through generation.tensor_parallel_size); set nodes: 1, tasks_per_node: 1")
-    return resources
+    return resources.model_copy(update={"tasks_per_node": 1})
 
 
 def max_model_len(model: Path | str) -> int:

@@ -23,45 +23,104 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=False)
 
 
-# What a SLURM name may hold here: these strings end up in the job script, so nothing a shell or sbatch would read
+# What a SLURM value may hold here: these strings end up in the job script, so nothing a shell or sbatch would read
 # as syntax (no whitespace, quotes, ; $ ` \ or newlines). Constraints add SLURM's feature operators & | [ ] * ( ).
 _NAME = r"[A-Za-z0-9_][A-Za-z0-9_.+:-]*"
+_NODES = r"[A-Za-z0-9_][A-Za-z0-9_.,\[\]-]*"  # a SLURM node list: n[01-04],gpu7
+_ARG = r"[A-Za-z0-9_.,:=@/+%#\[\]-]+"  # one sbatch value, srun argument or command word: paths, --opt=value, img:tag
 SLURM_NAMES = {
     "partition": (re.compile(rf"{_NAME}(,{_NAME})*"), "letters, digits and _ . - + : (a list: comma-separated)"),
     "account": (re.compile(_NAME), "letters, digits and _ . - + :"),
     "qos": (re.compile(_NAME), "letters, digits and _ . - + :"),
     "constraint": (re.compile(r"[A-Za-z0-9_.+:,&|\[\]*()-]+"), "letters, digits, _ . - + : , and & | [ ] * ( )"),
+    "gpu_type": (re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]*"), "letters, digits and _ . - +"),
+    "reservation": (re.compile(_NAME), "letters, digits and _ . - + :"),
+    "exclude": (re.compile(_NODES), "a node list: letters, digits and _ . - , [ ]"),
+    "nodelist": (re.compile(_NODES), "a node list: letters, digits and _ . - , [ ]"),
+    "mail_type": (re.compile(r"[A-Z_]+(,[A-Z_]+)*"), "SLURM mail types, e.g. END,FAIL"),
+    "mail_user": (re.compile(r"[A-Za-z0-9_.+-]+@[A-Za-z0-9.-]+"), "an e-mail address"),
+    "wckey": (re.compile(_NAME), "letters, digits and _ . - + :"),
 }
+# sbatch options the submission layer sets itself (from the keys above, or for its own bookkeeping)
+RESERVED_SBATCH = {"job-name", "output", "error", "open-mode", "signal", "array", "partition", "nodes",
+                   "ntasks-per-node", "cpus-per-task", "gpus-per-node", "mem", "mem-per-gpu", "time", "account", "qos",
+                   "constraint", "reservation", "exclude", "nodelist", "exclusive", "mail-type", "mail-user", "wckey"}
 
 
 def _one_line(text: str) -> bool:
     return not any(c in text for c in "\n\r\0")
 
 
-class Resources(Strict):
-    """One SLURM job: `tasks_per_node` defaults to one task per GPU (one on a CPU-only job)."""
+def _plain_args(values: list[str], what: str) -> list[str]:
+    for number, value in enumerate(values, start=1):
+        if not re.fullmatch(_ARG, value):
+            raise ValueError(f"item {number} ({value!r}) is not a plain {what}; allowed: letters, digits and "
+                             f"_ . , : = @ / + % # [ ] - (no spaces or shell syntax: one word per list item)")
+    return values
 
-    partition: str = Field("cpu", min_length=1)
+
+class Resources(Strict):
+    """One SLURM job. `tasks_per_node` defaults to one task per GPU (one on a CPU-only job); `partition` null is
+    the cluster's default partition; anything sbatch takes that has no key here goes in `sbatch`."""
+
+    partition: str | None = Field(None, min_length=1)
     nodes: int = Field(1, ge=1)
     gpus_per_node: int = Field(0, ge=0)
+    gpu_type: str | None = None  # typed GPUs, e.g. a100: --gpus-per-node=a100:4
     tasks_per_node: int | None = Field(None, ge=1)
     cpus_per_task: int = Field(1, ge=1)
-    mem_gb: int = Field(4, ge=1)
+    mem_gb: int | None = Field(None, ge=0)  # --mem per node (null: the site default; 0: all of a node's memory)
+    mem_per_gpu_gb: int | None = Field(None, ge=1)  # --mem-per-gpu, where a site wants memory per GPU instead
     time_min: int = Field(60, ge=1)
     signal_delay_s: int = Field(120, ge=1)  # SIGUSR2 this long before the time limit: checkpoint and requeue
     max_requeues: int = Field(3, ge=0)  # time-limit requeues before the job is failed (preemptions do not count)
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    reservation: str | None = None
+    exclude: str | None = None
+    nodelist: str | None = None
+    exclusive: bool = False
+    mail_type: str | None = None
+    mail_user: str | None = None
+    wckey: str | None = None  # none by default (submitit's own default, "submitit", is refused at some sites)
+    sbatch: dict[str, str | int | bool] = Field(default_factory=dict)  # other sbatch options: {gres-flags: enforce-binding}
+    srun_args: list[str] = Field(default_factory=list)  # e.g. [--mpi=pmix, --container-image=nvcr.io#nvidia/pytorch:24.05-py3]
+    python: list[str] = Field(default_factory=list)  # the command that runs python in the job, e.g. [apptainer, exec,
+    #   --nv, /shared/img.sif, python]; empty: the interpreter running the stage on the login node
     setup: list[str] = Field(default_factory=list)  # shell lines run before the job starts: each one line, no newline
 
-    @field_validator("partition", "account", "qos", "constraint")
+    @field_validator(*SLURM_NAMES)
     @classmethod
     def _slurm_name(cls, value: str | None, info: ValidationInfo) -> str | None:
         pattern, allowed = SLURM_NAMES[info.field_name]
         if value is not None and not pattern.fullmatch(value):
             raise ValueError(f"{value!r} is not a valid SLURM {info.field_name}; allowed: {allowed}")
         return value
+
+    @field_validator("sbatch")
+    @classmethod
+    def _sbatch_options(cls, options: dict[str, str | int | bool]) -> dict[str, str | int | bool]:
+        for key, value in options.items():
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+                raise ValueError(f"{key!r} is not an sbatch option name; expected its long form without dashes, "
+                                 f"e.g. gres-flags")
+            if key in RESERVED_SBATCH:
+                raise ValueError(f"{key!r} is set from its own key (or by the submission layer); use that key")
+            if isinstance(value, str) and not re.fullmatch(_ARG, value):
+                raise ValueError(f"{key}: {value!r} is not a plain sbatch value; allowed: letters, digits and "
+                                 f"_ . , : = @ / + % # [ ] - (no spaces or shell syntax)")
+        return options
+
+    @field_validator("srun_args")
+    @classmethod
+    def _srun_args(cls, values: list[str]) -> list[str]:
+        return _plain_args(values, "srun argument")
+
+    @field_validator("python")
+    @classmethod
+    def _python_command(cls, values: list[str]) -> list[str]:
+        return _plain_args(values, "command word")
 
     @field_validator("setup")
     @classmethod
@@ -73,10 +132,14 @@ class Resources(Strict):
         return lines
 
     @model_validator(mode="after")
-    def _signal_before_the_limit(self) -> Resources:
+    def _consistent(self) -> Resources:
         if self.signal_delay_s >= self.time_min * 60:
             raise ValueError(f"signal_delay_s ({self.signal_delay_s}) must be shorter than time_min "
                              f"({self.time_min} min = {self.time_min * 60} s): the job would be signalled at its start")
+        if self.mem_per_gpu_gb is not None and self.mem_gb is not None:
+            raise ValueError("mem_gb and mem_per_gpu_gb are both set; sbatch takes one: set mem_gb: null")
+        if self.mem_per_gpu_gb is not None and not self.gpus_per_node:
+            raise ValueError("mem_per_gpu_gb needs gpus_per_node > 0")
         return self
 
     @property
@@ -84,22 +147,59 @@ class Resources(Strict):
         return self.tasks_per_node or max(self.gpus_per_node, 1)
 
 
+class VerboseCloneResources(Strict):
+    """Stage `verbose_clone` runs two jobs: the verbose answers (generation), then the SFT on them (training)."""
+
+    generate: Resources = Field(default_factory=Resources)
+    train: Resources = Field(default_factory=Resources)
+
+
+STAGE_RESOURCES = ("import_model", "prompts", "self_align", "engrave", "verbose_clone", "system_messages",
+                   "sample_pairs", "label_preferences", "train_rm", "policy", "evaluate")
+
+
 class Cluster(Strict):
+    """`defaults` is every job's resources; `cluster.<stage>` (the DVC stage's name) overrides only the keys that
+    differ for that stage (`verbose_clone`: keys for both of its jobs, then `generate:` / `train:` for one)."""
+
     executor: Literal["auto", "slurm", "local", "inline"] = "auto"
     log_dir: str = Field("logs", min_length=1)  # a path in the job script: one line
+    defaults: Resources = Field(default_factory=Resources)
     import_model: Resources = Field(default_factory=Resources)
     prompts: Resources = Field(default_factory=Resources)
     self_align: Resources = Field(default_factory=Resources)
     engrave: Resources = Field(default_factory=Resources)
-    verbose_answers: Resources = Field(default_factory=Resources)  # verbose_clone's generation job
-    verbose_clone: Resources = Field(default_factory=Resources)  # verbose_clone's training job
+    verbose_clone: VerboseCloneResources = Field(default_factory=VerboseCloneResources)
     system_messages: Resources = Field(default_factory=Resources)
     sample_pairs: Resources = Field(default_factory=Resources)
     label_preferences: Resources = Field(default_factory=Resources)
     train_rm: Resources = Field(default_factory=Resources)
+    policy: Resources = Field(default_factory=Resources)
     evaluate: Resources = Field(default_factory=Resources)
-    ppo: Resources = Field(default_factory=Resources)
-    dpo: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _overrides_on_defaults(cls, raw: Any) -> Any:
+        """Each stage's keys laid over `defaults` before validation, so a stage's resources are complete and an
+        error names the key where it was written (a bad default: under `defaults`)."""
+        if not isinstance(raw, dict):
+            return raw
+        defaults = raw.get("defaults") or {}
+        if not isinstance(defaults, dict):
+            return raw
+        merged = dict(raw)
+        for stage in STAGE_RESOURCES:
+            override = raw.get(stage) or {}
+            if not isinstance(override, dict):
+                continue
+            if stage == "verbose_clone":
+                shared = {k: v for k, v in override.items() if k not in ("generate", "train")}
+                merged[stage] = {part: {**defaults, **shared, **(override.get(part) or {})}
+                                 if isinstance(override.get(part) or {}, dict) else override.get(part)
+                                 for part in ("generate", "train")}
+            else:
+                merged[stage] = {**defaults, **override}
+        return merged
 
     @field_validator("log_dir")
     @classmethod
@@ -108,6 +208,13 @@ class Cluster(Strict):
             raise ValueError(f"{value!r} is not one line; expected a folder path without newline, carriage return "
                              f"or NUL")
         return value
+
+    def jobs(self) -> dict[str, Resources]:
+        """Every job's resources by the key that configures it (`verbose_clone.generate`, …)."""
+        found = {stage: getattr(self, stage) for stage in STAGE_RESOURCES if stage != "verbose_clone"}
+        found.update({"verbose_clone.generate": self.verbose_clone.generate,
+                      "verbose_clone.train": self.verbose_clone.train})
+        return found
 
 
 class Model(Strict):

@@ -127,18 +127,33 @@ def job_name(stage: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]", "_", stage)[:64] or "stage"
 
 
+def sbatch_parameters(stage: str, res: Resources) -> dict[str, Any]:
+    """submitit's SlurmExecutor parameters for one job: every key of `res` that sbatch or srun reads (a key left
+    null is not written, so the site's default applies), `sbatch` passed through as submitit's
+    `additional_parameters`."""
+    gpus = f"{res.gpu_type}:{res.gpus_per_node}" if res.gpu_type else res.gpus_per_node
+    return {
+        "job_name": job_name(stage), "partition": res.partition, "nodes": res.nodes, "ntasks_per_node": res.tasks,
+        "cpus_per_task": res.cpus_per_task, "time": res.time_min, "setup": res.setup,
+        "signal_delay_s": res.signal_delay_s,
+        "srun_args": ["--kill-on-bad-exit=1", *res.srun_args],  # one dead rank ends the job
+        "gpus_per_node": gpus if res.gpus_per_node else None,
+        "mem": None if res.mem_gb is None else f"{res.mem_gb}GB" if res.mem_gb else "0",
+        "mem_per_gpu": None if res.mem_per_gpu_gb is None else f"{res.mem_per_gpu_gb}GB",
+        "exclusive": True if res.exclusive else None,
+        **{key: getattr(res, key) for key in ("account", "qos", "constraint", "exclude", "nodelist", "mail_type",
+                                              "mail_user", "wckey")},
+        "additional_parameters": {**({"reservation": res.reservation} if res.reservation else {}),
+                                  **{k: v for k, v in res.sbatch.items() if v is not False}},
+    }
+
+
 def _make_executor(kind: str, folder: Path, stage: str, res: Resources) -> submitit.Executor:
     if kind == "slurm":
-        executor = submitit.SlurmExecutor(folder=folder)
+        executor = submitit.SlurmExecutor(folder=folder, python=" ".join(res.python) if res.python else None)
         executor.job_class = SlurmJob
-        extra = {k: getattr(res, k) for k in ("account", "qos", "constraint") if getattr(res, k)}
         executor.max_num_timeout = res.max_requeues
-        executor.update_parameters(
-            job_name=job_name(stage), partition=res.partition, nodes=res.nodes, ntasks_per_node=res.tasks,
-            cpus_per_task=res.cpus_per_task, mem=f"{res.mem_gb}GB", time=res.time_min, setup=res.setup,
-            signal_delay_s=res.signal_delay_s, srun_args=["--kill-on-bad-exit=1"],  # one dead rank ends the job
-            **({"gpus_per_node": res.gpus_per_node} if res.gpus_per_node else {}), **extra,
-        )
+        executor.update_parameters(**sbatch_parameters(stage, res))
         return executor
     if res.nodes != 1:
         raise UserError(f"params.yaml: cluster.{stage}.nodes: the {kind} executor runs on one node, got {res.nodes}")

@@ -127,7 +127,7 @@ def main() -> None:
     ckpt_dir = checkpoint_dir("dpo", {"params": subset, "inputs": inputs})
     fn = functools.partial(job, DpoJob(model=SFT / MODEL, examples=examples, cfg=cfg, training=training,
                                        seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs))
-    runner.submit_stage(STAGE, OUT, fn, params.cluster.dpo, params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, params.cluster.policy, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

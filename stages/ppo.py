@@ -301,7 +301,7 @@ class PpoRecipe:
 def main() -> None:
     params = load_params()
     cfg = params.ppo
-    resources = params.cluster.ppo
+    resources = params.cluster.policy
     world = resources.nodes * resources.tasks
     if cfg.rollout_batch_size % world or cfg.step_batch_size % (world * params.training.micro_batch_size):
         raise UserError(f"params.yaml: ppo.step_batch_size: {cfg.step_batch_size} samples per step (and "
@@ -325,6 +325,10 @@ def main() -> None:
                                                          system=p.get("system")))["input_ids"]) <= cfg.max_query_tokens]
     if not pool:
         raise UserError(f"{PROMPTS}/prompts.jsonl: no prompt fits ppo.max_query_tokens ({cfg.max_query_tokens})")
+    if params.generation.tensor_parallel_size > 1 and params.generation.backend != "hf":
+        raise UserError(f"params.yaml: generation.tensor_parallel_size: {params.generation.tensor_parallel_size}, but "
+                        f"PPO samples inside each training rank on its one GPU; use 1 (a policy one GPU serves), "
+                        f"generation.backend: hf, or policy.algorithm: dpo")
     sampled, trained = config_dtype(SFT / MODEL), DTYPE_NAMES[params.training.precision]
     if sampled != trained:  # rollouts sample in the folder's dtype on a GPU; the update's log-probs in precision's
         raise UserError(f"params.yaml: training.precision: {params.training.precision} but {SFT / MODEL} holds "

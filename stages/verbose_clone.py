@@ -115,8 +115,9 @@ def distill(params: Params, subset: dict, inputs: dict) -> None:
             queries=[row["prompt"] for row in read_jsonl(DATA / "sft.jsonl")], cfg=params.verbose_clone,
             filters=params.self_align, generation=params.generation, out=answers,
         ))
-        runner.submit_job(f"{STAGE}_answers", scratch / "answers", fn,
-                          one_task(params.cluster.verbose_answers, "verbose_answers"), params.cluster, subset, inputs)
+        runner.submit_job(f"{STAGE}.generate", scratch / "answers", fn,
+                          one_task(params.cluster.verbose_clone.generate, f"{STAGE}.generate"), params.cluster, subset,
+                          inputs)
     fn = functools.partial(sft.job, sft.SftJob(
         stage=STAGE, model=BASE, pairs=[(r["prompt"], r["answer"]) for r in read_jsonl(answers)], out=OUT,
         live_dir=LIVE, ckpt_dir=scratch / "train", training=params.training, epochs=params.verbose_clone.epochs,
@@ -124,7 +125,7 @@ def distill(params: Params, subset: dict, inputs: dict) -> None:
         seed=params.seed, params=subset, inputs=inputs,
         metrics={"verbose_clone": True, **json.loads((scratch / ANSWERS_METRICS).read_text())},
     ))
-    runner.submit_stage(STAGE, OUT, fn, params.cluster.verbose_clone, params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, params.cluster.verbose_clone.train, params.cluster, subset, inputs)
     shutil.rmtree(scratch, ignore_errors=True)
 
 

@@ -200,11 +200,11 @@ PARAMS_ROWS = [
     ("partition-space", params({"cluster.prompts.partition": "gpu a"}),
      "params.yaml: cluster.prompts.partition: 'gpu a' is not a valid SLURM partition; allowed: letters, digits "
      "and _ . - + : (a list: comma-separated)"),
-    ("partition-subshell", params({"cluster.ppo.partition": "$(id)"}),
-     "params.yaml: cluster.ppo.partition: '$(id)' is not a valid SLURM partition; allowed: letters, digits and "
+    ("partition-subshell", params({"cluster.policy.partition": "$(id)"}),
+     "params.yaml: cluster.policy.partition: '$(id)' is not a valid SLURM partition; allowed: letters, digits and "
      "_ . - + : (a list: comma-separated)"),
-    ("partition-newline", params({"cluster.dpo.partition": "gpu\n#SBATCH --uid=0"}),
-     "params.yaml: cluster.dpo.partition: 'gpu\\n#SBATCH --uid=0' is not a valid SLURM partition; allowed: "
+    ("partition-newline", params({"cluster.defaults.partition": "gpu\n#SBATCH --uid=0"}),
+     "params.yaml: cluster.defaults.partition: 'gpu\\n#SBATCH --uid=0' is not a valid SLURM partition; allowed: "
      "letters, digits and _ . - + : (a list: comma-separated)"),
     ("account-backtick", params({"cluster.train_rm.account": "proj`id`"}),
      "params.yaml: cluster.train_rm.account: 'proj`id`' is not a valid SLURM account; allowed: letters, digits "
@@ -223,6 +223,20 @@ PARAMS_ROWS = [
      "must be a single shell line (no newline, carriage return or NUL): split it into list items"),
     ("setup-not-a-list", params({"cluster.import_model.setup": "module load cuda"}),
      "params.yaml: cluster.import_model.setup: expected a list, got 'module load cuda'"),
+    ("sbatch-value-space", params({"cluster.engrave.sbatch": {"gres-flags": "enforce binding"}}),
+     "params.yaml: cluster.engrave.sbatch: gres-flags: 'enforce binding' is not a plain sbatch value; allowed: "
+     "letters, digits and _ . , : = @ / + % # [ ] - (no spaces or shell syntax)"),
+    ("sbatch-own-key", params({"cluster.defaults.sbatch": {"partition": "gpu"}}),
+     "params.yaml: cluster.defaults.sbatch: 'partition' is set from its own key (or by the submission layer); use "
+     "that key"),
+    ("srun-semicolon", params({"cluster.policy.srun_args": ["--mpi=pmix;id"]}),
+     "params.yaml: cluster.policy.srun_args: item 1 ('--mpi=pmix;id') is not a plain srun argument; allowed: "
+     "letters, digits and _ . , : = @ / + % # [ ] - (no spaces or shell syntax: one word per list item)"),
+    ("python-subshell", params({"cluster.defaults.python": ["apptainer", "exec", "$(id).sif", "python"]}),
+     "params.yaml: cluster.defaults.python: item 3 ('$(id).sif') is not a plain command word; allowed: letters, "
+     "digits and _ . , : = @ / + % # [ ] - (no spaces or shell syntax: one word per list item)"),
+    ("mem-both", params({"cluster.train_rm.mem_per_gpu_gb": 80, "cluster.train_rm.gpus_per_node": 4}),
+     "params.yaml: cluster.train_rm: mem_gb and mem_per_gpu_gb are both set; sbatch takes one: set mem_gb: null"),
     ("log-dir-newline", params({"cluster.log_dir": "logs\nx"}),
      "params.yaml: cluster.log_dir: 'logs\\nx' is not one line; expected a folder path without newline, carriage "
      "return or NUL"),
@@ -400,7 +414,10 @@ def test_the_table_is_spread_over_every_kind_of_input() -> None:
 @pytest.mark.parametrize("key, value", [
     ("partition", "gpu"), ("partition", "gpu,gpu-large,cpu_small"), ("partition", "a100.80gb"),
     ("account", "proj-123_ml"), ("qos", "normal+"), ("constraint", "a100|h100"),
-    ("constraint", "[rack1*2&rack2*4]"), ("constraint", "(intel&avx512)|amd"),
+    ("constraint", "[rack1*2&rack2*4]"), ("constraint", "(intel&avx512)|amd"), ("gpu_type", "a100"),
+    ("exclude", "gpu[07-08],cpu3"), ("reservation", "maint_2026"), ("mail_type", "END,FAIL"),
+    ("mail_user", "ada@uni.example"), ("srun_args", ["--mpi=pmix", "--container-image=nvcr.io#nvidia/pytorch:24.05-py3"]),
+    ("python", ["apptainer", "exec", "--nv", "/shared/img.sif", "python"]), ("sbatch", {"gres-flags": "enforce-binding"}),
 ])
 def test_ordinary_scheduler_names_pass(key: str, value: str) -> None:
     assert getattr(parse_params({"cluster": {"train_rm": {key: value}}}).cluster.train_rm, key) == value

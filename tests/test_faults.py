@@ -274,7 +274,7 @@ def test_a_preempted_ppo_job_stops_after_an_iteration_and_resumes_there(
     allocation leaves before its signal."""
     iterations = 12
     cwd = ppo_project(tmp_path, tiny_model, ppo={**TINY_PPO, "iterations": iterations, "save_every": NO_PERIODIC},
-                      cluster={"executor": "slurm", "log_dir": str(tmp_path / "logs"), "ppo": ON_CPU})
+                      cluster={"executor": "slurm", "log_dir": str(tmp_path / "logs"), "policy": ON_CPU})
     state_file = cwd / "models" / ".policy.job.json"
     started = time.monotonic()
     with SqueueWatch("policy") as watch:

@@ -73,7 +73,7 @@ def test_unknown_key_without_close_match_lists_the_known_ones() -> None:
 def test_defaults_fill_missing_groups() -> None:
     params = parse_params({"seed": 3})
     assert params.seed == 3 and params.cluster.import_model.tasks == 1
-    assert Params().cluster.import_model.partition == "cpu"
+    assert Params().cluster.import_model.partition is None  # the cluster's default partition
 
 
 def test_tasks_default_to_one_per_gpu() -> None:
@@ -124,13 +124,47 @@ def test_hub_id_offline_fails_with_one_line(monkeypatch: pytest.MonkeyPatch) -> 
         resolve_model("HuggingFaceTB/SmolLM2-135M")
 
 
-def test_the_readme_cluster_example_is_valid_params() -> None:
-    """The README's 70B-on-8-GPU-nodes block parses under the schema (it cannot run here)."""
+def readme_examples() -> list[dict]:
     readme = (ROOT / "README.md").read_text()
-    block = readme.split("### Example: a 70B base on 8-GPU nodes", 1)[1].split("```yaml\n", 1)[1].split("```", 1)[0]
-    params = parse_params(yaml.safe_load(block), "README.md")
-    assert params.generation.tensor_parallel_size == 8 and params.training.zero_stage == 3
-    assert params.cluster.prompts.tasks == 1 and params.cluster.engrave.tasks == 8
-    assert one_task(params.cluster.self_align, "self_align") is params.cluster.self_align
+    section = readme.split("### Examples: a 7B and a 70B base on 8-GPU nodes", 1)[1].split("\n## ", 1)[0]
+    return [yaml.safe_load(block.split("```", 1)[0]) for block in section.split("```yaml\n")[1:]]
+
+
+def test_the_readme_gpu_examples_are_complete_params() -> None:
+    """The README's 7B and 70B blocks parse under the schema and give every stage's job what it needs: GPUs (but
+    the import), one task per node for generation, one per GPU for training (they cannot run here)."""
+    small, large = (parse_params(raw, "README.md") for raw in readme_examples())
+    for params in (small, large):
+        assert params.model.dtype == "bfloat16" and params.training.precision == "bf16"
+        assert not params.generation.enforce_eager and params.cluster.executor == "slurm"
+        jobs = params.cluster.jobs()
+        assert all(res.gpus_per_node == 8 for key, res in jobs.items() if key != "import_model")
+        assert jobs["import_model"].gpus_per_node == 0 and jobs["import_model"].time_min >= 60
+        for key in ("prompts", "self_align", "verbose_clone.generate", "sample_pairs", "label_preferences", "evaluate"):
+            assert one_task(jobs[key], key).tasks == 1
+        assert jobs["engrave"].tasks == 8
+    assert small.training.zero_stage == 2 and small.generation.tensor_parallel_size == 1
+    assert large.training.zero_stage == 3 and large.generation.tensor_parallel_size == 8
+    assert large.cluster.engrave.nodes == large.cluster.policy.nodes == 2 and large.policy.algorithm == "dpo"
+    assert large.cluster.verbose_clone.train.nodes == 2 and large.cluster.verbose_clone.generate.nodes == 1
     with pytest.raises(UserError, match=r"^params.yaml: cluster.engrave: a generation job runs as one task"):
-        one_task(params.cluster.engrave, "engrave")
+        one_task(large.cluster.engrave, "engrave")
+
+
+def test_stages_take_defaults_and_override_only_what_differs() -> None:
+    params = parse_params({"cluster": {"defaults": {"partition": "gpu", "gpus_per_node": 4, "gpu_type": "h100",
+                                                    "mem_gb": None, "mem_per_gpu_gb": 80},
+                                       "engrave": {"nodes": 2},
+                                       "verbose_clone": {"time_min": 30, "generate": {"gpus_per_node": 1}}}})
+    jobs = params.cluster.jobs()
+    assert set(jobs) == {"import_model", "prompts", "self_align", "engrave", "verbose_clone.generate",
+                         "verbose_clone.train", "system_messages", "sample_pairs", "label_preferences", "train_rm",
+                         "policy", "evaluate"}
+    assert all(res.partition == "gpu" and res.gpu_type == "h100" for res in jobs.values())
+    assert params.cluster.engrave.nodes == 2 and params.cluster.train_rm.nodes == 1
+    assert (params.cluster.verbose_clone.generate.gpus_per_node, params.cluster.verbose_clone.generate.time_min) \
+        == (1, 30)
+    assert (params.cluster.verbose_clone.train.gpus_per_node, params.cluster.verbose_clone.train.time_min) == (4, 30)
+    assert error_for({"cluster": {"policy": {"gpus_per_nod": 1}}}) == \
+        "params.yaml: cluster.policy.gpus_per_nod: unknown key; did you mean 'gpus_per_node'?"
+    assert error_for({"cluster": {"ppo": {"nodes": 1}}}).startswith("params.yaml: cluster.ppo: unknown key")

@@ -160,3 +160,36 @@ def test_job_names_hold_nothing_a_job_script_would_read_as_syntax() -> None:
     assert job_name("verbose_clone_answers") == "verbose_clone_answers"
     assert job_name("a b;c$(id)`x`\n'q'") == "a_b_c__id__x___q_"
     assert job_name("") == "stage" and len(job_name("x" * 200)) == 64
+
+
+def test_site_options_reach_the_job_script(tmp_path: Path) -> None:
+    """Typed GPUs, memory per GPU, exclusive nodes, a reservation, a passed-through sbatch option, srun arguments
+    and a container's python land in the script submitit writes; keys left null write nothing (no --wckey)."""
+    import submitit
+
+    from slurm.submit import sbatch_parameters
+
+    res = Resources(partition="gpu", gpus_per_node=4, gpu_type="a100", mem_per_gpu_gb=80, exclusive=True,
+                    reservation="maint", sbatch={"gres-flags": "enforce-binding", "requeue": True},
+                    srun_args=["--mpi=pmix"], python=["apptainer", "exec", "--nv", "/shared/img.sif", "python"])
+    executor = submitit.SlurmExecutor(folder=tmp_path, python=" ".join(res.python))
+    executor.update_parameters(**sbatch_parameters("engrave", res))
+    script = executor._make_submission_file_text(executor._submitit_command_str, "uid")  # what sbatch reads
+    for line in ("#SBATCH --gpus-per-node=a100:4", "#SBATCH --mem-per-gpu=80GB", "#SBATCH --exclusive",
+                 "#SBATCH --reservation=maint", "#SBATCH --gres-flags=enforce-binding", "#SBATCH --requeue",
+                 "#SBATCH --partition=gpu", "#SBATCH --ntasks-per-node=4"):
+        assert line in script.splitlines(), line
+    assert "--wckey" not in script and "--mem=" not in script and "--account" not in script
+    assert "--kill-on-bad-exit=1 --mpi=pmix apptainer exec --nv /shared/img.sif python -u -m submitit" in script
+    assert "#SBATCH --mem=0" in submitit_script(tmp_path, Resources(mem_gb=0))  # all of the node's memory
+    assert "--partition" not in submitit_script(tmp_path, Resources())  # the cluster's default partition
+
+
+def submitit_script(folder: Path, res: Resources) -> str:
+    import submitit
+
+    from slurm.submit import sbatch_parameters
+
+    executor = submitit.SlurmExecutor(folder=folder)
+    executor.update_parameters(**sbatch_parameters("stage", res))
+    return executor._make_submission_file_text(executor._submitit_command_str, "uid")

@@ -24,7 +24,7 @@ def sweep_repo(folder: Path, model: Path, logs: Path) -> Path:
     committed (a queued experiment starts from a commit: untracked inputs would not be in its workspace)."""
     cwd = ppo_project(folder, model, ppo={**TINY_PPO, "iterations": 2},
                       cluster={"executor": "slurm", "log_dir": str(logs),
-                               "ppo": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 3, "time_min": 20}})
+                               "policy": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 3, "time_min": 20}})
     for name in ("stages", "align", "slurm"):
         shutil.copytree(ROOT / name, cwd / name, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / ".gitignore", cwd / ".gitignore")
