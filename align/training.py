@@ -38,7 +38,7 @@ import torch
 
 from align.artifacts import digest, staged_out, verify_artifact
 from align.generation import with_system
-from align.models import padding_id
+from align.models import padding_id, prompt_ids
 from align.params import Training
 from align.paths import MODEL
 from align.records import write_json
@@ -407,17 +407,18 @@ def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_prompt_tokens:
     (through its end-of-turn token) is learned. Prompt and response are tokenized separately so the boundary is
     exact whatever the tokenizer merges across it. Over-long prompts lose their start (the template's opening
     and the question's beginning, keeping the turn header the response follows); over-long responses their end.
-    `system`: a system message before the user's turn."""
+    `system`: a system message before the user's turn. The prompt gets the one BOS generation gives it
+    (`prompt_ids`)."""
     user = with_system(tokenizer, [{"role": "user", "content": prompt}], system)
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    query = prompt_ids(tokenizer, prompt_text)
     response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    prompt_ids = prompt_ids[-max_prompt_tokens:] if max_prompt_tokens else prompt_ids
+    query = query[-max_prompt_tokens:] if max_prompt_tokens else query
     response_ids = response_ids[:max_response_tokens] if max_response_tokens else response_ids
-    return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+    return {"input_ids": query + response_ids, "labels": [-100] * len(query) + response_ids}
 
 
 def merge_adapter(model_dir: Path | str, adapter_dir: Path | str, out: Path | str) -> None:

@@ -85,11 +85,12 @@ def prompt_pool(model: Path, count: int, max_query_tokens: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     from align.generation import chat_prompt
+    from align.models import prompt_ids
     from align.records import read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     fits = [p for p in read_jsonl(ROOT / "data" / "prompts" / "prompts.jsonl")
-            if len(tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))["input_ids"])
+            if len(prompt_ids(tokenizer, chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}])))
             <= max_query_tokens]
     return [{"text": p["text"]} for p in fits[:count]]
 
@@ -204,6 +205,7 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     from trl.experimental.ppo import ppo_trainer as module
 
     from align.generation import chat_prompt
+    from align.models import prompt_ids
     from align.training import reward_trunk
     from stages.ppo import value_model
 
@@ -213,7 +215,7 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     tokenizer.pad_token = TRL_PAD
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    queries = [tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))["input_ids"]
+    queries = [prompt_ids(tokenizer, chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))
                for p in spec["trl_prompts"]]
 
     reward = PeftModel.from_pretrained(reward_trunk(model_dir, torch.float32), str(Path(spec["rm"]) / "adapter"))
