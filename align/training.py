@@ -127,15 +127,26 @@ def init_distributed() -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- model, engine
 
 
+def lora_config(training: Training, task_type: str) -> Any:
+    """PEFT's LoRA config from `training` for a "CAUSAL_LM" or "SEQ_CLS" model. `lora_targets` is PEFT's `all-linear`
+    (every linear layer but the output head or the classifier: any architecture's names) or a list of module
+    names; a list is passed as one, the keyword as the string PEFT looks for."""
+    from peft import LoraConfig
+
+    targets = training.lora_targets
+    return LoraConfig(r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
+                      target_modules=targets if isinstance(targets, str) else list(targets), task_type=task_type)
+
+
 def lora_model(model_dir: Path | str, training: Training, seed: int = 0, head: str = "lm") -> torch.nn.Module:
-    """The HF model in `model_dir` with fresh LoRA adapters on its attention and MLP projections; only the
+    """The HF model in `model_dir` with fresh LoRA adapters on the layers `training.lora_targets` names; only the
     adapters are trainable. Seeded so every rank (and every rerun) starts from the same adapter (and head) init.
 
     head "lm": the causal LM. head "reward": the same trunk with a fresh scalar head read at the last non-pad
     token (transformers' sequence-classification model, 1 label); PEFT trains and saves that head with the
     adapter (`modules_to_save`), so the adapter folder alone turns the base model into the reward model.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -144,11 +155,7 @@ def lora_model(model_dir: Path | str, training: Training, seed: int = 0, head: s
         model = reward_trunk(model_dir, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    config = LoraConfig(
-        r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
-        target_modules=list(training.lora_targets), task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(training, "SEQ_CLS" if head == "reward" else "CAUSAL_LM"))
 
 
 def reward_trunk(model_dir: Path | str, dtype: torch.dtype) -> torch.nn.Module:

@@ -199,14 +199,14 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     """PPOTrainer.train() with its generation and reward-model calls timed; iterations end at `on_step_end`."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as module
 
     from align.generation import chat_prompt
     from align.models import prompt_ids
-    from align.training import reward_trunk
+    from align.training import lora_config, reward_trunk
     from stages.ppo import value_model
 
     cfg, training, model_dir = ppo_config(spec), training_config(spec), spec["model"]
@@ -223,8 +223,7 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     value = value_model(Path(model_dir), Path(spec["rm"]), training, spec["seed"]).base_model.model
     torch.manual_seed(spec["seed"])  # as our `lora_model`: the same adapter init
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft = LoraConfig(r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
-                      target_modules=list(training.lora_targets), task_type="CAUSAL_LM")
+    peft = lora_config(training, "CAUSAL_LM")
 
     current = {"rollout_seconds": 0.0, "reward_seconds": 0.0, "rollout_tokens": 0}
     iterations: list[dict] = []
