@@ -3,7 +3,8 @@ CPU build), else transformers `generate`. A `Generator` holds the loaded backend
 every step (PPO, evaluation sweeps) loads the model once and only swaps LoRA adapters.
 
 Semantics shared by both backends (what the tests pin down):
-- prompts are text, tokenized with the tokenizer's special tokens (as vLLM does for text prompts);
+- prompts are text, tokenized here by `align.models.prompt_ids` (the tokenizer's BOS unless the text starts with
+  it: one BOS, never two) and handed to either backend as token ids;
 - greedy when temperature == 0; otherwise temperature then top-p (no top-k, no repetition penalty);
 - generation ends at an eos token or a stop string ("stop") or after max_new_tokens ("length");
   `num_tokens` counts generated tokens up to and including the one that ended it; the text skips special
@@ -28,8 +29,8 @@ from typing import Any
 from align import params
 from align.devices import config_dtype, load_causal_lm
 from align.errors import UserError
+from align.models import padding_id, prompt_ids
 from align.prefix_cache import PrefixCache, shared_prefix
-from align.models import padding_id
 from align.progress import progress
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -246,6 +247,7 @@ class _VLLM:
 
     def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | None) -> list[Completion]:
         from vllm import SamplingParams
+        from vllm.inputs import TokensPrompt
 
         per_prompt = [
             SamplingParams(
@@ -257,7 +259,9 @@ class _VLLM:
             )
             for i in range(len(prompts))
         ]
-        outputs = self.llm.generate(prompts, per_prompt, lora_request=self._lora(adapter),
+        # token ids, not text: vLLM adds special tokens to a text prompt, a second BOS after a template's own
+        tokens = [TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p)) for p in prompts]
+        outputs = self.llm.generate(tokens, per_prompt, lora_request=self._lora(adapter),
                                     use_tqdm=functools.partial(progress, unit="prompt"))
         records = []
         for out in outputs:
@@ -330,7 +334,7 @@ class _HF:
 
         model, context = self._use_adapter(adapter)
         key = self.adapter if adapter is not None else None
-        ids = self.tokenizer(prompts)["input_ids"]
+        ids = [prompt_ids(self.tokenizer, p) for p in prompts]
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         records: list[Completion] = []
         with context, torch.inference_mode(), torch.random.fork_rng(devices=devices):

@@ -183,6 +183,15 @@ def import_model(source: ModelSource, out_dir: Path, dtype: str, *, trust_remote
     tokenizer.save_pretrained(out_dir)
 
 
+def prompt_ids(tokenizer: Any, text: str) -> list[int]:
+    """Token ids of a prompt text with at most the one BOS the model expects: the tokenizer adds its special tokens
+    (a Llama-class tokenizer: BOS) unless the text already starts with the BOS string, as a chat template that writes
+    it (Llama 3's, Gemma's) renders it. SFT, PPO, both generation backends, the scorer and the RM tokenise every
+    prompt through this, so a model sees the same ids in training, sampling and scoring."""
+    bos = tokenizer.bos_token
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
+
+
 def padding_id(tokenizer: Any) -> int:
     """The id batches are padded with, everywhere (training, scoring, generation, the RM): the tokenizer's pad
     token, else its eos token (pads are always masked, so any id will do), else 0."""

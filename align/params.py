@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from align.errors import UserError
 
 PARAMS_FILE = Path("params.yaml")
+ALL_LINEAR = "all-linear"  # PEFT's LoRA target keyword: every linear layer except the output head
 
 
 class Strict(BaseModel):
@@ -244,13 +245,21 @@ class Training(Strict):
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: list[str] = Field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        min_length=1)  # module names PEFT wraps (Llama-style projections by default)
+    lora_targets: str | list[str] = ALL_LINEAR  # the layers PEFT wraps: every linear one but the head, or names
     lr_schedule: Literal["cosine", "constant"] = "cosine"  # after a linear warm-up
     warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of the optimizer steps spent warming up
     save_every: int = Field(50, ge=1)
     keep_checkpoints: int = Field(2, ge=1)
+
+    @field_validator("lora_targets", mode="before")
+    @classmethod
+    def _lora_targets(cls, value: Any) -> Any:
+        """`all-linear` (PEFT's keyword: any architecture) or module names; any other string would be read by PEFT
+        as a regular expression, which is not what a user writing one name means."""
+        names = isinstance(value, list) and value and all(isinstance(v, str) and v.strip() for v in value)
+        if value != ALL_LINEAR and not names:
+            raise ValueError(f"expected '{ALL_LINEAR}' or a list of module names, got {value!r}")
+        return value
 
 
 class Tgrt(Strict):

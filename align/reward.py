@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from align.assets import PreferencePrinciple
 from align.devices import job_device
 from align.errors import UserError
+from align.models import prompt_ids
 from align.progress import progress
 from align.training import DTYPES, Batch, Batches, reward_trunk, shuffled_batches
 
@@ -200,7 +201,7 @@ def rm_ids(tokenizer: Any, template: str, guide: Guide, prompt: str, response: s
     (where the score is read) is always whole."""
     text = template.format(principles=guide_text(guide), instruction=truncated(tokenizer, prompt, max_prompt_tokens),
                            response=truncated(tokenizer, response, max_response_tokens))
-    return tokenizer(text)["input_ids"]
+    return prompt_ids(tokenizer, text)
 
 
 # ---------------------------------------------------------------------------------------------------- training

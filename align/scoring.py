@@ -17,9 +17,9 @@ from typing import Any
 
 import torch
 
-from align.errors import UserError
 from align.devices import load_causal_lm
-from align.models import padding_id
+from align.errors import UserError
+from align.models import padding_id, prompt_ids
 from align.prefix_cache import PrefixCache, shared_prefix
 from align.progress import progress
 
@@ -54,8 +54,8 @@ class Scorer:
 
     def next_token_logits(self, texts: list[str], token_ids: list[int]) -> torch.Tensor:
         """[len(texts), len(token_ids)]: the logit of each of `token_ids` as the token that follows each text
-        (texts tokenized as generation tokenizes prompts, special tokens included)."""
-        ids = self.tokenizer(list(texts))["input_ids"]
+        (texts tokenized as generation tokenizes prompts: `prompt_ids`)."""
+        ids = [prompt_ids(self.tokenizer, text) for text in texts]
         rows = []
         for start in progress(range(0, len(ids), self.batch_size), desc="Judged prompts", unit="batch"):
             batch = ids[start : start + self.batch_size]
@@ -66,7 +66,7 @@ class Scorer:
     def continuation_logprobs(self, context: str, continuations: list[str]) -> list[float]:
         """Sum of log-probabilities of each continuation's tokens after `context` (context and continuation
         tokenized apart and joined, so every continuation is scored after the same context tokens)."""
-        context_ids = self.tokenizer(context)["input_ids"]
+        context_ids = prompt_ids(self.tokenizer, context)
         ids = [context_ids + self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in continuations]
         if any(len(row) == len(context_ids) for row in ids):
             raise UserError(f"{self.name}: an empty continuation cannot be scored")

@@ -40,7 +40,7 @@ import torch
 from align.artifacts import digest, staged_out, verify_artifact
 from align.devices import config_dtype, job_device, to_device
 from align.generation import with_system
-from align.models import padding_id
+from align.models import padding_id, prompt_ids
 from align.params import Training
 from align.paths import MODEL
 from align.records import write_json
@@ -133,15 +133,26 @@ def init_distributed() -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- model, engine
 
 
+def lora_config(training: Training, task_type: str) -> Any:
+    """PEFT's LoRA config from `training` for a "CAUSAL_LM" or "SEQ_CLS" model. `lora_targets` is PEFT's `all-linear`
+    (every linear layer but the output head or the classifier: any architecture's names) or a list of module
+    names; a list is passed as one, the keyword as the string PEFT looks for."""
+    from peft import LoraConfig
+
+    targets = training.lora_targets
+    return LoraConfig(r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
+                      target_modules=targets if isinstance(targets, str) else list(targets), task_type=task_type)
+
+
 def lora_model(model_dir: Path | str, training: Training, seed: int = 0, head: str = "lm") -> torch.nn.Module:
-    """The HF model in `model_dir` with fresh LoRA adapters on its attention and MLP projections; only the
+    """The HF model in `model_dir` with fresh LoRA adapters on the layers `training.lora_targets` names; only the
     adapters are trainable. Seeded so every rank (and every rerun) starts from the same adapter (and head) init.
 
     head "lm": the causal LM. head "reward": the same trunk with a fresh scalar head read at the last non-pad
     token (transformers' sequence-classification model, 1 label); PEFT trains and saves that head with the
     adapter (`modules_to_save`), so the adapter folder alone turns the base model into the reward model.
     """
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
@@ -150,11 +161,7 @@ def lora_model(model_dir: Path | str, training: Training, seed: int = 0, head: s
         model = reward_trunk(model_dir, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    config = LoraConfig(
-        r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
-        target_modules=list(training.lora_targets), task_type="SEQ_CLS" if head == "reward" else "CAUSAL_LM",
-    )
-    return get_peft_model(model, config)
+    return get_peft_model(model, lora_config(training, "SEQ_CLS" if head == "reward" else "CAUSAL_LM"))
 
 
 def reward_trunk(model_dir: Path | str, dtype: torch.dtype) -> torch.nn.Module:
@@ -439,17 +446,18 @@ def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_prompt_tokens:
     (through its end-of-turn token) is learned. Prompt and response are tokenized separately so the boundary is
     exact whatever the tokenizer merges across it. Over-long prompts lose their start (the template's opening
     and the question's beginning, keeping the turn header the response follows); over-long responses their end.
-    `system`: a system message before the user's turn."""
+    `system`: a system message before the user's turn. The prompt gets the one BOS generation gives it
+    (`prompt_ids`)."""
     user = with_system(tokenizer, [{"role": "user", "content": prompt}], system)
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     if not full_text.startswith(prompt_text):
         raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
-    prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+    query = prompt_ids(tokenizer, prompt_text)
     response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
-    prompt_ids = prompt_ids[-max_prompt_tokens:] if max_prompt_tokens else prompt_ids
+    query = query[-max_prompt_tokens:] if max_prompt_tokens else query
     response_ids = response_ids[:max_response_tokens] if max_response_tokens else response_ids
-    return {"input_ids": prompt_ids + response_ids, "labels": [-100] * len(prompt_ids) + response_ids}
+    return {"input_ids": query + response_ids, "labels": [-100] * len(query) + response_ids}
 
 
 def merge_adapter(model_dir: Path | str, adapter_dir: Path | str, out: Path | str) -> None:

@@ -85,11 +85,12 @@ def prompt_pool(model: Path, count: int, max_query_tokens: int) -> list[dict]:
     from transformers import AutoTokenizer
 
     from align.generation import chat_prompt
+    from align.models import prompt_ids
     from align.records import read_jsonl
 
     tokenizer = AutoTokenizer.from_pretrained(model)
     fits = [p for p in read_jsonl(ROOT / "data" / "prompts" / "prompts.jsonl")
-            if len(tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))["input_ids"])
+            if len(prompt_ids(tokenizer, chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}])))
             <= max_query_tokens]
     return [{"text": p["text"]} for p in fits[:count]]
 
@@ -199,13 +200,14 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     """PPOTrainer.train() with its generation and reward-model calls timed; iterations end at `on_step_end`."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, PeftModel
+    from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as module
 
     from align.generation import chat_prompt
-    from align.training import reward_trunk
+    from align.models import prompt_ids
+    from align.training import lora_config, reward_trunk
     from stages.ppo import value_model
 
     cfg, training, model_dir = ppo_config(spec), training_config(spec), spec["model"]
@@ -214,7 +216,7 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
     tokenizer.pad_token = TRL_PAD
     eos_id, pad_id = tokenizer.eos_token_id, tokenizer.pad_token_id
-    queries = [tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))["input_ids"]
+    queries = [prompt_ids(tokenizer, chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}]))
                for p in spec["trl_prompts"]]
 
     reward = PeftModel.from_pretrained(reward_trunk(model_dir, torch.float32), str(Path(spec["rm"]) / "adapter"))
@@ -222,8 +224,7 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     value = value_model(Path(model_dir), Path(spec["rm"]), training, spec["seed"]).base_model.model
     torch.manual_seed(spec["seed"])  # as our `lora_model`: the same adapter init
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-    peft = LoraConfig(r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
-                      target_modules=list(training.lora_targets), task_type="CAUSAL_LM")
+    peft = lora_config(training, "CAUSAL_LM")
 
     current = {"rollout_seconds": 0.0, "reward_seconds": 0.0, "rollout_tokens": 0}
     iterations: list[dict] = []

@@ -138,9 +138,10 @@ def train_trl(spec: dict, scratch: Path) -> dict:
     """TRL's RewardTrainer on the same stream (sequential sampling); the clock reads at every `on_step_end`."""
     import torch
     from datasets import Dataset
-    from peft import LoraConfig
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainerCallback
     from trl import RewardConfig, RewardTrainer
+
+    from align.training import lora_config
 
     training = Training.model_validate(spec["training"])
     ends: list[tuple[float, float]] = []
@@ -162,8 +163,7 @@ def train_trl(spec: dict, scratch: Path) -> dict:
         max_grad_norm=training.max_grad_norm, use_cpu=True, bf16=False, gradient_checkpointing=False,
         disable_dropout=True, max_length=None, center_rewards_coefficient=None, train_sampling_strategy="sequential",
         logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=spec["seed"])
-    peft = LoraConfig(task_type="SEQ_CLS", r=training.lora_r, lora_alpha=training.lora_alpha,
-                      lora_dropout=training.lora_dropout, target_modules=list(training.lora_targets))
+    peft = lora_config(training, "SEQ_CLS")
     trainer = RewardTrainer(model=model, args=config, train_dataset=dataset,
                             processing_class=AutoTokenizer.from_pretrained(spec["model"]), peft_config=peft,
                             callbacks=[Clock()])

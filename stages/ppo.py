@@ -37,7 +37,7 @@ from align.assets import PreferencePrinciple, load_jsonl, pick_principles
 from align.devices import config_dtype
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
-from align.models import padding_id
+from align.models import padding_id, prompt_ids
 from align.params import Generation, Ppo, Training, load_params
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_jsonl
@@ -47,8 +47,8 @@ from align.rl import (
 )
 from align.rollout import Rollout, pack, policy_outputs, token_values
 from align.training import (
-    DTYPE_NAMES, DTYPES, LiveCurve, checkpoint_dir, finish_training, init_distributed, lora_model, make_engine, resumed_steps,
-    reward_trunk, save_adapter,
+    DTYPE_NAMES, DTYPES, LiveCurve, checkpoint_dir, finish_training, init_distributed, lora_config, lora_model,
+    make_engine, resumed_steps, reward_trunk, save_adapter,
 )
 
 STAGE = "policy"  # the DVC stage that runs this module or stages/dpo.py (policy.algorithm)
@@ -68,13 +68,11 @@ LIVE = Path("dvclive/policy")
 
 def value_model(sft_dir: Path, rm_dir: Path, training: Training, seed: int) -> torch.nn.Module:
     """The RM with its adapter folded into the trunk, plus a fresh LoRA of its own; its head trains too."""
-    from peft import LoraConfig, PeftModel, get_peft_model
+    from peft import PeftModel, get_peft_model
 
     rm = PeftModel.from_pretrained(reward_trunk(sft_dir, DTYPES[training.precision]), str(rm_dir / "adapter"))
     torch.manual_seed(seed + 1)
-    config = LoraConfig(r=training.lora_r, lora_alpha=training.lora_alpha, lora_dropout=training.lora_dropout,
-                        target_modules=list(training.lora_targets), task_type="SEQ_CLS")
-    return get_peft_model(rm.merge_and_unload(), config)
+    return get_peft_model(rm.merge_and_unload(), lora_config(training, "SEQ_CLS"))
 
 
 # --------------------------------------------------------------------------------------------- what a job reads
@@ -199,7 +197,7 @@ class PpoRecipe:
                             seed=job.seed * 1_000_003 + iteration * 7_919 + self.rank * 104_729)
         outs = generator.generate(texts, sampling, adapter=self.rollout_adapter)
         rolled = time.perf_counter()
-        queries = [generator.tokenizer(t)["input_ids"] for t in texts]
+        queries = [prompt_ids(generator.tokenizer, t) for t in texts]
         responses = [list(o.token_ids) or [self.pad_id] for o in outs]
         first = self.rank * (cfg.rollout_batch_size // self.world)
         guides = [([f"system:{p['combination']}"], p["system"]) if "system" in p else
@@ -321,8 +319,11 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(SFT / MODEL)
-    pool = [p for p in pool if len(tokenizer(chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}],
-                                                         system=p.get("system")))["input_ids"]) <= cfg.max_query_tokens]
+    def query_tokens(prompt: dict) -> int:
+        turn = [{"role": "user", "content": prompt["text"]}]
+        return len(prompt_ids(tokenizer, chat_prompt(tokenizer, turn, system=prompt.get("system"))))
+
+    pool = [p for p in pool if query_tokens(p) <= cfg.max_query_tokens]
     if not pool:
         raise UserError(f"{PROMPTS}/prompts.jsonl: no prompt fits ppo.max_query_tokens ({cfg.max_query_tokens})")
     if params.generation.tensor_parallel_size > 1 and params.generation.backend != "hf":

@@ -59,6 +59,10 @@ def test_project_params_file_is_valid() -> None:
          "would be signalled at its start"),
         ({"cluster": {"import_model": {"partition": ""}}},
          "params.yaml: cluster.import_model.partition: expected a string of length >= 1, got ''"),
+        ({"training": {"lora_targets": "q_proj"}},  # PEFT would read one string as a regular expression
+         "params.yaml: training.lora_targets: expected 'all-linear' or a list of module names, got 'q_proj'"),
+        ({"training": {"lora_targets": []}},
+         "params.yaml: training.lora_targets: expected 'all-linear' or a list of module names, got []"),
     ],
 )
 def test_bad_values_give_one_line(raw: dict, message: str) -> None:
