@@ -26,6 +26,7 @@ from typing import Any, Iterator
 import blake3
 
 from align.errors import UserError
+from align.hash_cache import remembered
 
 MANIFEST = "MANIFEST.json"
 RUN_RECORD = ("host", "slurm_job_id", "started", "ended", "wall_seconds")  # in the manifest, not in the id
@@ -41,6 +42,11 @@ def hash_file(path: Path) -> str:
     return hasher.hexdigest()
 
 
+def file_hash(path: Path, cached: bool = True) -> str:
+    """`hash_file`, or its remembered value for an unchanged file (align/hash_cache.py) unless `cached` is False."""
+    return remembered(path, hash_file) if cached else hash_file(path)
+
+
 def digest(obj: Any) -> str:
     """blake3 of the canonical JSON form of `obj`: the id of a manifest, or of a job's inputs."""
     return blake3.blake3(json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
@@ -50,13 +56,13 @@ def artifact_id(manifest: dict[str, Any]) -> str:
     return digest({key: value for key, value in manifest.items() if key not in RUN_RECORD})
 
 
-def hash_tree(folder: Path) -> dict[str, dict[str, Any]]:
+def hash_tree(folder: Path, cached: bool = True) -> dict[str, dict[str, Any]]:
     """{relative path: {blake3, size}} for every file under `folder` except the manifest itself."""
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file() or p.is_symlink()):
         rel = path.relative_to(folder).as_posix()
         if rel != MANIFEST:
-            files[rel] = {"blake3": hash_file(path), "size": path.stat().st_size}
+            files[rel] = {"blake3": file_hash(path, cached), "size": path.stat().st_size}
     return files
 
 
@@ -70,8 +76,9 @@ def read_manifest(folder: Path) -> dict[str, Any]:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
 
-def verify_artifact(folder: Path) -> str:
-    """Re-hash every file against the manifest; return the artifact id or raise naming the first mismatch."""
+def verify_artifact(folder: Path, cached: bool = True) -> str:
+    """Re-hash every file against the manifest (an unchanged file's remembered hash unless `cached` is False);
+    return the artifact id or raise naming the first mismatch."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     expected = manifest.get("files")
@@ -81,7 +88,7 @@ def verify_artifact(folder: Path) -> str:
         path = folder / rel
         if not path.is_file():
             raise UserError(f"{path}: listed in {folder / MANIFEST} but missing")
-        if path.stat().st_size != entry["size"] or hash_file(path) != entry["blake3"]:
+        if path.stat().st_size != entry["size"] or file_hash(path, cached) != entry["blake3"]:
             raise UserError(f"{path}: content does not match {folder / MANIFEST} (altered after it was written)")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
@@ -90,16 +97,16 @@ def verify_artifact(folder: Path) -> str:
     return artifact_id(manifest)
 
 
-def input_id(path: Path) -> str:
+def input_id(path: Path, cached: bool = True) -> str:
     """The id of anything a stage reads: a verified artifact's manifest digest, a plain folder's tree digest
     (a user's HF model folder), or a file's blake3 (assets, the packaged GGUF)."""
     path = Path(path)
     if (path / MANIFEST).is_file():
-        return verify_artifact(path)
+        return verify_artifact(path, cached)
     if path.is_dir():
-        return digest(hash_tree(path))
+        return digest(hash_tree(path, cached))
     if path.is_file():
-        return hash_file(path)
+        return file_hash(path, cached)
     raise UserError(f"{path}: input not found (run `dvc repro`: the stage that writes it has not run)")
 
 

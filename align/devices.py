@@ -16,9 +16,16 @@ if TYPE_CHECKING:  # torch is imported where a function needs it: the stages' lo
 
 
 def job_device() -> torch.device:
+    """Raises where SLURM gave the job GPUs that torch cannot use (a CPU-only venv, a driver mismatch): a job that
+    asked for GPUs stops at once with one line instead of running for hours on the CPU."""
     import torch
 
     if not torch.cuda.is_available():
+        given = os.environ.get("SLURM_GPUS_ON_NODE") or os.environ.get("SLURM_JOB_GPUS") or ""
+        if given not in ("", "0"):
+            raise RuntimeError(f"SLURM gave this job GPUs ({given}) but torch {torch.__version__} cannot use CUDA "
+                               f"here (built for CUDA {torch.version.cuda}): check the job's python environment and "
+                               f"the node's driver")
         return torch.device("cpu")
     return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
 

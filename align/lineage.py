@@ -27,7 +27,7 @@ def walk(path: Path, depth: int = 0, recorded: str | None = None) -> list[str]:
     """Lines describing `path` and, under it, everything it was built from; raises UserError on a mismatch."""
     pad = "  " * depth
     is_artifact = (path / MANIFEST).is_file()
-    current = verify_artifact(path) if is_artifact else input_id(path)
+    current = verify_artifact(path, cached=False) if is_artifact else input_id(path, cached=False)  # all re-read
     if recorded is not None and current != recorded:
         raise UserError(f"{path}: changed since it was used (recorded id {recorded[:16]}, now {current[:16]})")
     if not is_artifact:

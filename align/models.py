@@ -22,12 +22,12 @@ HUB_HOST = "huggingface.co"
 
 @dataclass(frozen=True)
 class ModelSource:
-    kind: str  # "gguf" | "folder" | "hub"
-    location: str  # a file or folder path, or a hub repo id
+    kind: str  # "gguf" | "folder" (a hub model: its snapshot in the HF cache)
+    location: str  # a file or folder path
 
     @property
-    def path(self) -> Path | None:
-        return None if self.kind == "hub" else Path(self.location)
+    def path(self) -> Path:
+        return Path(self.location)
 
 
 def embedded_gguf() -> Path:
@@ -64,20 +64,36 @@ def resolve_model(base: str) -> ModelSource:
             raise UserError(f"params.yaml: model.base: {path} has no config.json; expected a Hugging Face model folder")
         return ModelSource("folder", str(path))
     if HUB_ID.match(base) and not base.startswith((".", "/", "~")):
-        if not hub_reachable():
-            raise UserError(
-                f"params.yaml: model.base: '{base}' is a hub id and the hub is not reachable from here (offline); "
-                "use 'embedded' or a local HF folder"
-            )
-        return ModelSource("hub", base)
+        return ModelSource("folder", str(hub_snapshot(base)))
     raise UserError(f"params.yaml: model.base: {base} not found; expected 'embedded', a local HF folder or a hub id")
+
+
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]  # not .bin, .pth, .gguf
+
+
+def hub_snapshot(repo_id: str) -> Path:
+    """The hub model's folder in the HF cache, downloaded here on the login node where the hub is reachable
+    (compute nodes are often offline; the cache must be on the shared filesystem: HF_HOME or HF_HUB_CACHE), or the
+    cached snapshot where it is not. Only what transformers loads: safetensors weights, configs, tokenizer."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    online = hub_reachable()
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not online))
+    except Exception as exc:  # noqa: BLE001 - hub errors come in many classes; each is one line for the user
+        if not online:
+            raise UserError(f"params.yaml: model.base: '{repo_id}' is a hub id and the hub is not reachable from here "
+                            f"(offline), nor is it in the HF cache ({HF_HUB_CACHE}); use 'embedded' or a local HF "
+                            f"folder") from None
+        raise UserError(f"params.yaml: model.base: '{repo_id}': the hub download failed: "
+                        f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 
 def check_remote_code(source: ModelSource, trust_remote_code: bool) -> None:
     """Refuse, before anything is loaded, a model folder whose config.json maps its model type to Python files of
     its own (`auto_map`) that transformers has no class for: loading it would run that code. A folder of a known
-    type loads with transformers' own classes and its auto_map is ignored; a hub id is checked by transformers
-    itself (trust_remote_code=False: an error, never a prompt)."""
+    type loads with transformers' own classes and its auto_map is ignored."""
     if trust_remote_code or source.kind != "folder":
         return
     path = Path(source.location) / "config.json"
@@ -169,10 +185,6 @@ def import_model(source: ModelSource, out_dir: Path, dtype: str, *, trust_remote
         model = _fresh_copy(AutoModelForCausalLM.from_pretrained(gguf.parent, dtype=torch.float32, **kwargs), torch_dtype)
     else:
         folder = source.location
-        if source.kind == "hub":
-            from huggingface_hub import snapshot_download
-
-            folder = snapshot_download(source.location)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch_dtype, trust_remote_code=trust_remote_code)
     if template is not None:

@@ -157,11 +157,15 @@ class VerboseCloneResources(Strict):
 
 STAGE_RESOURCES = ("import_model", "prompts", "self_align", "engrave", "verbose_clone", "system_messages",
                    "sample_pairs", "label_preferences", "train_rm", "policy", "evaluate")
+# `python -m align.repro_job`: `dvc repro` as a job, a small long CPU one whatever `defaults` gives the stages
+REPRO_BASE = {"nodes": 1, "gpus_per_node": 0, "gpu_type": None, "tasks_per_node": 1, "cpus_per_task": 1,
+              "mem_gb": 4, "mem_per_gpu_gb": None, "exclusive": False, "time_min": 2880, "max_requeues": 10}
 
 
 class Cluster(Strict):
     """`defaults` is every job's resources; `cluster.<stage>` (the DVC stage's name) overrides only the keys that
-    differ for that stage (`verbose_clone`: keys for both of its jobs, then `generate:` / `train:` for one)."""
+    differ for that stage (`verbose_clone`: keys for both of its jobs, then `generate:` / `train:` for one);
+    `repro` is the job `python -m align.repro_job` runs `dvc repro` in (CPU only, unless it says otherwise)."""
 
     executor: Literal["auto", "slurm", "local", "inline"] = "auto"
     log_dir: str = Field("logs", min_length=1)  # a path in the job script: one line
@@ -177,6 +181,7 @@ class Cluster(Strict):
     train_rm: Resources = Field(default_factory=Resources)
     policy: Resources = Field(default_factory=Resources)
     evaluate: Resources = Field(default_factory=Resources)
+    repro: Resources = Field(default_factory=lambda: Resources(**REPRO_BASE))
 
     @model_validator(mode="before")
     @classmethod
@@ -200,6 +205,8 @@ class Cluster(Strict):
                                  for part in ("generate", "train")}
             else:
                 merged[stage] = {**defaults, **override}
+        repro = raw.get("repro") or {}
+        merged["repro"] = {**defaults, **REPRO_BASE, **repro} if isinstance(repro, dict) else repro
         return merged
 
     @field_validator("log_dir")
@@ -214,7 +221,7 @@ class Cluster(Strict):
         """Every job's resources by the key that configures it (`verbose_clone.generate`, …)."""
         found = {stage: getattr(self, stage) for stage in STAGE_RESOURCES if stage != "verbose_clone"}
         found.update({"verbose_clone.generate": self.verbose_clone.generate,
-                      "verbose_clone.train": self.verbose_clone.train})
+                      "verbose_clone.train": self.verbose_clone.train, "repro": self.repro})
         return found
 
 

@@ -1,5 +1,5 @@
-"""How every stage ends: its job submitted, its metrics published and its out named on stdout; bad input is one
-line on stderr and exit 2, a failed job its report and exit 1."""
+"""How every stage starts and ends: the cluster checked, its job submitted, its metrics published and its out named
+on stdout; bad input is one line on stderr and exit 2, a failed job its report and exit 1."""
 
 from __future__ import annotations
 
@@ -7,18 +7,21 @@ import sys
 from pathlib import Path
 from typing import Any, Callable
 
-from align.artifacts import code_revision
+from align.code import code_digest
 from align.errors import EXIT_USER_ERROR, UserError
-from align.params import Cluster, Resources
+from align.params import Cluster, Params, Resources, load_params
 from align.records import publish_metrics
-from slurm.submit import JobFailed, JobSpec, submit
+from slurm.checks import check_cluster
+from slurm.submit import JobFailed, JobSpec, choose_executor, submit
 
 
 def submit_job(stage: str, target: Path, fn: Callable[[], Any], resources: Resources, cluster: Cluster,
                params: dict, inputs: dict, key_extra: dict | None = None) -> Any:
-    """Run one job of a stage and return rank 0's result. The job is keyed by the params subset, input ids and
-    code revision it depends on (and `key_extra`): a rerun with the same key re-attaches to a running job."""
-    key = {"params": params, "inputs": inputs, "code": code_revision(), **(key_extra or {})}
+    """Run one job of a stage and return rank 0's result. The job is keyed by the params subset, the input ids and
+    the content of the code files the stage runs (and `key_extra`): a rerun with the same key re-attaches to a
+    running job; a commit, or an edit to a file the stage does not run, leaves the key as it was."""
+    code = code_digest(f"stages.{stage.split('.')[0]}")  # `verbose_clone.generate` is a job of stages/verbose_clone
+    key = {"params": params, "inputs": inputs, "code": code, **(key_extra or {})}
     return submit(JobSpec(stage=stage, fn=fn, resources=resources, target=target, key=key), cluster)
 
 
@@ -36,6 +39,15 @@ def finish_stage(stage: str, out: Path, artifact_id: str, note: str = "", metric
     if metrics:
         publish_metrics(out, stage)
     print(f"{stage}: {out} {artifact_id}" + (f" ({note})" if note else ""))
+
+
+def stage_params() -> Params:
+    """What every stage does first: params.yaml validated and, with the slurm executor, the partitions, accounts,
+    qos and GPU types of every job checked against the cluster, before any hashing or job."""
+    params = load_params()
+    if choose_executor(params.cluster) == "slurm":
+        check_cluster(params.cluster)
+    return params
 
 
 def run(main: Callable[[], None]) -> int:

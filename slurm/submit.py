@@ -203,7 +203,7 @@ def _has_results(job: submitit.Job) -> bool:
     return all(job.task(t).paths.result_pickle.exists() for t in range(job.num_tasks))
 
 
-def _finished(job: submitit.Job) -> bool:
+def finished(job: submitit.Job) -> bool:
     if isinstance(job, submitit.LocalJob) and getattr(job, "_process", None) is None:
         # re-attached from a new process: no Popen handle, so watch the pid and the result files
         return _has_results(job) or not _pid_alive(int(job.job_id))
@@ -245,7 +245,7 @@ def _wait(job: submitit.Job, stage: str) -> None:
     come, and the job's newest progress line at most every PROGRESS_EVERY seconds."""
     delay, state, line, next_look = 0.05, ("PENDING", "None"), None, time.monotonic()
     log = progress_log(job)
-    while not _finished(job):
+    while not finished(job):
         if isinstance(job, submitit.SlurmJob):
             state = _say_state(job, stage, state)
         if time.monotonic() >= next_look:
@@ -327,18 +327,13 @@ def _run_inline(spec: JobSpec) -> Any:
         return spec.fn()
 
 
-def submit(spec: JobSpec, cluster: Cluster) -> Any:
-    """Run `spec.fn` under the cluster's executor and return rank 0's result; raise JobFailed on failure, or the
-    UserError the job raised."""
+def start(spec: JobSpec, cluster: Cluster) -> submitit.Job:
+    """The job for `spec` under the cluster's executor (not inline): the one a previous submission with the same key
+    left running or finished, else a new one (a stale one, submitted for another key, is cancelled first)."""
     kind = choose_executor(cluster)
-    if kind == "inline":
-        if spec.resources.tasks != 1 or spec.resources.nodes != 1:
-            raise UserError(f"params.yaml: cluster.{spec.stage}: the inline executor runs one task; use local or slurm")
-        return _run_inline(spec)
     logging.getLogger("submitit").setLevel(logging.ERROR)  # no sacct without slurmdbd: squeue is used instead
     key = digest({"stage": spec.stage, "key": spec.key, "executor": kind})
     state_file = state_path(spec.target)
-    job = None
     if state_file.exists():
         state = json.loads(state_file.read_text())
         if state.get("key") == key and state.get("executor") == kind:
@@ -346,26 +341,38 @@ def submit(spec: JobSpec, cluster: Cluster) -> Any:
             if job is not None:
                 print(f"{spec.stage}: re-attached to {kind} job {job.job_id} (log: {progress_log(job)})",
                       file=sys.stderr)
+                return job
         else:
             _cancel_stale(state)
-    if job is None:
-        folder = log_folder(cluster, spec.stage)
-        executor = _make_executor(kind, folder, spec.stage, spec.resources)
-        one_gpu_per_task = spec.resources.gpus_per_node > 0 and spec.resources.tasks == spec.resources.gpus_per_node
-        try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
-            with _environ(**dict.fromkeys(DIST_VARS)):
-                job = executor.submit(_Task(spec.fn, one_gpu_per_task))
-        except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller
-            lines = [line for line in str(exc).splitlines() if line.strip()]
-            raise JobFailed(f"{spec.stage}: {kind} refused the job: {lines[-1] if lines else exc}") from None
-        state_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps({
-            "executor": kind, "job_id": job.job_id, "folder": str(folder), "tasks": spec.resources.tasks * spec.resources.nodes,
-            "key": key, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }, indent=2))
-        os.replace(tmp, state_file)
-        print(f"{spec.stage}: submitted {kind} job {job.job_id} (log: {progress_log(job)})", file=sys.stderr)
+    folder = log_folder(cluster, spec.stage)
+    executor = _make_executor(kind, folder, spec.stage, spec.resources)
+    one_gpu_per_task = spec.resources.gpus_per_node > 0 and spec.resources.tasks == spec.resources.gpus_per_node
+    try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
+        with _environ(**dict.fromkeys(DIST_VARS)):
+            job = executor.submit(_Task(spec.fn, one_gpu_per_task))
+    except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        raise JobFailed(f"{spec.stage}: {kind} refused the job: {lines[-1] if lines else exc}") from None
+    state_file.parent.mkdir(parents=True, exist_ok=True)
+    tmp = state_file.with_suffix(".tmp")
+    tmp.write_text(json.dumps({
+        "executor": kind, "job_id": job.job_id, "folder": str(folder), "tasks": spec.resources.tasks * spec.resources.nodes,
+        "key": key, "submitted": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }, indent=2))
+    os.replace(tmp, state_file)
+    print(f"{spec.stage}: submitted {kind} job {job.job_id} (log: {progress_log(job)})", file=sys.stderr)
+    return job
+
+
+def submit(spec: JobSpec, cluster: Cluster) -> Any:
+    """Run `spec.fn` under the cluster's executor and return rank 0's result; raise JobFailed on failure, or the
+    UserError the job raised."""
+    if choose_executor(cluster) == "inline":
+        if spec.resources.tasks != 1 or spec.resources.nodes != 1:
+            raise UserError(f"params.yaml: cluster.{spec.stage}: the inline executor runs one task; use local or slurm")
+        return _run_inline(spec)
+    job = start(spec, cluster)
+    state_file = state_path(spec.target)
     try:
         _wait(job, spec.stage)
         if isinstance(job, submitit.SlurmJob) and not _has_results(job):

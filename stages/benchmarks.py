@@ -25,7 +25,7 @@ from align import runner
 from align.artifacts import input_refs, staged_out, verify_artifact
 from align.benchmarks import DATA, FILES, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv
 from align.errors import UserError
-from align.params import HUB_SOURCE, load_params
+from align.params import HUB_SOURCE
 from align.records import write_json
 
 STAGE = "benchmarks"
@@ -188,7 +188,7 @@ def counts(out: Path) -> dict[str, dict[str, int]]:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.benchmarks
     sources = {key: read_source(key, getattr(cfg, key)) for key in FILES}
     inputs = input_refs({key: path for key, (path, _) in sources.items()})

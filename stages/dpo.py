@@ -26,7 +26,7 @@ from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, value_descriptions
 from align.errors import UserError
 from align.models import padding_id
-from align.params import Dpo, Training, load_params
+from align.params import Dpo, Training
 from align.paths import MODEL
 from align.reward import guide_text, preference_examples, read_preferences
 from align.training import (
@@ -109,7 +109,7 @@ def job(args: DpoJob) -> str | None:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.dpo
     principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
     descriptions = value_descriptions(SPACE)  # bad assets fail before the inputs are hashed

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from align import paths, runner, sft
 from align.artifacts import input_refs
-from align.params import load_params
 from align.records import read_jsonl
 from align.training import checkpoint_dir
 
@@ -28,7 +27,7 @@ def pairs(data: Path) -> list[tuple[str, str]]:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     inputs = input_refs({"model": BASE, "data": DATA})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "engrave": params.engrave.model_dump()}
     ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})

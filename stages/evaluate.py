@@ -42,7 +42,7 @@ from align.benchmarks import (
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.judge import PLACEHOLDERS, criteria_of, judge
-from align.params import Evaluate, Generation, SystemMessages, load_params
+from align.params import Evaluate, Generation, SystemMessages
 from align.paths import MODEL
 from align.progress import progress
 from align.records import read_jsonl, sample_in_order, write_json, write_jsonl
@@ -308,7 +308,7 @@ def job(args: EvaluateJob) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.evaluate
     judged = pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.judge_principles,
                              "evaluate.judge_principles", PRINCIPLES)

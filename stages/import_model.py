@@ -1,5 +1,7 @@
 """Stage `import_model`: bring `model.base` (the packaged SmolLM2 GGUF, a local HF folder or a hub id) into the
-pipeline as an HF safetensors folder with a manifest, through the same submission path a cluster run uses."""
+pipeline as an HF safetensors folder with a manifest, through the same submission path a cluster run uses. A hub
+model is downloaded here, on the login node, into the HF cache the job then reads (compute nodes are often
+offline)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,6 @@ from align.artifacts import input_refs, staged_out, verify_artifact
 from align.models import (
     ModelSource, chat_template, check_remote_code, has_chat_template, import_model, no_template, resolve_model,
 )
-from align.params import load_params
 
 STAGE = "import_model"
 OUT = paths.BASE  # declared in dvc.yaml; later stages read the base model from here
@@ -38,14 +39,14 @@ def job(args: ImportJob) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     trust = params.model.trust_remote_code
     source = resolve_model(params.model.base)
     check_remote_code(source, trust)
     template = chat_template(params.model.chat_template)
-    if template is None and source.kind == "folder" and not has_chat_template(source.path):  # type: ignore[arg-type]
-        raise no_template(source.location)  # a hub model is checked once downloaded, in the job
-    files = {"model": source.path} if source.path else {}
+    if template is None and source.kind == "folder" and not has_chat_template(source.path):
+        raise no_template(source.location)
+    files = {"model": source.path}  # a hub model: its snapshot, downloaded above on this (login) node
     if template is not None and params.model.chat_template != "plain":
         files["chat_template"] = Path(params.model.chat_template).expanduser()  # in the lineage with its hash
     inputs = input_refs(files)

@@ -25,7 +25,7 @@ from align.assets import DIMENSIONS, PreferencePrinciple, PreferenceValue, load_
 from align.errors import UserError
 from align.generation import one_task
 from align.judge import PLACEHOLDERS, check_choices, criteria_of, judge, value_criteria
-from align.params import LabelPreferences, load_params
+from align.params import LabelPreferences
 from align.paths import MODEL
 from align.records import read_jsonl, write_json, write_jsonl
 from align.scoring import Scorer
@@ -90,7 +90,7 @@ def job(args: LabelPreferencesJob) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.label_preferences
     pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles, "label_preferences.principles",
                     PRINCIPLES)  # bad assets or ids fail before a job

@@ -38,7 +38,7 @@ from align.devices import config_dtype
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
 from align.models import padding_id, prompt_ids
-from align.params import Generation, Ppo, Training, load_params
+from align.params import Generation, Ppo, Training
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_jsonl
 from align.reward import RewardScorer
@@ -297,7 +297,7 @@ class PpoRecipe:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.ppo
     resources = params.cluster.policy
     world = resources.nodes * resources.tasks

@@ -24,7 +24,7 @@ from align.assets import QuestionType, SeedPrompt, load_jsonl
 from align.errors import UserError
 from align.filters import RougePool, counts_text, distinct_n, prompt_problem
 from align.generation import Completion, Generator, Sampling, one_task
-from align.params import Generation, Prompts, load_params
+from align.params import Generation, Prompts
 from align.records import write_json, write_jsonl
 
 STAGE = "prompts"
@@ -163,7 +163,7 @@ def job(args: PromptsJob) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     load_jsonl(SEEDS, SeedPrompt)  # bad assets fail here, before a job
     load_jsonl(QUESTION_TYPES, QuestionType)
     inputs = input_refs({"model": BASE, "seeds": SEEDS, "question_types": QUESTION_TYPES})

@@ -23,7 +23,7 @@ from align.artifacts import input_refs, staged_out, verify_artifact
 from align.errors import UserError
 from align.filters import counts_text
 from align.generation import Generator, Sampling, chat_prompt, one_task
-from align.params import Generation, SamplePairs, load_params
+from align.params import Generation, SamplePairs
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
 
@@ -97,7 +97,7 @@ def job(args: SamplePairsJob) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.sample_pairs
     inputs = input_refs({"policy": POLICY, "prompts": PROMPTS, "sft_data": SFT_DATA, "system_messages": SYSTEM})
     system_rows = read_jsonl(SYSTEM / "train.jsonl")

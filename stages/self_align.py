@@ -22,7 +22,7 @@ from align.errors import UserError
 from align.filters import answer_problem, counts_text
 from align.generation import Generator, Sampling, one_task
 from align.params import Generation as GenerationSettings
-from align.params import SelfAlign, load_params
+from align.params import SelfAlign
 from align.records import read_jsonl, sample_in_order, write_json, write_jsonl
 
 STAGE = "self_align"
@@ -86,7 +86,7 @@ def job(args: SelfAlignJob) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     load_jsonl(PRINCIPLES, Principle)  # bad assets fail here, before a job
     load_jsonl(EXEMPLARS, Exemplar)
     inputs = input_refs({"model": BASE, "prompts": PROMPTS, "principles": PRINCIPLES, "exemplars": EXEMPLARS})

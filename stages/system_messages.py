@@ -33,7 +33,7 @@ from align.artifacts import input_refs, staged_out, verify_artifact
 from align.assets import DIMENSIONS, Space, load_space, values_by_id
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
-from align.params import Generation, SystemMessages, load_params
+from align.params import Generation, SystemMessages
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
 
@@ -203,7 +203,7 @@ def job(args: SystemMessagesJob) -> str:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.system_messages
     subset = {"seed": params.seed, "system_messages": cfg.model_dump(), "generation": params.generation.model_dump()}
     if not cfg.enabled:

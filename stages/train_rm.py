@@ -27,7 +27,7 @@ from align.benchmarks import DATA as BENCHMARKS
 from align.benchmarks import ChoiceItem, bench_path, load_hhh
 from align.errors import UserError
 from align.models import padding_id
-from align.params import Pmp, Training, load_params
+from align.params import Pmp, Training
 from align.params import RewardModel as RewardParams
 from align.paths import MODEL
 from align.records import write_json, write_jsonl
@@ -239,7 +239,7 @@ def job(args: TrainRmJob) -> str | None:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.rm
     every = load_jsonl(PRINCIPLES, PreferencePrinciple)
     principles = {p.id: p for p in every}

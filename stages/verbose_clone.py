@@ -30,7 +30,7 @@ from align.assets import load_text
 from align.errors import UserError
 from align.filters import answer_problem, counts_text, trim_to_boundary
 from align.generation import Generator, Sampling, chat_prompt, one_task
-from align.params import Generation, Params, SelfAlign, VerboseClone, load_params
+from align.params import Generation, Params, SelfAlign, VerboseClone
 from align.paths import MODEL
 from align.records import read_jsonl, write_json, write_jsonl
 from align.training import checkpoint_dir
@@ -130,7 +130,7 @@ def distill(params: Params, subset: dict, inputs: dict) -> None:
 
 
 def main() -> None:
-    params = load_params()
+    params = runner.stage_params()
     cfg = params.verbose_clone
     if cfg.enabled:
         load_text(INSTRUCTION)  # a missing or empty instruction fails here, before a job

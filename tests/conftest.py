@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("ALIGN_HASH_CACHE", str(Path(tempfile.mkdtemp(prefix="align-hashes-")) / "hashes.sqlite"))
 if not torch.cuda.is_available():  # DeepSpeed's CPU accelerator where no GPU is; on a GPU machine it finds CUDA
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

@@ -61,3 +61,10 @@ class RankFault:
                 os.kill(os.getpid(), signal.SIGKILL)
             raise RuntimeError(f"rank {self.rank}: injected fault in call {self.calls} of the loss")
         return sft_loss(model, batch)
+
+
+def device_of_job() -> str:
+    """The device a job's models would use (align.devices.job_device): raises where SLURM gave GPUs torch cannot use."""
+    from align.devices import job_device
+
+    return str(job_device())

@@ -18,11 +18,8 @@ from align.artifacts import staged_out, verify_artifact
 from align.params import Training
 from align.records import read_jsonl, write_jsonl
 from align.training import lora_model
-from tests.test_evaluate import SMALL
-from tests.test_ppo import TINY_PPO
-from tests.test_preferences import PROMPTS
-from tests.test_reward import preference_rows
-from tests.test_sft_stages import FAST_TRAINING, make_project, stage
+from tests.helpers import FAST_TRAINING, stage
+from tests.projects import PROMPTS, SMALL_EVALUATE, TINY_PPO, make_project, preference_rows
 from tests.tiny import PAIRS, make_gemma_model, make_llama_base
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -55,7 +52,7 @@ def test_the_pipeline_runs_on_another_architecture(arch: str, tmp_path: Path) ->
         engrave={"epochs": 1}, rm={"epochs": 1, "subsets_per_pair": 1, "eval_share": 0.34, "batch_size": 4},
         system_messages={"enabled": True, "composer": "template", "train_prompts": 1, "eval_prompts": 1,
                          "eval_max_new_tokens": 4},
-        ppo={**TINY_PPO, "iterations": 2}, evaluate=SMALL,
+        ppo={**TINY_PPO, "iterations": 2}, evaluate=SMALL_EVALUATE,
     )
     raw = yaml.safe_load((cwd / "params.yaml").read_text())
     raw["model"].update(base=str(source), **model_params)  # (make_project's own `model` is the base out's)

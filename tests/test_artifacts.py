@@ -186,3 +186,38 @@ def test_lineage_reports_an_input_rebuilt_since(tmp_path: Path, capsys) -> None:
     write_out(base, {"w": "2"})
     assert lineage.main([str(child)]) == 1
     assert "changed since it was used" in capsys.readouterr().err
+
+
+def test_an_unchanged_input_is_hashed_once_and_lineage_rereads_everything(tmp_path: Path, capsys,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from align import hash_cache
+
+    monkeypatch.setenv("ALIGN_HASH_CACHE", str(tmp_path / "cache" / "hashes.sqlite"))
+    with staged_out(tmp_path / "out", stage="t", params={}, inputs={}) as tmp:
+        (tmp / "weights.bin").write_bytes(b"\x01" * 4096)
+    computed: list[Path] = []
+
+    def counting(path: Path) -> str:
+        computed.append(path)
+        return hash_file(path)
+
+    weights = tmp_path / "out" / "weights.bin"
+    first = hash_cache.remembered(weights, counting)
+    assert hash_cache.remembered(weights, counting) == first == hash_file(weights) and len(computed) == 1
+    weights.write_bytes(b"\x02" * 4096)  # same size, new mtime: hashed again
+    assert hash_cache.remembered(weights, counting) == hash_file(weights) and len(computed) == 2
+
+    with staged_out(tmp_path / "out", stage="t", params={}, inputs={}) as tmp:
+        (tmp / "weights.bin").write_bytes(b"\x01" * 4096)
+    out_id = verify_artifact(tmp_path / "out")
+    stat = weights.stat()
+    with weights.open("r+b") as fh:  # altered in place with its size and mtime put back: only a re-read sees it
+        fh.write(b"\x03")
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert verify_artifact(tmp_path / "out") == out_id  # the cache trusts (inode, size, mtime), as DVC's state does
+    with pytest.raises(UserError, match="content does not match"):
+        verify_artifact(tmp_path / "out", cached=False)
+    assert lineage.main([str(tmp_path / "out")]) == 1  # `python -m align.lineage` re-reads every file
+
+    (tmp_path / "cache" / "hashes.sqlite").write_bytes(b"not a database")  # a broken cache: plain hashing
+    assert hash_cache.remembered(weights, hash_file) == hash_file(weights)

@@ -151,3 +151,29 @@ def test_a_base_model_without_a_chat_template_needs_one_named(tmp_path: Path, ti
     assert proc.returncode == 0, proc.stderr
     assert AutoTokenizer.from_pretrained(cwd / "models/base").chat_template == jinja.read_text()
     assert json.loads((cwd / "models/base" / MANIFEST).read_text())["inputs"]["chat_template"]["path"] == str(jinja)
+
+
+def test_a_hub_model_comes_from_the_hf_cache_the_login_node_fills(tmp_path: Path, tiny_model: Path) -> None:
+    """A hub id resolves on the login node to its snapshot in the HF cache (downloaded there where the hub answers;
+    here offline, already cached, as a compute node would need it), which the job reads; not cached, one line."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--tiny-llama"
+    shutil.copytree(tiny_model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    cwd = project(folder(tmp_path / "p"), model__base="tiny-org/tiny-llama", cluster__executor="local")
+    env = {"HF_HUB_CACHE": str(tmp_path / "hub")}
+    proc = subprocess.run([sys.executable, "-m", "stages.import_model"], cwd=cwd, capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **env})
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((cwd / "models/base" / MANIFEST).read_text())
+    assert manifest["inputs"]["model"]["path"] == str(repo / "snapshots" / revision)
+    assert manifest["params"]["model"]["base"] == "tiny-org/tiny-llama"
+    verify_artifact(cwd / "models/base")
+
+    proc = subprocess.run([sys.executable, "-m", "stages.import_model"], cwd=project(
+        folder(tmp_path / "q"), model__base="tiny-org/not-cached", cluster__executor="local"), capture_output=True,
+        text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", **env})
+    assert proc.returncode == 2 and proc.stderr.strip() == (
+        f"params.yaml: model.base: 'tiny-org/not-cached' is a hub id and the hub is not reachable from here "
+        f"(offline), nor is it in the HF cache ({tmp_path / 'hub'}); use 'embedded' or a local HF folder")

@@ -142,7 +142,8 @@ def test_the_readme_gpu_examples_are_complete_params() -> None:
         assert params.model.dtype == "bfloat16" and params.training.precision == "bf16"
         assert not params.generation.enforce_eager and params.cluster.executor == "slurm"
         jobs = params.cluster.jobs()
-        assert all(res.gpus_per_node == 8 for key, res in jobs.items() if key != "import_model")
+        assert all(res.gpus_per_node == 8 for key, res in jobs.items() if key not in ("import_model", "repro"))
+        assert jobs["repro"].gpus_per_node == 0 and jobs["repro"].gpu_type is None  # dvc repro's own job: CPU
         assert jobs["import_model"].gpus_per_node == 0 and jobs["import_model"].time_min >= 60
         for key in ("prompts", "self_align", "verbose_clone.generate", "sample_pairs", "label_preferences", "evaluate"):
             assert one_task(jobs[key], key).tasks == 1
@@ -163,8 +164,10 @@ def test_stages_take_defaults_and_override_only_what_differs() -> None:
     jobs = params.cluster.jobs()
     assert set(jobs) == {"import_model", "prompts", "self_align", "engrave", "verbose_clone.generate",
                          "verbose_clone.train", "system_messages", "sample_pairs", "label_preferences", "train_rm",
-                         "policy", "evaluate"}
-    assert all(res.partition == "gpu" and res.gpu_type == "h100" for res in jobs.values())
+                         "policy", "evaluate", "repro"}
+    assert all(res.partition == "gpu" for res in jobs.values())
+    assert all(res.gpu_type == "h100" for key, res in jobs.items() if key != "repro")
+    assert (jobs["repro"].gpus_per_node, jobs["repro"].mem_per_gpu_gb, jobs["repro"].cpus_per_task) == (0, None, 1)
     assert params.cluster.engrave.nodes == 2 and params.cluster.train_rm.nodes == 1
     assert (params.cluster.verbose_clone.generate.gpus_per_node, params.cluster.verbose_clone.generate.time_min) \
         == (1, 30)

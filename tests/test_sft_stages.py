@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ from align.assets import Principle, load_jsonl
 from align.records import write_jsonl
 from align.training import tokenize_pair
 from tests.conftest import ROOT
-from tests.helpers import FAST_TRAINING, curve, kill_tree, stage
+from tests.helpers import FAST_TRAINING, curve, kill_tree, sh, stage
 from tests.projects import make_project
 from tests.tiny import PAIRS
 
@@ -180,3 +181,52 @@ def test_a_malformed_assets_file_is_one_line_and_nothing_is_submitted(tmp_path: 
     assert proc.returncode == 2
     assert proc.stderr.strip() == expected
     assert not (cwd / "logs").exists() and not (cwd / "data/self_align").exists()
+
+
+@pytest.mark.slow
+def test_a_commit_while_a_job_runs_keeps_it_and_an_edit_to_its_code_does_not(tmp_path: Path,
+                                                                             roomy_model: Path) -> None:
+    """The job key holds the hash of the files the stage runs, not the git commit: committing (and editing a file
+    the stage does not run) while engrave's job runs, then rerunning after the login session died, re-attaches;
+    editing a file it runs makes the job stale (cancelled, a new one submitted)."""
+    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=FAST_TRAINING, engrave={"epochs": 150})
+    for package in ("align", "stages", "slurm"):  # the project's own copy of the code, as in a user's clone
+        shutil.copytree(ROOT / package, cwd / package, ignore=shutil.ignore_patterns("__pycache__"))
+    sh(cwd, "git", "init", "-q")
+    sh(cwd, "git", "add", "-A")
+    sh(cwd, "git", "commit", "-qm", "a run")
+    env = {**os.environ, "PYTHONPATH": str(cwd), "HF_HUB_OFFLINE": "1"}
+    state = cwd / "models/.engraved.job.json"
+
+    def start(name: str) -> subprocess.Popen:
+        with (tmp_path / f"{name}.err").open("w") as err:
+            return subprocess.Popen([sys.executable, "-m", "stages.engrave"], cwd=cwd, env=env, stderr=err,
+                                    stdout=subprocess.DEVNULL)
+
+    first = start("first")
+    deadline = time.monotonic() + 120
+    while not state.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    job_id = json.loads(state.read_text())["job_id"]
+    first.kill()  # the login session dies; the local job runs on
+    first.wait()
+
+    (cwd / "NOTES.md").write_text("Started engraving.\n")
+    (cwd / "stages" / "prompts.py").write_text((cwd / "stages" / "prompts.py").read_text() + "# not run by engrave\n")
+    sh(cwd, "git", "add", "-A")
+    sh(cwd, "git", "commit", "-qm", "notes")
+    second = start("second")
+    deadline = time.monotonic() + 60
+    while "re-attached" not in (tmp_path / "second.err").read_text() and time.monotonic() < deadline:
+        assert second.poll() is None, (tmp_path / "second.err").read_text()
+        time.sleep(0.1)
+    second.kill()
+    second.wait()
+    assert f"engrave: re-attached to local job {job_id}" in (tmp_path / "second.err").read_text()
+
+    (cwd / "align" / "sft.py").write_text((cwd / "align" / "sft.py").read_text() + "# engrave runs this file\n")
+    third = subprocess.run([sys.executable, "-m", "stages.engrave"], cwd=cwd, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert third.returncode == 0, third.stderr
+    assert f"cancelled stale local job {job_id}" in third.stderr and "submitted local job" in third.stderr
+    verify_artifact(cwd / "models/engraved")

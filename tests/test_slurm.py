@@ -1,11 +1,13 @@
 """The submission layer on a real one-node SLURM cluster (slurm/testcluster.sh, started by the `slurm_cluster`
 session fixture): a 2-task torch.distributed job on the gpu partition, a failing job, a cancelled job, a stage
-whose submitter is killed and re-attached, and import_model end to end."""
+whose submitter is killed and re-attached, import_model end to end, and the checks before any work (a misspelt
+partition, GPUs the job cannot use), and the DAG run as a job of its own."""
 
 from __future__ import annotations
 
 import functools
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -14,12 +16,13 @@ from pathlib import Path
 
 import pytest
 import submitit
+import yaml
 
 from align.artifacts import MANIFEST, verify_artifact
 from align.params import Cluster, Resources
 from slurm.submit import JobFailed, JobSpec, _attach, state_path, submit
-from tests.helpers import SqueueWatch, squeue_jobs, stage_env
-from tests.jobs import all_reduce_rank, fail
+from tests.helpers import SqueueWatch, new_repo, squeue_jobs, stage_env
+from tests.jobs import all_reduce_rank, device_of_job, fail
 from tests.projects import slurm_project
 
 pytestmark = pytest.mark.slurm
@@ -144,3 +147,68 @@ def test_import_model_end_to_end_through_slurm(slurm_cluster, tmp_path: Path, ti
     assert manifest["stage"] == "import_model" and manifest["inputs"]["model"]["path"] == str(tiny_model)
     assert "accounting storage is disabled" not in proc.stderr  # job states come from squeue, quietly
     assert job_ids(tmp_path / "logs" / "import_model") == {job_id}
+
+
+def test_a_misspelt_partition_stops_in_seconds_naming_the_real_ones(slurm_cluster, tmp_path: Path,
+                                                                     tiny_model: Path) -> None:
+    cwd = slurm_project(tmp_path, tiny_model)
+    raw = yaml.safe_load((cwd / "params.yaml").read_text())
+    raw["cluster"]["defaults"]["partition"] = "gpus"
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    started = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "stages.import_model"], cwd=cwd, env=stage_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and time.monotonic() - started < 30, proc.stderr
+    assert proc.stderr.strip() == ("params.yaml: cluster.defaults.partition: 'gpus' is not a partition of this "
+                                   "cluster; it has cpu, gpu")
+    assert not (cwd / "logs").exists() and not (cwd / "models").exists()  # no job, no hashing, nothing written
+
+    raw["cluster"]["defaults"]["partition"] = None
+    raw["cluster"]["engrave"] = {"partition": "gpu", "gpus_per_node": 1, "gpu_type": "h100"}
+    (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
+    proc = subprocess.run([sys.executable, "-m", "stages.import_model"], cwd=cwd, env=stage_env(),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "params.yaml: cluster.engrave.gpu_type: no node offers GPUs of type 'h100'"), proc.stderr
+
+
+def test_a_job_given_gpus_it_cannot_use_fails_at_once(slurm_cluster, tmp_path: Path) -> None:
+    """The test cluster's GPUs are files: torch sees no CUDA, as in a job whose venv has a CPU-only torch."""
+    cluster = Cluster(executor="slurm", log_dir=str(tmp_path / "logs"))
+    resources = Resources(partition="gpu", gpus_per_node=1, cpus_per_task=1, mem_gb=1, time_min=5)
+    spec = JobSpec(stage="needs_cuda", fn=device_of_job, resources=resources, target=tmp_path / "out", key={})
+    with pytest.raises(JobFailed, match=r"SLURM gave this job GPUs \(\S+\) but torch \S+ cannot use CUDA here"):
+        submit(spec, cluster)
+    spec = JobSpec(stage="cpu_only", fn=device_of_job, resources=Resources(partition="cpu", cpus_per_task=1,
+                   mem_gb=1, time_min=5), target=tmp_path / "cpu_out", key={})
+    assert submit(spec, cluster) == "cpu"
+
+
+def test_the_dag_runs_as_a_job_after_the_login_shell_is_gone(slurm_cluster, tmp_path: Path, tiny_model: Path) -> None:
+    """`python -m align.repro_job` returns once `dvc repro` is submitted as a job; the shell that ran it ends; the
+    job submits the stage's job from inside SLURM and the DAG completes; started again meanwhile, it attaches."""
+    repo = new_repo(tmp_path / "repo", {"model": {"base": str(tiny_model)}, "cluster": {
+        "executor": "slurm", "log_dir": str(tmp_path / "logs"),
+        "defaults": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10}}})
+    env = {**stage_env(), "PYTHONPATH": str(repo), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    shell = subprocess.run(["bash", "-c", f"{sys.executable} -m align.repro_job import_model"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=120, start_new_session=True)
+    assert shell.returncode == 0, shell.stderr
+    job_id = shell.stdout.split("runs as slurm job ")[1].split(";")[0]
+    again = subprocess.run([sys.executable, "-m", "align.repro_job", "import_model"], cwd=repo, env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and f"runs as slurm job {job_id};" in again.stdout, again.stderr
+    assert f"repro: re-attached to slurm job {job_id}" in again.stderr  # not a second DAG run
+
+    deadline = time.monotonic() + 600
+    while squeue_jobs("repro").get(job_id) in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING") \
+            and time.monotonic() < deadline:
+        time.sleep(1)
+    log = "".join(p.read_text(errors="replace") for p in (tmp_path / "logs" / "repro").glob(f"{job_id}_0_log.*"))
+    out = repo / "models" / "base"
+    assert out.is_dir(), log
+    assert f"import_model: models/base {verify_artifact(out)}" in log  # the stage's own line, in the one log
+    assert "import_model: submitted slurm job" in log
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "import_model"], cwd=repo, env=env,
+                            capture_output=True, text=True, timeout=120)
+    assert "changed" not in status.stdout, status.stdout

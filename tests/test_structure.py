@@ -8,16 +8,15 @@ from __future__ import annotations
 
 import ast
 import re
-from functools import cache
 from pathlib import Path
 
 import pytest
 import yaml
 
 from align import paths
+from align.code import closure, imports, module_file
 from tests.conftest import ROOT
 
-PACKAGES = ("align", "stages", "slurm")
 PIPELINE = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 ALGORITHMS = {"policy": ("ppo", "dpo")}  # the only stage that dispatches to other modules of stages/
 ASSET_LITERAL = re.compile(r"""Path\(["'](assets/[^"']+)["']\)""")
@@ -25,33 +24,6 @@ ASSET_LITERAL = re.compile(r"""Path\(["'](assets/[^"']+)["']\)""")
 
 def stage_module(stage: str) -> str:
     return PIPELINE[stage]["cmd"].split("python -m ", 1)[1].split()[0]
-
-
-def module_file(name: str) -> Path | None:
-    path = ROOT / (name.replace(".", "/") + ".py")
-    return path if path.is_file() else None
-
-
-@cache
-def imports(name: str) -> frozenset[str]:
-    """The project modules `name` imports anywhere in its body (functions too: lazy imports run as well)."""
-    found = set()
-    for node in ast.walk(ast.parse(module_file(name).read_text())):  # type: ignore[union-attr]
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
-            found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return frozenset(m for m in found if m.split(".")[0] in PACKAGES and module_file(m) and m != name)
-
-
-def closure(name: str) -> set[str]:
-    seen, todo = set(), [name]
-    while todo:
-        module = todo.pop()
-        if module not in seen:
-            seen.add(module)
-            todo += imports(module)
-    return seen
 
 
 def assets_read(modules: set[str]) -> set[str]:
@@ -138,7 +110,7 @@ def imported_test_modules(path: Path) -> set[str]:
         elif isinstance(node, ast.ImportFrom):
             module = f"tests.{node.module or ''}".rstrip(".") if node.level else node.module or ""
             found |= {module} | {f"{module}.{a.name}" for a in node.names}
-    return {m for m in found if m.startswith("tests.test_") and module_file(m)}
+    return {m for m in found if m.startswith("tests.test_") and (ROOT / f"{m.replace('.', '/')}.py").is_file()}
 
 
 def test_no_test_module_imports_another() -> None:
