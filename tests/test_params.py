@@ -59,6 +59,8 @@ def test_project_params_file_is_valid() -> None:
          "would be signalled at its start"),
         ({"cluster": {"import_model": {"partition": ""}}},
          "params.yaml: cluster.import_model.partition: expected a string of length >= 1, got ''"),
+        ({"rm": {"label_rule": "vote"}}, "params.yaml: rm.label_rule: expected one of dominant, majority, got 'vote'"),
+        ({"dpo": {"label_noise": 0.5}}, "params.yaml: dpo.label_noise: expected a number >= 0 < 0.5, got 0.5"),
     ],
 )
 def test_bad_values_give_one_line(raw: dict, message: str) -> None:
