@@ -345,11 +345,23 @@ class Pmp(Strict):
     max_examples: int = Field(1000, ge=1)
 
 
-class RewardModel(Strict):
+class Subsets(Strict):
+    """How a training instance's principle subset is drawn and labelled (align/reward.py). The defaults are
+    SALMON's: IBM/SALMON, training/step1_synthetic_preference_collection/
+    aggregate_synthetic_preference.py (Dromedary-2)."""
+
+    max_principles: int = Field(8, ge=1)  # a subset shows 1..this many principles (SALMON: 8)
+    size_p: float = Field(0.2, ge=0, le=1)  # P(k shown) ∝ (1 - size_p)^(k-1): SALMON's geometric(0.2) cut at
+    # max_principles; 0 gives uniform sizes (the earlier rule)
+    negation_prob: float = Field(0.5, ge=0, le=1)  # each shown principle is negated this often (SALMON: 0.5)
+    label_rule: Literal["dominant", "majority"] = "dominant"  # dominant (SALMON): the shown principle with the
+    # largest variance-normalised score decides; majority: the shown principles' labels vote (the earlier rule)
+    label_noise: float = Field(0.1, ge=0, lt=0.5)  # share of training labels flipped (SALMON: noisy_ratio 0.1)
+
+
+class RewardModel(Subsets):
     """The instructable reward model (`train_rm`). Learning rate and LoRA size override `training`'s."""
 
-    max_principles: int = Field(8, ge=1)  # a training instance shows 1..this many principles
-    negation_prob: float = Field(0.25, ge=0, le=1)  # each shown principle is negated with this probability
     subsets_per_pair: int = Field(8, ge=1)  # instances drawn per labelled pair (subsets that tie are redrawn)
     eval_share: float = Field(0.2, ge=0, lt=1)  # share of the decided pairs held out for evaluation
     epochs: float = Field(1.0, gt=0)
@@ -421,16 +433,15 @@ class Policy(Strict):
     algorithm: Literal["ppo", "dpo"] = "ppo"  # what stage `policy` runs; both write models/policy
 
 
-class Dpo(Strict):
-    """DPO on the labelled pairs, each under a principle subset shown as the system message."""
+class Dpo(Subsets):
+    """DPO on the labelled pairs, each under a principle subset (drawn and labelled as for the reward model)
+    shown as the system message."""
 
     beta: float = Field(0.1, gt=0)
     epochs: float = Field(1.0, gt=0)
     learning_rate: float = Field(5e-6, gt=0)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
-    max_principles: int = Field(8, ge=1)  # the subsets, drawn as for the reward model
-    negation_prob: float = Field(0.25, ge=0, le=1)
     subsets_per_pair: int = Field(2, ge=1)
     max_prompt_tokens: int = Field(512, ge=1)  # system message (the principles) + instruction
     max_response_tokens: int = Field(384, ge=1)

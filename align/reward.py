@@ -2,10 +2,13 @@
 principles or a system message written into the RM prompt (assets/rm_prompt.txt). Behaviour is steered later by
 editing that text, so the same trained RM serves labeling checks, PPO rewards and evaluation.
 
-Training data comes from the per-principle labels of `label_preferences`: a training instance shows a random
-subset of principles, each replaced by its negation with some probability; the pair's label under the subset is
-the majority of the shown principles' labels (a negated principle votes the other way), and a subset that ties
-is not used. Loss: Bradley-Terry on the two responses' rewards, both in one forward pass.
+Training data comes from the per-principle scores and labels of `label_preferences`, labelled as SALMON does: a
+training instance shows a random subset of principles (few more often than many), each replaced by its negation
+with some probability; the pair's label under the subset is that of its dominant principle, the shown one whose
+score (mean of both orders, divided by that principle's variance over the file; 0 where the orders disagree)
+is largest in size, flipped if it is negated; a share of labels is flipped as noise. The earlier rule, the
+majority of the shown principles' labels, is `label_rule: majority`. A subset that ties is not used. Loss:
+Bradley-Terry on the two responses' rewards, both in one forward pass.
 
 The model is the SFT policy's trunk with a scalar head (`training.lora_model(head="reward")`); its out holds
 only the LoRA adapter with the head, the prompt template and the truncation limits it was trained with.
@@ -14,10 +17,12 @@ only the LoRA adapter with the head, the prompt template and the truncation limi
 from __future__ import annotations
 
 import functools
+import itertools
 import json
 import random
+import statistics
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -26,6 +31,7 @@ from align.assets import PreferencePrinciple
 from align.devices import job_device
 from align.errors import UserError
 from align.models import prompt_ids
+from align.params import Subsets
 from align.progress import progress
 from align.training import DTYPES, Batch, Batches, reward_trunk, shuffled_batches
 
@@ -81,13 +87,36 @@ def read_preferences(path: Path, principle_ids: set[str]) -> list[dict]:
 # ------------------------------------------------------------------------------------------------ the labels
 
 
-def sample_subset(rng: random.Random, ids: list[str], max_principles: int, negation_prob: float) -> list[Shown]:
-    """1..max_principles distinct principles in random order, each negated with probability `negation_prob`."""
-    size = rng.randint(1, min(max_principles, len(ids)))
-    return [(pid, rng.random() < negation_prob) for pid in rng.sample(ids, size)]
+def principle_scales(rows: list[dict]) -> dict[str, float]:
+    """Per principle, the variance of its scores over `rows`, both orders, each read as favouring response a
+    (score_ab and -score_ba). SALMON divides a principle's score by it (the variance, not the standard
+    deviation), so a principle whose judge logits run large does not decide every subset it is shown in."""
+    values: dict[str, list[float]] = {}
+    for row in rows:
+        for pid, (ab, ba) in row["scores"].items():
+            values.setdefault(pid, []).extend((ab, -ba))
+    return {pid: statistics.pvariance(v) for pid, v in values.items()}
 
 
-def subset_label(labels: dict[str, str], subset: list[Shown]) -> str:
+def normalised_scores(row: dict, scales: dict[str, float]) -> dict[str, float]:
+    """Per principle, the pair's score as SALMON labels with it: the mean of its two orders over the principle's
+    variance where the orders agree (label a or b; > 0 favours a), 0 where they disagree (a tie) or it never
+    varies."""
+    result = {}
+    for pid, (ab, ba) in row["scores"].items():
+        decided = row["labels"].get(pid, "tie") != "tie" and scales.get(pid, 0.0) > 0
+        result[pid] = (ab - ba) / 2 / scales[pid] if decided else 0.0
+    return result
+
+
+def dominant_label(scores: dict[str, float], subset: list[Shown]) -> str:
+    """'a', 'b' or 'tie' (SALMON): the shown principle with the largest |normalised score| decides, its sign
+    flipped if it is shown negated; the first in shown order where two are as large; a tie where it is 0."""
+    top = max(((-1 if negated else 1) * scores.get(pid, 0.0) for pid, negated in subset), key=abs)
+    return "a" if top > 0 else "b" if top < 0 else "tie"
+
+
+def majority_label(labels: dict[str, str], subset: list[Shown]) -> str:
     """'a', 'b' or 'tie': the majority of the shown principles' labels, a negated principle's vote flipped."""
     votes = 0
     for pid, negated in subset:
@@ -96,65 +125,120 @@ def subset_label(labels: dict[str, str], subset: list[Shown]) -> str:
     return "a" if votes > 0 else "b" if votes < 0 else "tie"
 
 
+def subset_label(row: dict, subset: list[Shown], rule: str, scales: dict[str, float]) -> str:
+    """The pair's label under a shown subset by `rule` (params `label_rule`): dominant or majority."""
+    if rule == "majority":
+        return majority_label(row["labels"], subset)
+    return dominant_label(normalised_scores(row, scales), subset)
+
+
+def sample_subset(rng: random.Random, ids: list[str], max_principles: int, size_p: float,
+                  negation_prob: float) -> list[Shown]:
+    """Distinct principles in random order, k of them with P(k) ∝ (1 - size_p)^(k-1) for k = 1..max_principles
+    (SALMON's truncated geometric: most subsets are small, so one principle often decides alone), each negated
+    with probability `negation_prob`."""
+    sizes = range(1, min(max_principles, len(ids)) + 1)
+    size = rng.choices(sizes, weights=[(1 - size_p) ** (k - 1) for k in sizes])[0]
+    return [(pid, rng.random() < negation_prob) for pid in rng.sample(ids, size)]
+
+
+def labelled_draws(row: dict, ids: list[str], cfg: Subsets, scales: dict[str, float],
+                   seed: int) -> Iterator[tuple[list[Shown], str, bool]]:
+    """Endless (subset, its label by the rule, whether noise flips it) for one pair, seeded by the pair id, so a
+    pair's draws do not depend on which other pairs are in the file."""
+    rng = random.Random(f"{seed}:{row['id']}")
+    while True:
+        subset = sample_subset(rng, ids, cfg.max_principles, cfg.size_p, cfg.negation_prob)
+        yield subset, subset_label(row, subset, cfg.label_rule, scales), rng.random() < cfg.label_noise
+
+
 def guide_of(subset: list[Shown], principles: dict[str, PreferencePrinciple]) -> list[str]:
     """The texts the RM reads for a subset: each principle's definition, or its negation."""
     return [principles[pid].negation if negated else principles[pid].definition for pid, negated in subset]
 
 
-def training_examples(rows: list[dict], principles: dict[str, PreferencePrinciple], per_pair: int,
-                      max_principles: int, negation_prob: float, seed: int) -> list[dict]:
+def instance(row: dict, guide: Guide, subset: list[Shown], winner: str) -> dict:
+    """A training instance: the pair's responses as chosen and rejected by `winner` ('a' or 'b')."""
+    chosen, rejected = (row["response_a"], row["response_b"]) if winner == "a" else \
+        (row["response_b"], row["response_a"])
+    return {"id": row["id"], "prompt": row["prompt"], "guide": guide, "chosen": chosen, "rejected": rejected,
+            "shown": subset}
+
+
+def decided(row: dict, ids: list[str]) -> bool:
+    """Whether some principle of `ids` prefers a response: a pair where none does gives no instance."""
+    return any(row["labels"].get(pid, "tie") != "tie" for pid in ids)
+
+
+def training_examples(rows: list[dict], principles: dict[str, PreferencePrinciple], per_pair: int, cfg: Subsets,
+                      scales: dict[str, float], seed: int) -> list[dict]:
     """Up to `per_pair` instances per pair: subsets drawn until that many do not tie (a pair no principle
-    decides gives none). Each: prompt, guide texts, chosen, rejected, and the subset shown. Seeded per pair id,
-    so a pair's instances do not depend on which other pairs are in the file."""
+    decides gives none), each label flipped with probability `cfg.label_noise`. Each: prompt, guide texts,
+    chosen, rejected, the subset shown and whether its label was flipped."""
     ids = list(principles)
     examples = []
     for row in rows:
-        if all(row["labels"].get(pid, "tie") == "tie" for pid in ids):
+        if not decided(row, ids):
             continue
-        rng = random.Random(f"{seed}:{row['id']}")
-        found = 0
-        for _ in range(per_pair * 50):
-            subset = sample_subset(rng, ids, max_principles, negation_prob)
-            winner = subset_label(row["labels"], subset)
-            if winner == "tie":
-                continue
-            chosen, rejected = (row["response_a"], row["response_b"]) if winner == "a" else \
-                (row["response_b"], row["response_a"])
-            examples.append({"id": row["id"], "prompt": row["prompt"], "guide": guide_of(subset, principles),
-                             "chosen": chosen, "rejected": rejected, "shown": subset})
-            found += 1
-            if found == per_pair:
-                break
+        draws = itertools.islice(labelled_draws(row, ids, cfg, scales, seed), per_pair * 50)
+        for subset, winner, flipped in itertools.islice(((s, w, f) for s, w, f in draws if w != "tie"), per_pair):
+            label = {"a": "b", "b": "a"}[winner] if flipped else winner
+            examples.append(instance(row, guide_of(subset, principles), subset, label) | {"flipped": flipped})
     return examples
+
+
+def label_metrics(rows: list[dict], ids: list[str], per_pair: int, cfg: Subsets, scales: dict[str, float],
+                  seed: int) -> dict:
+    """How the rule labels the subsets training draws from (the first `per_pair` draws of each pair some
+    principle decides): the share `decided` (not a tie); `one_principle_agreement`, of the one-principle subsets
+    whose principle is decided, the share labelled as that principle (negation flipping it; 1 for either rule);
+    `majority_agreement`, of the subsets both rules decide, the share the majority rule labels the same; the
+    share of decided labels `flipped` as noise."""
+    labels, one, both, flips = [], [], [], []
+    for row in (r for r in rows if decided(r, ids)):
+        for subset, winner, flipped in itertools.islice(labelled_draws(row, ids, cfg, scales, seed), per_pair):
+            labels.append(winner)
+            majority = majority_label(row["labels"], subset)
+            if len(subset) == 1 and row["labels"].get(subset[0][0], "tie") != "tie":
+                one.append(winner == majority)  # one shown principle: the majority rule is its own label
+            if winner != "tie":
+                flips.append(flipped)
+                if majority != "tie":
+                    both.append(winner == majority)
+    return {"rule": cfg.label_rule, "subsets": len(labels), "decided": _share([w != "tie" for w in labels]),
+            "one_principle_agreement": _share(one), "majority_agreement": _share(both), "flipped": _share(flips)}
+
+
+def _share(flags: list[bool]) -> float | None:
+    """The share of true flags, or None where there was nothing to measure."""
+    return sum(flags) / len(flags) if flags else None
 
 
 def system_examples(rows: list[dict], descriptions: dict[str, str], per_pair: int, seed: int) -> list[dict]:
     """Instances from system-message pairs (rows with `system`): first the pair under its system message as is,
     labelled by the majority of its values' labels; then up to `per_pair` - 1 under random subsets of the values'
-    descriptions as principle lists, so the RM reads a value stated either way. Pairs no value decides give none."""
+    descriptions as principle lists (uniform sizes, none negated), so the RM reads a value stated either way.
+    Pairs no value decides give none."""
     examples = []
     for row in rows:
         ids = list(row["values"].values())
         rng = random.Random(f"{seed}:{row['id']}")
-        shown = [[(vid, False) for vid in ids]] + [sample_subset(rng, ids, len(ids), 0.0) for _ in range(per_pair - 1)]
+        shown = [[(vid, False) for vid in ids]] + [sample_subset(rng, ids, len(ids), 0.0, 0.0)
+                                                   for _ in range(per_pair - 1)]
         for k, subset in enumerate(shown):
-            winner = subset_label(row["labels"], subset)
+            winner = majority_label(row["labels"], subset)
             if winner == "tie":
                 continue
-            chosen, rejected = (row["response_a"], row["response_b"]) if winner == "a" else \
-                (row["response_b"], row["response_a"])
             guide: Guide = row["system"] if k == 0 else [descriptions[vid] for vid, _ in subset]
-            examples.append({"id": row["id"], "prompt": row["prompt"], "guide": guide, "chosen": chosen,
-                             "rejected": rejected, "shown": subset, "system": k == 0})
+            examples.append(instance(row, guide, subset, winner) | {"system": k == 0})
     return examples
 
 
 def preference_examples(rows: list[dict], principles: dict[str, PreferencePrinciple], descriptions: dict[str, str],
-                        per_pair: int, max_principles: int, negation_prob: float, seed: int) -> list[dict]:
+                        per_pair: int, cfg: Subsets, scales: dict[str, float], seed: int) -> list[dict]:
     """Instances of every labelled pair: principle pairs under principle subsets (`training_examples`), then
     system-message pairs under their message and their values' descriptions (`system_examples`)."""
-    plain = training_examples([r for r in rows if "system" not in r], principles, per_pair, max_principles,
-                              negation_prob, seed)
+    plain = training_examples([r for r in rows if "system" not in r], principles, per_pair, cfg, scales, seed)
     return plain + system_examples([r for r in rows if "system" in r], descriptions, per_pair, seed)
 
 

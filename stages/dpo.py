@@ -1,9 +1,9 @@
 """DPO (Rafailov et al. 2023), the alternative to PPO (`policy.algorithm: dpo`): the SFT policy + LoRA trained
 directly on the labelled synthetic pairs, no reward model. Each instance is a pair under a principle subset drawn
-as for the reward model (align/reward.py: some principles negated, the label the shown principles' majority),
-and the policy sees that subset as the system message of the chat, so the same preferences teach it to follow
-stated principles. A system-message pair (stage `system_messages`) is shown under its own system message. The
-reference is the SFT policy itself: the same model with the adapter disabled.
+as for the reward model (align/reward.py: some principles negated, the label by `dpo.label_rule`, a share
+`dpo.label_noise` flipped), and the policy sees that subset as the system message of the chat, so the same
+preferences teach it to follow stated principles. A system-message pair (stage `system_messages`) is shown under
+its own system message. The reference is the SFT policy itself: the same model with the adapter disabled.
 
 Loss: -log sigmoid(beta x ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))), summed log-probabilities of
 the response tokens; chosen and rejected in one forward pass. Runs on the training base (DeepSpeed, LoRA,
@@ -28,7 +28,7 @@ from align.errors import UserError
 from align.models import padding_id
 from align.params import Dpo, Training
 from align.paths import MODEL
-from align.reward import guide_text, preference_examples, read_preferences
+from align.reward import guide_text, preference_examples, principle_scales, read_preferences
 from align.training import (
     Batch, LiveCurve, checkpoint_dir, collate, finish_training, shuffled_batches, step_count,
     tokenize_pair, train,
@@ -115,8 +115,8 @@ def main() -> None:
     descriptions = value_descriptions(SPACE)  # bad assets fail before the inputs are hashed
     inputs = input_refs({"policy": SFT, "preferences": PREFERENCES, "principles": PRINCIPLES, "space": SPACE})
     rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
-    examples = preference_examples(rows, principles, descriptions, cfg.subsets_per_pair, cfg.max_principles,
-                                   cfg.negation_prob, params.seed)
+    examples = preference_examples(rows, principles, descriptions, cfg.subsets_per_pair, cfg, principle_scales(rows),
+                                   params.seed)
     if not examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no pair is preferred under any principle (every label is "
                         f"a tie); nothing to train DPO on")

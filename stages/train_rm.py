@@ -1,10 +1,13 @@
 """Stage `train_rm`: the instructable reward model (SALMON), then its evaluation.
 
 Trains a LoRA adapter and a scalar head on the SFT policy with the Bradley-Terry loss on instances drawn from
-the labelled pairs of `label_preferences` (align/reward.py: random principle subsets, some negated), after an
-optional preference-model pre-training pass on a public preference set (`rm.pmp`). The job then scores, with
-the same `RewardScorer.score` PPO uses: accuracy on held-out pairs, the negation flip rate on held-out pairs a
-single principle decides, and accuracy on the HHH pairs of the benchmark folder.
+the labelled pairs of `label_preferences` (align/reward.py: random principle subsets, some negated, labelled by
+their dominant principle as SALMON does, a share flipped as noise), after an optional preference-model
+pre-training pass on a public preference set (`rm.pmp`). The job then scores, with the same `RewardScorer.score`
+PPO uses: accuracy on held-out pairs (their labels not flipped), the negation flip rate on held-out pairs a
+single principle decides, and accuracy on the HHH pairs of the benchmark folder; the metrics also say how the
+label rule labelled the training subsets (`labels`: decided share, agreement with single principles and with
+the majority rule, flipped share).
 
 Out (models/rm): adapter/ (LoRA + head), rm_prompt.txt, reward.json, eval.jsonl (every held-out judgement),
 metrics.json.
@@ -32,8 +35,8 @@ from align.params import RewardModel as RewardParams
 from align.paths import MODEL
 from align.records import write_json, write_jsonl
 from align.reward import (
-    CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardScorer, bt_loss, negation_cases, pair_batches,
-    preference_examples, read_preferences, split_pairs, tokenize_examples,
+    CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardScorer, bt_loss, label_metrics, negation_cases, pair_batches,
+    preference_examples, principle_scales, read_preferences, split_pairs, tokenize_examples,
 )
 from align.training import (
     Batch, Batches, LiveCurve, checkpoint_dir, finish_training, global_batch_size, step_count, train,
@@ -183,6 +186,7 @@ class TrainRmJob:
     pmp_examples: list[dict]  # preference-model pre-training pairs, trained on first
     held_out: list[dict]  # examples of the held-out pairs
     cases: list[dict]  # held-out pairs one principle decides, for the negation flip rate
+    labels: dict  # how the label rule labelled the training subsets (`label_metrics`)
     principles: dict[str, PreferencePrinciple]
     hhh: list[ChoiceItem]
     hhh_guide: list[str]  # the principles the RM is shown for HHH and the pre-training pairs
@@ -228,7 +232,7 @@ def job(args: TrainRmJob) -> str | None:
         metrics, records = evaluate(rm, args.held_out, args.cases, args.principles, args.hhh, args.hhh_guide)
         tail = slice(-10, None)
         write_jsonl(folder / "eval.jsonl", records)
-        return {**metrics, "train": {
+        return {**metrics, "labels": args.labels, "train": {
             "examples": len(args.train_examples), "pmp_examples": len(args.pmp_examples), "steps": steps,
             "system_message_examples": sum(bool(e.get("system")) for e in args.train_examples),
             "loss_first": losses[0], "loss_last10_mean": statistics.fmean(losses[tail]),
@@ -251,10 +255,10 @@ def main() -> None:
     hhh = load_hhh(bench_path("hhh"))
     rows = read_preferences(PREFERENCES / "preferences.jsonl", set(principles) | set(descriptions))
     train_rows, held_rows = split_pairs(rows, cfg.eval_share, params.seed)
+    scales = principle_scales(rows)  # over the whole file, so a pair's label does not depend on the split
     draw = functools.partial(preference_examples, principles=principles, descriptions=descriptions,
-                             per_pair=cfg.subsets_per_pair, max_principles=cfg.max_principles,
-                             negation_prob=cfg.negation_prob, seed=params.seed)
-    train_examples = draw(train_rows)
+                             per_pair=cfg.subsets_per_pair, scales=scales, seed=params.seed)
+    train_examples = draw(train_rows, cfg=cfg)
     if not train_examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no training pair is preferred under any principle "
                         f"(every label is a tie); nothing to train the reward model on")
@@ -264,11 +268,14 @@ def main() -> None:
                                                   "lora_alpha": cfg.lora_alpha})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "rm": cfg.model_dump()}
     ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
+    held_out = draw(held_rows, cfg=cfg.model_copy(update={"label_noise": 0.0}))  # scored on clean labels
+    labels = label_metrics([r for r in train_rows if "system" not in r], list(principles), cfg.subsets_per_pair, cfg,
+                           scales, params.seed)
     fn = functools.partial(job, TrainRmJob(
-        base=SFT / MODEL, train_examples=train_examples, pmp_examples=pmp_examples, held_out=draw(held_rows),
-        cases=negation_cases(held_rows, principles), principles=principles, hhh=hhh, hhh_guide=hhh_guide,
-        template=template, cfg=cfg, training=training, seed=params.seed, ckpt_dir=ckpt_dir, params=subset,
-        inputs=inputs,
+        base=SFT / MODEL, train_examples=train_examples, pmp_examples=pmp_examples, held_out=held_out,
+        cases=negation_cases(held_rows, principles), labels=labels, principles=principles, hhh=hhh,
+        hhh_guide=hhh_guide, template=template, cfg=cfg, training=training, seed=params.seed, ckpt_dir=ckpt_dir,
+        params=subset, inputs=inputs,
     ))
     runner.submit_stage(STAGE, OUT, fn, params.cluster.train_rm, params.cluster, subset, inputs)
 

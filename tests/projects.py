@@ -88,15 +88,21 @@ def salmon_project(tmp_path: Path, model: Path, **groups: dict) -> Path:
 
 def preference_rows() -> list[dict]:
     """Pairs where Concise prefers the short answer and Comprehensive the long one; the rest tie. The short
-    answer is `a` in even rows, `b` in odd ones, so position says nothing."""
+    answer is `a` in even rows, `b` in odd ones, so position says nothing. Scores, read as favouring the preferred
+    answer in both orders: Concise (2, 1), Comprehensive (0.5, 1.5), the rest (0.5, -0.5) (the orders disagree).
+    Over the file Concise's variance is 2.5 and Comprehensive's 1.25, so normalised Concise scores 1.5 / 2.5 = 0.6
+    for the short answer and Comprehensive 1 / 1.25 = 0.8 for the long one: Comprehensive dominates."""
     rows = []
     for i, (prompt, short, long) in enumerate(SHORT_LONG):
         a, b = (short, long) if i % 2 == 0 else (long, short)
         short_side, long_side = ("a", "b") if i % 2 == 0 else ("b", "a")
         labels = {pid: "tie" for pid in PRINCIPLES}
         labels.update(concise=short_side, comprehensive=long_side)
-        rows.append({"id": f"q{i}", "prompt": prompt, "response_a": a, "response_b": b,
-                     "scores": {pid: [0.0, 0.0] for pid in PRINCIPLES}, "labels": labels})
+        sign = 1 if i % 2 == 0 else -1  # > 0: favours a (score_ab), as the judge writes score_ba: favours b
+        scores = {pid: [0.5, 0.5] for pid in PRINCIPLES}
+        scores.update(concise=[sign * 2.0, -sign * 1.0], comprehensive=[-sign * 0.5, sign * 1.5])
+        rows.append({"id": f"q{i}", "prompt": prompt, "response_a": a, "response_b": b, "scores": scores,
+                     "labels": labels})
     return rows
 
 

@@ -63,6 +63,8 @@ def test_project_params_file_is_valid() -> None:
          "params.yaml: training.lora_targets: expected 'all-linear' or a list of module names, got 'q_proj'"),
         ({"training": {"lora_targets": []}},
          "params.yaml: training.lora_targets: expected 'all-linear' or a list of module names, got []"),
+        ({"rm": {"label_rule": "vote"}}, "params.yaml: rm.label_rule: expected one of dominant, majority, got 'vote'"),
+        ({"dpo": {"label_noise": 0.5}}, "params.yaml: dpo.label_noise: expected a number >= 0 < 0.5, got 0.5"),
     ],
 )
 def test_bad_values_give_one_line(raw: dict, message: str) -> None:

@@ -174,7 +174,7 @@ def test_dpo_learns_the_pairs_under_their_principles_and_writes_the_same_out(tmp
     rows = [{**row, "labels": {**row["labels"], "comprehensive": "tie"}} for row in preference_rows()]  # concise only
     cwd = rm_project(tmp_path, roomy_model, rows=rows, policy={"algorithm": "dpo"},
                      dpo={"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 4, "beta": 0.5,
-                          "negation_prob": 0.0, "subsets_per_pair": 2, "max_prompt_tokens": 256})
+                          "negation_prob": 0.0, "label_noise": 0.0, "subsets_per_pair": 2, "max_prompt_tokens": 256})
     proc = stage(cwd, "policy")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/policy")

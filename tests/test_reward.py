@@ -1,10 +1,14 @@
-"""The instructable reward model: labels under a principle subset (negation flips them, ties are dropped), the
-held-out split, and the `train_rm` stage on the tiny model — the Bradley-Terry loss falls, the out's RM is the
-one `RewardScorer.score` loads, the metrics hold held-out / negation / HHH results, and bad input is one line."""
+"""The instructable reward model: labels under a principle subset (SALMON's dominant principle of
+variance-normalised scores, or the majority; negation flips them, ties are dropped, a share flipped as noise), the
+subset sizes, the held-out split, and the `train_rm` stage on the tiny model — the Bradley-Terry loss falls, the
+out's RM is the one `RewardScorer.score` loads, the metrics hold held-out / negation / HHH / label results, and
+bad input is one line."""
 
 from __future__ import annotations
 
+import collections
 import json
+import random
 import shutil
 import statistics
 from pathlib import Path
@@ -12,36 +16,138 @@ from pathlib import Path
 import pytest
 
 from align.artifacts import verify_artifact
+from align.params import Subsets
 from align.records import read_jsonl, write_jsonl
 from align.reward import (
-    RewardScorer, collate_pairs, pair_rewards, shared_length, split_pairs, subset_label, training_examples,
+    RewardScorer, collate_pairs, dominant_label, label_metrics, majority_label, normalised_scores, pair_rewards,
+    principle_scales, sample_subset, shared_length, split_pairs, subset_label, training_examples,
 )
 from stages.train_rm import pmp_pairs, split_transcript
 from tests.helpers import curve, stage
 from tests.projects import PRINCIPLES, SHORT_LONG, preference_rows, rm_project
 
 
-def test_subset_label_majority_with_negation_flipping() -> None:
+OLD_RULE = Subsets(max_principles=8, size_p=0.0, negation_prob=0.5, label_rule="majority", label_noise=0.0)
+
+
+def test_majority_label_with_negation_flipping() -> None:  # the earlier rule, kept as label_rule: majority
     labels = {"concise": "a", "specific": "b", "ethical": "tie"}
-    assert subset_label(labels, [("concise", False)]) == "a"
-    assert subset_label(labels, [("concise", True)]) == "b"  # negated: the vote flips
-    assert subset_label(labels, [("concise", False), ("specific", False)]) == "tie"
-    assert subset_label(labels, [("concise", False), ("specific", True)]) == "a"
-    assert subset_label(labels, [("ethical", False), ("ethical", True)]) == "tie"
-    assert subset_label(labels, [("concise", True), ("specific", False), ("ethical", False)]) == "b"
+    assert majority_label(labels, [("concise", False)]) == "a"
+    assert majority_label(labels, [("concise", True)]) == "b"  # negated: the vote flips
+    assert majority_label(labels, [("concise", False), ("specific", False)]) == "tie"
+    assert majority_label(labels, [("concise", False), ("specific", True)]) == "a"
+    assert majority_label(labels, [("ethical", False), ("ethical", True)]) == "tie"
+    assert majority_label(labels, [("concise", True), ("specific", False), ("ethical", False)]) == "b"
 
 
-def test_training_examples_follow_the_shown_principles_and_drop_ties() -> None:
+def test_scores_are_normalised_by_each_principles_variance_over_the_file() -> None:
+    rows = preference_rows()  # concise (+-2, -+1), comprehensive (-+0.5, +-1.5), the rest (0.5, 0.5): see there
+    scales = principle_scales(rows)
+    # concise, read as favouring a: 2, 1 in even rows, -2, -1 in odd ones: mean 0, variance (4 + 1 + 4 + 1) / 4
+    assert scales["concise"] == pytest.approx(2.5) and scales["comprehensive"] == pytest.approx(1.25)
+    assert scales["ethical"] == pytest.approx(0.25)  # 0.5 and -0.5
+    even, odd = normalised_scores(rows[0], scales), normalised_scores(rows[1], scales)
+    assert even["concise"] == pytest.approx(1.5 / 2.5) and even["comprehensive"] == pytest.approx(-1.0 / 1.25)
+    assert odd["concise"] == pytest.approx(-0.6) and odd["comprehensive"] == pytest.approx(0.8)
+    assert even["ethical"] == 0.0  # the orders disagree: a tie scores nothing
+    flat = {**rows[0], "scores": {"concise": [1.0, -1.0]}}
+    assert normalised_scores(flat, principle_scales([flat])) == {"concise": 0.0}  # never varies: decides nothing
+    # raw, Concise's mean (1.5) beats Comprehensive's (1.0); normalised, Comprehensive (0.8 > 0.6) decides
+    both = [("concise", False), ("comprehensive", False)]
+    assert [subset_label(row, both, "dominant", scales) for row in rows[:2]] == ["b", "a"]  # the long answer
+    assert subset_label(rows[0], both, "majority", scales) == "tie"
+
+
+def test_the_dominant_principle_decides_and_negation_flips_it() -> None:
+    scores = {"concise": 0.6, "comprehensive": -0.8, "ethical": 0.0}
+    assert dominant_label(scores, [("concise", False)]) == "a"
+    assert dominant_label(scores, [("concise", True)]) == "b"
+    assert dominant_label(scores, [("concise", False), ("comprehensive", False)]) == "b"  # |-0.8| > |0.6|
+    assert dominant_label(scores, [("concise", False), ("comprehensive", True)]) == "a"  # negated: +0.8
+    assert dominant_label(scores, [("concise", True), ("comprehensive", True), ("ethical", False)]) == "a"
+    assert dominant_label(scores, [("ethical", False)]) == dominant_label(scores, [("ethical", True)]) == "tie"
+    assert dominant_label(scores, [("ethical", False), ("concise", True)]) == "b"  # a tie does not block it
+    assert dominant_label({"x": 0.5, "y": -0.5}, [("x", False), ("y", False)]) == "a"  # as large: the first shown
+    assert dominant_label({"x": 0.5, "y": -0.5}, [("y", False), ("x", False)]) == "b"
+
+
+def test_subset_sizes_decay_geometrically_and_negation_is_as_often_as_set() -> None:
+    ids = list(PRINCIPLES)  # 15
+    rng = random.Random(0)
+    draws = [sample_subset(rng, ids, 8, 0.2, 0.5) for _ in range(20000)]
+    sizes = collections.Counter(len(d) for d in draws)
+    # P(k) = 0.8^(k-1) / (1 + 0.8 + ... + 0.8^7) = 0.8^(k-1) / 4.1611392: 0.2403, 0.1923, 0.1538, ... 0.0504
+    for k, expected in zip(range(1, 9), [0.2403, 0.1923, 0.1538, 0.1230, 0.0984, 0.0787, 0.0630, 0.0504]):
+        assert sizes[k] / len(draws) == pytest.approx(expected, abs=0.01), (k, sizes)
+    assert set(sizes) == set(range(1, 9)) and all(len({p for p, _ in d}) == len(d) for d in draws)
+    shown = [neg for d in draws for _, neg in d]
+    assert statistics.fmean(shown) == pytest.approx(0.5, abs=0.01)
+    uniform = collections.Counter(len(sample_subset(rng, ids, 8, 0.0, 0.0)) for _ in range(8000))
+    assert all(count / 8000 == pytest.approx(1 / 8, abs=0.015) for count in uniform.values()) and len(uniform) == 8
+    assert {len(sample_subset(rng, ids, 8, 1.0, 0.0)) for _ in range(100)} == {1}
+    assert {len(sample_subset(rng, ids[:3], 8, 0.0, 0.0)) for _ in range(100)} == {1, 2, 3}  # at most every id
+    again = random.Random(0)
+    assert [sample_subset(again, ids, 8, 0.2, 0.5) for _ in range(50)] == draws[:50]  # seeded
+
+
+def test_a_share_of_labels_is_flipped_as_noise() -> None:
+    rows, cfg = preference_rows(), Subsets(label_noise=0.1)
+    scales = principle_scales(rows)
+    examples = training_examples(rows, PRINCIPLES, per_pair=500, cfg=cfg, scales=scales, seed=1)
+    by_id = {r["id"]: r for r in rows}
+    flipped = [e["flipped"] for e in examples]
+    assert len(examples) == 500 * 12 and statistics.fmean(flipped) == pytest.approx(0.1, abs=0.015)
+    for e in examples:
+        row = by_id[e["id"]]
+        winner = subset_label(row, e["shown"], "dominant", scales)
+        right = row["response_" + winner]
+        assert (e["chosen"] != right) == e["flipped"]  # a flipped label prefers the other response
+    clean = training_examples(rows, PRINCIPLES, per_pair=50, cfg=cfg.model_copy(update={"label_noise": 0.0}),
+                              scales=scales, seed=1)
+    assert not any(e["flipped"] for e in clean)
+    for pid in by_id:  # noise does not move the subsets: a pair's first clean ones are its first noisy ones
+        assert [e["shown"] for e in clean if e["id"] == pid] == [e["shown"] for e in examples if e["id"] == pid][:50]
+
+
+def test_label_metrics_on_hand_computed_cases() -> None:
+    rows, cfg = preference_rows(), Subsets()
+    metrics = label_metrics(rows, list(PRINCIPLES), 1000, cfg, principle_scales(rows), seed=0)
+    assert metrics["rule"] == "dominant" and metrics["subsets"] == 12 * 1000
+    assert metrics["one_principle_agreement"] == 1.0
+    # only Concise and Comprehensive decide, against each other: where the majority rule decides, at most one of
+    # them is shown plain, so it agrees with the dominant one (Comprehensive, negated or not, when both are shown)
+    assert metrics["majority_agreement"] == 1.0
+    # decided where Concise or Comprehensive is shown: 1 - sum_k P(k) C(13, k) / C(15, k) = 0.3917
+    assert metrics["decided"] == pytest.approx(0.3917, abs=0.015)
+    assert metrics["flipped"] == pytest.approx(0.1, abs=0.02)
+
+    # x and y prefer a a little, z prefers b a lot: shown together, the majority says a and the dominant one b
+    row = {"id": "r", "prompt": "p", "response_a": "A", "response_b": "B", "labels": {"x": "a", "y": "a", "z": "b"},
+           "scores": {"x": [1.0, -1.0], "y": [1.0, -1.0], "z": [-3.0, 3.0]}}
+    scales = {"x": 1.0, "y": 1.0, "z": 1.0}
+    cfg = Subsets(max_principles=3, size_p=0.0, negation_prob=0.0, label_noise=0.0)
+    metrics = label_metrics([row], ["x", "y", "z"], 30000, cfg, scales, seed=0)
+    # sizes 1, 2, 3 each 1/3; both rules decide every single, {x, y} (1/9) and {x, y, z}; they agree on the first
+    # two: (1/3 + 1/9) / (1/3 + 1/9 + 1/3) = 4/7
+    assert metrics["decided"] == 1.0 and metrics["flipped"] == 0.0
+    assert metrics["majority_agreement"] == pytest.approx(4 / 7, abs=0.01)
+    majority = label_metrics([row], ["x", "y", "z"], 3000, cfg.model_copy(update={"label_rule": "majority"}),
+                             scales, seed=0)
+    assert majority["majority_agreement"] == 1.0 and majority["decided"] == pytest.approx(1 - 2 / 9, abs=0.02)
+
+
+def test_training_examples_follow_the_shown_principles_and_drop_ties() -> None:  # with the earlier rule
     rows = preference_rows() + [{"id": "undecided", "prompt": "p", "response_a": "x", "response_b": "y",
                                  "scores": {}, "labels": {pid: "tie" for pid in PRINCIPLES}}]
-    examples = training_examples(rows, PRINCIPLES, per_pair=8, max_principles=8, negation_prob=0.5, seed=3)
+    scales = principle_scales(rows)
+    examples = training_examples(rows, PRINCIPLES, per_pair=8, cfg=OLD_RULE, scales=scales, seed=3)
     assert len(examples) == 8 * len(SHORT_LONG) and "undecided" not in {e["id"] for e in examples}
     by_id = {r["id"]: r for r in rows}
     negated_decisions = 0
     for e in examples:
         row = by_id[e["id"]]
-        winner = subset_label(row["labels"], e["shown"])
-        assert winner != "tie"
+        winner = majority_label(row["labels"], e["shown"])
+        assert winner != "tie" and not e["flipped"]
         assert (e["chosen"], e["rejected"]) == ((row["response_a"], row["response_b"]) if winner == "a"
                                                 else (row["response_b"], row["response_a"]))
         assert e["guide"] == [PRINCIPLES[p].negation if neg else PRINCIPLES[p].definition for p, neg in e["shown"]]
@@ -53,8 +159,10 @@ def test_training_examples_follow_the_shown_principles_and_drop_ties() -> None:
             assert e["chosen"] == (short if deciding[0][0] == "comprehensive" else max(
                 row["response_a"], row["response_b"], key=len))
     assert negated_decisions > 0
-    again = training_examples(list(reversed(rows)), PRINCIPLES, per_pair=8, max_principles=8, negation_prob=0.5, seed=3)
+    again = training_examples(list(reversed(rows)), PRINCIPLES, per_pair=8, cfg=OLD_RULE, scales=scales, seed=3)
     assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, examples))  # seeded per pair, order-free
+    dominant = training_examples(rows, PRINCIPLES, per_pair=8, cfg=Subsets(), scales=scales, seed=3)
+    assert len(dominant) == 8 * len(SHORT_LONG)  # the default rule: every decided pair gives its instances too
 
 
 def test_split_holds_out_decided_pairs_only() -> None:
@@ -110,7 +218,8 @@ def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, 
                      for p, s, lg in SHORT_LONG[:6]])
     cwd = rm_project(tmp_path / "project", roomy_model, rm={
         "learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34,
-        "pmp": {"dataset": str(hh), "split": "train", "max_examples": 6}})
+        "pmp": {"dataset": str(hh), "split": "train", "max_examples": 6},
+        "negation_prob": 0.25})  # SALMON's 0.5 is more than 34 steps on the tiny model learn (loss 0.70 -> 0.72)
     proc = stage(cwd, "train_rm")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/rm")
@@ -119,6 +228,9 @@ def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, 
     assert metrics["held_out"]["examples"] == 4 * 8 and 0 <= metrics["held_out"]["accuracy"] <= 1
     assert metrics["negation"]["cases"] == 4 * 2 and 0 <= metrics["negation"]["flip_rate"] <= 1
     assert metrics["hhh"]["items"] == metrics["hhh"]["harmless"]["items"] + metrics["hhh"]["helpful"]["items"] == 6
+    labels = metrics["labels"]  # 8 training pairs, 8 draws each (seed 0): 26 show Concise or Comprehensive, none
+    assert labels == {"rule": "dominant", "subsets": 64, "decided": 26 / 64,  # of them alone; 1 label flipped
+                      "one_principle_agreement": None, "majority_agreement": 1.0, "flipped": 1 / 26}
 
     losses = [loss for _, loss in curve(cwd, "train_rm", "loss")]
     assert len(losses) == metrics["train"]["steps"] == 2 + 32  # pre-training: 6 pairs / 4; then 64 x 2 epochs / 4
@@ -130,7 +242,8 @@ def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, 
     held = [r for r in read_jsonl(cwd / "models/rm/eval.jsonl") if r["kind"] == "held_out"][:4]
     rows = {r["id"]: r for r in preference_rows()}
     guides = [[PRINCIPLES[p].negation if neg else PRINCIPLES[p].definition for p, neg in r["shown"]] for r in held]
-    winners = [subset_label(rows[r["id"]]["labels"], r["shown"]) for r in held]
+    scales = principle_scales(list(rows.values()))
+    winners = [subset_label(rows[r["id"]], r["shown"], "dominant", scales) for r in held]  # held out: no noise
     chosen = [rows[r["id"]]["response_" + w] for r, w in zip(held, winners)]
     scores = rm.score([rows[r["id"]]["prompt"] for r in held], chosen, guides)
     assert scores == pytest.approx([r["chosen"] for r in held], abs=1e-4)

@@ -51,7 +51,8 @@ def steerable(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> tu
                      training={**FAST_TRAINING, "micro_batch_size": 8, "warmup_ratio": 0.1, "lr_schedule": "cosine",
                                "save_every": 1000},
                      rm={"learning_rate": 3e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 8, "eval_share": 0.2,
-                         "max_principles": 2, "negation_prob": 0.25})
+                         "max_principles": 2, "negation_prob": 0.25, "size_p": 0.0, "label_rule": "majority",
+                         "label_noise": 0.0})  # the labels these checks were tuned on (praise_rows has no scores)
     with (cwd / "assets/preference_principles.jsonl").open("a") as fh:  # the guard becomes a labelled principle
         fh.write(GUARD.model_dump_json() + "\n")
     proc = stage(cwd, "train_rm", timeout=1800)
