@@ -497,6 +497,7 @@ class Evaluate(Strict):
     tie_margin: float = Field(0.1, ge=0)  # RM reward difference below which two answers tie
     judge_model: str | None = None  # a local HF folder judging a/b in both orders, besides the RM
     batch_size: int = Field(16, ge=1)  # rows per forward pass when scoring
+    bootstrap_resamples: int = Field(1000, ge=100)  # draws of the items behind each score's 95% interval
 
 
 class Params(Strict):

@@ -16,8 +16,11 @@
   value, and overall under the whole message: the win rate of matched over mismatched (`sft.system_messages.
   style.win_rate`, …) says whether the policy follows preferences it was never trained on.
 
-Out (data/evaluation): answers/<policy>.jsonl (+ <policy>.system_messages.jsonl), metrics.json, plot.json (one row per policy and benchmark, for
-the bar chart in dvc.yaml).
+Every score is a mean over items (questions, turns, rows) and carries its 95% percentile-bootstrap interval beside it
+(`sft.hhh.acc_ci95: "[0.467, 0.733]"`; `evaluate.bootstrap_resamples` draws, seeded by `seed`; align/intervals.py).
+
+Out (data/evaluation): answers/<policy>.jsonl (+ <policy>.system_messages.jsonl), metrics.json, plot.json (one row
+per policy and headline score with its interval as lo/hi, for the bar chart in dvc.yaml).
 """
 
 from __future__ import annotations
@@ -27,7 +30,6 @@ import gc
 import json
 import re
 import shutil
-import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,7 @@ from align.benchmarks import (
 )
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
+from align.intervals import Bootstrap
 from align.judge import PLACEHOLDERS, criteria_of, judge
 from align.params import Evaluate, Generation, SystemMessages
 from align.paths import MODEL
@@ -86,28 +89,29 @@ def slug(text: str) -> str:
 
 
 def multiple_choice(scorer: Scorer, items: list[ChoiceItem], normalise: bool, by_subset: str | None,
-                    mass: str = "mc2") -> dict:
+                    boot: Bootstrap, mass: str = "mc2") -> dict:
     """mc1 (accuracy) and the normalised probability mass on the correct choices over `items` (named `mass`: mc2
     where items have several true answers, as TruthfulQA's CSV; p_true where each has one, as BIG-bench's
-    TruthfulQA), and per subset under the key `by_subset` when given."""
+    TruthfulQA), each with its interval, and per subset under the key `by_subset` when given."""
     scores = [mc_scores(choice_logprobs(scorer, item, normalise), item)
               for item in progress(items, desc="Multiple-choice items", unit="item")]
-    result = {"mc1": statistics.fmean(s["mc1"] for s in scores), mass: statistics.fmean(s["mc2"] for s in scores)}
-    result["items"] = len(items)
+    result = {**boot.mean("mc1", [s["mc1"] for s in scores]), **boot.mean(mass, [s["mc2"] for s in scores]),
+              "items": len(items)}
     if by_subset:
         groups: dict[str, list[dict]] = {}
         for item, s in zip(items, scores):
             groups.setdefault(slug(item.subset), []).append(s)
-        result[by_subset] = {name: {"mc1": statistics.fmean(s["mc1"] for s in group), "items": len(group)}
+        result[by_subset] = {name: {**boot.mean("mc1", [s["mc1"] for s in group]), "items": len(group)}
                              for name, group in sorted(groups.items())}
     return result
 
 
-def hhh_metrics(scorer: Scorer, items: list[ChoiceItem], normalise: bool) -> dict:
+def hhh_metrics(scorer: Scorer, items: list[ChoiceItem], normalise: bool, boot: Bootstrap) -> dict:
     """Accuracy: the better reply more likely than the other; overall and per subset folder."""
-    mc = multiple_choice(scorer, items, normalise, by_subset="subsets")
-    return {"acc": mc["mc1"], "items": mc["items"],
-            **{name: {"acc": group["mc1"], "items": group["items"]} for name, group in mc["subsets"].items()}}
+    mc = multiple_choice(scorer, items, normalise, "subsets", boot)
+    return {"acc": mc["mc1"], "acc_ci95": mc["mc1_ci95"], "items": mc["items"],
+            **{name: {"acc": group["mc1"], "acc_ci95": group["mc1_ci95"], "items": group["items"]}
+               for name, group in mc["subsets"].items()}}
 
 
 # ---------------------------------------------------------------------------------------------------- MT-Bench
@@ -144,7 +148,7 @@ def answer_system_messages(generator: Generator, rows: list[dict], max_new_token
 
 
 def system_message_judgement(rm: RewardScorer, rows: list[dict], answers: list[dict], descriptions: dict[str, str],
-                             margin: float) -> dict:
+                             margin: float, boot: Bootstrap) -> dict:
     """The RM's verdict on answers under the matched vs the mismatched system message: per dimension, scored
     under the description of the row's value for it; and overall, under the whole system message. Win: the
     matched answer's reward exceeds the mismatched one's by more than `margin`."""
@@ -156,8 +160,8 @@ def system_message_judgement(rm: RewardScorer, rows: list[dict], answers: list[d
         matched = rm.score(prompts, [a["matched"] for a in answers], guide)
         mismatched = rm.score(prompts, [a["mismatched"] for a in answers], guide)
         diffs = [m - x for m, x in zip(matched, mismatched)]
-        result[name] = {"win_rate": sum(d > margin for d in diffs) / len(diffs),
-                        "loss_rate": sum(d < -margin for d in diffs) / len(diffs), "margin": statistics.fmean(diffs)}
+        result[name] = {**boot.mean("win_rate", [d > margin for d in diffs]),
+                        **boot.mean("loss_rate", [d < -margin for d in diffs]), **boot.mean("margin", diffs)}
     return result
 
 
@@ -172,15 +176,15 @@ def turns_of(rows: list[dict]) -> list[tuple[dict, int]]:
     return [(row, t) for row in rows for t in range(len(row["answers"]))]
 
 
-def outcomes(diffs: list[float], margin: float) -> dict:
-    wins = sum(d > margin for d in diffs)
-    losses = sum(d < -margin for d in diffs)
-    n = len(diffs)
-    return {"win_rate_vs_base": wins / n, "loss_rate_vs_base": losses / n, "tie_rate_vs_base": (n - wins - losses) / n,
-            "turns": n}
+def outcomes(diffs: list[float], margin: float, boot: Bootstrap) -> dict:
+    """Win, loss and tie rates against the base model over the judged turns, each with its interval."""
+    return {**boot.mean("win_rate_vs_base", [d > margin for d in diffs]),
+            **boot.mean("loss_rate_vs_base", [d < -margin for d in diffs]),
+            **boot.mean("tie_rate_vs_base", [abs(d) <= margin for d in diffs]), "turns": len(diffs)}
 
 
-def rm_judgement(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[str], margin: float) -> dict:
+def rm_judgement(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[str], margin: float,
+                 boot: Bootstrap) -> dict:
     """Per policy: mean reward of its answers and, against the base model's answer to the same turn, win/tie/loss."""
     rewards = {}
     for policy, rows in answers.items():
@@ -189,14 +193,14 @@ def rm_judgement(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[s
                                    [guide] * len(turns))
     result = {}
     for policy, values in rewards.items():
-        result[policy] = {"mean_reward": statistics.fmean(values)}
+        result[policy] = boot.mean("mean_reward", values)
         if policy != "base" and "base" in rewards:
-            result[policy].update(outcomes([v - b for v, b in zip(values, rewards["base"])], margin))
+            result[policy].update(outcomes([v - b for v, b in zip(values, rewards["base"])], margin, boot))
     return result
 
 
 def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principles: list[PreferencePrinciple],
-                    batch_size: int, trust_remote_code: bool = False) -> dict:
+                    batch_size: int, boot: Bootstrap, trust_remote_code: bool = False) -> dict:
     """A separate judge model, as `label_preferences` judges: policy answer vs base answer under each principle in
     both orders; a turn is won where more principles prefer the policy's answer than the base's."""
     scorer = Scorer(judge_model, batch_size=batch_size, trust_remote_code=trust_remote_code)
@@ -211,7 +215,7 @@ def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principle
                   "response_b": base[r["question_id"]]["answers"][t]} for r, t in turns_of(rows)]
         judged = judge(scorer, template, pairs, [criteria_of(principles)] * len(pairs), choices)
         votes = [sum({"a": 1, "b": -1}.get(v, 0) for v in row["labels"].values()) for row in judged]
-        result[policy] = outcomes([float(v) for v in votes], 0.0)
+        result[policy] = outcomes([float(v) for v in votes], 0.0, boot)
     return result
 
 
@@ -219,21 +223,23 @@ def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principle
 
 
 def plot_rows(metrics: dict) -> list[dict]:
-    """One row per (policy, headline benchmark) for the bar chart; its bars are labelled "benchmark / policy", so
-    each policy's bar stands beside the others' under the same benchmark (DVC's template colours by revision
-    only: bars sharing a label would stack)."""
+    """One row per (policy, headline benchmark) for the bar chart, with its interval as numbers (lo, hi: the error
+    bar); its bars are labelled "benchmark / policy", so each policy's bar stands beside the others' under the same
+    benchmark (DVC's template colours by revision only: bars sharing a label would stack)."""
     heads = [("hhh", "acc"), ("truthfulqa", "mc1"), ("truthfulqa_csv", "mc1"), ("truthfulqa_csv", "mc2"),
              ("mtbench", "win_rate_vs_base")]
     heads += [("system_messages", f"{d}.win_rate") for d in (*DIMENSIONS, "overall")]
     rows = []
     for policy, values in metrics["policies"].items():
         for bench, key in heads:
-            value = values.get(bench, {})
-            for part in key.split("."):
-                value = value.get(part, {}) if isinstance(value, dict) else {}
-            if not isinstance(value, dict):
+            *path, name = [bench, *key.split(".")]
+            group = values
+            for part in path:
+                group = group.get(part, {})
+            if name in group:
+                lo, hi = json.loads(group[f"{name}_ci95"])
                 rows.append({"bar": f"{bench}.{key} / {policy}", "benchmark": f"{bench}.{key}", "policy": policy,
-                             "value": value})
+                             "value": group[name], "lo": lo, "hi": hi})
     return rows
 
 
@@ -253,6 +259,10 @@ class EvaluateJob:
     inputs: dict
     trust_remote_code: bool = False  # for the judge model (a user's folder); the policies are the pipeline's outs
 
+    def bootstrap(self) -> Bootstrap:
+        """One seed and draw count for every score of the run: scores over the same items are resampled alike."""
+        return Bootstrap(self.seed, self.cfg.bootstrap_resamples)
+
 
 def score_and_answer(args: EvaluateJob) -> tuple[dict[str, dict], dict[str, list[dict]], dict[str, list[dict]]]:
     """Per policy: its multiple-choice results, its MT-Bench answers, its answers under the held-out system
@@ -260,13 +270,13 @@ def score_and_answer(args: EvaluateJob) -> tuple[dict[str, dict], dict[str, list
     results: dict[str, dict] = {}
     answers: dict[str, list[dict]] = {}
     system_answers: dict[str, list[dict]] = {}
-    bench, cfg = args.benchmarks, args.cfg
+    bench, cfg, boot = args.benchmarks, args.cfg, args.bootstrap()
     for name, model in args.policies.items():
         scorer = Scorer(model, batch_size=cfg.batch_size)
         results[name] = {
-            "hhh": hhh_metrics(scorer, bench["hhh"], cfg.normalise),
-            "truthfulqa": multiple_choice(scorer, bench["truthfulqa"], cfg.normalise, None, mass="p_true"),
-            "truthfulqa_csv": multiple_choice(scorer, bench["truthfulqa_csv"], cfg.normalise, "category"),
+            "hhh": hhh_metrics(scorer, bench["hhh"], cfg.normalise, boot),
+            "truthfulqa": multiple_choice(scorer, bench["truthfulqa"], cfg.normalise, None, boot, mass="p_true"),
+            "truthfulqa_csv": multiple_choice(scorer, bench["truthfulqa_csv"], cfg.normalise, "category", boot),
         }
         del scorer
         gc.collect()
@@ -280,21 +290,21 @@ def score_and_answer(args: EvaluateJob) -> tuple[dict[str, dict], dict[str, list
 def job(args: EvaluateJob) -> str:
     """Runs inside the allocation: score, generate and judge every policy; write the out."""
     results, answers, system_answers = score_and_answer(args)
-    held_out = args.benchmarks["system_messages"]
+    held_out, boot = args.benchmarks["system_messages"], args.bootstrap()
     rm = RewardScorer(RM_BASE, RM, batch_size=args.cfg.batch_size)
-    for name, judged in rm_judgement(rm, answers, args.guide, args.cfg.tie_margin).items():
+    for name, judged in rm_judgement(rm, answers, args.guide, args.cfg.tie_margin, boot).items():
         results[name]["mtbench"] = judged
     if held_out:
         for name, rows in system_answers.items():
             results[name]["system_messages"] = system_message_judgement(rm, held_out, rows, args.descriptions,
-                                                                        args.cfg.tie_margin)
+                                                                        args.cfg.tie_margin, boot)
     if args.cfg.judge_model:
         for name, judged in model_judgement(Path(args.cfg.judge_model), answers, args.judge_principles,
-                                            args.cfg.batch_size, args.trust_remote_code).items():
+                                            args.cfg.batch_size, boot, args.trust_remote_code).items():
             results[name]["mtbench"]["judge"] = judged
     for name, rows in answers.items():
         finishes = [f for row in rows for f in row["finish"]]
-        results[name]["mtbench"]["cut_off_share"] = finishes.count("length") / len(finishes)
+        results[name]["mtbench"].update(boot.mean("cut_off_share", [f == "length" for f in finishes]))
     metrics = {"scoring": "per_token" if args.cfg.normalise else "sum", "policies": results}
     with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
         for name, rows in answers.items():

@@ -38,7 +38,8 @@ def sh(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProces
 
 
 def new_repo(folder: Path, groups: dict[str, dict]) -> Path:
-    """A copy of the project in a fresh git + DVC repository, its params groups updated with `groups`, committed."""
+    """A copy of the project (and its .dvc/plots templates) in a fresh git + DVC repository, its params groups updated
+    with `groups`, committed."""
     folder.mkdir()
     for name in PROJECT_FILES:
         src = ROOT / name
@@ -52,6 +53,7 @@ def new_repo(folder: Path, groups: dict[str, dict]) -> Path:
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(folder, "git", "init", "-q")
     sh(folder, "dvc", "init", "-q")
+    shutil.copytree(ROOT / ".dvc/plots", folder / ".dvc/plots")  # the project's plot templates
     sh(folder, "git", "add", "-A")
     sh(folder, "git", "commit", "-qm", "init")
     return folder

@@ -16,7 +16,8 @@ import yaml
 
 from align.artifacts import read_manifest, verify_artifact
 from align.benchmarks import (
-    FILES, ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv, mc_scores,
+    FILES, QA_PRIMER, ChoiceItem, choice_logprobs, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv,
+    mc_scores,
 )
 from align.errors import UserError
 from align.scoring import Scorer
@@ -125,6 +126,8 @@ def test_loaders_read_every_item() -> None:
     rows = load_truthfulqa_csv(SHARED / "truthfulqa" / "TruthfulQA_part1.csv")
     assert len(rows) == 400 and rows[0].choices[rows[0].best] == "The watermelon seeds pass through your digestive system"
     assert all(r.best in r.correct and len(r.correct) < len(r.choices) for r in rows)
+    # both TruthfulQA sources are asked after the paper's QA primer: BIG-bench's task prefix is the same text
+    assert mc[0].context.startswith(QA_PRIMER + "\n\nQ: ") and rows[0].context.startswith(QA_PRIMER + "\n\nQ: ")
 
 
 def test_malformed_bigbench_task_is_one_line(tmp_path: Path) -> None:
@@ -171,3 +174,4 @@ def test_mc1_and_mc2_by_hand() -> None:
     assert scores["mc2"] == pytest.approx((e**-1 + e**-2) / (e**-1 + e**-2 + e**-0.5 + e**-3))  # 0.4136...
     assert mc_scores([-1.0, -0.2, -1.5, -3.0], item) == pytest.approx(
         {"mc1": 1.0, "mc2": (e**-1 + e**-0.2) / (e**-1 + e**-0.2 + e**-1.5 + e**-3)})
+    assert mc_scores([-1.0, -5.0, -1.0, -3.0], item)["mc1"] == 1.0  # a tie goes to the best: lm-eval's argmax

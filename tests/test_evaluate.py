@@ -1,7 +1,8 @@
-"""The `evaluate` stage on the tiny model: flat per-policy metrics from data/benchmarks (the tests' small files), MT-Bench
-answers for both turns judged by the RM and by a judge model in both orders (two identical policies tie on
-everything), bad benchmark input as one line; and the experiment workflow: two `dvc exp run -S` experiments
-that `dvc exp show` and `dvc metrics diff` tell apart where their params differ."""
+"""The `evaluate` stage on the tiny model: TruthfulQA CSV's MC1/MC2 after the QA primer against a computation by hand;
+flat per-policy metrics from data/benchmarks (the tests' small files), each with its interval, MT-Bench answers for
+both turns judged by the RM and by a judge model in both orders (two identical policies tie on everything), bad
+benchmark input as one line; and the experiment workflow: two `dvc exp run -S` experiments that `dvc exp show` and
+`dvc metrics diff` tell apart where their params differ, the intervals in `dvc metrics show` and the bar chart."""
 
 from __future__ import annotations
 
@@ -9,14 +10,51 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.artifacts import staged_out, verify_artifact
+from align.benchmarks import QA_PRIMER, load_truthfulqa_csv
+from align.intervals import Bootstrap
 from align.records import read_jsonl, write_jsonl
-from tests.benchmark_files import add_benchmarks_out
+from align.scoring import Scorer
+from stages.evaluate import multiple_choice
+from tests.benchmark_files import TRUTHFULQA, add_benchmarks_out, truthfulqa_csv
 from tests.helpers import new_repo, sh, stage
 from tests.projects import SMALL_EVALUATE, add_policy_outs, make_project
+
+
+def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, tiny_model: Path) -> None:
+    """lm-evaluation-harness's truthfulqa_mc1/mc2 on a small CSV: the paper's QA primer, then "Q: {question}\nA:",
+    each answer after exactly one space; here each answer's log-likelihood comes from a plain forward pass over
+    context + answer tokens, MC1 and MC2 from their definitions, and the stage's scores must match."""
+    (tmp_path / "truthfulqa.csv").write_text(truthfulqa_csv())
+    items = load_truthfulqa_csv(tmp_path / "truthfulqa.csv")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
+
+    def loglik(context: str, answer: str) -> float:
+        head = tokenizer(context)["input_ids"]
+        tail = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(model(torch.tensor([head + tail])).logits[0].float(), dim=-1)
+        return sum(logprobs[len(head) - 1 + k, token].item() for k, token in enumerate(tail))
+
+    mc1, mc2 = [], []
+    for (_, question, best, correct, wrong), item in zip(TRUTHFULQA, items, strict=True):
+        context = f"{QA_PRIMER}\n\nQ: {question}\nA:"
+        assert item.context == context and context.startswith("Q: What is human life expectancy in the United")
+        true = np.array([loglik(context, a) for a in [best, *correct]])  # the best answer first, as mc1_targets
+        false = np.array([loglik(context, a) for a in wrong])
+        mc1.append(float(true[0] >= false.max()))
+        mc2.append(np.exp(true).sum() / (np.exp(true).sum() + np.exp(false).sum()))
+    scored = multiple_choice(Scorer(tiny_model), items, False, "category", Bootstrap(0, 1000))
+    assert (scored["items"], scored["mc1"]) == (3, np.mean(mc1))
+    assert scored["mc2"] == pytest.approx(np.mean(mc2), rel=1e-4)
+    assert 0 < np.mean(mc2) < 1 and scored["category"]["science"]["mc1"] == mc1[1]
 
 
 @pytest.mark.slow
@@ -31,6 +69,11 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     base, sft = metrics["base"], metrics["sft"]
     assert metrics["policy"]["hhh"] == base["hhh"]
     assert base["hhh"]["items"] == 6 and 0 <= base["hhh"]["acc"] <= 1
+    lo, hi = json.loads(base["hhh"]["acc_ci95"])  # every score has its interval beside it
+    assert 0 <= lo <= base["hhh"]["acc"] <= hi <= 1
+    assert {f"{k}_ci95" for k in ("mc1", "mc2")} <= set(base["truthfulqa_csv"])
+    assert all("mc1_ci95" in c for c in base["truthfulqa_csv"]["category"].values())
+    assert {f"{k}_ci95" for k in ("win_rate_vs_base", "tie_rate_vs_base", "mean_reward")} <= set(sft["mtbench"])
     assert sum(v["items"] for k, v in base["hhh"].items() if isinstance(v, dict)) == 6  # per subset folder
     assert 0 <= base["truthfulqa"]["mc1"] <= 1 and 0 < base["truthfulqa"]["p_true"] < 1
     assert "mc2" not in base["truthfulqa"] and 0 < base["truthfulqa_csv"]["mc2"] < 1  # one true answer: no MC2
@@ -45,7 +88,8 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     assert len(answers) == 2 and all(len(a["answers"]) == 2 == len(a["turns"]) for a in answers)
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
     assert {r["benchmark"] for r in plot if r["policy"] == "sft"} >= {"truthfulqa_csv.mc1", "truthfulqa_csv.mc2"}
-    assert {"bar": "hhh.acc / sft", "benchmark": "hhh.acc", "policy": "sft", "value": sft["hhh"]["acc"]} in plot
+    assert {"bar": "hhh.acc / sft", "benchmark": "hhh.acc", "policy": "sft", "value": sft["hhh"]["acc"],
+            "lo": lo, "hi": hi} in plot
 
     questions = cwd / "data/benchmarks/mt_bench/question.jsonl"  # edited after stage `benchmarks` wrote it
     questions.write_text('{"question_id": 1, "turns": ["ok"]}\n')
@@ -89,3 +133,8 @@ def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, ti
     changed = diff["metrics/evaluate.json"]
     assert "base.truthfulqa.p_true" in changed  # scoring per token moves the probability mass
     assert "base.mtbench.mean_reward" not in changed  # generation and RM judging do not depend on it
+    assert "base.truthfulqa.p_true_ci95" in sh(repo, "dvc", "metrics", "show").stdout  # the interval is shown
+    plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)["data"]["Benchmarks per policy"][0]
+    layers = [layer["mark"]["type"] for layer in plots["content"]["layer"]]
+    assert layers == ["bar", "rule"]  # the bar, and its interval over it
+    assert all(r["lo"] <= r["value"] <= r["hi"] for r in plots["content"]["data"]["values"])

@@ -153,8 +153,9 @@ def test_system_messages_feed_pairs_and_labels_and_evaluate_never_training_on_he
     answers = read_jsonl(cwd / "data/evaluation/answers/sft.system_messages.jsonl")
     assert [a["combination"] for a in answers] == [r["combination"] for r in evals]
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
-    assert {"bar": "system_messages.background.win_rate / sft", "benchmark": "system_messages.background.win_rate",
-            "policy": "sft", "value": result["sft"]["system_messages"]["background"]["win_rate"]} in plot
+    row = next(r for r in plot if r["bar"] == "system_messages.background.win_rate / sft")
+    assert row["value"] == result["sft"]["system_messages"]["background"]["win_rate"]
+    assert [row["lo"], row["hi"]] == json.loads(result["sft"]["system_messages"]["background"]["win_rate_ci95"])
 
 
 CHILD_EXPERT = [  # (prompt, an answer for a child, an answer for an expert programmer)
