@@ -38,7 +38,7 @@ from align.devices import config_dtype
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
 from align.models import padding_id, prompt_ids
-from align.params import Generation, Ppo, Training
+from align.params import Generation, Params, Ppo, Training
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_jsonl
 from align.reward import RewardScorer
@@ -296,29 +296,41 @@ class PpoRecipe:
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def main() -> None:
-    params = runner.stage_params()
-    cfg = params.ppo
-    resources = params.cluster.policy
+def check_layout(params: Params) -> None:
+    """Batch sizes that divide over the job's ranks, and rollouts one GPU per rank can sample: before any work."""
+    cfg, resources = params.ppo, params.cluster.policy
     world = resources.nodes * resources.tasks
     if cfg.rollout_batch_size % world or cfg.step_batch_size % (world * params.training.micro_batch_size):
         raise UserError(f"params.yaml: ppo.step_batch_size: {cfg.step_batch_size} samples per step (and "
                         f"rollout_batch_size {cfg.rollout_batch_size}) must divide evenly over {world} ranks x "
                         f"training.micro_batch_size {params.training.micro_batch_size}")
-    collection = pick_principles(load_jsonl(COLLECTION, PreferencePrinciple), cfg.principles, "ppo.principles",
-                                 COLLECTION)
-    guards = pick_principles(load_jsonl(GUARDS, PreferencePrinciple), cfg.guard_principles, "ppo.guard_principles",
-                             GUARDS)
-    inputs = input_refs({"policy": SFT, "rm": RM, "prompts": PROMPTS, "sft_data": SFT_DATA,
-                         "principles": COLLECTION, "guards": GUARDS, "system_messages": SYSTEM})
-    prompts = read_jsonl(PROMPTS / "prompts.jsonl")
-    pool = unused_prompts(prompts, read_jsonl(SFT_DATA / "sft.jsonl"), cfg.max_prompts or len(prompts), params.seed)
-    pool = pool or prompts  # every prompt was used for SFT: PPO still needs prompts
-    pool += [{"id": f"sys-{r['id']}", "text": r["prompt"], "system": r["system"], "combination": r["combination"]}
-             for r in read_jsonl(SYSTEM / "train.jsonl")]
+    if params.generation.tensor_parallel_size > 1 and params.generation.backend != "hf":
+        raise UserError(f"params.yaml: generation.tensor_parallel_size: {params.generation.tensor_parallel_size}, but "
+                        f"PPO samples inside each training rank on its one GPU; use 1 (a policy one GPU serves), "
+                        f"generation.backend: hf, or policy.algorithm: dpo")
+
+
+def check_one_dtype(params: Params) -> None:
+    """Rollouts sample in the SFT folder's dtype on a GPU; the update computes log-probs in training.precision."""
+    sampled, trained = config_dtype(SFT / MODEL), DTYPE_NAMES[params.training.precision]
+    if sampled != trained:
+        raise UserError(f"params.yaml: training.precision: {params.training.precision} but {SFT / MODEL} holds "
+                        f"{sampled} weights, which rollouts sample in: PPO's ratio needs one dtype (set "
+                        f"model.dtype or training.precision to match)")
+
+
+def prompt_pool(cfg: Ppo, seed: int) -> list[dict]:
+    """The prompts PPO samples from: those SFT did not use (all of them if it used every one), plus the system
+    message rows, each within `max_query_tokens` as the policy's tokenizer counts its chat prompt."""
     from transformers import AutoTokenizer
 
+    prompts = read_jsonl(PROMPTS / "prompts.jsonl")
+    pool = unused_prompts(prompts, read_jsonl(SFT_DATA / "sft.jsonl"), cfg.max_prompts or len(prompts), seed)
+    pool = pool or prompts
+    pool += [{"id": f"sys-{r['id']}", "text": r["prompt"], "system": r["system"], "combination": r["combination"]}
+             for r in read_jsonl(SYSTEM / "train.jsonl")]
     tokenizer = AutoTokenizer.from_pretrained(SFT / MODEL)
+
     def query_tokens(prompt: dict) -> int:
         turn = [{"role": "user", "content": prompt["text"]}]
         return len(prompt_ids(tokenizer, chat_prompt(tokenizer, turn, system=prompt.get("system"))))
@@ -326,15 +338,21 @@ def main() -> None:
     pool = [p for p in pool if query_tokens(p) <= cfg.max_query_tokens]
     if not pool:
         raise UserError(f"{PROMPTS}/prompts.jsonl: no prompt fits ppo.max_query_tokens ({cfg.max_query_tokens})")
-    if params.generation.tensor_parallel_size > 1 and params.generation.backend != "hf":
-        raise UserError(f"params.yaml: generation.tensor_parallel_size: {params.generation.tensor_parallel_size}, but "
-                        f"PPO samples inside each training rank on its one GPU; use 1 (a policy one GPU serves), "
-                        f"generation.backend: hf, or policy.algorithm: dpo")
-    sampled, trained = config_dtype(SFT / MODEL), DTYPE_NAMES[params.training.precision]
-    if sampled != trained:  # rollouts sample in the folder's dtype on a GPU; the update's log-probs in precision's
-        raise UserError(f"params.yaml: training.precision: {params.training.precision} but {SFT / MODEL} holds "
-                        f"{sampled} weights, which rollouts sample in: PPO's ratio needs one dtype (set "
-                        f"model.dtype or training.precision to match)")
+    return pool
+
+
+def main() -> None:
+    params = runner.stage_params()
+    cfg = params.ppo
+    check_layout(params)
+    collection = pick_principles(load_jsonl(COLLECTION, PreferencePrinciple), cfg.principles, "ppo.principles",
+                                 COLLECTION)
+    guards = pick_principles(load_jsonl(GUARDS, PreferencePrinciple), cfg.guard_principles, "ppo.guard_principles",
+                             GUARDS)
+    inputs = input_refs({"policy": SFT, "rm": RM, "prompts": PROMPTS, "sft_data": SFT_DATA,
+                         "principles": COLLECTION, "guards": GUARDS, "system_messages": SYSTEM})
+    check_one_dtype(params)
+    pool = prompt_pool(cfg, params.seed)
     training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
                                                   "lora_alpha": cfg.lora_alpha})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
@@ -343,7 +361,7 @@ def main() -> None:
     fn = functools.partial(job, PpoJob(
         sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, cfg=cfg, training=training,
         generation=params.generation, seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs))
-    runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, params.cluster.policy, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":
