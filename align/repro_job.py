@@ -17,7 +17,7 @@ from pathlib import Path
 
 from align import runner
 from align.errors import UserError
-from slurm.submit import JobSpec, choose_executor, finished, progress_log, start, state_path
+from slurm.submit import DIST_VARS, JobSpec, choose_executor, finished, progress_log, start, state_path
 
 STAGE = "repro"
 TARGET = Path(".dvc/tmp/repro")  # its job-state file lives beside it: .dvc/tmp/.repro.job.json
@@ -27,7 +27,7 @@ JOB_VARS = ("SLURM_", "SBATCH_", "SRUN_", "SUBMITIT_")  # this job's own setting
 def run_dvc_repro(targets: list[str]) -> int:
     """The job: `dvc repro TARGET...` in the project, its stderr into the one log; a failed DAG fails the job."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(JOB_VARS) or k == "SLURM_CONF"}
-    for name in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):
+    for name in DIST_VARS:
         env.pop(name, None)  # the stage jobs set their own
     proc = subprocess.run([sys.executable, "-m", "dvc", "repro", *targets], env=env, stderr=subprocess.STDOUT)
     if proc.returncode:
