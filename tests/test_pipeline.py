@@ -1,10 +1,11 @@
-"""`dvc repro` of the SELF-ALIGN stages on the embedded default (SmolLM2-135M, vLLM on CPU, DeepSpeed on CPU,
-submitit's local executor) in a fresh git + DVC repository, with the stage sizes cut down; then toggling
-verbose cloning off with `dvc exp run -S` reruns only the stage it concerns."""
+"""`dvc repro` of the SELF-ALIGN stages on the embedded default (SmolLM2-135M, vLLM on CPU, DeepSpeed on CPU) in a
+fresh git + DVC repository, with the stage sizes cut down, every stage a job on the test cluster under one GPU-site
+profile; then toggling verbose cloning off with `dvc exp run -S` reruns only the stage it concerns."""
 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -23,13 +24,31 @@ SMALL = {
 }
 
 
+def gpu_site_profile(log_dir: Path) -> dict:
+    """A typical GPU site's `cluster` group: only `defaults` (the gpu partition, typed GPUs) and one override (the
+    import needs no GPU). The test cluster's GPUs are placeholders with no CUDA behind them, where every GPU job
+    rightly stops at once (test_slurm.py); the jobs' python is a wrapper that hides them, as a site's container
+    command is a wrapper, so these jobs run on the CPU."""
+    hide_gpus = ["env", "-u", "SLURM_GPUS_ON_NODE", "-u", "SLURM_JOB_GPUS", sys.executable]
+    return {"executor": "slurm", "log_dir": str(log_dir),
+            "defaults": {"partition": "gpu", "gpus_per_node": 1, "gpu_type": "placeholder", "cpus_per_task": 2,
+                         "mem_gb": 8, "time_min": 30, "python": hide_gpus},
+            "import_model": {"partition": "cpu", "gpus_per_node": 0, "gpu_type": None}}
+
+
 @pytest.mark.slow
-def test_dvc_repro_self_align_stages_on_the_embedded_model(tmp_path: Path) -> None:
-    repo = new_repo(tmp_path / "repo", {**SMALL, "cluster": {"executor": "local"}})
+def test_dvc_repro_self_align_stages_on_the_embedded_model(slurm_cluster, tmp_path: Path) -> None:
+    repo = new_repo(tmp_path / "repo", {**SMALL, "cluster": gpu_site_profile(tmp_path / "logs")})
 
     run = sh(repo, "dvc", "repro", "verbose_clone", timeout=1500).stdout
     for stage in ("import_model", "prompts", "self_align", "engrave", "verbose_clone"):
         assert f"Running stage '{stage}'" in run
+    for stage in ("prompts", "self_align", "engrave", "verbose_clone"):  # what sbatch was given, and ran
+        scripts = [p.read_text() for p in (tmp_path / "logs" / stage).glob("*_submission.sh")]
+        assert scripts and all("--partition=gpu\n" in s and "--gpus-per-node=placeholder:1\n" in s
+                               for s in scripts), (stage, scripts)
+    imported = [p.read_text() for p in (tmp_path / "logs/import_model").glob("*_submission.sh")]
+    assert imported and "--partition=cpu\n" in imported[0] and "--gpus-per-node" not in imported[0]
     prompts = read_jsonl(repo / "data/prompts/prompts.jsonl")
     assert {"seed", "self_instruct", "tgrt"} <= {p["source"] for p in prompts}
     sft = read_jsonl(repo / "data/self_align/sft.jsonl")
