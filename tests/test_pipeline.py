@@ -37,6 +37,7 @@ def gpu_site_profile(log_dir: Path) -> dict:
 
 
 @pytest.mark.slow
+@pytest.mark.slurm
 def test_dvc_repro_self_align_stages_on_the_embedded_model(slurm_cluster, tmp_path: Path) -> None:
     repo = new_repo(tmp_path / "repo", {**SMALL, "cluster": gpu_site_profile(tmp_path / "logs")})
 
