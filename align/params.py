@@ -365,6 +365,8 @@ class RewardModel(Subsets):
     subsets_per_pair: int = Field(8, ge=1)  # instances drawn per labelled pair (subsets that tie are redrawn)
     eval_share: float = Field(0.2, ge=0, lt=1)  # share of the decided pairs held out for evaluation
     epochs: float = Field(1.0, gt=0)
+    length_group: int = Field(32, ge=1)  # micro-batches drawn together and sorted by (prefix, remainder) width
+    # before they are cut, so each pads little (align/training.py grouped_order); 1: the plain shuffled draw
     learning_rate: float = Field(3e-5, gt=0)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
@@ -439,6 +441,8 @@ class Dpo(Subsets):
 
     beta: float = Field(0.1, gt=0)
     epochs: float = Field(1.0, gt=0)
+    length_group: int = Field(32, ge=1)  # micro-batches drawn together and sorted by length before they are cut,
+    # so each pads little (align/training.py grouped_order); 1: the plain shuffled draw
     learning_rate: float = Field(5e-6, gt=0)
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)

@@ -33,7 +33,7 @@ from align.errors import UserError
 from align.models import prompt_ids
 from align.params import Subsets
 from align.progress import progress
-from align.training import DTYPES, Batch, Batches, reward_trunk, shuffled_batches
+from align.training import DTYPES, Batch, Batches, length_grouped_batches, reward_trunk
 
 PLACEHOLDERS = ("principles", "instruction", "response")
 TEMPLATE_FILE = "rm_prompt.txt"  # inside the RM out: the template it was trained with
@@ -322,8 +322,19 @@ def collate_pairs(examples: list[dict[str, list[int]]], pad_id: int) -> Batch:
     }
 
 
-def pair_batches(examples: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int) -> Batches:
-    return shuffled_batches(examples, micro_batch_size, seed, functools.partial(collate_pairs, pad_id=pad_id))
+def pair_widths(example: dict[str, list[int]]) -> tuple[int, int]:
+    """What a pair needs of its `collate_pairs` micro-batch: (its shared prefix's tokens, its longer remainder's)."""
+    shared = shared_length(example["chosen"], example["rejected"])
+    return shared, max(len(example["chosen"]), len(example["rejected"])) - shared
+
+
+def pair_batches(examples: list[dict[str, list[int]]], micro_batch_size: int, seed: int, pad_id: int,
+                 length_group: int = 1) -> Batches:
+    """`batches` for `fit` over tokenized pairs, `length_group` micro-batches at a time sorted by
+    (prefix, remainder) width before they are cut (`training.length_grouped_batches`; 1: the plain shuffled draw),
+    so a micro-batch's prefixes and remainders pad to widths close to their own."""
+    return length_grouped_batches(examples, micro_batch_size, seed, functools.partial(collate_pairs, pad_id=pad_id),
+                                  [pair_widths(e) for e in examples], length_group)
 
 
 def pair_rewards(model: Any, batch: Batch) -> torch.Tensor:

@@ -30,7 +30,7 @@ from align.params import Dpo, Training
 from align.paths import MODEL
 from align.reward import guide_text, preference_examples, principle_scales, read_preferences
 from align.training import (
-    Batch, LiveCurve, checkpoint_dir, collate, finish_training, shuffled_batches, step_count,
+    Batch, LiveCurve, checkpoint_dir, collate, finish_training, length_grouped_batches, step_count,
     tokenize_pair, train,
 )
 
@@ -71,6 +71,11 @@ def collate_sides(examples: list[dict], pad_id: int) -> Batch:
     return collate([e["chosen"] for e in examples] + [e["rejected"] for e in examples], pad_id)
 
 
+def longer_side(example: dict) -> tuple[int]:
+    """The width `collate_sides` pads a pair's two rows to, what its micro-batch is grouped by."""
+    return (max(len(example["chosen"]["input_ids"]), len(example["rejected"]["input_ids"])),)
+
+
 @dataclass(frozen=True)
 class DpoJob:
     """The job's arguments, sent to the allocation with it."""
@@ -93,8 +98,9 @@ def job(args: DpoJob) -> str | None:
     tokenized = [{side: tokenize_pair(tokenizer, e["prompt"], e[side], args.cfg.max_prompt_tokens,
                                       args.cfg.max_response_tokens, system=guide_text(e["guide"]))
                   for side in ("chosen", "rejected")} for e in args.examples]
-    batches = shuffled_batches(tokenized, args.training.micro_batch_size, args.seed,
-                               functools.partial(collate_sides, pad_id=pad_id))
+    batches = length_grouped_batches(tokenized, args.training.micro_batch_size, args.seed,
+                                     functools.partial(collate_sides, pad_id=pad_id),
+                                     [longer_side(e) for e in tokenized], args.cfg.length_group)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     steps = step_count(len(args.examples), args.cfg.epochs, args.training, world)
     adapter = args.ckpt_dir / "adapter"

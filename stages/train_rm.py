@@ -3,11 +3,12 @@
 Trains a LoRA adapter and a scalar head on the SFT policy with the Bradley-Terry loss on instances drawn from
 the labelled pairs of `label_preferences` (align/reward.py: random principle subsets, some negated, labelled by
 their dominant principle as SALMON does, a share flipped as noise), after an optional preference-model
-pre-training pass on a public preference set (`rm.pmp`). The job then scores, with the same `RewardScorer.score`
-PPO uses: accuracy on held-out pairs (their labels not flipped), the negation flip rate on held-out pairs a
-single principle decides, and accuracy on the HHH pairs of the benchmark folder; the metrics also say how the
-label rule labelled the training subsets (`labels`: decided share, agreement with single principles and with
-the majority rule, flipped share).
+pre-training pass on a public preference set (`rm.pmp`); micro-batches hold pairs of similar shared-prefix and
+remainder widths (`rm.length_group`), so little of them is padding. The job then scores, with the same
+`RewardScorer.score` PPO uses: accuracy on held-out pairs (their labels not flipped), the negation flip rate on
+held-out pairs a single principle decides, and accuracy on the HHH pairs of the benchmark folder; the metrics also
+say how the label rule labelled the training subsets (`labels`: decided share, agreement with single principles
+and with the majority rule, flipped share).
 
 Out (models/rm): adapter/ (LoRA + head), rm_prompt.txt, reward.json, eval.jsonl (every held-out judgement),
 metrics.json.
@@ -212,10 +213,12 @@ def job(args: TrainRmJob) -> str | None:
                                  max_response_tokens=args.cfg.max_response_tokens)
     pmp_steps = math.ceil(len(args.pmp_examples) / global_batch_size(args.training, world))  # one pass over them
     steps = pmp_steps + step_count(len(args.train_examples), args.cfg.epochs, args.training, world)
-    synthetic = pair_batches(tokenize(args.train_examples), args.training.micro_batch_size, args.seed, pad_id)
+    draw = functools.partial(pair_batches, micro_batch_size=args.training.micro_batch_size, seed=args.seed,
+                             pad_id=pad_id, length_group=args.cfg.length_group)
+    synthetic = draw(tokenize(args.train_examples))
     batches = synthetic
     if pmp_steps:
-        pmp = pair_batches(tokenize(args.pmp_examples), args.training.micro_batch_size, args.seed, pad_id)
+        pmp = draw(tokenize(args.pmp_examples))
         micro_batches = pmp_steps * args.training.gradient_accumulation_steps * world
         batches = functools.partial(_phased_batch, pmp, micro_batches, synthetic)
     adapter = args.ckpt_dir / "adapter"

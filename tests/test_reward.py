@@ -7,21 +7,26 @@ bad input is one line."""
 from __future__ import annotations
 
 import collections
+import functools
 import json
+import pickle
 import random
 import shutil
 import statistics
 from pathlib import Path
+from typing import Callable
 
 import pytest
 
 from align.artifacts import verify_artifact
-from align.params import Subsets
+from align.params import RewardModel, Subsets
 from align.records import read_jsonl, write_jsonl
 from align.reward import (
-    RewardScorer, collate_pairs, dominant_label, label_metrics, majority_label, normalised_scores, pair_rewards,
-    principle_scales, sample_subset, shared_length, split_pairs, subset_label, training_examples,
+    RewardScorer, collate_pairs, dominant_label, label_metrics, majority_label, normalised_scores, pair_batches,
+    pair_rewards, pair_widths, principle_scales, sample_subset, shared_length, split_pairs, subset_label,
+    training_examples,
 )
+from align.training import length_grouped_batches
 from stages.train_rm import pmp_pairs, split_transcript
 from tests.helpers import curve, stage
 from tests.projects import PRINCIPLES, SHORT_LONG, preference_rows, rm_project
@@ -210,6 +215,46 @@ def test_the_shared_prefix_runs_once_and_gives_the_rewards_and_gradients_of_whol
     assert torch.allclose(shared, whole, atol=1e-4)
     assert all(torch.allclose(a, p.grad, atol=1e-4) for a, p in
                zip(grads, [p for p in model.parameters() if p.requires_grad]))
+
+
+def varied_pairs(count: int) -> list[dict[str, list[int]]]:
+    """Tokenized pairs whose shared prefixes (2..300 tokens: principles and instruction) and remainders (1..150
+    each: the responses) vary independently; pair k's first token is 1000 + k."""
+    rng = random.Random(0)
+    pairs = []
+    for k in range(count):
+        prefix = [1000 + k] + [7] * rng.randint(1, 299)
+        pairs.append({"chosen": prefix + [8] * rng.randint(1, 150), "rejected": prefix + [9] * rng.randint(1, 150)})
+    return pairs
+
+
+def pair_ids(batch: dict) -> list[int]:
+    """Which pairs of `varied_pairs` a `collate_pairs` batch holds: each prefix row's first real token - 1000."""
+    return [int(row[mask.argmax()]) - 1000 for row, mask in zip(batch["prefix_ids"], batch["prefix_mask"])]
+
+
+def padded_tokens(batches: Callable[[int], dict], count: int) -> int:
+    """Tokens of micro-batches 0..count-1, padding included: prefix width x m + remainder width x 2m each."""
+    return sum(batches(i)["prefix_ids"].numel() + batches(i)["input_ids"].numel() for i in range(count))
+
+
+def test_length_grouped_pair_batches_pad_less_and_visit_every_pair_once_per_epoch() -> None:
+    pairs, m, group = varied_pairs(98), 4, RewardModel().length_group  # 24.5 micro-batches an epoch
+    grouped = pair_batches(pairs, m, 5, pad_id=0, length_group=group)
+    plain = pair_batches(pairs, m, 5, pad_id=0, length_group=1)
+    by_one_width = [length_grouped_batches(pairs, m, 5, functools.partial(collate_pairs, pad_id=0),
+                                           [pair_widths(p)[w:w + 1] for p in pairs], group) for w in (0, 1)]
+    padded = padded_tokens(grouped, 49)  # two epochs
+    assert padded < 0.8 * padded_tokens(plain, 49)
+    assert all(padded < 0.95 * padded_tokens(b, 49) for b in by_one_width)  # the grid: both widths matter
+
+    stream = [k for i in range(49) for k in pair_ids(grouped(i))]  # micro-batch 24 straddles the two epochs
+    assert sorted(stream[:98]) == sorted(stream[98:]) == list(range(98))  # every pair once per epoch
+    assert stream[:98] != stream[98:]  # each epoch in its own order
+    again = pickle.loads(pickle.dumps(pair_batches(pairs, m, 5, pad_id=0, length_group=group)))
+    assert [pair_ids(again(i)) for i in (40, 3, 24, 25)] == [pair_ids(grouped(i)) for i in (40, 3, 24, 25)]
+    other_seed = pair_batches(pairs, m, 6, pad_id=0, length_group=group)
+    assert [pair_ids(other_seed(i)) for i in range(24)] != [pair_ids(grouped(i)) for i in range(24)]
 
 
 def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, roomy_model: Path) -> None:
