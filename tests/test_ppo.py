@@ -1,7 +1,8 @@
 """PPO against the instructable RM on the tiny model: the arithmetic (GAE, clipped losses, KL controller), the
 reward shaping (the stop-token penalty, the length bonus) and the stage itself: KL 0 at the first iteration and
 growing after, curves in dvclive, a resumed run continuing from its checkpoint, and bad batch sizes or principle
-names as one line before any job; DPO on the labelled pairs with the principles as the system message."""
+names as one line before any job; DPO on the labelled pairs with the principles as the system message,
+raising the implicit reward margin of held-out pairs."""
 
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ from align.artifacts import verify_artifact
 from align.errors import UserError
 from align.params import Ppo, parse_params
 from align.records import read_jsonl
+from align.reward import guide_text
 from align.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
 from align.rollout import pack, policy_outputs
 from align.training import tokenize_pair
 from stages.ppo import shaped_scores
 from tests.conftest import ROOT
 from tests.helpers import FAST_TRAINING, curve, kill_tree, stage
-from tests.projects import TINY_PPO, ppo_project, preference_rows, rm_project
+from tests.projects import PRINCIPLES, TINY_PPO, ppo_project, preference_rows, rm_project
 
 
 def test_gae_with_lambda_one_and_gamma_one_is_the_return_to_go_minus_value() -> None:
@@ -168,6 +170,32 @@ def test_ppo_without_a_reward_model_is_one_line(tmp_path: Path, tiny_model: Path
     assert not (cwd / "models/policy").exists()
 
 
+HELD_OUT_SHORT_LONG = [  # (prompt, short answer, long answer), none of them in preference_rows
+    ("What is the capital of Italy?", "Rome.", "The capital of Italy is Rome, and Rome is a city in Italy."),
+    ("Add 2 and 3.", "5", "2 and 3 and so on: 2 3 4 5, so the answer is 5 and 5 it is."),
+    ("What colour is the lazy dog?", "grey", "The lazy dog is grey, the lazy dog sleeps and it is grey."),
+    ("Say something kind.", "Thank you.", "An assistant answers kindly, honestly and helpfully to every question."),
+]
+
+
+def response_logprobs(model_dir: Path, pairs: list[tuple[str, str]], system: str) -> torch.Tensor:
+    """Per (prompt, response), the summed log-probability of the response tokens (after `system`, as DPO shows
+    the principles) under the model in `model_dir`; computed here, not by the stage's code under test."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    sums = []
+    with torch.no_grad():
+        for prompt, response in pairs:
+            row = tokenize_pair(tokenizer, prompt, response, system=system)
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+            labels = torch.tensor(row["labels"][1:])
+            picked = torch.log_softmax(logits, -1)[labels != -100].gather(-1, labels[labels != -100, None])
+            sums.append(picked.sum())
+    return torch.stack(sums)
+
+
 @pytest.mark.slow
 def test_dpo_learns_the_pairs_under_their_principles_and_writes_the_same_out(tmp_path: Path,
                                                                            roomy_model: Path) -> None:
@@ -184,6 +212,15 @@ def test_dpo_learns_the_pairs_under_their_principles_and_writes_the_same_out(tmp
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # the adapter starts as the reference: margin 0
     assert statistics.fmean(losses[-6:]) < 0.5 * losses[0]
     AutoModelForCausalLM.from_pretrained(cwd / "models/policy/model")  # the out evaluate reads, as after PPO
+    # held out: new questions, each with a short and a long answer, under Concise. Before training the implicit
+    # reward margin beta x ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r))) is 0 (the policy is the reference);
+    # after, the short answer's is above the long one's on every pair. Seen: 3.1 to 9.7, mean 5.9 (Dec 2026)
+    guide = guide_text([PRINCIPLES["concise"].definition])
+    sides = [(p, s) for p, s, _ in HELD_OUT_SHORT_LONG] + [(p, lg) for p, _, lg in HELD_OUT_SHORT_LONG]
+    policy, reference = (response_logprobs(cwd / "models" / name / "model", sides, guide) for name in ("policy", "sft"))
+    ratios = policy - reference
+    margins = 0.5 * (ratios[: len(HELD_OUT_SHORT_LONG)] - ratios[len(HELD_OUT_SHORT_LONG):])  # beta 0.5
+    assert (margins > 1.0).all(), margins
 
 
 def test_dpo_shows_the_principles_as_the_system_message(tiny_model: Path) -> None:

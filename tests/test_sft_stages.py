@@ -47,10 +47,33 @@ def test_engraving_trains_on_the_query_alone(tmp_path: Path, tiny_model: Path) -
         assert learned == f"{answer}<|im_end|>\n"
 
 
+OPENING = "As an honest assistant, I answer: "  # every engraved answer opens so: a rule held-out answers share
+HELD_OUT = [("What is the capital of Italy?", "Rome."), ("Add 2 and 3.", "5"), ("What colour is the lazy dog?", "grey"),
+            ("Say something kind.", "You are doing well.")]
+
+
+def answer_loss(model_dir: Path, pairs: list[tuple[str, str]]) -> float:
+    """The mean cross-entropy of the answer tokens (chat template, as engraving trains) under the HF model in
+    `model_dir`; transformers' own loss, not the stage's `sft_loss`, so a broken loss cannot also break the check."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from align.models import padding_id
+    from align.training import collate
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        return model(**collate([tokenize_pair(tokenizer, p, a) for p, a in pairs], padding_id(tokenizer))).loss.item()
+
+
 def test_engrave_loss_falls_and_writes_adapter_model_and_curve(tmp_path: Path, roomy_model: Path) -> None:
+    """Engraving on answers that share an opening lowers the loss of held-out questions' answers in that form
+    (issue 22: each learning stage shown to learn), and the out holds adapter, merged model and curve."""
     from transformers import AutoModelForCausalLM
 
-    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=FAST_TRAINING, engrave={"epochs": 24})
+    cwd = make_project(tmp_path, roomy_model, pairs=[(p, OPENING + a) for p, a in PAIRS], training=FAST_TRAINING,
+                       engrave={"epochs": 24})
     proc = stage(cwd, "engrave")
     assert proc.returncode == 0, proc.stderr
     out = cwd / "models/engraved"
@@ -67,6 +90,10 @@ def test_engrave_loss_falls_and_writes_adapter_model_and_curve(tmp_path: Path, r
     assert {lr for _, lr in curve(cwd, "engrave", "lr")} == {1e-2}
     assert not list((cwd / "checkpoints/engrave").iterdir())  # removed once the out is in place
     AutoModelForCausalLM.from_pretrained(out / "model")  # the merged folder loads as a plain model
+    # held out: new questions and answers, in the engraved form. Seen: 6.61 -> 2.64 (Dec 2026); a zero learning
+    # rate leaves it at 6.61, the loss's sign flipped on purpose raises it to 10.4
+    held_out = [(p, OPENING + a) for p, a in HELD_OUT]
+    assert answer_loss(out / "model", held_out) < 0.5 * answer_loss(roomy_model, held_out)
 
 
 @pytest.mark.slow
