@@ -17,14 +17,18 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.artifacts import staged_out, verify_artifact
+from align.assets import load_template
 from align.benchmarks import QA_PRIMER, load_truthfulqa_csv
 from align.intervals import Bootstrap
+from align.judge import PLACEHOLDERS, criteria_of, judge
+from align.paths import JUDGE_PROMPT
 from align.records import read_jsonl, write_jsonl
 from align.scoring import Scorer
-from stages.evaluate import multiple_choice
+from stages.evaluate import judge_outcomes, multiple_choice
 from tests.benchmark_files import TRUTHFULQA, add_benchmarks_out, truthfulqa_csv
+from tests.conftest import ROOT
 from tests.helpers import new_repo, sh, stage
-from tests.projects import SMALL_EVALUATE, add_policy_outs, make_project
+from tests.projects import PRINCIPLES, SHORT_LONG, SMALL_EVALUATE, add_policy_outs, make_project
 
 
 def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, tiny_model: Path) -> None:
@@ -57,14 +61,56 @@ def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, 
     assert 0 < np.mean(mc2) < 1 and scored["category"]["science"]["mc1"] == mc1[1]
 
 
+def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is_reported(tiny_model: Path) -> None:
+    """The independent judge's win rate of answers against references, by hand from the judge's next-token logits:
+    per item the a-minus-b logit (mean over the principles) with the answer shown first, and again with it shown
+    second; the preference is their half difference (a win above 0, a loss below, a tie counts half). Judged against
+    itself an answer set scores 0.5 exactly and the judge picks the same position in both orders every time; the two
+    directions of one comparison add up to 1. A judge that skipped the swap or flipped the sign would score 0.5 or
+    1 - hand below (the hand win rate is checked not to be 0.5)."""
+    scorer = Scorer(tiny_model, batch_size=4)
+    template = load_template(ROOT / JUDGE_PROMPT, PLACEHOLDERS)
+    choices = (scorer.token_id("a"), scorer.token_id("b"))
+    criteria = criteria_of([PRINCIPLES["concise"], PRINCIPLES["honest_accurate"]])
+    items = [(p, short, long) for p, short, long in SHORT_LONG[:6]] + [(p, long, short) for p, short, long in
+                                                                        SHORT_LONG[:2]]
+    boot = Bootstrap(0, 200)
+
+    def outcomes(pairs: list[tuple[str, str, str]]) -> dict:
+        rows = [{"prompt": p, "response_a": a, "response_b": b} for p, a, b in pairs]
+        return judge_outcomes(judge(scorer, template, rows, [criteria] * len(rows), choices), boot)
+
+    def a_minus_b(prompt: str, first: str, second: str) -> float:
+        texts = [template.format(instruction=prompt, output_a=first, output_b=second, principle=t) for _, t in criteria]
+        logits = scorer.next_token_logits(texts, list(choices))
+        return float((logits[:, 0] - logits[:, 1]).mean())
+
+    wins, same = [], []
+    for prompt, answer, reference in items:
+        shown_first, shown_second = a_minus_b(prompt, answer, reference), a_minus_b(prompt, reference, answer)
+        pref = shown_first - shown_second
+        wins.append(1.0 if pref > 0 else 0.0 if pref < 0 else 0.5)
+        same.append(float((shown_first > 0) == (shown_second > 0)))
+    judged = outcomes(items)
+    assert np.mean(wins) != 0.5  # else a judge that ignored the order would pass
+    assert judged["win_rate"] == pytest.approx(np.mean(wins)) and judged["items"] == 8
+    assert judged["position_bias"] == pytest.approx(np.mean(same))
+    lo, hi = json.loads(judged["win_rate_ci95"])
+    assert lo <= judged["win_rate"] <= hi
+    swapped = outcomes([(p, reference, answer) for p, answer, reference in items])
+    assert swapped["win_rate"] == pytest.approx(1 - judged["win_rate"])
+    itself = outcomes([(p, answer, answer) for p, answer, _ in items])
+    assert (itself["win_rate"], itself["position_bias"]) == (0.5, 1.0)
+
+
 @pytest.mark.slow
 def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path, tiny_model: Path) -> None:
-    cwd = make_project(tmp_path, tiny_model, evaluate={**SMALL_EVALUATE, "judge_model": str(tiny_model)})
+    cwd = make_project(tmp_path, tiny_model, evaluate=SMALL_EVALUATE)  # the judge: the base model, by default
     add_policy_outs(cwd, tiny_model)
     proc = stage(cwd, "evaluate")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "data/evaluation")
-    metrics = json.loads((cwd / "metrics/evaluate.json").read_text())
+    metrics = json.loads((cwd / "data/evaluation/metrics.json").read_text())  # the detail stays in the out
     assert metrics["scoring"] == "sum"
     base, sft = metrics["base"], metrics["sft"]
     assert metrics["policy"]["hhh"] == base["hhh"]
@@ -73,7 +119,8 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     assert 0 <= lo <= base["hhh"]["acc"] <= hi <= 1
     assert {f"{k}_ci95" for k in ("mc1", "mc2")} <= set(base["truthfulqa_csv"])
     assert all("mc1_ci95" in c for c in base["truthfulqa_csv"]["category"].values())
-    assert {f"{k}_ci95" for k in ("win_rate_vs_base", "tie_rate_vs_base", "mean_reward")} <= set(sft["mtbench"])
+    target_rm = sft["mtbench"]["target_rm"]  # the RM the policy was optimised against
+    assert {f"{k}_ci95" for k in ("win_rate_vs_base", "tie_rate_vs_base", "mean_reward")} <= set(target_rm)
     assert sum(v["items"] for k, v in base["hhh"].items() if isinstance(v, dict)) == 6  # per subset folder
     assert 0 <= base["truthfulqa"]["mc1"] <= 1 and 0 < base["truthfulqa"]["p_true"] < 1
     assert "mc2" not in base["truthfulqa"] and 0 < base["truthfulqa_csv"]["mc2"] < 1  # one true answer: no MC2
@@ -81,9 +128,17 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     # base, sft and policy are the same model: same scores, same answers, every MT-Bench turn a tie for both judges
     for bench in ("hhh", "truthfulqa", "truthfulqa_csv"):
         assert sft[bench] == base[bench]
-    assert sft["mtbench"]["tie_rate_vs_base"] == 1.0 and sft["mtbench"]["turns"] == 4
-    assert sft["mtbench"]["judge"]["tie_rate_vs_base"] == 1.0  # both orders of identical answers never agree
-    assert "win_rate_vs_base" not in base["mtbench"] and "mean_reward" in base["mtbench"]
+    assert target_rm["tie_rate_vs_base"] == 1.0 and target_rm["turns"] == 4
+    assert (sft["mtbench"]["judge"]["win_rate"], sft["mtbench"]["judge"]["items"]) == (0.5, 4)  # ties count half
+    assert "judge" not in base["mtbench"] and "win_rate_vs_base" not in base["mtbench"]["target_rm"]
+    # the headline: one file per score, a key per policy, the interval in the file beside it; the stage's minutes
+    scores = cwd / "metrics/evaluate"
+    assert json.loads((scores / "mtbench_judge_win.json").read_text()) == {"sft": 0.5, "policy": 0.5}
+    assert json.loads((scores / "hhh_acc.json").read_text()) == dict.fromkeys(("base", "sft", "policy"),
+                                                                               base["hhh"]["acc"])
+    assert json.loads((scores / "hhh_acc_ci95.json").read_text())["sft"] == base["hhh"]["acc_ci95"]
+    assert not (scores / "sysmsg_judge_win.json").exists()  # system messages are off
+    assert set(json.loads((cwd / "metrics/evaluate.json").read_text())) == {"minutes"}
     answers = read_jsonl(cwd / "data/evaluation/answers/sft.jsonl")
     assert len(answers) == 2 and all(len(a["answers"]) == 2 == len(a["turns"]) for a in answers)
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
@@ -126,14 +181,13 @@ def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, ti
     exps = {e["name"]: e["data"] for rev in shown for e in rev.get("experiments") or [] for e in e.get("revs", [])}
     assert {"summed", "per-token"} <= set(exps)
     assert exps["summed"]["params"]["params.yaml"]["data"]["evaluate"]["normalise"] is False
-    assert exps["summed"]["metrics"]["metrics/evaluate.json"]["data"]["scoring"] == "sum"
-    assert exps["per-token"]["metrics"]["metrics/evaluate.json"]["data"]["scoring"] == "per_token"
+    p_true = "metrics/evaluate/truthfulqa_p_true.json"
+    assert set(exps["summed"]["metrics"][p_true]["data"]) == {"base", "sft", "policy"}
 
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "summed", "per-token", "--json").stdout)
-    changed = diff["metrics/evaluate.json"]
-    assert "base.truthfulqa.p_true" in changed  # scoring per token moves the probability mass
-    assert "base.mtbench.mean_reward" not in changed  # generation and RM judging do not depend on it
-    assert "base.truthfulqa.p_true_ci95" in sh(repo, "dvc", "metrics", "show").stdout  # the interval is shown
+    assert "base" in diff[p_true]  # scoring per token moves the probability mass
+    assert "metrics/evaluate/mtbench_judge_win.json" not in diff  # generation and judging do not depend on it
+    assert "metrics/evaluate/truthfulqa_p_true_ci95.json" in sh(repo, "dvc", "metrics", "show").stdout  # interval
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)["data"]["Benchmarks per policy"][0]
     layers = [layer["mark"]["type"] for layer in plots["content"]["layer"]]
     assert layers == ["bar", "rule"]  # the bar, and its interval over it
