@@ -246,14 +246,15 @@ def model_judgement(scorer: Scorer, answers: dict[str, list[dict]], system_answe
 # ------------------------------------------------------------------------------------------------------ job
 
 
-SCORES = [  # (file in metrics/evaluate/, key path in a policy's metrics): the headline, one row each in `dvc metrics show`
+SCORES = [  # (file in metrics/evaluate/, key path in a policy's metrics): the headline, one row each in `dvc metrics show`;
+    # <x>_judge / <x>_target_rm: win rates, by the independent judge / by the RM the policy was optimised against
     ("hhh_acc", "hhh.acc"), ("truthfulqa_mc1", "truthfulqa.mc1"), ("truthfulqa_p_true", "truthfulqa.p_true"),
     ("truthfulqa_csv_mc1", "truthfulqa_csv.mc1"), ("truthfulqa_csv_mc2", "truthfulqa_csv.mc2"),
-    ("mtbench_judge_win", f"mtbench.{JUDGE}.win_rate"), ("mtbench_judge_bias", f"mtbench.{JUDGE}.position_bias"),
-    ("mtbench_target_rm_win", f"mtbench.{TARGET_RM}.win_rate_vs_base"),
-    ("sysmsg_judge_win", f"system_messages.{JUDGE}.win_rate"),
-    ("sysmsg_judge_bias", f"system_messages.{JUDGE}.position_bias"),
-    ("sysmsg_target_rm_win", f"system_messages.{TARGET_RM}.overall.win_rate"),
+    ("mtbench_judge", f"mtbench.{JUDGE}.win_rate"), ("mtbench_position_bias", f"mtbench.{JUDGE}.position_bias"),
+    ("mtbench_target_rm", f"mtbench.{TARGET_RM}.win_rate_vs_base"),
+    ("sysmsg_judge", f"system_messages.{JUDGE}.win_rate"),
+    ("sysmsg_position_bias", f"system_messages.{JUDGE}.position_bias"),
+    ("sysmsg_target_rm", f"system_messages.{TARGET_RM}.overall.win_rate"),
 ]
 SCORES_DIR = Path("metrics/evaluate")
 

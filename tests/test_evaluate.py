@@ -133,11 +133,11 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     assert "judge" not in base["mtbench"] and "win_rate_vs_base" not in base["mtbench"]["target_rm"]
     # the headline: one file per score, a key per policy, the interval in the file beside it; the stage's minutes
     scores = cwd / "metrics/evaluate"
-    assert json.loads((scores / "mtbench_judge_win.json").read_text()) == {"sft": 0.5, "policy": 0.5}
+    assert json.loads((scores / "mtbench_judge.json").read_text()) == {"sft": 0.5, "policy": 0.5}
     assert json.loads((scores / "hhh_acc.json").read_text()) == dict.fromkeys(("base", "sft", "policy"),
                                                                                base["hhh"]["acc"])
     assert json.loads((scores / "hhh_acc_ci95.json").read_text())["sft"] == base["hhh"]["acc_ci95"]
-    assert not (scores / "sysmsg_judge_win.json").exists()  # system messages are off
+    assert not (scores / "sysmsg_judge.json").exists()  # system messages are off
     assert set(json.loads((cwd / "metrics/evaluate.json").read_text())) == {"minutes"}
     answers = read_jsonl(cwd / "data/evaluation/answers/sft.jsonl")
     assert len(answers) == 2 and all(len(a["answers"]) == 2 == len(a["turns"]) for a in answers)
@@ -186,8 +186,11 @@ def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, ti
 
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "summed", "per-token", "--json").stdout)
     assert "base" in diff[p_true]  # scoring per token moves the probability mass
-    assert "metrics/evaluate/mtbench_judge_win.json" not in diff  # generation and judging do not depend on it
-    assert "metrics/evaluate/truthfulqa_p_true_ci95.json" in sh(repo, "dvc", "metrics", "show").stdout  # interval
+    assert "metrics/evaluate/mtbench_judge.json" not in diff  # generation and judging do not depend on it
+    shown = sh(repo, "dvc", "metrics", "show").stdout
+    assert "metrics/evaluate/truthfulqa_p_true_ci95.json" in shown  # the interval, in the row under its score
+    for table in (shown, sh(repo, "dvc", "metrics", "diff", "summed", "per-token").stdout):  # a 160-column terminal
+        assert max(len(line) for line in table.splitlines()) <= 160, table
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)["data"]["Benchmarks per policy"][0]
     layers = [layer["mark"]["type"] for layer in plots["content"]["layer"]]
     assert layers == ["bar", "rule"]  # the bar, and its interval over it
