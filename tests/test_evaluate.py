@@ -103,6 +103,21 @@ def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is
     assert (itself["win_rate"], itself["position_bias"]) == (0.5, 1.0)
 
 
+def test_judge_outcomes_on_constructed_scores_with_a_known_answer() -> None:
+    """Scores as `judge` writes them: per criterion [a-minus-b logit with the answer shown first, with it shown
+    second]. The tiny model's judge picks b in both orders every time, so the position bias is checked here, on
+    items where the judge follows the answer (1, 4), the position (2, 3, 5), and where the preference is exactly 0.
+    A sign slip in the average over orders gives 0.6, a judge that ignores the swap 0.5."""
+    rows = [{"scores": {"p": [0.3, -0.2], "q": [0.1, 0.0]}},  # means 0.2, -0.1: the answer in both orders: a win
+            {"scores": {"p": [0.1, 0.3]}},  # a in both orders (position), more so for the reference: (0.1-0.3)/2, a loss
+            {"scores": {"p": [-0.2, -0.4]}},  # b in both orders (position), more so for the reference shown first: a win
+            {"scores": {"p": [0.2, -0.3]}},  # the answer in both orders: a win
+            {"scores": {"p": [0.2, 0.2]}}]  # a in both orders, equally: a tie, half a win
+    judged = judge_outcomes(rows, Bootstrap(0, 200))
+    assert judged["win_rate"] == pytest.approx((1 + 0 + 1 + 1 + 0.5) / 5)
+    assert judged["position_bias"] == pytest.approx(3 / 5) and judged["items"] == 5
+
+
 @pytest.mark.slow
 def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path, tiny_model: Path) -> None:
     cwd = make_project(tmp_path, tiny_model, evaluate=SMALL_EVALUATE)  # the judge: the base model, by default
