@@ -246,8 +246,9 @@ def model_judgement(scorer: Scorer, answers: dict[str, list[dict]], system_answe
 # ------------------------------------------------------------------------------------------------------ job
 
 
-SCORES = [  # (file in metrics/evaluate/, key path in a policy's metrics): the headline, one row each in `dvc metrics show`;
-    # <x>_judge / <x>_target_rm: win rates, by the independent judge / by the RM the policy was optimised against
+# The headline, one row each in `dvc metrics show`: (file in metrics/evaluate/, key path in a policy's metrics).
+# <x>_judge / <x>_target_rm: win rates by the independent judge / by the RM the policy was optimised against.
+SCORES = [
     ("hhh_acc", "hhh.acc"), ("truthfulqa_mc1", "truthfulqa.mc1"), ("truthfulqa_p_true", "truthfulqa.p_true"),
     ("truthfulqa_csv_mc1", "truthfulqa_csv.mc1"), ("truthfulqa_csv_mc2", "truthfulqa_csv.mc2"),
     ("mtbench_judge", f"mtbench.{JUDGE}.win_rate"), ("mtbench_position_bias", f"mtbench.{JUDGE}.position_bias"),
@@ -385,7 +386,8 @@ def judge_folder(judge_model: str | None) -> Path:
     if path.is_dir() and (path / "config.json").is_file():
         return path
     if HUB_ID.match(judge_model) and not path.exists():
-        return hub_snapshot(judge_model, key="evaluate.judge_model")
+        return hub_snapshot(judge_model, key="evaluate.judge_model",
+                            instead="null (the base model) or a local HF folder")
     raise UserError(f"params.yaml: evaluate.judge_model: {judge_model} is not a Hugging Face model folder (no "
                     f"config.json) nor a hub id; expected null (the base model), a local HF folder or a hub id")
 

@@ -7,7 +7,10 @@ benchmark input as one line; and the experiment workflow: two `dvc exp run -S` e
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -109,13 +112,38 @@ def test_judge_outcomes_on_constructed_scores_with_a_known_answer() -> None:
     items where the judge follows the answer (1, 4), the position (2, 3, 5), and where the preference is exactly 0.
     A sign slip in the average over orders gives 0.6, a judge that ignores the swap 0.5."""
     rows = [{"scores": {"p": [0.3, -0.2], "q": [0.1, 0.0]}},  # means 0.2, -0.1: the answer in both orders: a win
-            {"scores": {"p": [0.1, 0.3]}},  # a in both orders (position), more so for the reference: (0.1-0.3)/2, a loss
-            {"scores": {"p": [-0.2, -0.4]}},  # b in both orders (position), more so for the reference shown first: a win
+            {"scores": {"p": [0.1, 0.3]}},  # a in both orders, more so with the reference as a: a loss
+            {"scores": {"p": [-0.2, -0.4]}},  # b in both orders, more so with the answer as b: a win
             {"scores": {"p": [0.2, -0.3]}},  # the answer in both orders: a win
             {"scores": {"p": [0.2, 0.2]}}]  # a in both orders, equally: a tie, half a win
     judged = judge_outcomes(rows, Bootstrap(0, 200))
     assert judged["win_rate"] == pytest.approx((1 + 0 + 1 + 1 + 0.5) / 5)
     assert judged["position_bias"] == pytest.approx(3 / 5) and judged["items"] == 5
+
+
+def test_the_judge_model_is_the_base_model_a_folder_or_a_hub_snapshot_from_the_login_node(tmp_path: Path,
+                                                                                          tiny_model: Path) -> None:
+    """`evaluate.judge_model` resolves on the login node as `model.base` does: null is the imported base model, a
+    folder is itself, a hub id its snapshot in the HF cache (here offline, already cached); not cached, one line."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--judge"
+    shutil.copytree(tiny_model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = ("import sys; from align.errors import UserError; from stages.evaluate import judge_folder\n"
+            "try: print(*(judge_folder(None if a == 'null' else a) for a in sys.argv[1:]))\n"
+            "except UserError as e: sys.exit(str(e))")
+
+    def resolve(*names: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                                                "HF_HUB_CACHE": str(tmp_path / "hub")})
+
+    proc = resolve("null", str(tiny_model), "tiny-org/judge")
+    assert proc.stdout.split() == ["models/base", str(tiny_model), str(repo / "snapshots" / revision)], proc.stderr
+    assert resolve("tiny-org/not-cached").stderr.strip() == (
+        f"params.yaml: evaluate.judge_model: 'tiny-org/not-cached' is a hub id and the hub is not reachable from here "
+        f"(offline), nor is it in the HF cache ({tmp_path / 'hub'}); use null (the base model) or a local HF folder")
 
 
 @pytest.mark.slow
