@@ -2,10 +2,11 @@
 Output (b), one principle) ending where the next token is the choice, and the score is logit("a") - logit("b")
 there. Each pair is judged in both orders; a label is the preferred response only where both orders agree, a tie
 otherwise, which cancels the judge's position bias. Used by `label_preferences` (the SFT model labels pairs) and
-by `evaluate` (a judge model compares two policies' answers)."""
+by `evaluate` (an independent judge compares each policy's answer with a reference answer: `preference`)."""
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 
 from align.assets import PreferencePrinciple, PreferenceValue
@@ -64,3 +65,12 @@ def judge(scorer: Scorer, template: str, pairs: list[dict], criteria: list[list[
         labels = {pid: label(ab, ba) for pid, (ab, ba) in scores.items()}
         rows.append({**pair, "scores": scores, "labels": labels})
     return rows
+
+
+def preference(row: dict) -> tuple[float, bool]:
+    """For a pair `judge` scored with the answer under test as response_a and the reference as response_b: the
+    judge's preference for the answer, averaged over the two orders and the criteria (> 0: the answer, < 0: the
+    reference, 0: a tie), and whether the judge picked the same position (a, or b) in both orders."""
+    shown_first = statistics.fmean(both[0] for both in row["scores"].values())  # > 0 favours the answer (it is a)
+    shown_second = statistics.fmean(both[1] for both in row["scores"].values())  # swapped: > 0 favours the reference
+    return (shown_first - shown_second) / 2, (shown_first > 0) == (shown_second > 0)

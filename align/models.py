@@ -71,10 +71,11 @@ def resolve_model(base: str) -> ModelSource:
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken", "*.py"]  # not .bin, .pth, .gguf
 
 
-def hub_snapshot(repo_id: str) -> Path:
+def hub_snapshot(repo_id: str, key: str = "model.base", instead: str = "'embedded' or a local HF folder") -> Path:
     """The hub model's folder in the HF cache, downloaded here on the login node where the hub is reachable
     (compute nodes are often offline; the cache must be on the shared filesystem: HF_HOME or HF_HUB_CACHE), or the
-    cached snapshot where it is not. Only what transformers loads: safetensors weights, configs, tokenizer."""
+    cached snapshot where it is not. Only what transformers loads: safetensors weights, configs, tokenizer. `key`:
+    the params.yaml key the id comes from, and `instead` what else it accepts, for the error line."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.constants import HF_HUB_CACHE
 
@@ -83,10 +84,9 @@ def hub_snapshot(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=HUB_FILES, local_files_only=not online))
     except Exception as exc:  # noqa: BLE001 - hub errors come in many classes; each is one line for the user
         if not online:
-            raise UserError(f"params.yaml: model.base: '{repo_id}' is a hub id and the hub is not reachable from here "
-                            f"(offline), nor is it in the HF cache ({HF_HUB_CACHE}); use 'embedded' or a local HF "
-                            f"folder") from None
-        raise UserError(f"params.yaml: model.base: '{repo_id}': the hub download failed: "
+            raise UserError(f"params.yaml: {key}: '{repo_id}' is a hub id and the hub is not reachable from here "
+                            f"(offline), nor is it in the HF cache ({HF_HUB_CACHE}); use {instead}") from None
+        raise UserError(f"params.yaml: {key}: '{repo_id}': the hub download failed: "
                         f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
 
 

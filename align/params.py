@@ -499,7 +499,7 @@ class Evaluate(Strict):
     judge_principles: list[str] = Field(
         default_factory=lambda: ["follows_instruction", "honest_accurate", "ethical", "specific"], min_length=1)
     tie_margin: float = Field(0.1, ge=0)  # RM reward difference below which two answers tie
-    judge_model: str | None = None  # a local HF folder judging a/b in both orders, besides the RM
+    judge_model: str | None = None  # the independent a/b judge: None = the base model; a local HF folder or a hub id
     batch_size: int = Field(16, ge=1)  # rows per forward pass when scoring
     bootstrap_resamples: int = Field(1000, ge=100)  # draws of the items behind each score's 95% interval
 

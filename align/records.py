@@ -8,6 +8,7 @@ import random
 from pathlib import Path
 
 from align.artifacts import MANIFEST
+from align.health import health
 
 METRICS_DIR = Path("metrics")  # metrics/<stage>.json: what `dvc metrics show/diff` reads (declared in dvc.yaml)
 
@@ -47,10 +48,11 @@ def write_json(path: Path, data: dict) -> None:
 
 
 def publish_metrics(artifact: Path, stage: str) -> Path:
-    """Copy `artifact/metrics.json` (hashed in its manifest) to metrics/<stage>.json for DVC, with the wall time
-    the job took to write the artifact (from its manifest), so a run's cost shows beside its scores."""
+    """metrics/<stage>.json for DVC: the stage's few figures from `artifact/metrics.json` (hashed in its manifest,
+    where the detail stays) and the minutes the job took to write the artifact (from its manifest), so a run's cost
+    shows beside its scores (align/health.py)."""
     out = METRICS_DIR / f"{stage}.json"
     metrics = json.loads((Path(artifact) / "metrics.json").read_text())
     manifest = json.loads((Path(artifact) / MANIFEST).read_text())
-    write_json(out, {**metrics, "wall_seconds": manifest.get("wall_seconds")})
+    write_json(out, health(stage, metrics, manifest.get("wall_seconds")))
     return out

@@ -1,20 +1,24 @@
-"""Stage `evaluate`: every policy the DAG has produced, on the same benchmarks, into flat metrics that
-`dvc metrics diff` compares at a glance (`sft.hhh.acc`, `sft.truthfulqa.mc1`, `sft.mtbench.win_rate_vs_base`).
+"""Stage `evaluate`: every policy the DAG has produced, on the same benchmarks; the headline scores in
+metrics/evaluate/ (one file per score, one column per policy: `dvc metrics show` stays narrow), every detail in
+data/evaluation/metrics.json (`sft.hhh.acc`, `sft.truthfulqa_csv.category.health.mc1`, `sft.mtbench.judge.win_rate`).
 
 - Multiple choice (HHH alignment, TruthfulQA from BIG-bench and from the original CSV): each choice scored by the
   policy's log-likelihood after the context (summed, or per token with `evaluate.normalise`), the context run once
   per item (align/scoring.py); HHH accuracy per subset folder, TruthfulQA MC1/MC2, per category for the CSV.
 - MT-Bench: each policy answers both turns of every question (the second with its own first answer in context)
   through the generation interface, greedy; answers are kept in the out. Each answer is judged against the base
-  model's answer to the same turn by the instructable RM under `evaluate.judge_principles` (win / tie / loss by
-  reward difference beyond `evaluate.tie_margin`; the RM scores each answer on its own, so order cannot bias it)
-  and, with `evaluate.judge_model`, by that model as an a/b judge in both orders (`label_preferences`' judge).
-
+  model's answer to the same turn by two judges:
+  - `judge` (the headline): an independent judge, trained in no stage of the run (`evaluate.judge_model`: the base
+    model by default, or a local HF folder or hub id), as `label_preferences` judges: a/b in both orders under
+    each of `evaluate.judge_principles`; win rate (ties count half) and position bias (`judge_outcomes`);
+  - `target_rm`: the instructable RM the policy was optimised against, under the same principles (win / tie / loss
+    by reward difference beyond `evaluate.tie_margin`; it scores each answer on its own, so order cannot bias it):
+    inflated by construction for the PPO policy, kept to show by how much.
 - System messages (Janus): with `system_messages.enabled`, every policy answers each held-out row of
   data/system_messages/eval.jsonl (a value combination no training data saw) twice, greedy: under its own system
-  message and under a mismatched one. The RM scores both answers per dimension under the description of the row's
-  value, and overall under the whole message: the win rate of matched over mismatched (`sft.system_messages.
-  style.win_rate`, …) says whether the policy follows preferences it was never trained on.
+  message and under a mismatched one. The judge compares the two answers under the row's message in both orders;
+  the target RM scores both per dimension under the description of the row's value, and overall under the whole
+  message: the win rate of matched over mismatched says whether the policy follows preferences it never saw.
 
 Every score is a mean over items (questions, turns, rows) and carries its 95% percentile-bootstrap interval beside it
 (`sft.hhh.acc_ci95: "[0.467, 0.733]"`; `evaluate.bootstrap_resamples` draws, seeded by `seed`; align/intervals.py).
@@ -44,7 +48,8 @@ from align.benchmarks import (
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.intervals import Bootstrap
-from align.judge import PLACEHOLDERS, criteria_of, judge
+from align.judge import PLACEHOLDERS, criteria_of, judge, preference
+from align.models import HUB_ID, hub_snapshot
 from align.params import Evaluate, Generation, SystemMessages
 from align.paths import MODEL
 from align.progress import progress
@@ -62,6 +67,8 @@ SYSTEM = paths.SYSTEM_MESSAGES
 SPACE = paths.PREFERENCE_SPACE
 JUDGE_TEMPLATE = paths.JUDGE_PROMPT
 PLOT = "plot.json"
+JUDGE = "judge"  # the independent judge's verdicts: the headline win rates
+TARGET_RM = "target_rm"  # the verdicts of the RM the policy was optimised against: inflated by construction
 
 
 # ---------------------------------------------------------------------------------------------- benchmark data
@@ -199,47 +206,99 @@ def rm_judgement(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[s
     return result
 
 
-def model_judgement(judge_model: Path, answers: dict[str, list[dict]], principles: list[PreferencePrinciple],
-                    batch_size: int, boot: Bootstrap, trust_remote_code: bool = False) -> dict:
-    """A separate judge model, as `label_preferences` judges: policy answer vs base answer under each principle in
-    both orders; a turn is won where more principles prefer the policy's answer than the base's."""
-    scorer = Scorer(judge_model, batch_size=batch_size, trust_remote_code=trust_remote_code)
+def judge_outcomes(rows: list[dict], boot: Bootstrap) -> dict:
+    """The independent judge's verdict over pairs judged with the answer under test as a and the reference as b
+    (align/judge.py `preference`), each with its interval:
+    - win_rate: the share of items where the judge prefers the answer, averaged over both orders; a tie (equal
+      preference) counts half, so an answer set judged against itself scores exactly 0.5;
+    - position_bias: the share of items where the judge picks the same position (a, or b) in both orders: 0 for a
+      judge whose verdict follows the answers only, 1 for one that follows the position only (0.5: a coin)."""
+    prefs = [preference(row) for row in rows]
+    wins = [1.0 if p > 0 else 0.0 if p < 0 else 0.5 for p, _ in prefs]
+    return {**boot.mean("win_rate", wins), **boot.mean("position_bias", [float(same) for _, same in prefs]),
+            "items": len(rows)}
+
+
+def model_judgement(scorer: Scorer, answers: dict[str, list[dict]], system_answers: dict[str, list[dict]],
+                    held_out: list[dict], principles: list[PreferencePrinciple], boot: Bootstrap) -> dict:
+    """The independent judge (`evaluate.judge_model`, the base model by default: trained in no stage of the run) as
+    `label_preferences` judges, a/b in both orders. MT-Bench: each policy's answer against the base model's answer
+    to the same turn, under each of `principles`; system messages: each policy's answer under the row's own message
+    against its answer under the mismatched one, under the row's message."""
     template = load_template(JUDGE_TEMPLATE, PLACEHOLDERS)
     choices = (scorer.token_id("a"), scorer.token_id("b"))
-    result = {}
+    base = {r["question_id"]: r for r in answers.get("base", [])}
+    result: dict = {policy: {} for policy in answers}
     for policy, rows in answers.items():
-        if policy == "base" or "base" not in answers:
-            continue
-        base = {r["question_id"]: r for r in answers["base"]}
-        pairs = [{"prompt": conversation(r, t), "response_a": r["answers"][t],
-                  "response_b": base[r["question_id"]]["answers"][t]} for r, t in turns_of(rows)]
-        judged = judge(scorer, template, pairs, [criteria_of(principles)] * len(pairs), choices)
-        votes = [sum({"a": 1, "b": -1}.get(v, 0) for v in row["labels"].values()) for row in judged]
-        result[policy] = outcomes([float(v) for v in votes], 0.0, boot)
+        if policy != "base" and base:
+            pairs = [{"prompt": conversation(r, t), "response_a": r["answers"][t],
+                      "response_b": base[r["question_id"]]["answers"][t]} for r, t in turns_of(rows)]
+            judged = judge(scorer, template, pairs, [criteria_of(principles)] * len(pairs), choices)
+            result[policy]["mtbench"] = judge_outcomes(judged, boot)
+        if held_out:
+            pairs = [{"prompt": row["prompt"], "response_a": a["matched"], "response_b": a["mismatched"]}
+                     for row, a in zip(held_out, system_answers[policy])]
+            judged = judge(scorer, template, pairs, [[("system", row["system"])] for row in held_out], choices)
+            result[policy]["system_messages"] = judge_outcomes(judged, boot)
     return result
 
 
 # ------------------------------------------------------------------------------------------------------ job
 
 
+# The headline, one row each in `dvc metrics show`: (file in metrics/evaluate/, key path in a policy's metrics).
+# <x>_judge / <x>_target_rm: win rates by the independent judge / by the RM the policy was optimised against.
+SCORES = [
+    ("hhh_acc", "hhh.acc"), ("truthfulqa_mc1", "truthfulqa.mc1"), ("truthfulqa_p_true", "truthfulqa.p_true"),
+    ("truthfulqa_csv_mc1", "truthfulqa_csv.mc1"), ("truthfulqa_csv_mc2", "truthfulqa_csv.mc2"),
+    ("mtbench_judge", f"mtbench.{JUDGE}.win_rate"), ("mtbench_position_bias", f"mtbench.{JUDGE}.position_bias"),
+    ("mtbench_target_rm", f"mtbench.{TARGET_RM}.win_rate_vs_base"),
+    ("sysmsg_judge", f"system_messages.{JUDGE}.win_rate"),
+    ("sysmsg_position_bias", f"system_messages.{JUDGE}.position_bias"),
+    ("sysmsg_target_rm", f"system_messages.{TARGET_RM}.overall.win_rate"),
+]
+SCORES_DIR = Path("metrics/evaluate")
+
+
+def score_of(values: dict, key: str) -> tuple[float, str] | None:
+    """A policy's score at the dotted `key` and its interval text, or None where the policy has none (base has no
+    win rate against itself; system messages only with `system_messages.enabled`)."""
+    *path, name = key.split(".")
+    for part in path:
+        values = values.get(part, {})
+    return (values[name], values[f"{name}_ci95"]) if name in values else None
+
+
+def score_files(metrics: dict) -> dict[str, dict]:
+    """metrics/evaluate/'s files: per headline score `<name>.json` {policy: score} and `<name>_ci95.json` {policy:
+    "[lo, hi]"}. Policies are the columns, so the table is as wide as the policies, whatever the number of scores;
+    the interval's own row sits under its score (DVC lists a folder's files by name) and `dvc metrics diff` gives
+    each policy's change."""
+    files: dict[str, dict] = {}
+    for name, key in SCORES:
+        found = {policy: score_of(values, key) for policy, values in metrics.items() if isinstance(values, dict)}
+        found = {policy: score for policy, score in found.items() if score is not None}
+        if found:
+            files[f"{name}.json"] = {policy: value for policy, (value, _) in found.items()}
+            files[f"{name}_ci95.json"] = {policy: interval for policy, (_, interval) in found.items()}
+    return files
+
+
 def plot_rows(metrics: dict) -> list[dict]:
-    """One row per (policy, headline benchmark) for the bar chart, with its interval as numbers (lo, hi: the error
-    bar); its bars are labelled "benchmark / policy", so each policy's bar stands beside the others' under the same
-    benchmark (DVC's template colours by revision only: bars sharing a label would stack)."""
-    heads = [("hhh", "acc"), ("truthfulqa", "mc1"), ("truthfulqa_csv", "mc1"), ("truthfulqa_csv", "mc2"),
-             ("mtbench", "win_rate_vs_base")]
-    heads += [("system_messages", f"{d}.win_rate") for d in (*DIMENSIONS, "overall")]
+    """One row per (policy, score) for the bar chart: the headline win rates and scores, and the target RM's win
+    rate per system-message dimension, each with its interval as numbers (lo, hi: the error bar); its bars are
+    labelled "score / policy", so each policy's bar stands beside the others' under the same score (DVC's template
+    colours by revision only: bars sharing a label would stack)."""
+    keys = [key for _, key in SCORES if not key.endswith("position_bias")]
+    keys += [f"system_messages.{TARGET_RM}.{d}.win_rate" for d in DIMENSIONS]
     rows = []
-    for policy, values in metrics["policies"].items():
-        for bench, key in heads:
-            *path, name = [bench, *key.split(".")]
-            group = values
-            for part in path:
-                group = group.get(part, {})
-            if name in group:
-                lo, hi = json.loads(group[f"{name}_ci95"])
-                rows.append({"bar": f"{bench}.{key} / {policy}", "benchmark": f"{bench}.{key}", "policy": policy,
-                             "value": group[name], "lo": lo, "hi": hi})
+    for policy, values in metrics.items():
+        for key in keys:
+            found = score_of(values, key) if isinstance(values, dict) else None
+            if found is not None:
+                lo, hi = json.loads(found[1])
+                rows.append({"bar": f"{key} / {policy}", "benchmark": key, "policy": policy, "value": found[0],
+                             "lo": lo, "hi": hi})
     return rows
 
 
@@ -251,7 +310,8 @@ class EvaluateJob:
     cfg: Evaluate
     generation: Generation
     guide: list[str]  # the principles the RM judges MT-Bench answers under
-    judge_principles: list[PreferencePrinciple]  # the same, for `evaluate.judge_model`
+    judge: Path  # the independent judge's model folder (`judge_folder`)
+    judge_principles: list[PreferencePrinciple]  # the same principles, for the judge
     system: SystemMessages
     descriptions: dict[str, str]  # value id -> its description, for the RM's per-dimension verdicts
     seed: int
@@ -293,28 +353,43 @@ def job(args: EvaluateJob) -> str:
     held_out, boot = args.benchmarks["system_messages"], args.bootstrap()
     rm = RewardScorer(RM_BASE, RM, batch_size=args.cfg.batch_size)
     for name, judged in rm_judgement(rm, answers, args.guide, args.cfg.tie_margin, boot).items():
-        results[name]["mtbench"] = judged
-    if held_out:
-        for name, rows in system_answers.items():
-            results[name]["system_messages"] = system_message_judgement(rm, held_out, rows, args.descriptions,
-                                                                        args.cfg.tie_margin, boot)
-    if args.cfg.judge_model:
-        for name, judged in model_judgement(Path(args.cfg.judge_model), answers, args.judge_principles,
-                                            args.cfg.batch_size, boot, args.trust_remote_code).items():
-            results[name]["mtbench"]["judge"] = judged
-    for name, rows in answers.items():
-        finishes = [f for row in rows for f in row["finish"]]
-        results[name]["mtbench"].update(boot.mean("cut_off_share", [f == "length" for f in finishes]))
-    metrics = {"scoring": "per_token" if args.cfg.normalise else "sum", "policies": results}
+        finishes = [f for row in answers[name] for f in row["finish"]]
+        results[name]["mtbench"] = {TARGET_RM: judged, **boot.mean("cut_off_share", [f == "length" for f in finishes])}
+        if held_out:
+            results[name]["system_messages"] = {TARGET_RM: system_message_judgement(
+                rm, held_out, system_answers[name], args.descriptions, args.cfg.tie_margin, boot)}
+    del rm
+    gc.collect()
+    scorer = Scorer(args.judge, batch_size=args.cfg.batch_size, trust_remote_code=args.trust_remote_code)
+    for name, judged in model_judgement(scorer, answers, system_answers, held_out, args.judge_principles,
+                                        boot).items():
+        for bench, verdict in judged.items():
+            results[name][bench][JUDGE] = verdict
+    metrics = {"scoring": "per_token" if args.cfg.normalise else "sum", **results}
     with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
         for name, rows in answers.items():
             (tmp / "answers").mkdir(exist_ok=True)
             write_jsonl(tmp / "answers" / f"{name}.jsonl", rows)
             if held_out:
                 write_jsonl(tmp / "answers" / f"{name}.system_messages.jsonl", system_answers[name])
-        write_json(tmp / "metrics.json", {"scoring": metrics["scoring"], **results})
+        write_json(tmp / "metrics.json", metrics)
         (tmp / PLOT).write_text(json.dumps(plot_rows(metrics), indent=1) + "\n")
     return verify_artifact(OUT)
+
+
+def judge_folder(judge_model: str | None) -> Path:
+    """The independent judge's model folder: the imported base model (null), a local HF folder, or a hub id
+    downloaded here on the login node (as `model.base` is: compute nodes are often offline)."""
+    if judge_model is None:
+        return paths.BASE
+    path = Path(judge_model).expanduser()
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if HUB_ID.match(judge_model) and not path.exists():
+        return hub_snapshot(judge_model, key="evaluate.judge_model",
+                            instead="null (the base model) or a local HF folder")
+    raise UserError(f"params.yaml: evaluate.judge_model: {judge_model} is not a Hugging Face model folder (no "
+                    f"config.json) nor a hub id; expected null (the base model), a local HF folder or a hub id")
 
 
 def main() -> None:
@@ -322,31 +397,32 @@ def main() -> None:
     cfg = params.evaluate
     judged = pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.judge_principles,
                              "evaluate.judge_principles", PRINCIPLES)
-    if cfg.judge_model and not Path(cfg.judge_model).is_dir():
-        raise UserError(f"params.yaml: evaluate.judge_model: {cfg.judge_model} is not a folder; expected a local HF "
-                        f"model folder")
+    judge_model = judge_folder(cfg.judge_model)
     descriptions = value_descriptions(SPACE)
     policies = {name: POLICIES[name] for name in cfg.policies}
     inputs = input_refs({**{name: path.parent if path.name == MODEL else path for name, path in policies.items()},
                          "rm": RM, "principles": PRINCIPLES, "system_messages": SYSTEM, "space": SPACE,
-                         "benchmarks": BENCHMARKS})
+                         "benchmarks": BENCHMARKS, **({"judge": judge_model} if cfg.judge_model else {})})
     benchmarks = load_benchmarks(cfg, params.seed)
     benchmarks["system_messages"] = read_jsonl(SYSTEM / "eval.jsonl")
     subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump(),
               "system_messages": params.system_messages.model_dump()}
     fn = functools.partial(job, EvaluateJob(
         policies=policies, benchmarks=benchmarks, cfg=cfg, generation=params.generation,
-        guide=[p.definition for p in judged], judge_principles=judged, system=params.system_messages,
+        guide=[p.definition for p in judged], judge=judge_model, judge_principles=judged, system=params.system_messages,
         descriptions=descriptions, seed=params.seed, params=subset, inputs=inputs,
         trust_remote_code=params.model.trust_remote_code,
     ))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.evaluate, STAGE), params.cluster, subset, inputs)
-    publish_plot()
+    publish_scores(json.loads((OUT / "metrics.json").read_text()))
+    shutil.copy(OUT / PLOT, Path("metrics") / "evaluate_plot.json")  # the bar chart's rows (dvc.yaml plots)
 
 
-def publish_plot() -> None:
-    """metrics/evaluate_plot.json: the bar chart's rows, beside the metrics (DVC reads both from the workspace)."""
-    shutil.copy(OUT / PLOT, Path("metrics") / "evaluate_plot.json")
+def publish_scores(metrics: dict) -> None:
+    """metrics/evaluate/ for `dvc metrics show`: the headline scores (`score_files`), in place of the last run's."""
+    shutil.rmtree(SCORES_DIR, ignore_errors=True)
+    for name, content in score_files(metrics).items():
+        write_json(SCORES_DIR / name, content)
 
 
 if __name__ == "__main__":

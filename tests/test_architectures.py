@@ -74,8 +74,8 @@ def test_the_pipeline_runs_on_another_architecture(arch: str, tmp_path: Path) ->
         verify_artifact(cwd / out)
     adapter = json.loads((cwd / "models/engraved/adapter/adapter_config.json").read_text())
     assert {name.rsplit(".", 1)[-1] for name in adapter["target_modules"]} == PROJECTIONS
-    assert json.loads((cwd / "metrics/policy.json").read_text())["iterations"] == 2
-    metrics = json.loads((cwd / "metrics/evaluate.json").read_text())
+    assert json.loads((cwd / "models/policy/metrics.json").read_text())["iterations"] == 2
+    metrics = json.loads((cwd / "data/evaluation/metrics.json").read_text())
     assert {"base", "sft", "policy"} <= set(metrics) and "system_messages" in metrics["policy"]
     (held_out,) = read_jsonl(cwd / "data/system_messages/eval.jsonl")
     assert [row["id"] for row in read_jsonl(cwd / "data/evaluation/answers/policy.system_messages.jsonl")] == \

@@ -323,6 +323,9 @@ ASSET_ROWS = [
     ("verbose_clone", "verbose-instruction-empty",
      both(params({"verbose_clone.enabled": True}), content(f"{ASSET}verbose_instruction.txt", "  \n")),
      "assets/verbose_instruction.txt: empty; expected the instruction text"),
+    ("evaluate", "judge-model-not-a-model", params({"evaluate.judge_model": "assets"}),
+     "params.yaml: evaluate.judge_model: assets is not a Hugging Face model folder (no config.json) nor a hub id; "
+     "expected null (the base model), a local HF folder or a hub id"),
 ]
 BENCHMARK_ROWS = [
     ("benchmarks", "hhh-not-json", content(f"{BENCH}hhh_alignment/harmless/task.json", '{"examples": [}'),

@@ -70,7 +70,7 @@ def test_local_copies_become_a_versioned_out_that_lineage_walks_back(tmp_path: P
     out = cwd / "data/benchmarks"
     assert proc.stdout.strip() == f"benchmarks: data/benchmarks {verify_artifact(out)}"
     assert_small_items(out)
-    assert json.loads((cwd / "metrics/benchmarks.json").read_text())["truthfulqa_csv"]["items"] == len(TRUTHFULQA)
+    assert json.loads((cwd / "data/benchmarks/metrics.json").read_text())["truthfulqa_csv"]["items"] == len(TRUTHFULQA)
     inputs = read_manifest(out)["inputs"]
     assert inputs["hhh"]["path"] == str(copies / "hhh_alignment") and len(inputs) == 4
     lineage = subprocess.run([sys.executable, "-m", "align.lineage", "data/benchmarks"], cwd=cwd, text=True,

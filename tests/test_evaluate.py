@@ -7,7 +7,10 @@ benchmark input as one line; and the experiment workflow: two `dvc exp run -S` e
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,14 +20,18 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.artifacts import staged_out, verify_artifact
+from align.assets import load_template
 from align.benchmarks import QA_PRIMER, load_truthfulqa_csv
 from align.intervals import Bootstrap
+from align.judge import PLACEHOLDERS, criteria_of, judge
+from align.paths import JUDGE_PROMPT
 from align.records import read_jsonl, write_jsonl
 from align.scoring import Scorer
-from stages.evaluate import multiple_choice
+from stages.evaluate import judge_outcomes, multiple_choice
 from tests.benchmark_files import TRUTHFULQA, add_benchmarks_out, truthfulqa_csv
+from tests.conftest import ROOT
 from tests.helpers import new_repo, sh, stage
-from tests.projects import SMALL_EVALUATE, add_policy_outs, make_project
+from tests.projects import PRINCIPLES, SHORT_LONG, SMALL_EVALUATE, add_policy_outs, make_project
 
 
 def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, tiny_model: Path) -> None:
@@ -57,14 +64,96 @@ def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, 
     assert 0 < np.mean(mc2) < 1 and scored["category"]["science"]["mc1"] == mc1[1]
 
 
+def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is_reported(tiny_model: Path) -> None:
+    """The independent judge's win rate of answers against references, by hand from the judge's next-token logits:
+    per item the a-minus-b logit (mean over the principles) with the answer shown first, and again with it shown
+    second; the preference is their half difference (a win above 0, a loss below, a tie counts half). Judged against
+    itself an answer set scores 0.5 exactly and the judge picks the same position in both orders every time; the two
+    directions of one comparison add up to 1. A judge that skipped the swap or flipped the sign would score 0.5 or
+    1 - hand below (the hand win rate is checked not to be 0.5)."""
+    scorer = Scorer(tiny_model, batch_size=4)
+    template = load_template(ROOT / JUDGE_PROMPT, PLACEHOLDERS)
+    choices = (scorer.token_id("a"), scorer.token_id("b"))
+    criteria = criteria_of([PRINCIPLES["concise"], PRINCIPLES["honest_accurate"]])
+    items = [(p, short, long) for p, short, long in SHORT_LONG[:6]] + [(p, long, short) for p, short, long in
+                                                                        SHORT_LONG[:2]]
+    boot = Bootstrap(0, 200)
+
+    def outcomes(pairs: list[tuple[str, str, str]]) -> dict:
+        rows = [{"prompt": p, "response_a": a, "response_b": b} for p, a, b in pairs]
+        return judge_outcomes(judge(scorer, template, rows, [criteria] * len(rows), choices), boot)
+
+    def a_minus_b(prompt: str, first: str, second: str) -> float:
+        texts = [template.format(instruction=prompt, output_a=first, output_b=second, principle=t) for _, t in criteria]
+        logits = scorer.next_token_logits(texts, list(choices))
+        return float((logits[:, 0] - logits[:, 1]).mean())
+
+    wins, same = [], []
+    for prompt, answer, reference in items:
+        shown_first, shown_second = a_minus_b(prompt, answer, reference), a_minus_b(prompt, reference, answer)
+        pref = shown_first - shown_second
+        wins.append(1.0 if pref > 0 else 0.0 if pref < 0 else 0.5)
+        same.append(float((shown_first > 0) == (shown_second > 0)))
+    judged = outcomes(items)
+    assert np.mean(wins) != 0.5  # else a judge that ignored the order would pass
+    assert judged["win_rate"] == pytest.approx(np.mean(wins)) and judged["items"] == 8
+    assert judged["position_bias"] == pytest.approx(np.mean(same))
+    lo, hi = json.loads(judged["win_rate_ci95"])
+    assert lo <= judged["win_rate"] <= hi
+    swapped = outcomes([(p, reference, answer) for p, answer, reference in items])
+    assert swapped["win_rate"] == pytest.approx(1 - judged["win_rate"])
+    itself = outcomes([(p, answer, answer) for p, answer, _ in items])
+    assert (itself["win_rate"], itself["position_bias"]) == (0.5, 1.0)
+
+
+def test_judge_outcomes_on_constructed_scores_with_a_known_answer() -> None:
+    """Scores as `judge` writes them: per criterion [a-minus-b logit with the answer shown first, with it shown
+    second]. The tiny model's judge picks b in both orders every time, so the position bias is checked here, on
+    items where the judge follows the answer (1, 4), the position (2, 3, 5), and where the preference is exactly 0.
+    A sign slip in the average over orders gives 0.6, a judge that ignores the swap 0.5."""
+    rows = [{"scores": {"p": [0.3, -0.2], "q": [0.1, 0.0]}},  # means 0.2, -0.1: the answer in both orders: a win
+            {"scores": {"p": [0.1, 0.3]}},  # a in both orders, more so with the reference as a: a loss
+            {"scores": {"p": [-0.2, -0.4]}},  # b in both orders, more so with the answer as b: a win
+            {"scores": {"p": [0.2, -0.3]}},  # the answer in both orders: a win
+            {"scores": {"p": [0.2, 0.2]}}]  # a in both orders, equally: a tie, half a win
+    judged = judge_outcomes(rows, Bootstrap(0, 200))
+    assert judged["win_rate"] == pytest.approx((1 + 0 + 1 + 1 + 0.5) / 5)
+    assert judged["position_bias"] == pytest.approx(3 / 5) and judged["items"] == 5
+
+
+def test_the_judge_model_is_the_base_model_a_folder_or_a_hub_snapshot_from_the_login_node(tmp_path: Path,
+                                                                                          tiny_model: Path) -> None:
+    """`evaluate.judge_model` resolves on the login node as `model.base` does: null is the imported base model, a
+    folder is itself, a hub id its snapshot in the HF cache (here offline, already cached); not cached, one line."""
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--tiny-org--judge"
+    shutil.copytree(tiny_model, repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = ("import sys; from align.errors import UserError; from stages.evaluate import judge_folder\n"
+            "try: print(*(judge_folder(None if a == 'null' else a) for a in sys.argv[1:]))\n"
+            "except UserError as e: sys.exit(str(e))")
+
+    def resolve(*names: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-c", code, *names], cwd=tmp_path, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1",
+                                                "HF_HUB_CACHE": str(tmp_path / "hub")})
+
+    proc = resolve("null", str(tiny_model), "tiny-org/judge")
+    assert proc.stdout.split() == ["models/base", str(tiny_model), str(repo / "snapshots" / revision)], proc.stderr
+    assert resolve("tiny-org/not-cached").stderr.strip() == (
+        f"params.yaml: evaluate.judge_model: 'tiny-org/not-cached' is a hub id and the hub is not reachable from here "
+        f"(offline), nor is it in the HF cache ({tmp_path / 'hub'}); use null (the base model) or a local HF folder")
+
+
 @pytest.mark.slow
 def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path, tiny_model: Path) -> None:
-    cwd = make_project(tmp_path, tiny_model, evaluate={**SMALL_EVALUATE, "judge_model": str(tiny_model)})
+    cwd = make_project(tmp_path, tiny_model, evaluate=SMALL_EVALUATE)  # the judge: the base model, by default
     add_policy_outs(cwd, tiny_model)
     proc = stage(cwd, "evaluate")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "data/evaluation")
-    metrics = json.loads((cwd / "metrics/evaluate.json").read_text())
+    metrics = json.loads((cwd / "data/evaluation/metrics.json").read_text())  # the detail stays in the out
     assert metrics["scoring"] == "sum"
     base, sft = metrics["base"], metrics["sft"]
     assert metrics["policy"]["hhh"] == base["hhh"]
@@ -73,7 +162,8 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     assert 0 <= lo <= base["hhh"]["acc"] <= hi <= 1
     assert {f"{k}_ci95" for k in ("mc1", "mc2")} <= set(base["truthfulqa_csv"])
     assert all("mc1_ci95" in c for c in base["truthfulqa_csv"]["category"].values())
-    assert {f"{k}_ci95" for k in ("win_rate_vs_base", "tie_rate_vs_base", "mean_reward")} <= set(sft["mtbench"])
+    target_rm = sft["mtbench"]["target_rm"]  # the RM the policy was optimised against
+    assert {f"{k}_ci95" for k in ("win_rate_vs_base", "tie_rate_vs_base", "mean_reward")} <= set(target_rm)
     assert sum(v["items"] for k, v in base["hhh"].items() if isinstance(v, dict)) == 6  # per subset folder
     assert 0 <= base["truthfulqa"]["mc1"] <= 1 and 0 < base["truthfulqa"]["p_true"] < 1
     assert "mc2" not in base["truthfulqa"] and 0 < base["truthfulqa_csv"]["mc2"] < 1  # one true answer: no MC2
@@ -81,9 +171,17 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     # base, sft and policy are the same model: same scores, same answers, every MT-Bench turn a tie for both judges
     for bench in ("hhh", "truthfulqa", "truthfulqa_csv"):
         assert sft[bench] == base[bench]
-    assert sft["mtbench"]["tie_rate_vs_base"] == 1.0 and sft["mtbench"]["turns"] == 4
-    assert sft["mtbench"]["judge"]["tie_rate_vs_base"] == 1.0  # both orders of identical answers never agree
-    assert "win_rate_vs_base" not in base["mtbench"] and "mean_reward" in base["mtbench"]
+    assert target_rm["tie_rate_vs_base"] == 1.0 and target_rm["turns"] == 4
+    assert (sft["mtbench"]["judge"]["win_rate"], sft["mtbench"]["judge"]["items"]) == (0.5, 4)  # ties count half
+    assert "judge" not in base["mtbench"] and "win_rate_vs_base" not in base["mtbench"]["target_rm"]
+    # the headline: one file per score, a key per policy, the interval in the file beside it; the stage's minutes
+    scores = cwd / "metrics/evaluate"
+    assert json.loads((scores / "mtbench_judge.json").read_text()) == {"sft": 0.5, "policy": 0.5}
+    assert json.loads((scores / "hhh_acc.json").read_text()) == dict.fromkeys(("base", "sft", "policy"),
+                                                                               base["hhh"]["acc"])
+    assert json.loads((scores / "hhh_acc_ci95.json").read_text())["sft"] == base["hhh"]["acc_ci95"]
+    assert not (scores / "sysmsg_judge.json").exists()  # system messages are off
+    assert set(json.loads((cwd / "metrics/evaluate.json").read_text())) == {"minutes"}
     answers = read_jsonl(cwd / "data/evaluation/answers/sft.jsonl")
     assert len(answers) == 2 and all(len(a["answers"]) == 2 == len(a["turns"]) for a in answers)
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
@@ -126,14 +224,16 @@ def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, ti
     exps = {e["name"]: e["data"] for rev in shown for e in rev.get("experiments") or [] for e in e.get("revs", [])}
     assert {"summed", "per-token"} <= set(exps)
     assert exps["summed"]["params"]["params.yaml"]["data"]["evaluate"]["normalise"] is False
-    assert exps["summed"]["metrics"]["metrics/evaluate.json"]["data"]["scoring"] == "sum"
-    assert exps["per-token"]["metrics"]["metrics/evaluate.json"]["data"]["scoring"] == "per_token"
+    p_true = "metrics/evaluate/truthfulqa_p_true.json"
+    assert set(exps["summed"]["metrics"][p_true]["data"]) == {"base", "sft", "policy"}
 
     diff = json.loads(sh(repo, "dvc", "metrics", "diff", "summed", "per-token", "--json").stdout)
-    changed = diff["metrics/evaluate.json"]
-    assert "base.truthfulqa.p_true" in changed  # scoring per token moves the probability mass
-    assert "base.mtbench.mean_reward" not in changed  # generation and RM judging do not depend on it
-    assert "base.truthfulqa.p_true_ci95" in sh(repo, "dvc", "metrics", "show").stdout  # the interval is shown
+    assert "base" in diff[p_true]  # scoring per token moves the probability mass
+    assert "metrics/evaluate/mtbench_judge.json" not in diff  # generation and judging do not depend on it
+    shown = sh(repo, "dvc", "metrics", "show").stdout
+    assert "metrics/evaluate/truthfulqa_p_true_ci95.json" in shown  # the interval, in the row under its score
+    for table in (shown, sh(repo, "dvc", "metrics", "diff", "summed", "per-token").stdout):  # a 160-column terminal
+        assert max(len(line) for line in table.splitlines()) <= 160, table
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)["data"]["Benchmarks per policy"][0]
     layers = [layer["mark"]["type"] for layer in plots["content"]["layer"]]
     assert layers == ["bar", "rule"]  # the bar, and its interval over it

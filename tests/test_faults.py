@@ -291,7 +291,7 @@ def test_a_preempted_ppo_job_stops_after_an_iteration_and_resumes_there(
     lost = [end - next_start for (_, end), (next_start, _) in zip(spans, spans[1:])]
     assert lost == [0] and f"signalled at iteration {spans[0][1]}: checkpoint saved" in log
     assert "preempted" in log  # submitit's word: a signal before the time limit, not counted against max_requeues
-    assert json.loads((cwd / "metrics/policy.json").read_text())["iterations"] == iterations
+    assert json.loads((cwd / "models/policy/metrics.json").read_text())["iterations"] == iterations
     verify_artifact(cwd / "models/policy")
     assert len(set().union(*watch.snapshots)) >= 1 and max_alive(watch, set()) == 1
     fault_figures_record.update(allocations=len(spans), steps_lost=lost, iterations_per_allocation=spans,

@@ -117,7 +117,7 @@ def test_two_ppo_iterations_in_bf16_on_the_gpu(backend: str, bf16_model: Path, t
     for name in ("reward_raw", "entropy", "value_loss", "response_length"):
         values = [v for _, v in curve(cwd, "policy", name)]
         assert len(values) == 2 and all(map(torch.isfinite, torch.tensor(values)))
-    assert json.loads((cwd / "metrics/policy.json").read_text())["iterations"] == 2
+    assert json.loads((cwd / "models/policy/metrics.json").read_text())["iterations"] == 2
 
 
 def test_scoring_and_generation_in_bf16_on_the_gpu(bf16_model: Path) -> None:

@@ -106,7 +106,7 @@ def test_ppo_kl_starts_at_zero_grows_and_a_killed_run_resumes(tmp_path: Path, ro
     for name in ("reward_raw", "reward_shaped", "entropy", "clip_fraction", "approx_kl", "value_loss",
                  "explained_variance", "response_length", "no_stop_share"):
         assert len(curve(cwd, "policy", name)) == 3
-    metrics = json.loads((cwd / "metrics/policy.json").read_text())
+    metrics = json.loads((cwd / "models/policy/metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["kl_first"] == kl[0]
     samples = read_jsonl(cwd / "models/policy/samples.jsonl")
     assert {s["iteration"] for s in samples} == {0, 1, 2}
@@ -206,7 +206,7 @@ def test_dpo_learns_the_pairs_under_their_principles_and_writes_the_same_out(tmp
     proc = stage(cwd, "policy")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/policy")
-    metrics = json.loads((cwd / "metrics/policy.json").read_text())
+    metrics = json.loads((cwd / "models/policy/metrics.json").read_text())
     assert metrics["algorithm"] == "dpo" and metrics["examples"] == 2 * 12 and metrics["steps"] == 4 * 24 // 4
     losses = [loss for _, loss in curve(cwd, "policy", "loss")]
     assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # the adapter starts as the reference: margin 0

@@ -36,7 +36,7 @@ def test_sample_pairs_leaves_out_sft_prompts_and_samples_two_responses(tmp_path:
     pairs = read_jsonl(cwd / "data/pairs/pairs.jsonl")
     assert len(pairs) == 3 and not {p["id"] for p in pairs} & {"p0", "p1"}  # the SFT prompts are left out
     assert all(p["response_a"] and p["response_b"] and p["response_a"] != p["response_b"] for p in pairs)
-    metrics = json.loads((cwd / "metrics/sample_pairs.json").read_text())
+    metrics = json.loads((cwd / "data/pairs/metrics.json").read_text())
     assert metrics["prompts"] == 3 and metrics["pairs"] == 3
     assert set(read_manifest(cwd / "data/pairs")["inputs"]) == {"policy", "prompts", "sft_data", "system_messages"}
 
@@ -63,7 +63,7 @@ def test_label_preferences_scores_both_orders_and_labels_only_agreement(tmp_path
     a, b = scorer.token_id("a"), scorer.token_id("b")
     assert rows[1]["scores"]["specific"][1] == pytest.approx((logits[a] - logits[b]).item(), abs=1e-4)
 
-    metrics = json.loads((cwd / "metrics/label_preferences.json").read_text())
+    metrics = json.loads((cwd / "data/preferences/metrics.json").read_text())
     labels = [lab for r in rows for lab in r["labels"].values()]
     assert metrics["tie_rate"] == pytest.approx(labels.count("tie") / 6)
     assert metrics["position_bias"] == pytest.approx(sum(s for r in rows for v in r["scores"].values() for s in v) / 12)

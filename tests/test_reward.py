@@ -268,7 +268,7 @@ def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, 
     proc = stage(cwd, "train_rm")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/rm")
-    metrics = json.loads((cwd / "metrics/train_rm.json").read_text())
+    metrics = json.loads((cwd / "models/rm/metrics.json").read_text())
     assert metrics["train"]["pmp_examples"] == 6 and metrics["train"]["examples"] == 8 * 8
     assert metrics["held_out"]["examples"] == 4 * 8 and 0 <= metrics["held_out"]["accuracy"] <= 1
     assert metrics["negation"]["cases"] == 4 * 2 and 0 <= metrics["negation"]["flip_rate"] <= 1

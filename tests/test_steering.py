@@ -98,7 +98,7 @@ def test_rl_time_principles_steer_the_policy(tmp_path: Path, steerable: tuple[Pa
         proc = stage(cwd, "policy", timeout=1800)
         assert proc.returncode == 0, proc.stderr
         lengths[principle] = [v for _, v in curve(cwd, "policy", "response_length")]
-        assert json.loads((cwd / "metrics/policy.json").read_text())["iterations"] == 8
+        assert json.loads((cwd / "models/policy/metrics.json").read_text())["iterations"] == 8
     assert lengths["concise"][0] == lengths["comprehensive"][0]  # the same start: policy, prompts, sampling seed
     # the mean length of the rollouts after the shared first one. Seen: 15.2 vs 20.1 tokens from 19.9 (Nov 2026
     # installs), 16.9 vs 21.3 from 16.75 (Dec 2026: a fresh install of the same pins trains another tiny model);

@@ -66,4 +66,4 @@ def test_a_queued_sweep_runs_as_parallel_slurm_jobs(slurm_cluster, tmp_path: Pat
     assert kl == [0.01, 0.05]
     for exp in exps:
         metrics = exp["metrics"]["metrics/policy.json"]["data"]
-        assert metrics["algorithm"] == "ppo" and metrics["iterations"] == 2
+        assert metrics["rows"] == 2 and {"reward", "kl", "minutes"} <= set(metrics)  # PPO's iterations and health

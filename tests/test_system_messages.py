@@ -125,7 +125,7 @@ def test_system_messages_feed_pairs_and_labels_and_evaluate_never_training_on_he
     held = {r["combination"] for r in evals} | {r["mismatched"]["combination"] for r in evals}
     assert len(train) == 6 and len(evals) == 3 and all(sm.is_held_out(c, 0.2, 0) for c in held)
     assert all(r["source"] in ("model", "template") and r["system"] for r in train + evals)
-    metrics = json.loads((cwd / "metrics/system_messages.json").read_text())
+    metrics = json.loads((cwd / "data/system_messages/metrics.json").read_text())
     assert metrics["combinations"]["space"] == 6**4 and 0 <= metrics["model_written_share"] <= 1
 
     pairs = read_jsonl(cwd / "data/pairs/pairs.jsonl")
@@ -136,7 +136,7 @@ def test_system_messages_feed_pairs_and_labels_and_evaluate_never_training_on_he
         if "system" in row:
             assert row["combination"] not in held and set(row["labels"]) == set(row["values"].values())
             assert row["system"] not in {r["system"] for r in evals}
-    labelled = json.loads((cwd / "metrics/label_preferences.json").read_text())
+    labelled = json.loads((cwd / "data/preferences/metrics.json").read_text())
     assert labelled["system_messages"]["pairs"] == len(system_pairs)
     assert set(labelled["system_messages"]) == {"pairs", *sm.DIMENSIONS}
     examples = system_examples([r for r in preferences if "system" in r], DESCRIPTIONS, 4, seed=0)
@@ -145,17 +145,20 @@ def test_system_messages_feed_pairs_and_labels_and_evaluate_never_training_on_he
     proc = stage(cwd, "evaluate")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "data/evaluation")
-    result = json.loads((cwd / "metrics/evaluate.json").read_text())
+    result = json.loads((cwd / "data/evaluation/metrics.json").read_text())
     for policy in ("base", "sft", "policy"):
-        judged = result[policy]["system_messages"]
-        assert judged["prompts"] == 3
-        assert all(0 <= judged[d]["win_rate"] <= 1 for d in (*sm.DIMENSIONS, "overall"))
+        judged = result[policy]["system_messages"]  # by the RM the policy was optimised against, and by the judge
+        assert judged["target_rm"]["prompts"] == 3 == judged["judge"]["items"]
+        assert all(0 <= judged["target_rm"][d]["win_rate"] <= 1 for d in (*sm.DIMENSIONS, "overall"))
+        assert 0 <= judged["judge"]["win_rate"] <= 1 and 0 <= judged["judge"]["position_bias"] <= 1
     answers = read_jsonl(cwd / "data/evaluation/answers/sft.system_messages.jsonl")
     assert [a["combination"] for a in answers] == [r["combination"] for r in evals]
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
-    row = next(r for r in plot if r["bar"] == "system_messages.background.win_rate / sft")
-    assert row["value"] == result["sft"]["system_messages"]["background"]["win_rate"]
-    assert [row["lo"], row["hi"]] == json.loads(result["sft"]["system_messages"]["background"]["win_rate_ci95"])
+    row = next(r for r in plot if r["bar"] == "system_messages.target_rm.background.win_rate / sft")
+    background = result["sft"]["system_messages"]["target_rm"]["background"]
+    assert row["value"] == background["win_rate"] and [row["lo"], row["hi"]] == json.loads(background["win_rate_ci95"])
+    headline = json.loads((cwd / "metrics/evaluate/sysmsg_judge.json").read_text())
+    assert headline == {p: result[p]["system_messages"]["judge"]["win_rate"] for p in ("base", "sft", "policy")}
 
 
 CHILD_EXPERT = [  # (prompt, an answer for a child, an answer for an expert programmer)
@@ -211,7 +214,7 @@ def test_the_rm_prefers_the_answer_that_fits_the_system_message(tmp_path: Path, 
                          "subsets_per_pair": 2})
     proc = stage(cwd, "train_rm", timeout=1800)
     assert proc.returncode == 0, proc.stderr
-    metrics = json.loads((cwd / "metrics/train_rm.json").read_text())
+    metrics = json.loads((cwd / "models/rm/metrics.json").read_text())
     assert metrics["train"]["system_message_examples"] > 0 and metrics["system_messages"]["examples"] > 0
 
     rm = RewardScorer(cwd / "models/sft/model", cwd / "models/rm")
