@@ -61,7 +61,7 @@ def length_rm(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> Pa
 def test_the_reward_model_learns_a_principle_conditioned_rule(length_rm: Path) -> None:
     """Seen (Dec 2026): held-out accuracy 1.0 and flip rate 1.0 (3 epochs: 1.0 and 0.96); with the sign of
     `bt_loss` flipped on purpose, held-out accuracy 0.23."""
-    metrics = json.loads((length_rm / "metrics/train_rm.json").read_text())
+    metrics = json.loads((length_rm / "models/rm/metrics.json").read_text())
     assert metrics["held_out"]["examples"] == 12 * 4 and metrics["negation"]["cases"] == 12 * 2
     assert metrics["held_out"]["accuracy"] >= 0.9, metrics
     assert metrics["negation"]["flip_rate"] >= 0.9 and metrics["negation"]["label_agreement"] >= 0.9, metrics
