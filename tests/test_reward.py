@@ -24,7 +24,7 @@ from align.reward import (
 )
 from stages.train_rm import pmp_pairs, split_transcript
 from tests.helpers import curve, stage
-from tests.projects import PRINCIPLES, SHORT_LONG, preference_rows, rm_project
+from tests.projects import PRINCIPLES, SHORT_LONG, add_policy_outs, preference_rows, rm_project
 
 
 OLD_RULE = Subsets(max_principles=8, size_p=0.0, negation_prob=0.5, label_rule="majority", label_noise=0.0)
@@ -210,6 +210,20 @@ def test_the_shared_prefix_runs_once_and_gives_the_rewards_and_gradients_of_whol
     assert torch.allclose(shared, whole, atol=1e-4)
     assert all(torch.allclose(a, p.grad, atol=1e-4) for a, p in
                zip(grads, [p for p in model.parameters() if p.requires_grad]))
+
+
+def test_a_prompts_samples_are_scored_over_their_shared_prefix_as_each_alone(tmp_path: Path, tiny_model: Path) -> None:
+    add_policy_outs(tmp_path, tiny_model)  # models/rm: an untrained RM (random head) on the tiny model
+    rm = RewardScorer(tmp_path / "models/sft/model", tmp_path / "models/rm", batch_size=4)
+    guide = [PRINCIPLES["concise"].definition, PRINCIPLES["comprehensive"].definition]
+    prompt, other = SHORT_LONG[0][0], SHORT_LONG[1][0]
+    responses = ["Paris.", "It is Paris, the capital.", "Lyon?", "Paris, on the Seine, since the tenth century.", "No"]
+    rows = [(prompt, r, guide) for r in responses] + [(other, "Yes.", guide), (other, "Yes.", "Answer briefly.")]
+    rm.score([prompt] * 2, responses[:2], [guide] * 2)  # one group alone: its prefix is the last one cached
+    assert rm.tokenizer.decode(list(rm.prefix.key)).endswith(f"Instruction:\n{prompt}\n\nResponse:\n")
+    together = rm.score(*zip(*rows))  # a group of 5 in batches of 4 and 1, then 2 rows sharing the template head
+    alone = [rm.score([p], [r], [g])[0] for p, r, g in rows]  # one row per forward pass: no prefix, no padding
+    assert together == pytest.approx(alone, abs=1e-5) and len(set(together)) == len(rows)
 
 
 def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, roomy_model: Path) -> None:
