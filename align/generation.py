@@ -10,7 +10,9 @@ Semantics shared by both backends (what the tests pin down):
   `num_tokens` counts generated tokens up to and including the one that ended it; the text skips special
   tokens and ends before the first stop string;
 - the same seed, prompts and settings give the same samples again (on the same backend: the two backends draw
-  different random numbers); a prompt repeated within a call gets independent samples.
+  different random numbers); a prompt repeated within a call gets independent samples, and so do the `n`
+  samples of one prompt (vLLM: one request with `n`, its prefix cache holding the prompt once; hf: the prompt
+  repeated n times in a row, so a batch shares its prefix).
 
 vLLM starts its engine in spawned processes, which re-import the calling script: a script that builds a vLLM
 `Generator` needs the `if __name__ == "__main__":` guard (under pytest nothing is needed).
@@ -43,6 +45,7 @@ class Sampling:
     max_new_tokens: int = 128
     stop: tuple[str, ...] = ()  # stop strings; the returned text excludes the stop string (vLLM's default)
     seed: int = 0
+    n: int = 1  # samples per prompt, returned prompt by prompt (the n of the first prompt, then of the second...)
 
 
 @dataclass(frozen=True)
@@ -249,13 +252,16 @@ class _VLLM:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
+        # seeds independent per prompt and reproducible per call: vLLM seeds the k-th of a request's n samples with
+        # its seed + k, so the requests' seeds step by n
         per_prompt = [
             SamplingParams(
                 temperature=sampling.temperature,
                 top_p=sampling.top_p,
                 max_tokens=sampling.max_new_tokens,
                 stop=list(sampling.stop),
-                seed=sampling.seed + i,  # independent per prompt, reproducible per call
+                n=sampling.n,
+                seed=sampling.seed + i * sampling.n,
             )
             for i in range(len(prompts))
         ]
@@ -265,9 +271,9 @@ class _VLLM:
                                     use_tqdm=functools.partial(progress, unit="prompt"))
         records = []
         for out in outputs:
-            done = out.outputs[0]
-            reason = "length" if done.finish_reason == "length" else "stop"
-            records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids)))
+            for done in sorted(out.outputs, key=lambda o: o.index):
+                reason = "length" if done.finish_reason == "length" else "stop"
+                records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids)))
         return records
 
     def close(self) -> None:
@@ -334,7 +340,7 @@ class _HF:
 
         model, context = self._use_adapter(adapter)
         key = self.adapter if adapter is not None else None
-        ids = [prompt_ids(self.tokenizer, p) for p in prompts]
+        ids = [prompt_ids(self.tokenizer, p) for p in prompts for _ in range(sampling.n)]
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         records: list[Completion] = []
         with context, torch.inference_mode(), torch.random.fork_rng(devices=devices):

@@ -432,7 +432,15 @@ class Ppo(Strict):
 
 
 class Policy(Strict):
-    algorithm: Literal["ppo", "dpo"] = "ppo"  # what stage `policy` runs; both write models/policy
+    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = "ppo"  # what stage `policy` runs; all write models/policy
+
+
+class Rl(Strict):
+    """What the critic-free algorithms (grpo, rloo) add to the RL loop they share with PPO (every other knob is
+    `ppo`'s): k samples per prompt, compared within their group instead of against a value model."""
+
+    group_size: int = Field(4, ge=2)  # samples per prompt; a baseline needs two
+    scale_rewards: bool = True  # grpo: divide by the group's std (the paper); false: Dr. GRPO's plain difference
 
 
 class Dpo(Subsets):
@@ -520,6 +528,7 @@ class Params(Strict):
     rm: RewardModel = Field(default_factory=RewardModel)
     policy: Policy = Field(default_factory=Policy)
     ppo: Ppo = Field(default_factory=Ppo)
+    rl: Rl = Field(default_factory=Rl)
     dpo: Dpo = Field(default_factory=Dpo)
     evaluate: Evaluate = Field(default_factory=Evaluate)
     cluster: Cluster = Field(default_factory=Cluster)

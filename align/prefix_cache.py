@@ -23,6 +23,20 @@ def shared_prefix(ids: list[list[int]], limit: int | None = None) -> int:
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
+def suffix_block(ids: list[list[int]], n: int, pad_id: int) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
+    """(tokens, attention mask, position ids) of the rows after their shared `n`-token prefix, left-padded to one
+    width, so every row ends at the last column: the mask covers the prefix (cached) then the block, positions
+    continue at n, pads are masked."""
+    width = max(len(row) - n for row in ids)
+    tokens, mask, positions = [], [], []
+    for row in ids:
+        pad = width - (len(row) - n)
+        tokens.append([pad_id] * pad + row[n:])
+        mask.append([1] * n + [0] * pad + [1] * (len(row) - n))
+        positions.append([n] * pad + list(range(n, len(row))))
+    return tokens, mask, positions
+
+
 class PrefixCache:
     """The keys and values of the last prefix run, under a key naming everything they depend on (the prefix's
     tokens, and the adapter where one is swapped in)."""

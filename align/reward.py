@@ -32,6 +32,7 @@ from align.devices import job_device
 from align.errors import UserError
 from align.models import prompt_ids
 from align.params import Subsets
+from align.prefix_cache import PrefixCache, shared_prefix, suffix_block
 from align.progress import progress
 from align.training import DTYPES, Batch, Batches, length_grouped_batches, reward_trunk
 
@@ -382,23 +383,39 @@ class RewardScorer:
         self.max_prompt_tokens, self.max_response_tokens = limits["max_prompt_tokens"], limits["max_response_tokens"]
         self.pad_id = trunk.config.pad_token_id
         self.batch_size = batch_size
+        self.trunk = self.model.base_model  # the transformer without the scalar head: what a prefix's cache needs
+        self.prefix = PrefixCache()  # keyed by the prefix's tokens
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], responses: Sequence[str], guides: Sequence[Guide]) -> list[float]:
         """The reward of each response to its prompt under its guide (principle texts or a system message; one
-        per prompt). Rows are batched by length, so padding stays small; results come back in input order."""
+        per prompt). Rows that repeat a (guide, prompt) - a prompt's k samples in GRPO or RLOO - are scored a
+        group at a time; the others are batched by length, so padding stays small. In every batch the RM prompt
+        its rows share (the template's head; a group's principles and instruction too) runs once, as
+        `label_preferences` scores a pair's principles. Results come back in input order."""
         if not len(prompts) == len(responses) == len(guides):
             raise ValueError(f"score: {len(prompts)} prompts, {len(responses)} responses, {len(guides)} guides")
         ids = [rm_ids(self.tokenizer, self.template, g, p, r, self.max_prompt_tokens, self.max_response_tokens)
                for p, r, g in zip(prompts, responses, guides)]
-        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        groups: dict[tuple[str, str], list[int]] = {}
+        for i, (prompt, guide) in enumerate(zip(prompts, guides)):
+            groups.setdefault((guide_text(guide), prompt), []).append(i)
+        singles = sorted((rows[0] for rows in groups.values() if len(rows) == 1), key=lambda i: len(ids[i]))
+        batches = [rows[start : start + self.batch_size] for rows in [*(r for r in groups.values() if len(r) > 1),
+                                                                      singles]
+                   for start in range(0, len(rows), self.batch_size)]
         rewards = [0.0] * len(ids)
-        for start in progress(range(0, len(order), self.batch_size), desc="Reward model", unit="batch"):
-            chunk = order[start : start + self.batch_size]
-            width = max(len(ids[i]) for i in chunk)
-            tokens = torch.tensor([ids[i] + [self.pad_id] * (width - len(ids[i])) for i in chunk], device=self.device)
-            mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in chunk], device=self.device)
-            values = self.model(input_ids=tokens, attention_mask=mask).logits.squeeze(-1).float().cpu().tolist()
-            for i, value in zip(chunk, values):
+        for chunk in progress(batches, desc="Reward model", unit="batch"):
+            for i, value in zip(chunk, self._forward([ids[i] for i in chunk])):
                 rewards[i] = value
         return rewards
+
+    def _forward(self, ids: list[list[int]]) -> list[float]:
+        """The rewards of rows: their shared prefix through the trunk once (kept while the next batch shares it),
+        the rest left-padded on top, so every row's score is read at the last column."""
+        n = shared_prefix(ids)
+        tokens, mask, positions = suffix_block(ids, n, self.pad_id)
+        cache = self.prefix.for_batch(self.trunk, tuple(ids[0][:n]), ids[0][:n], len(ids)) if n else None
+        tensors = {name: torch.tensor(x, device=self.device) for name, x in
+                   (("input_ids", tokens), ("attention_mask", mask), ("position_ids", positions))}
+        return self.model(**tensors, past_key_values=cache, use_cache=bool(n)).logits.squeeze(-1).float().tolist()

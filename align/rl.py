@@ -1,8 +1,10 @@
 """The arithmetic of PPO on token sequences (Schulman et al. 2017; Ziegler et al. 2019 for language): per-token
 rewards with a KL penalty to the reference policy, generalised advantage estimation, whitening, the clipped
-policy and value losses, and the adaptive KL coefficient. Tensors are [batch, response tokens] with a 0/1 mask
-for the padding after each response; every mean is over the unmasked tokens. Every tensor a function makes is on
-its inputs' device.
+policy and value losses, and the adaptive KL coefficient; and of the critic-free methods that replace the value
+model by the other samples of the same prompt: GRPO's group-normalised advantage and k3 KL term (Shao et al.
+2024), RLOO's leave-one-out baseline (Ahmadian et al. 2024). Tensors are [batch, response tokens] with a 0/1 mask
+for the padding after each response; every mean is over the unmasked tokens; a group is `group_size` consecutive
+rows (one prompt's samples). Every tensor a function makes is on its inputs' device.
 """
 
 from __future__ import annotations
@@ -88,3 +90,27 @@ def adapt_kl_coef(coef: float, kl: float, target: float | None, horizon: int, sa
         return coef
     error = max(-0.2, min(0.2, kl / target - 1))
     return coef * (1 + error * samples / horizon)
+
+
+def group_advantages(scores: torch.Tensor, group_size: int, scale: bool, eps: float = 1e-4) -> torch.Tensor:
+    """GRPO's advantage of each sample, [B]: its score minus its group's mean, divided by the group's standard
+    deviation (unbiased, as TRL's) + `eps` with `scale`; a group whose scores are all equal gives 0."""
+    groups = scores.view(-1, group_size)
+    centred = groups - groups.mean(dim=1, keepdim=True)
+    if scale:
+        centred = centred / (groups.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Tensor:
+    """RLOO's advantage of each sample, [B]: its reward minus the mean reward of the other k - 1 of its group."""
+    groups = scores.view(-1, group_size)
+    baseline = (groups.sum(dim=1, keepdim=True) - groups) / (group_size - 1)
+    return (groups - baseline).reshape(-1)
+
+
+def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per token, Schulman's k3 estimate of KL(pi || pi_ref): exp(r) - r - 1 with r = log pi_ref - log pi, >= 0,
+    unbiased for samples of pi and low-variance (GRPO's KL term); 0 on padding."""
+    log_ratio = (ref_logprobs - logprobs) * mask
+    return torch.exp(log_ratio) - log_ratio - 1

@@ -20,7 +20,7 @@ import torch
 from align.devices import load_causal_lm
 from align.errors import UserError
 from align.models import padding_id, prompt_ids
-from align.prefix_cache import PrefixCache, shared_prefix
+from align.prefix_cache import PrefixCache, shared_prefix, suffix_block
 from align.progress import progress
 
 
@@ -88,13 +88,8 @@ class Scorer:
     def _forward(self, ids: list[list[int]], keep: int, max_shared: int) -> tuple[torch.Tensor, int]:
         """Logits of the last `keep` columns of the left-padded suffix block, and the shared prefix length n."""
         n = shared_prefix(ids, max(max_shared, 0)) if self.reuse_prefix else 0
-        width = max(len(row) - n for row in ids)
-        tokens, mask, positions = [], [], []
-        for row in ids:
-            pad = width - (len(row) - n)
-            tokens.append([self.pad_id] * pad + row[n:])
-            mask.append([1] * n + [0] * pad + [1] * (len(row) - n))
-            positions.append([n] * pad + list(range(n, len(row))))
+        tokens, mask, positions = suffix_block(ids, n, self.pad_id)
+        width = len(tokens[0])
         kwargs: dict[str, Any] = {}
         if n:
             kwargs["past_key_values"] = self.prefix.for_batch(self.model, tuple(ids[0][:n]), ids[0][:n], len(ids))

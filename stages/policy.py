@@ -1,6 +1,6 @@
-"""Stage `policy`: the RL step, by `policy.algorithm` - PPO against the instructable RM (stages/ppo.py) or DPO on
-the labelled pairs (stages/dpo.py). One DVC stage, so both write the same out (models/policy) and `evaluate` does
-not care which ran; `dvc exp run -S policy.algorithm=dpo` switches.
+"""Stage `policy`: the RL step, by `policy.algorithm` - PPO, or the critic-free GRPO or RLOO, against the
+instructable RM (stages/ppo.py) or DPO on the labelled pairs (stages/dpo.py). One DVC stage, so all write the same
+out (models/policy) and `evaluate` does not care which ran; `dvc exp run -S policy.algorithm=dpo` switches.
 """
 
 from __future__ import annotations

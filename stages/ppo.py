@@ -1,4 +1,5 @@
-"""Stage `policy` with `policy.algorithm: ppo`: SALMON's policy optimisation against the instructable reward model, with RL-time principles.
+"""Stage `policy` with `policy.algorithm: ppo | grpo | rloo`: SALMON's policy optimisation against the instructable
+reward model, with RL-time principles, by PPO or by a critic-free method (GRPO, RLOO).
 
 Models, all in each task of the job: the policy = the SFT model + a trainable LoRA adapter; the reference = the
 same model with the adapter disabled (no second copy); the value model = the RM (its trunk with the RM adapter
@@ -16,6 +17,13 @@ GAE gives advantages (whitened over all ranks) and returns; `ppo_epochs` passes 
 updates in steps of `step_batch_size` samples follow. Curves go to dvclive every iteration, sample rows to the
 out, checkpoints (both engines, RNG, iteration, KL coefficient, curves) every `save_every` iterations.
 
+GRPO and RLOO (`rl` params) run the same loop without the value model (neither built nor loaded): each prompt is
+answered `rl.group_size` times (one vLLM request with n = k), the RM scores the k responses over their shared
+principles and prompt once, and a sample's advantage, the same at each of its tokens, is its score against its
+group's: GRPO's (r - mean) / std with the KL to the reference as a k3 term of the loss (`ppo.kl_coef` its weight),
+RLOO's r - mean of the other k - 1 with the KL in the reward. Clipped ratio, epochs, steps, shaping, curves and
+checkpoints are PPO's.
+
 Out (models/policy, the contract `dpo` shares): adapter/, model/ (merged), samples.jsonl, metrics.json.
 """
 
@@ -26,7 +34,7 @@ import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -38,12 +46,13 @@ from align.devices import config_dtype
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
 from align.models import padding_id, prompt_ids
-from align.params import Generation, Params, Ppo, Training
+from align.params import Generation, Params, Ppo, Rl, Training
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_jsonl
 from align.reward import RewardScorer
 from align.rl import (
-    adapt_kl_coef, entropy, explained_variance, gae, masked_mean, policy_loss, token_rewards, value_loss, whiten,
+    adapt_kl_coef, entropy, explained_variance, gae, group_advantages, k3_kl, leave_one_out_advantages, masked_mean,
+    policy_loss, token_rewards, value_loss, whiten,
 )
 from align.rollout import Rollout, pack, policy_outputs, token_values
 from align.training import (
@@ -137,6 +146,9 @@ class PpoJob:
     ckpt_dir: Path
     params: dict
     inputs: dict
+    algorithm: str = "ppo"  # ppo | grpo | rloo
+    rl: Rl = field(default_factory=Rl)  # grpo and rloo: samples per prompt and GRPO's std scaling
+
 
 def job(args: PpoJob) -> str | None:
     """Runs in every task of the allocation; rank 0 returns the out's artifact id."""
@@ -147,8 +159,8 @@ def job(args: PpoJob) -> str | None:
 
 
 class PpoRecipe:
-    """One rank's PPO run: the models in `__init__`, then per iteration `rollout` -> `update` -> `record`, with
-    resume, curve replay, checkpoints and the preemption protocol from `training.resumed_steps`."""
+    """One rank's PPO (or GRPO, RLOO) run: the models in `__init__`, then per iteration `rollout` -> `update` ->
+    `record`, with resume, curve replay, checkpoints and the preemption protocol from `training.resumed_steps`."""
 
     def __init__(self, job: PpoJob):
         from transformers import AutoTokenizer
@@ -157,11 +169,13 @@ class PpoRecipe:
         self.rank, self.world = init_distributed()
         accum = cfg.step_batch_size // (self.world * job.training.micro_batch_size)
         self.training = job.training.model_copy(update={"gradient_accumulation_steps": accum})
-        updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.step_batch_size)
+        self.group = 1 if job.algorithm == "ppo" else job.rl.group_size  # samples per prompt
+        updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size * self.group // cfg.step_batch_size)
         self.policy = make_engine(lora_model(job.sft_dir, self.training, job.seed), self.training, self.world,
                                   total_steps=updates)
-        self.value = make_engine(value_model(job.sft_dir, job.rm_dir, self.training, job.seed), self.training,
-                                 self.world, total_steps=updates)
+        self.value = None if job.algorithm != "ppo" else \
+            make_engine(value_model(job.sft_dir, job.rm_dir, self.training, job.seed), self.training, self.world,
+                        total_steps=updates)
         self.reward = RewardScorer(job.sft_dir, job.rm_dir, batch_size=cfg.score_batch_size,
                                   precision=self.training.precision)
         self.pad_id = padding_id(AutoTokenizer.from_pretrained(job.sft_dir))
@@ -173,8 +187,9 @@ class PpoRecipe:
         with Generator(job.sft_dir, job.generation, lora_rank=self.training.lora_r) as generator:
             for iteration in resumed_steps(self.policy, job.ckpt_dir, state, cfg.iterations,
                                            keep=self.training.keep_checkpoints, every=cfg.save_every,
-                                           others={"value": self.value}, log=functools.partial(print, flush=True),
-                                           on_step=LiveCurve(LIVE), unit="iteration"):
+                                           others={"value": self.value} if self.value else {},
+                                           log=functools.partial(print, flush=True), on_step=LiveCurve(LIVE),
+                                           unit="iteration"):
                 started = time.perf_counter()
                 rollout = self.rollout(generator, iteration)
                 stats = self.update(rollout, state["kl_coef"], iteration)
@@ -184,9 +199,9 @@ class PpoRecipe:
         return self.finish(state)
 
     def rollout(self, generator: Generator, iteration: int) -> Rollout:
-        """This rank's prompts answered by the current policy, scored by the RM under each prompt's principles
-        (or its system message) and shaped; with the sampling policy's and the reference's log-probs and the
-        values, all computed before the first update."""
+        """This rank's prompts answered by the current policy (`group` samples each, consecutive rows), scored by
+        the RM under each prompt's principles (or its system message) and shaped; with the sampling policy's and
+        the reference's log-probs and (PPO) the values, all computed before the first update."""
         job, cfg = self.job, self.job.cfg
         started = time.perf_counter()
         prompts = [job.pool[i] for i in iteration_prompts(job.pool, cfg, job.seed, iteration, self.rank, self.world)]
@@ -194,15 +209,16 @@ class PpoRecipe:
         texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
                  for p in prompts]
         sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                            seed=job.seed * 1_000_003 + iteration * 7_919 + self.rank * 104_729)
+                            seed=job.seed * 1_000_003 + iteration * 7_919 + self.rank * 104_729, n=self.group)
         outs = generator.generate(texts, sampling, adapter=self.rollout_adapter)
         rolled = time.perf_counter()
-        queries = [prompt_ids(generator.tokenizer, t) for t in texts]
-        responses = [list(o.token_ids) or [self.pad_id] for o in outs]
         first = self.rank * (cfg.rollout_batch_size // self.world)
         guides = [([f"system:{p['combination']}"], p["system"]) if "system" in p else
                   guide_for(cfg, job.collection, job.guards, job.seed, iteration, first + k)
                   for k, p in enumerate(prompts)]
+        queries = [prompt_ids(generator.tokenizer, t) for t in texts for _ in range(self.group)]
+        prompts, guides = ([x for x in xs for _ in range(self.group)] for xs in (prompts, guides))
+        responses = [list(o.token_ids) or [self.pad_id] for o in outs]
         raw = self.reward.score([p["text"] for p in prompts], [o.text for o in outs], [g[1] for g in guides])
         scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], cfg)
         samples = [{"iteration": iteration, "prompt": p["text"], "response": o.text, "principles": g[0],
@@ -215,23 +231,34 @@ class PpoRecipe:
             stats["entropy"] = float(entropy(logits, rollout.response_mask))
             with self.policy.module.disable_adapter():
                 ref_logprobs, _ = policy_outputs(self.policy, rollout, cfg.temperature)
-            values = token_values(self.value, rollout) * rollout.response_mask
+            values = None if self.value is None else token_values(self.value, rollout) * rollout.response_mask
         return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, stats=stats)
 
-    def update(self, rollout: Rollout, kl_coef: float, iteration: int) -> dict[str, float]:
-        """Per-token rewards with the KL penalty, advantages by GAE (whitened over every rank's tokens) and
-        returns, then `ppo_epochs` passes of clipped policy and value steps over the rollout in micro-batches (the
-        engines accumulate them into steps of `step_batch_size` samples); the means of the losses and statistics."""
+    def advantages(self, rollout: Rollout, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """(advantages, returns (PPO only), per-token KL log pi - log pi_ref). PPO: per-token rewards with the KL
+        penalty, GAE, whitened over every rank's tokens. GRPO: the group-standardised score at every token (its KL
+        is a loss term). RLOO: the score minus kl_coef x the response's KL, against the other samples' mean."""
         import torch.distributed as dist
 
+        cfg, mask, job = self.job.cfg, rollout.response_mask, self.job
+        rewards, kl = token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef)
+        if job.algorithm == "grpo":
+            return group_advantages(rollout.scores, self.group, job.rl.scale_rewards)[:, None] * mask, None, kl
+        if job.algorithm == "rloo":
+            return leave_one_out_advantages(rewards.sum(1), self.group)[:, None] * mask, None, kl
+        advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        moments = torch.stack([(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum()]).double()
+        dist.all_reduce(moments)
+        mean = moments[0] / moments[2]
+        return whiten(advantages, mask, mean.float(), (moments[1] / moments[2] - mean ** 2).float()), returns, kl
+
+    def update(self, rollout: Rollout, kl_coef: float, iteration: int) -> dict[str, float]:
+        """Advantages (`advantages`), then `ppo_epochs` passes of clipped policy steps (GRPO: plus kl_coef x the k3
+        KL to the reference) and, for PPO, clipped value steps over the rollout in micro-batches (the engines
+        accumulate them into steps of `step_batch_size` samples); the means of the losses and statistics."""
         cfg, mask = self.job.cfg, rollout.response_mask
         with torch.no_grad():
-            rewards, kl = token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef)
-            advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
-            moments = torch.stack([(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum()]).double()
-            dist.all_reduce(moments)
-            mean = moments[0] / moments[2]
-            advantages = whiten(advantages, mask, mean.float(), (moments[1] / moments[2] - mean ** 2).float())
+            advantages, returns, kl = self.advantages(rollout, kl_coef)
         sums: dict[str, float] = {}
         micro = self.training.micro_batch_size
         for epoch in range(cfg.ppo_epochs):
@@ -243,18 +270,26 @@ class PpoRecipe:
                 logprobs, _ = policy_outputs(self.policy, part, cfg.temperature)
                 loss, stats = policy_loss(logprobs, part.logprobs, advantages[index], part.response_mask,
                                           cfg.cliprange)
+                if self.job.algorithm == "grpo":
+                    stats["kl_term"] = masked_mean(k3_kl(logprobs, part.ref_logprobs, part.response_mask),
+                                                   part.response_mask)
+                    loss = loss + kl_coef * stats["kl_term"]
                 self.policy.backward(loss)
                 self.policy.step()
-                values = token_values(self.value, part)
-                v_loss = value_loss(values, part.values, returns[index], part.response_mask, cfg.cliprange_value)
-                self.value.backward(v_loss)
-                self.value.step()
-                for name, x in {"policy_loss": loss, "value_loss": v_loss, **stats}.items():
+                if self.value is not None:
+                    values = token_values(self.value, part)
+                    stats["value_loss"] = value_loss(values, part.values, returns[index], part.response_mask,
+                                                     cfg.cliprange_value)
+                    self.value.backward(stats["value_loss"])
+                    self.value.step()
+                for name, x in {"policy_loss": loss, **stats}.items():
                     sums[name] = sums.get(name, 0.0) + float(x.detach())
         passes = cfg.ppo_epochs * -(-len(rollout) // micro)
-        return {**{name: total / passes for name, total in sums.items()}, "kl": float(kl.sum(1).mean()),
-                "explained_variance": explained_variance(rollout.values, returns, mask),
-                "advantage_mean": float(masked_mean(advantages, mask))}
+        result = {**{name: total / passes for name, total in sums.items()}, "kl": float(kl.sum(1).mean()),
+                  "advantage_mean": float(masked_mean(advantages, mask))}
+        if self.value is None:  # how much the groups tell apart: 0 where every sample of a prompt scores the same
+            return {**result, "group_reward_std": float(rollout.scores.view(-1, self.group).std(1).mean())}
+        return {**result, "explained_variance": explained_variance(rollout.values, returns, mask)}
 
     def record(self, state: dict, rollout: Rollout, stats: dict[str, float]) -> None:
         """The iteration's statistics (means over ranks) into the curves, two sample rows every `sample_every`
@@ -269,7 +304,7 @@ class PpoRecipe:
                          self.world, self.policy.device)
         stats["kl_coef"] = state["kl_coef"]
         state["kl_coef"] = adapt_kl_coef(state["kl_coef"], stats["kl"], cfg.kl_target, cfg.kl_horizon,
-                                         cfg.rollout_batch_size)
+                                         len(samples) * self.world)
         state["curves"].append(stats)
         if iteration % cfg.sample_every == 0:
             state["samples"] += samples[:2]
@@ -284,7 +319,7 @@ class PpoRecipe:
 
         def write(folder: Path) -> dict:
             write_jsonl(folder / "samples.jsonl", state["samples"])
-            return {"algorithm": "ppo", "iterations": len(curves),
+            return {"algorithm": job.algorithm, "iterations": len(curves),
                     **{f"{name}_first": curves[0][name] for name in ("reward_raw", "response_length", "kl")},
                     **{f"{name}_last": curves[-1][name] for name in ("reward_raw", "reward_shaped", "response_length",
                                                                        "kl", "entropy", "no_stop_share")}}
@@ -356,11 +391,12 @@ def main() -> None:
     training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
                                                   "lora_alpha": cfg.lora_alpha})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
-              "ppo": cfg.model_dump(), "generation": params.generation.model_dump()}
-    ckpt_dir = checkpoint_dir("ppo", {"params": subset, "inputs": inputs})
+              "ppo": cfg.model_dump(), "rl": params.rl.model_dump(), "generation": params.generation.model_dump()}
+    ckpt_dir = checkpoint_dir(params.policy.algorithm, {"params": subset, "inputs": inputs})
     fn = functools.partial(job, PpoJob(
         sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, cfg=cfg, training=training,
-        generation=params.generation, seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs))
+        generation=params.generation, seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs,
+        algorithm=params.policy.algorithm, rl=params.rl))
     runner.submit_stage(STAGE, OUT, fn, params.cluster.policy, params.cluster, subset, inputs)
 
 

@@ -8,6 +8,7 @@ continuation depends on the whole prompt.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -173,6 +174,18 @@ def test_adapter_swaps_without_reload(hf: gen.Generator, prompts: list[str], ada
     with_b = hf.generate(prompts, GREEDY, adapter=live)
     assert with_b not in (with_a, base)
     assert with_b == gen.generate(hf.model, prompts, GREEDY, params.Generation(backend="hf"), adapter=adapters[1])
+
+
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
+def test_n_samples_per_prompt_are_the_prompt_repeated_n_times(backend: str, request: pytest.FixtureRequest,
+                                                              prompts: list[str]) -> None:
+    """GRPO's k samples of a prompt: vLLM answers one request with n = k (its prefix cache holds the prompt once),
+    hf repeats the prompt; either way the same samples as the prompt written k times in a row, and distinct."""
+    generator = request.getfixturevalue(backend)
+    sampling = gen.Sampling(temperature=1.0, max_new_tokens=12, seed=5, n=3)
+    got = generator.generate(prompts[:2], sampling)
+    assert got == generator.generate([p for p in prompts[:2] for _ in range(3)], dataclasses.replace(sampling, n=1))
+    assert len(got) == 6 and len({c.text for c in got[:3]}) == len({c.text for c in got[3:]}) == 3
 
 
 def test_adapter_rank_is_checked(model: Path, adapters: tuple[Path, Path]) -> None:

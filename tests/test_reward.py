@@ -29,7 +29,7 @@ from align.reward import (
 from align.training import length_grouped_batches
 from stages.train_rm import pmp_pairs, split_transcript
 from tests.helpers import curve, stage
-from tests.projects import PRINCIPLES, SHORT_LONG, preference_rows, rm_project
+from tests.projects import PRINCIPLES, SHORT_LONG, add_policy_outs, preference_rows, rm_project
 
 
 OLD_RULE = Subsets(max_principles=8, size_p=0.0, negation_prob=0.5, label_rule="majority", label_noise=0.0)
@@ -255,6 +255,20 @@ def test_length_grouped_pair_batches_pad_less_and_visit_every_pair_once_per_epoc
     assert [pair_ids(again(i)) for i in (40, 3, 24, 25)] == [pair_ids(grouped(i)) for i in (40, 3, 24, 25)]
     other_seed = pair_batches(pairs, m, 6, pad_id=0, length_group=group)
     assert [pair_ids(other_seed(i)) for i in range(24)] != [pair_ids(grouped(i)) for i in range(24)]
+
+
+def test_a_prompts_samples_are_scored_over_their_shared_prefix_as_each_alone(tmp_path: Path, tiny_model: Path) -> None:
+    add_policy_outs(tmp_path, tiny_model)  # models/rm: an untrained RM (random head) on the tiny model
+    rm = RewardScorer(tmp_path / "models/sft/model", tmp_path / "models/rm", batch_size=4)
+    guide = [PRINCIPLES["concise"].definition, PRINCIPLES["comprehensive"].definition]
+    prompt, other = SHORT_LONG[0][0], SHORT_LONG[1][0]
+    responses = ["Paris.", "It is Paris, the capital.", "Lyon?", "Paris, on the Seine, since the tenth century.", "No"]
+    rows = [(prompt, r, guide) for r in responses] + [(other, "Yes.", guide), (other, "Yes.", "Answer briefly.")]
+    rm.score([prompt] * 2, responses[:2], [guide] * 2)  # one group alone: its prefix is the last one cached
+    assert rm.tokenizer.decode(list(rm.prefix.key)).endswith(f"Instruction:\n{prompt}\n\nResponse:\n")
+    together = rm.score(*zip(*rows))  # a group of 5 in batches of 4 and 1, then 2 rows sharing the template head
+    alone = [rm.score([p], [r], [g])[0] for p, r, g in rows]  # one row per forward pass: no prefix, no padding
+    assert together == pytest.approx(alone, abs=1e-5) and len(set(together)) == len(rows)
 
 
 def test_train_rm_loss_falls_and_score_reuses_the_trained_model(tmp_path: Path, roomy_model: Path) -> None:

@@ -1,0 +1,134 @@
+"""The critic-free policy algorithms (GRPO, RLOO) on the tiny model: their arithmetic against hand-computed values
+(group advantages, the leave-one-out baseline, the k3 KL term), k samples per prompt from either generation
+backend, and the `policy` stage with `policy.algorithm: grpo | rloo`: no value model, the same out, curves and
+checkpoints as PPO, and a killed run resuming from its checkpoint."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from align.artifacts import verify_artifact
+from align.errors import UserError
+from align.params import parse_params
+from align.records import read_jsonl
+from align.rl import group_advantages, k3_kl, leave_one_out_advantages
+from tests.conftest import ROOT
+from tests.helpers import curve, kill_tree, stage
+from tests.projects import TINY_PPO, ppo_project
+from tests.tiny import make_tiny_model
+
+
+def test_grpo_advantages_are_each_groups_standardised_scores() -> None:
+    scores = torch.tensor([1.0, 3.0, 2.0, 2.0, 0.0, 3.0, 6.0, 6.0])
+    # groups of 2: [1, 3]: mean 2, unbiased std sqrt(((1-2)^2 + (3-2)^2) / 1) = sqrt 2 -> -+1 / (sqrt 2 + 1e-4);
+    # [2, 2]: all equal -> 0, 0; [0, 3]: mean 1.5, std sqrt(2 x 1.5^2) = 1.5 sqrt 2 -> -+1.5 / (1.5 sqrt 2 + 1e-4);
+    # [6, 6] -> 0, 0
+    a, b = 1 / (math.sqrt(2) + 1e-4), 1.5 / (1.5 * math.sqrt(2) + 1e-4)
+    assert group_advantages(scores, 2, scale=True).tolist() == pytest.approx([-a, a, 0, 0, -b, b, 0, 0])
+    # groups of 4: [1, 3, 2, 2]: mean 2, std sqrt((1 + 1 + 0 + 0) / 3); [0, 3, 6, 6]: mean 3.75, deviations
+    # -3.75, -0.75, 2.25, 2.25, std sqrt((14.0625 + 0.5625 + 5.0625 x 2) / 3) = sqrt(8.25)
+    s1, s2 = math.sqrt(2 / 3) + 1e-4, math.sqrt(8.25) + 1e-4
+    assert group_advantages(scores, 4, scale=True).tolist() == pytest.approx(
+        [-1 / s1, 1 / s1, 0, 0, -3.75 / s2, -0.75 / s2, 2.25 / s2, 2.25 / s2])
+    # without the std (Dr. GRPO): the plain difference to the group mean
+    assert group_advantages(scores, 4, scale=False).tolist() == pytest.approx([-1, 1, 0, 0, -3.75, -0.75, 2.25, 2.25])
+
+
+def test_rloo_advantage_is_the_reward_minus_the_mean_of_the_other_samples() -> None:
+    scores = torch.tensor([0.0, 3.0, 6.0, 1.0, 1.0, 4.0])
+    # [0, 3, 6]: baselines (3 + 6) / 2 = 4.5, (0 + 6) / 2 = 3, (0 + 3) / 2 = 1.5 -> -4.5, 0, 4.5;
+    # [1, 1, 4]: baselines 2.5, 2.5, 1 -> -1.5, -1.5, 3 (= k / (k - 1) x the difference to the group mean 2)
+    assert leave_one_out_advantages(scores, 3).tolist() == pytest.approx([-4.5, 0, 4.5, -1.5, -1.5, 3])
+    # k = 2: each sample against the other
+    assert leave_one_out_advantages(scores, 2).tolist() == pytest.approx([-3, 3, 5, -5, -3, 3])
+
+
+def test_k3_kl_is_zero_at_the_reference_positive_elsewhere_and_masked() -> None:
+    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -3.0]])
+    ref = torch.tensor([[-1.0, -1.5, -1.0], [-3.0, -1.0, -1.0]])
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
+    # r = ref - logp: 0 -> 0; 0.5 -> e^0.5 - 1.5 = 0.148721; -0.5 -> e^-0.5 - 0.5 = 0.106531; -2 -> e^-2 + 1 = 1.135335;
+    # the padded last token counts 0 whatever its log-probs
+    assert k3_kl(logprobs, ref, mask).flatten().tolist() == pytest.approx(
+        [0.0, 0.148721, 0.106531, 1.135335, 0.0, 0.0], abs=1e-6)
+
+
+def test_params_take_grpo_and_rloo_and_refuse_a_group_without_a_baseline() -> None:
+    assert parse_params({"policy": {"algorithm": "grpo"}}).rl.group_size == 4  # what `dvc exp run -S` writes
+    assert parse_params({"policy": {"algorithm": "rloo"}, "rl": {"group_size": 2}}).policy.algorithm == "rloo"
+    with pytest.raises(UserError, match=r"^params.yaml: rl.group_size: expected an integer >= 2, got 1$"):
+        parse_params({"policy": {"algorithm": "grpo"}, "rl": {"group_size": 1}})
+    with pytest.raises(UserError, match=r"^params.yaml: policy.algorithm: expected one of ppo, dpo, grpo, rloo, got"):
+        parse_params({"policy": {"algorithm": "reinforce"}})
+
+
+def policy_curves_and_out(cwd: Path, algorithm: str, iterations: int) -> None:
+    """What a finished grpo / rloo run must leave, as PPO's does: the out, one point per iteration of every
+    curve, no value model's, metrics naming the algorithm, the two sample rows kept per iteration from one group."""
+    verify_artifact(cwd / "models/policy")
+    kl = [v for _, v in curve(cwd, "policy", "kl")]
+    assert len(kl) == iterations and abs(kl[0]) < 1e-6 and abs(kl[-1]) > 1e-6  # the adapter starts as the reference
+    for name in ("reward_raw", "reward_shaped", "entropy", "clip_fraction", "approx_kl", "policy_loss",
+                 "response_length", "no_stop_share", "group_reward_std", "seconds_rollout", "seconds_reward",
+                 "seconds_update"):
+        assert len(curve(cwd, "policy", name)) == iterations, name
+    assert not (cwd / "dvclive/policy/plots/metrics/value_loss.tsv").exists()
+    metrics = json.loads((cwd / "metrics/policy.json").read_text())
+    assert metrics["algorithm"] == algorithm and metrics["iterations"] == iterations
+    samples = read_jsonl(cwd / "models/policy/samples.jsonl")
+    assert [s["iteration"] for s in samples] == [i for i in range(iterations) for _ in range(2)]
+    assert all(a["prompt"] == b["prompt"] and a["principles"] == b["principles"]  # the first two: one group
+               for a, b in zip(samples[0::2], samples[1::2]))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm, backend", [("rloo", "hf"), ("grpo", "vllm")])
+def test_a_critic_free_run_writes_the_policy_out_from_either_backend(tmp_path: Path, tiny_model: Path,
+                                                                     algorithm: str, backend: str) -> None:
+    generation = {"backend": backend}
+    if backend == "vllm":
+        pytest.importorskip("vllm")
+        # vLLM's CPU attention has no kernel for the tiny model's head_dim 16: the same shape at hidden 128
+        tiny_model = make_tiny_model(tmp_path / "wide", hidden=128)
+        generation.update(kv_cache_gb=1)
+    cwd = ppo_project(tmp_path / "project", tiny_model, policy={"algorithm": algorithm}, rl={"group_size": 2},
+                      generation=generation, ppo={**TINY_PPO, "iterations": 2})
+    proc = stage(cwd, "policy")
+    assert proc.returncode == 0, proc.stderr
+    policy_curves_and_out(cwd, algorithm, 2)
+    assert list((cwd / "checkpoints").iterdir()) == [cwd / f"checkpoints/{algorithm}"]
+
+
+@pytest.mark.slow
+def test_a_killed_grpo_job_resumes_from_its_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
+    cwd = ppo_project(tmp_path, tiny_model, policy={"algorithm": "grpo"}, rl={"group_size": 2},
+                      ppo={**TINY_PPO, "iterations": 6, "save_every": 2, "rollout_batch_size": 2})
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    first = subprocess.Popen([sys.executable, "-m", "stages.policy"], cwd=cwd, env=env, stderr=subprocess.PIPE,
+                             text=True)
+    deadline = time.time() + 300
+    while not list(cwd.glob("checkpoints/grpo/*/latest")) and time.time() < deadline:
+        time.sleep(0.2)
+    assert list(cwd.glob("checkpoints/grpo/*/latest")), "no checkpoint was written"
+    kill_tree(int(json.loads((cwd / "models/.policy.job.json").read_text())["job_id"]))
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 1 and "policy: job" in err and not (cwd / "models/policy").exists()
+    (latest,) = cwd.glob("checkpoints/grpo/*/latest")
+    saved = int(latest.read_text().removeprefix("step_"))
+    assert saved < 6 and not (latest.parent / "value").exists()  # no value model, so no value engine saved
+
+    second = stage(cwd, "policy")
+    assert second.returncode == 0, second.stderr
+    logs = "".join(p.read_text() for p in (cwd / "logs/policy").glob("*_0_log.out"))
+    assert f"at iteration {saved}" in logs
+    assert [s for s, _ in curve(cwd, "policy", "kl")] == list(range(6))  # one continuous curve, none twice
+    policy_curves_and_out(cwd, "grpo", 6)
