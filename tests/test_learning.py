@@ -1,20 +1,22 @@
-"""The reward model shown to learn a rule with a known right answer (issue 22, part 6): on constructed pairs of a
+"""The reward model and PPO shown to learn with a known right answer (issue 22, part 6). On constructed pairs of a
 short and a long answer made of random words, Concise prefers the short one, Comprehensive the long one, and a
 negated principle the other. Stage `train_rm` holds out a quarter of the pairs (texts it never trained on) and
 scores them with the scorer PPO uses; it must rank them by the principle it is shown and flip with negation.
-(Engraving's held-out loss is checked in tests/test_sft_stages.py, DPO's held-out margin in tests/test_ppo.py:
-those tests already pay for the trained model.)"""
+PPO under Concise, from an SFT policy that answers both briefly and at length, must then raise that RM's reward
+with its KL to the SFT policy bounded. (Engraving's held-out loss is checked in tests/test_sft_stages.py, DPO's
+held-out margin in tests/test_ppo.py: those tests already pay for the trained model.)"""
 
 from __future__ import annotations
 
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST_TRAINING, stage
-from tests.projects import PRINCIPLES, rm_project
+from tests.helpers import FAST_TRAINING, curve, stage
+from tests.projects import PRINCIPLES, SHORT_LONG, TINY_PPO, make_project, ppo_project, rm_project
 from tests.tiny import CORPUS
 
 
@@ -41,10 +43,21 @@ def length_rows(count: int, seed: int = 0) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def length_rm(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> Path:
-    """The train_rm project after the stage ran: 48 pairs (12 held out), the two principles only, one shown per
-    instance and negated half the time (SALMON's rate), no label noise."""
-    cwd = rm_project(tmp_path_factory.mktemp("learning") / "rm", roomy_model, rows=length_rows(48),
+def two_length_policy(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> Path:
+    """The roomy model engraved on a short and a long answer to each of six prompts: it samples both."""
+    answers = [(prompt, answer) for prompt, short, long in SHORT_LONG[:6] for answer in (short, long)]
+    cwd = make_project(tmp_path_factory.mktemp("learning") / "engrave", roomy_model, pairs=answers,
+                       training=FAST_TRAINING, engrave={"epochs": 20})
+    proc = stage(cwd, "engrave")
+    assert proc.returncode == 0, proc.stderr
+    return cwd / "models/engraved/model"
+
+
+@pytest.fixture(scope="module")
+def length_rm(tmp_path_factory: pytest.TempPathFactory, two_length_policy: Path) -> Path:
+    """The train_rm project after the stage ran on the SFT policy: 48 pairs (12 held out), the two principles only,
+    one shown per instance and negated half the time (SALMON's rate), no label noise."""
+    cwd = rm_project(tmp_path_factory.mktemp("learning") / "rm", two_length_policy, rows=length_rows(48),
                      training={**FAST_TRAINING, "micro_batch_size": 8, "warmup_ratio": 0.1, "lr_schedule": "cosine",
                                "save_every": 1000},
                      rm={"learning_rate": 3e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 4, "eval_share": 0.25,
@@ -65,3 +78,44 @@ def test_the_reward_model_learns_a_principle_conditioned_rule(length_rm: Path) -
     assert metrics["held_out"]["examples"] == 12 * 4 and metrics["negation"]["cases"] == 12 * 2
     assert metrics["held_out"]["accuracy"] >= 0.9, metrics
     assert metrics["negation"]["flip_rate"] >= 0.9 and metrics["negation"]["label_agreement"] >= 0.9, metrics
+
+
+def sampled_reward(model: Path, sft: Path, rm: Path, samples: int = 16) -> float:
+    """The RM's mean reward under Concise of `samples` answers of `model` to each of the six prompts, sampled as PPO
+    samples (temperature 0.7, 32 new tokens, the chat template): 96 answers, so the mean moves little by chance."""
+    from align.generation import Generator, Sampling, chat_prompt
+    from align.params import Generation
+    from align.reward import RewardScorer
+
+    prompts = [prompt for prompt, _, _ in SHORT_LONG[:6]]
+    with Generator(model, Generation(backend="hf")) as generator:
+        texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
+        outs = generator.generate(texts, Sampling(temperature=0.7, max_new_tokens=32, seed=1, n=samples))
+    rm_scorer = RewardScorer(sft, rm)
+    rewards = rm_scorer.score([p for p in prompts for _ in range(samples)], [o.text for o in outs],
+                              [[PRINCIPLES["concise"].definition]] * len(outs))
+    return statistics.fmean(rewards)
+
+
+@pytest.mark.slow
+def test_ppo_raises_the_reward_with_its_kl_bounded(tmp_path: Path, two_length_policy: Path, length_rm: Path) -> None:
+    """PPO under Concise against the length RM, from an SFT policy that answers both briefly and at length: the
+    trained policy's answers earn more reward than the SFT policy's (96 sampled answers each), its responses get
+    shorter, and the KL per response to the SFT policy stays bounded (kl_coef 0.05; answering briefly only instead
+    of both ways is worth about log 2 = 0.7 nats; 8 rollouts of garbled tiny-model text add noise: bound 5).
+    Seen (Dec 2026): reward 4.74 (SFT) -> 5.85, length 16.8 -> 2.8 tokens in the last iteration, KL at most 3.7;
+    with the sign of the policy loss flipped on purpose: reward 4.74 -> 4.53, length up to 31, KL up to 40."""
+    rm = length_rm / "models/rm"
+    cwd = ppo_project(tmp_path, two_length_policy, rm=rm, ppo={
+        **TINY_PPO, "principles": ["concise"], "num_principles": 1, "guard_principles": [], "iterations": 8,
+        "rollout_batch_size": 8, "step_batch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 32,
+        "stop_penalty": None, "kl_coef": 0.05, "save_every": 100})
+    (cwd / "assets/ppo_principles.jsonl").write_text(PRINCIPLES["concise"].model_dump_json() + "\n")
+    proc = stage(cwd, "policy", timeout=1800)
+    assert proc.returncode == 0, proc.stderr
+    before, after = (sampled_reward(m, two_length_policy, rm) for m in (two_length_policy, cwd / "models/policy/model"))
+    lengths = [v for _, v in curve(cwd, "policy", "response_length")]
+    kl = [v for _, v in curve(cwd, "policy", "kl")]
+    assert after > before + 0.5, (before, after, lengths)
+    assert statistics.fmean(lengths[-3:]) < lengths[0], lengths
+    assert max(kl) < 5.0, kl
