@@ -82,7 +82,7 @@ def policy_curves_and_out(cwd: Path, algorithm: str, iterations: int) -> None:
                  "seconds_update"):
         assert len(curve(cwd, "policy", name)) == iterations, name
     assert not (cwd / "dvclive/policy/plots/metrics/value_loss.tsv").exists()
-    metrics = json.loads((cwd / "metrics/policy.json").read_text())
+    metrics = json.loads((cwd / "models/policy/metrics.json").read_text())
     assert metrics["algorithm"] == algorithm and metrics["iterations"] == iterations
     samples = read_jsonl(cwd / "models/policy/samples.jsonl")
     assert [s["iteration"] for s in samples] == [i for i in range(iterations) for _ in range(2)]

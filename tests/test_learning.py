@@ -119,3 +119,29 @@ def test_ppo_raises_the_reward_with_its_kl_bounded(tmp_path: Path, two_length_po
     assert after > before + 0.5, (before, after, lengths)
     assert statistics.fmean(lengths[-3:]) < lengths[0], lengths
     assert max(kl) < 5.0, kl
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("algorithm", ["grpo", "rloo"])
+def test_critic_free_rl_is_steered_by_the_rl_time_principle(tmp_path: Path, two_length_policy: Path,
+                                                             length_rm: Path, algorithm: str) -> None:
+    """GRPO and RLOO as PPO in tests/test_steering.py: two runs from the same SFT policy and RM that differ only
+    in the RL-time principle; under Concise the responses come out shorter than under Comprehensive. Four samples
+    per prompt, 12 iterations: with two per prompt and 8 iterations neither method moved the length (a sequence-level
+    advantage is a weaker signal here than PPO's value model, which starts as the RM and scores every token).
+    Seen (Dec 2026), mean length after the shared first iteration (19.2 tokens): grpo 15.5 vs 22.5, rloo 13.8 vs
+    23.4; with the policy loss's sign flipped on purpose, grpo 16.6 vs 12.2 (fails)."""
+    lengths = {}
+    for principle in ("concise", "comprehensive"):
+        cwd = ppo_project(tmp_path / principle, two_length_policy, rm=length_rm / "models/rm", policy={
+            "algorithm": algorithm}, rl={"group_size": 4}, ppo={
+            **TINY_PPO, "principles": [principle], "num_principles": 1, "guard_principles": [], "iterations": 12,
+            "rollout_batch_size": 8, "step_batch_size": 8, "learning_rate": 3e-3, "max_new_tokens": 32,
+            "stop_penalty": None, "kl_coef": 0.05, "save_every": 100})
+        (cwd / "assets/ppo_principles.jsonl").write_text(PRINCIPLES[principle].model_dump_json() + "\n")
+        proc = stage(cwd, "policy", timeout=1800)
+        assert proc.returncode == 0, proc.stderr
+        lengths[principle] = [v for _, v in curve(cwd, "policy", "response_length")]
+    assert lengths["concise"][0] == lengths["comprehensive"][0]  # the same start
+    concise, comprehensive = (statistics.fmean(lengths[p][1:]) for p in ("concise", "comprehensive"))
+    assert concise < comprehensive - 2, lengths
