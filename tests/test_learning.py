@@ -129,8 +129,8 @@ def test_critic_free_rl_is_steered_by_the_rl_time_principle(tmp_path: Path, two_
     in the RL-time principle; under Concise the responses come out shorter than under Comprehensive. Four samples
     per prompt, 12 iterations: with two per prompt and 8 iterations neither method moved the length (a sequence-level
     advantage is a weaker signal here than PPO's value model, which starts as the RM and scores every token).
-    Seen (Dec 2026), mean length after the shared first iteration (19.2 tokens): grpo 15.5 vs 22.5, rloo 13.8 vs
-    23.4; with the policy loss's sign flipped on purpose, grpo 16.6 vs 12.2 (fails)."""
+    Seen (Dec 2026), mean length after the shared first iteration (19.2 tokens): grpo 15.6 vs 22.5, rloo 13.8 vs
+    23.4; with the policy loss's sign flipped on purpose, grpo 16.3 vs 10.4 (fails)."""
     lengths = {}
     for principle in ("concise", "comprehensive"):
         cwd = ppo_project(tmp_path / principle, two_length_policy, rm=length_rm / "models/rm", policy={
