@@ -51,7 +51,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from align.params import Ppo, Training, load_params  # noqa: E402
+from align.params import Ppo, Rl, Training, load_params  # noqa: E402
 from align.records import write_json  # noqa: E402
 from bench.common import run_worker  # noqa: E402
 
@@ -141,8 +141,10 @@ class Finished(Exception):
     """Raised from the loop's log call after the last iteration: what `job` does after its loop is not timed."""
 
 
-def run_ours(spec: dict, scratch: Path, memory: TreeRss) -> dict:
-    """`stages.ppo.job` with a log call that also reads the clock and the peak RSS, in the scratch folder."""
+def run_ours(spec: dict, scratch: Path, memory: TreeRss, algorithm: str = "ppo", rl: Rl | None = None) -> dict:
+    """`stages.ppo.job` (PPO, or `algorithm` grpo / rloo with `rl`'s group size: bench/grpo_vs_trl.py) with a log
+    call that also reads the clock and the peak RSS, in the scratch folder; the whole rollout (prompts x samples
+    per prompt) in one generation call."""
     from align.assets import PreferencePrinciple, load_jsonl
     from stages import ppo
 
@@ -151,9 +153,8 @@ def run_ours(spec: dict, scratch: Path, memory: TreeRss) -> dict:
 
     class Clock(ppo.LiveCurve):
         def __call__(self, step: int, metrics: dict) -> None:
-            end = time.perf_counter()
-            super().__call__(step, metrics)
-            iterations.append({"end": end, "rollout_seconds": metrics["seconds_rollout"],
+            super().__call__(step, metrics)  # its first call imports dvclive: a start-up cost, in the warm-up
+            iterations.append({"end": time.perf_counter(), "rollout_seconds": metrics["seconds_rollout"],
                                "reward_seconds": metrics["seconds_reward"],
                                "update_seconds": metrics["seconds_update"],
                                "rollout_tokens": metrics["rollout_tokens"]})
@@ -165,15 +166,18 @@ def run_ours(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     cfg = ppo_config(spec)
     collection = load_jsonl(ROOT / ppo.COLLECTION, PreferencePrinciple)
     guards = load_jsonl(ROOT / ppo.GUARDS, PreferencePrinciple)
+    rl = rl or Rl()
+    group = 1 if algorithm == "ppo" else rl.group_size  # samples per prompt, as PpoRecipe counts them
     settings = load_params(ROOT / "params.yaml").generation.model_copy(
-        update={"backend": spec["backend"], "batch_size": spec["rollout"]})
+        update={"backend": spec["backend"], "batch_size": spec["rollout"] * group})
     try:
         ppo.job(ppo.PpoJob(sft_dir=Path(spec["model"]), rm_dir=Path(spec["rm"]), pool=spec["pool"],
                            collection=collection, guards=guards, cfg=cfg, training=training_config(spec),
-                           generation=settings, seed=spec["seed"], ckpt_dir=scratch / "ckpt", params={}, inputs={}))
+                           generation=settings, seed=spec["seed"], ckpt_dir=scratch / "ckpt", params={}, inputs={},
+                           algorithm=algorithm, rl=rl))
     except Finished:
         pass
-    steps = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size // cfg.step_batch_size)
+    steps = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size * group // cfg.step_batch_size)
     return {"iterations": iterations, "peak_rss_mb": rss[0], "optimizer_steps": steps}
 
 
