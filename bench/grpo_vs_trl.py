@@ -68,7 +68,7 @@ from align.params import Rl, load_params  # noqa: E402
 from align.records import write_json  # noqa: E402
 from bench.common import run_worker  # noqa: E402
 from bench.ppo_vs_trl import (  # noqa: E402
-    TreeRss, optimizer_steps, ppo_config, prompt_pool, run_ours, summarize, training_config, untrained_rm,
+    TreeRss, optimizer_steps, ppo_config, run_ours, run_prompts, summarize, training_config, untrained_rm,
 )
 
 ALGORITHMS = ("grpo", "rloo")
@@ -293,13 +293,7 @@ def main() -> None:
                             "new_tokens": args.new_tokens, "iterations": args.iterations, "lora_r": args.lora_r,
                             "seed": args.seed, "threads": args.threads, "backend": args.backend}
     cfg = ppo_config(spec)
-    spec["pool"] = prompt_pool(args.model, args.rollout * args.iterations, cfg.max_query_tokens)
-    if len(spec["pool"]) < args.rollout:
-        sys.exit(f"data/prompts/prompts.jsonl: {len(spec['pool'])} prompts fit; --rollout needs {args.rollout}")
-    from stages.ppo import iteration_prompts
-
-    last = iteration_prompts(spec["pool"], cfg, args.seed, args.iterations - 1, 0, 1)
-    spec["trl_prompts"] = [spec["pool"][i] for i in last]  # TRL's every iteration = our timed one's prompts
+    spec.update(run_prompts(args.model, cfg, args.rollout, args.iterations, args.seed))
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl_") as tmp:
         trained = (args.rm / "adapter").is_dir()
         spec["rm"] = str(args.rm if trained else untrained_rm(args.model, Path(tmp) / "rm"))

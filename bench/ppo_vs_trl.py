@@ -342,6 +342,17 @@ def print_table(setup: dict, summary: dict, ratios: dict) -> None:
           f"{ratios['rss']:.2f}x (target <= 1)")
 
 
+def run_prompts(model: Path, cfg: Any, rollout: int, iterations: int, seed: int) -> dict[str, list]:
+    """{"pool": the prompt pool as the stage builds it, "trl_prompts": our timed (last) iteration's prompts, which
+    TRL answers in every one of its iterations}."""
+    from stages.ppo import iteration_prompts
+
+    pool = prompt_pool(model, rollout * iterations, cfg.max_query_tokens)
+    if len(pool) < rollout:
+        sys.exit(f"data/prompts/prompts.jsonl: {len(pool)} prompts fit; --rollout needs {rollout}")
+    return {"pool": pool, "trl_prompts": [pool[i] for i in iteration_prompts(pool, cfg, seed, iterations - 1, 0, 1)]}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = ROOT / "models" / "sft" / "model"
@@ -381,13 +392,7 @@ def main() -> None:
                             "iterations": args.iterations, "lora_r": args.lora_r, "seed": args.seed,
                             "threads": args.threads, "backend": args.backend}
     cfg = ppo_config(spec)
-    spec["pool"] = prompt_pool(args.model, args.rollout * args.iterations, cfg.max_query_tokens)
-    if len(spec["pool"]) < args.rollout:
-        sys.exit(f"data/prompts/prompts.jsonl: {len(spec['pool'])} prompts fit; --rollout needs {args.rollout}")
-    from stages.ppo import iteration_prompts
-
-    last = iteration_prompts(spec["pool"], cfg, args.seed, args.iterations - 1, 0, 1)
-    spec["trl_prompts"] = [spec["pool"][i] for i in last]  # TRL's every iteration = our timed one's prompts
+    spec.update(run_prompts(args.model, cfg, args.rollout, args.iterations, args.seed))
     with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as tmp:
         trained = (args.rm / "adapter").is_dir()
         spec["rm"] = str(args.rm if trained else untrained_rm(args.model, Path(tmp) / "rm"))
