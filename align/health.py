@@ -9,7 +9,9 @@ widens every run's table. The stages therefore share one small vocabulary, which
 - kept: of what the stage generated, the share it kept (label_preferences: the share of labels decided, not a tie)
 - loss: training loss at the end (last step; mean of the last 10 where the stage logs that)
 - acc: preference accuracy, held out (train_rm) or over the last 10 steps (DPO)
-- reward, kl: PPO's raw RM reward and KL to the SFT policy in the last iteration
+- reward: PPO (GRPO, RLOO): the RM reward the trained policy gains over the SFT policy on held-out prompts (> 0: RL
+  raised what it optimised; the last iteration's raw reward where `ppo.eval_prompts` is 0)
+- kl: PPO's KL to the SFT policy in the last iteration
 Figures are rounded to 3 decimals (minutes to 2): the table is for reading; the out keeps the exact values.
 """
 
@@ -23,7 +25,8 @@ VOCABULARY = ("minutes", "rows", "kept", "loss", "acc", "reward", "kl")
 def _policy(m: dict) -> dict:
     if m.get("algorithm") == "dpo":
         return {"rows": m["examples"], "loss": m["loss_last10_mean"], "acc": m["accuracy_last10_mean"]}
-    return {"rows": m["iterations"], "reward": m["reward_raw_last"], "kl": m["kl_last"]}
+    reward = m["held_out"]["gain"] if m.get("held_out") else m["reward_raw_last"]
+    return {"rows": m["iterations"], "reward": reward, "kl": m["kl_last"]}
 
 
 FIGURES: dict[str, Callable[[dict], dict]] = {

@@ -387,6 +387,7 @@ class Ppo(Strict):
     step_batch_size: int = Field(4, ge=1)  # samples per optimizer step, over all ranks
     ppo_epochs: int = Field(2, ge=1)  # passes over each rollout batch
     learning_rate: float = Field(2e-5, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "constant"  # overrides training's: later iterations see new rollouts
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     temperature: float = Field(0.7, gt=0)
@@ -394,6 +395,7 @@ class Ppo(Strict):
     max_query_tokens: int = Field(256, ge=1)  # prompts longer than this (chat template included) are left out
     max_new_tokens: int = Field(128, ge=1)
     max_prompts: int | None = Field(None, ge=1)  # the prompt pool: prompts not used for SFT, drawn at random
+    eval_prompts: int = Field(16, ge=0)  # held out of the pool (at most half); policy vs SFT on them at the end
     principles: list[str] | None = None  # ids from assets/ppo_principles.jsonl to draw from; None: all
     num_principles: int = Field(3, ge=0, le=3)  # drawn per prompt (SALMON: at most 3)
     guard_principles: list[str] | None = None  # ids from assets/guard_principles.jsonl, always shown; None: all

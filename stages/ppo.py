@@ -45,6 +45,7 @@ from align.assets import PreferencePrinciple, load_jsonl, pick_principles
 from align.devices import config_dtype
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
+from align.intervals import bootstrap_ci
 from align.models import padding_id, prompt_ids
 from align.params import Generation, Params, Ppo, Rl, Training
 from align.paths import MODEL
@@ -110,6 +111,28 @@ def shaped_scores(raw: list[float], finishes: list[str], lengths: list[int], cfg
     return shaped
 
 
+def hold_out(pool: list[dict], count: int, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training pool, held-out prompts): `count` prompts, at most half the pool, drawn at random and kept out of
+    training for `PpoRecipe.held_out`."""
+    order = random.Random(f"{seed}:held_out").sample(range(len(pool)), len(pool))
+    held = set(order[:min(count, len(pool) // 2)])
+    return [p for i, p in enumerate(pool) if i not in held], [p for i, p in enumerate(pool) if i in held]
+
+
+def held_out_summary(rows: list[tuple[float, float, bool, bool]], seed: int) -> dict:
+    """From (SFT score, policy score, SFT cut off, policy cut off) per held-out prompt: both mean RM rewards, the
+    policy's mean gain with a 95% bootstrap interval (paired: per prompt), its win rate over SFT (ties half) and
+    each side's share of answers cut off at max_new_tokens."""
+    sft, policy = [r[0] for r in rows], [r[1] for r in rows]
+    gains = [p - s for s, p in zip(sft, policy)]
+    lo, hi = bootstrap_ci(gains, seed, 2000)
+    return {"prompts": len(rows), "reward_sft": statistics.fmean(sft), "reward_policy": statistics.fmean(policy),
+            "gain": statistics.fmean(gains), "gain_ci95": f"[{lo:.3f}, {hi:.3f}]",
+            "win_rate": statistics.fmean(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gains),
+            "no_stop_sft": statistics.fmean(float(r[2]) for r in rows),
+            "no_stop_policy": statistics.fmean(float(r[3]) for r in rows)}
+
+
 def iteration_prompts(pool: list[dict], cfg: Ppo, seed: int, iteration: int, rank: int, world: int) -> list[int]:
     """Indices into the pool for this iteration and rank: the pool visited in a seeded order per pass over it."""
     total = cfg.rollout_batch_size
@@ -148,6 +171,7 @@ class PpoJob:
     inputs: dict
     algorithm: str = "ppo"  # ppo | grpo | rloo
     rl: Rl = field(default_factory=Rl)  # grpo and rloo: samples per prompt and GRPO's std scaling
+    held_out: list[dict] = field(default_factory=list)  # prompts kept out of `pool` for `PpoRecipe.held_out`
 
 
 def job(args: PpoJob) -> str | None:
@@ -195,8 +219,45 @@ class PpoRecipe:
                 stats = self.update(rollout, state["kl_coef"], iteration)
                 scored = started + rollout.stats["seconds_rollout"] + rollout.stats["seconds_reward"]
                 self.record(state, rollout, {**stats, "seconds_update": time.perf_counter() - scored})
+            state["held_out"] = self.held_out(generator)
         save_adapter(self.policy, job.ckpt_dir / "adapter")
         return self.finish(state)
+
+    def guide(self, prompt: dict, iteration: int, index: int) -> tuple[list[str], list[str] | str]:
+        """(ids, what the RM reads) for a prompt: its system message for a system-message row, else principles."""
+        if "system" in prompt:
+            return [f"system:{prompt['combination']}"], prompt["system"]
+        job = self.job
+        return guide_for(job.cfg, job.collection, job.guards, job.seed, iteration, index)
+
+    def held_out(self, generator: Generator) -> dict | None:
+        """The trained policy against the SFT policy (adapter off) on the held-out prompts: one sample each with
+        one seed, raw RM scores under the same principles. The per-iteration reward curve answers new prompts every
+        time, so on a small rollout it mostly shows the prompts' own spread; this compares like with like."""
+        import torch.distributed as dist
+
+        job, cfg = self.job, self.job.cfg
+        if not job.held_out:
+            return None
+        save_adapter(self.policy, self.rollout_adapter)
+        mine = list(range(len(job.held_out)))[self.rank::self.world]
+        rows = []
+        if mine:
+            prompts = [job.held_out[i] for i in mine]
+            texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}],
+                                 system=p.get("system")) for p in prompts]
+            guides = [self.guide(p, -1, i)[1] for p, i in zip(prompts, mine)]
+            sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed=job.seed * 1_000_003 - 1)
+            scored = []
+            for adapter in (None, self.rollout_adapter):
+                outs = generator.generate(texts, sampling, adapter=adapter)
+                raw = self.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
+                scored.append([(r, o.finish_reason == "length") for r, o in zip(raw, outs)])
+            rows = [(s, p, s_cut, p_cut) for (s, s_cut), (p, p_cut) in zip(*scored)]
+        gathered: list[list] = [[] for _ in range(self.world)]
+        dist.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+        return held_out_summary(rows, job.seed) if rows else None
 
     def rollout(self, generator: Generator, iteration: int) -> Rollout:
         """This rank's prompts answered by the current policy (`group` samples each, consecutive rows), scored by
@@ -213,9 +274,7 @@ class PpoRecipe:
         outs = generator.generate(texts, sampling, adapter=self.rollout_adapter)
         rolled = time.perf_counter()
         first = self.rank * (cfg.rollout_batch_size // self.world)
-        guides = [([f"system:{p['combination']}"], p["system"]) if "system" in p else
-                  guide_for(cfg, job.collection, job.guards, job.seed, iteration, first + k)
-                  for k, p in enumerate(prompts)]
+        guides = [self.guide(p, iteration, first + k) for k, p in enumerate(prompts)]
         queries = [prompt_ids(generator.tokenizer, t) for t in texts for _ in range(self.group)]
         prompts, guides = ([x for x in xs for _ in range(self.group)] for xs in (prompts, guides))
         responses = [list(o.token_ids) or [self.pad_id] for o in outs]
@@ -322,7 +381,8 @@ class PpoRecipe:
             return {"algorithm": job.algorithm, "iterations": len(curves),
                     **{f"{name}_first": curves[0][name] for name in ("reward_raw", "response_length", "kl")},
                     **{f"{name}_last": curves[-1][name] for name in ("reward_raw", "reward_shaped", "response_length",
-                                                                       "kl", "entropy", "no_stop_share")}}
+                                                                       "kl", "entropy", "no_stop_share")},
+                    "held_out": state.get("held_out")}
 
         return finish_training(OUT, stage=STAGE, params=job.params, inputs=job.inputs, adapter=job.ckpt_dir / "adapter",
                                ckpt_dir=job.ckpt_dir, base=job.sft_dir, write=write)
@@ -387,16 +447,16 @@ def main() -> None:
     inputs = input_refs({"policy": SFT, "rm": RM, "prompts": PROMPTS, "sft_data": SFT_DATA,
                          "principles": COLLECTION, "guards": GUARDS, "system_messages": SYSTEM})
     check_one_dtype(params)
-    pool = prompt_pool(cfg, params.seed)
+    pool, held_out = hold_out(prompt_pool(cfg, params.seed), cfg.eval_prompts, params.seed)
     training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
-                                                  "lora_alpha": cfg.lora_alpha})
+                                                  "lora_alpha": cfg.lora_alpha, "lr_schedule": cfg.lr_schedule})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "ppo": cfg.model_dump(), "rl": params.rl.model_dump(), "generation": params.generation.model_dump()}
     ckpt_dir = checkpoint_dir(params.policy.algorithm, {"params": subset, "inputs": inputs})
     fn = functools.partial(job, PpoJob(
         sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, cfg=cfg, training=training,
         generation=params.generation, seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs,
-        algorithm=params.policy.algorithm, rl=params.rl))
+        algorithm=params.policy.algorithm, rl=params.rl, held_out=held_out))
     runner.submit_stage(STAGE, OUT, fn, params.cluster.policy, params.cluster, subset, inputs)
 
 

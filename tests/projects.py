@@ -40,7 +40,8 @@ SHORT_LONG = [  # (prompt, short answer, long answer)
 ] * 2
 SMALL_EVALUATE = {"max_items": 6, "mt_bench_questions": 2, "max_new_tokens": 6, "batch_size": 4}
 TINY_PPO = {"iterations": 3, "rollout_batch_size": 4, "step_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 8,
-            "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "save_every": 1, "score_batch_size": 4}
+            "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "save_every": 1, "score_batch_size": 4,
+            "eval_prompts": 0}  # the pool of 5 prompts stays whole; tests that check the held-out comparison set it
 
 
 def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, **groups: dict) -> Path:

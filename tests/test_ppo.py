@@ -27,7 +27,7 @@ from align.reward import guide_text
 from align.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
 from align.rollout import pack, policy_outputs
 from align.training import tokenize_pair
-from stages.ppo import shaped_scores
+from stages.ppo import held_out_summary, hold_out, shaped_scores
 from tests.conftest import ROOT
 from tests.helpers import FAST_TRAINING, curve, kill_tree, stage
 from tests.projects import PRINCIPLES, TINY_PPO, ppo_project, preference_rows, rm_project
@@ -88,6 +88,24 @@ def test_no_stop_token_gets_the_penalty_and_length_bonus_is_capped() -> None:
     assert shaped_scores([-9.0], ["length"], [10], absolute) == pytest.approx([-5.5])  # replacing can reward
     none = cfg.model_copy(update={"stop_penalty": None})
     assert shaped_scores([7.0], ["length"], [10], none) == pytest.approx([7.5])
+
+
+def test_held_out_prompts_leave_the_training_pool_and_are_compared_per_prompt() -> None:
+    pool = [{"id": f"p{i}", "text": str(i)} for i in range(10)]
+    train, held = hold_out(pool, 3, seed=0)
+    assert len(held) == 3 and len(train) == 7
+    assert sorted(p["id"] for p in train + held) == sorted(p["id"] for p in pool)  # a split, nothing lost or doubled
+    assert hold_out(pool, 3, seed=0) == (train, held) and hold_out(pool, 3, seed=1)[1] != held
+    assert len(hold_out(pool, 16, seed=0)[1]) == 5 and hold_out(pool, 0, seed=0) == (pool, [])  # at most half
+    # (SFT score, policy score, SFT cut off, policy cut off): gains 0.4, -0.2, 0
+    summary = held_out_summary([(0.1, 0.5, True, False), (0.4, 0.2, False, False), (0.3, 0.3, True, True)], seed=0)
+    assert summary["prompts"] == 3
+    assert summary["reward_sft"] == pytest.approx(0.8 / 3) and summary["reward_policy"] == pytest.approx(1.0 / 3)
+    assert summary["gain"] == pytest.approx(0.2 / 3)
+    assert summary["win_rate"] == pytest.approx(1.5 / 3)  # a tie counts half
+    assert summary["no_stop_sft"] == pytest.approx(2 / 3) and summary["no_stop_policy"] == pytest.approx(1 / 3)
+    lo, hi = json.loads(summary["gain_ci95"])
+    assert -0.2 <= lo < summary["gain"] < hi <= 0.4
 
 
 def test_ppo_top_p_below_one_is_one_params_line() -> None:
