@@ -109,7 +109,7 @@ def test_ppo_raises_the_reward_with_its_kl_bounded(tmp_path: Path, two_length_po
     cwd = ppo_project(tmp_path, two_length_policy, rm=rm, ppo={
         **TINY_PPO, "principles": ["concise"], "num_principles": 1, "guard_principles": [], "iterations": 8,
         "rollout_batch_size": 8, "step_batch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 32,
-        "stop_penalty": None, "kl_coef": 0.05, "save_every": 100, "eval_prompts": 2})
+        "stop_penalty": None, "kl_coef": 0.05, "save_every": 100})
     (cwd / "assets/ppo_principles.jsonl").write_text(PRINCIPLES["concise"].model_dump_json() + "\n")
     proc = stage(cwd, "policy", timeout=1800)
     assert proc.returncode == 0, proc.stderr
@@ -117,8 +117,6 @@ def test_ppo_raises_the_reward_with_its_kl_bounded(tmp_path: Path, two_length_po
     lengths = [v for _, v in curve(cwd, "policy", "response_length")]
     kl = [v for _, v in curve(cwd, "policy", "kl")]
     assert after > before + 0.5, (before, after, lengths)
-    held_out = json.loads((cwd / "models/policy/metrics.json").read_text())["held_out"]
-    assert held_out["prompts"] == 2 and held_out["gain"] > 0, held_out  # the stage's own check agrees
     assert statistics.fmean(lengths[-3:]) < lengths[0], lengths
     assert max(kl) < 5.0, kl
 

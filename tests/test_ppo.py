@@ -115,7 +115,7 @@ def test_ppo_top_p_below_one_is_one_params_line() -> None:
 
 @pytest.mark.slow
 def test_ppo_kl_starts_at_zero_grows_and_a_killed_run_resumes(tmp_path: Path, roomy_model: Path) -> None:
-    cwd = ppo_project(tmp_path, roomy_model)
+    cwd = ppo_project(tmp_path, roomy_model, ppo={**TINY_PPO, "eval_prompts": 2})
     proc = stage(cwd, "policy")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/policy")
@@ -126,6 +126,10 @@ def test_ppo_kl_starts_at_zero_grows_and_a_killed_run_resumes(tmp_path: Path, ro
         assert len(curve(cwd, "policy", name)) == 3
     metrics = json.loads((cwd / "models/policy/metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["kl_first"] == kl[0]
+    held_out = metrics["held_out"]  # 2 of the pool's 5 prompts, answered by the trained and the SFT policy
+    assert held_out["prompts"] == 2 and held_out["gain"] == pytest.approx(
+        held_out["reward_policy"] - held_out["reward_sft"])
+    assert json.loads((cwd / "metrics/policy.json").read_text())["reward"] == round(held_out["gain"], 3)
     samples = read_jsonl(cwd / "models/policy/samples.jsonl")
     assert {s["iteration"] for s in samples} == {0, 1, 2}
     assert all(s["principles"][-3:] == ["no_self_commentary", "does_the_task", "no_needless_examples"]
