@@ -25,7 +25,7 @@ VOCABULARY = ("minutes", "rows", "kept", "loss", "acc", "reward", "kl")
 def _policy(m: dict) -> dict:
     if m.get("algorithm") == "dpo":
         return {"rows": m["examples"], "loss": m["loss_last10_mean"], "acc": m["accuracy_last10_mean"]}
-    reward = m["held_out"]["gain"] if m.get("held_out") else m["reward_raw_last"]
+    reward = m["held_out"]["reward_gain"] if m.get("held_out") else m["reward_raw_last"]
     return {"rows": m["iterations"], "reward": reward, "kl": m["kl_last"]}
 
 

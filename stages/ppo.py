@@ -119,18 +119,23 @@ def hold_out(pool: list[dict], count: int, seed: int) -> tuple[list[dict], list[
     return [p for i, p in enumerate(pool) if i not in held], [p for i, p in enumerate(pool) if i in held]
 
 
-def held_out_summary(rows: list[tuple[float, float, bool, bool]], seed: int) -> dict:
-    """From (SFT score, policy score, SFT cut off, policy cut off) per held-out prompt: both mean RM rewards, the
-    policy's mean gain with a 95% bootstrap interval (paired: per prompt), its win rate over SFT (ties half) and
-    each side's share of answers cut off at max_new_tokens."""
-    sft, policy = [r[0] for r in rows], [r[1] for r in rows]
-    gains = [p - s for s, p in zip(sft, policy)]
-    lo, hi = bootstrap_ci(gains, seed, 2000)
-    return {"prompts": len(rows), "reward_sft": statistics.fmean(sft), "reward_policy": statistics.fmean(policy),
-            "gain": statistics.fmean(gains), "gain_ci95": f"[{lo:.3f}, {hi:.3f}]",
-            "win_rate": statistics.fmean(1.0 if g > 0 else 0.5 if g == 0 else 0.0 for g in gains),
-            "no_stop_sft": statistics.fmean(float(r[2]) for r in rows),
-            "no_stop_policy": statistics.fmean(float(r[3]) for r in rows)}
+def held_out_summary(sft: list[tuple[float, float, bool]], policy: list[tuple[float, float, bool]],
+                     seed: int) -> dict:
+    """From each side's (RM score, shaped score, cut off at max_new_tokens) per held-out prompt, in one prompt order:
+    for the RM score (`reward_*`) and the shaped score PPO maximises (`shaped_*`), both sides' means and the
+    policy's mean gain with a paired 95% bootstrap interval; the policy's win rate over SFT under the RM (ties half)
+    and each side's cut-off share."""
+    summary: dict = {"prompts": len(sft)}
+    for name, i in (("reward", 0), ("shaped", 1)):
+        gains = [p[i] - s[i] for s, p in zip(sft, policy)]
+        lo, hi = bootstrap_ci(gains, seed, 2000)
+        summary |= {f"{name}_sft": statistics.fmean(s[i] for s in sft),
+                    f"{name}_policy": statistics.fmean(p[i] for p in policy),
+                    f"{name}_gain": statistics.fmean(gains), f"{name}_gain_ci95": f"[{lo:.3f}, {hi:.3f}]"}
+    return {**summary, "win_rate": statistics.fmean(1.0 if p[0] > s[0] else 0.5 if p[0] == s[0] else 0.0
+                                                    for s, p in zip(sft, policy)),
+            "no_stop_sft": statistics.fmean(float(s[2]) for s in sft),
+            "no_stop_policy": statistics.fmean(float(p[2]) for p in policy)}
 
 
 def iteration_prompts(pool: list[dict], cfg: Ppo, seed: int, iteration: int, rank: int, world: int) -> list[int]:
@@ -252,12 +257,14 @@ class PpoRecipe:
             for adapter in (None, self.rollout_adapter):
                 outs = generator.generate(texts, sampling, adapter=adapter)
                 raw = self.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
-                scored.append([(r, o.finish_reason == "length") for r, o in zip(raw, outs)])
-            rows = [(s, p, s_cut, p_cut) for (s, s_cut), (p, p_cut) in zip(*scored)]
+                finishes = [o.finish_reason for o in outs]
+                shaped = shaped_scores(raw, finishes, [len(o.token_ids) for o in outs], cfg)
+                scored.append(list(zip(raw, shaped, [f == "length" for f in finishes])))
+            rows = list(zip(*scored))  # (SFT's, the policy's) per prompt
         gathered: list[list] = [[] for _ in range(self.world)]
         dist.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
-        return held_out_summary(rows, job.seed) if rows else None
+        return held_out_summary([r[0] for r in rows], [r[1] for r in rows], job.seed) if rows else None
 
     def rollout(self, generator: Generator, iteration: int) -> Rollout:
         """This rank's prompts answered by the current policy (`group` samples each, consecutive rows), scored by

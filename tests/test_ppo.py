@@ -97,15 +97,17 @@ def test_held_out_prompts_leave_the_training_pool_and_are_compared_per_prompt() 
     assert sorted(p["id"] for p in train + held) == sorted(p["id"] for p in pool)  # a split, nothing lost or doubled
     assert hold_out(pool, 3, seed=0) == (train, held) and hold_out(pool, 3, seed=1)[1] != held
     assert len(hold_out(pool, 16, seed=0)[1]) == 5 and hold_out(pool, 0, seed=0) == (pool, [])  # at most half
-    # (SFT score, policy score, SFT cut off, policy cut off): gains 0.4, -0.2, 0
-    summary = held_out_summary([(0.1, 0.5, True, False), (0.4, 0.2, False, False), (0.3, 0.3, True, True)], seed=0)
+    # per prompt (RM score, shaped score, cut off): RM gains 0.4, -0.2, 0; shaped gains 6.4, -0.2, 0
+    sft, policy = [(0.1, -5.9, True), (0.4, 0.4, False), (0.3, -5.7, True)], [(0.5, 0.5, False), (0.2, 0.2, False),
+                                                                            (0.3, -5.7, True)]
+    summary = held_out_summary(sft, policy, seed=0)
     assert summary["prompts"] == 3
     assert summary["reward_sft"] == pytest.approx(0.8 / 3) and summary["reward_policy"] == pytest.approx(1.0 / 3)
-    assert summary["gain"] == pytest.approx(0.2 / 3)
-    assert summary["win_rate"] == pytest.approx(1.5 / 3)  # a tie counts half
+    assert summary["reward_gain"] == pytest.approx(0.2 / 3) and summary["shaped_gain"] == pytest.approx(6.2 / 3)
+    assert summary["win_rate"] == pytest.approx(1.5 / 3)  # under the RM; a tie counts half
     assert summary["no_stop_sft"] == pytest.approx(2 / 3) and summary["no_stop_policy"] == pytest.approx(1 / 3)
-    lo, hi = json.loads(summary["gain_ci95"])
-    assert -0.2 <= lo < summary["gain"] < hi <= 0.4
+    lo, hi = json.loads(summary["reward_gain_ci95"])
+    assert -0.2 <= lo < summary["reward_gain"] < hi <= 0.4
 
 
 def test_ppo_top_p_below_one_is_one_params_line() -> None:
@@ -127,9 +129,9 @@ def test_ppo_kl_starts_at_zero_grows_and_a_killed_run_resumes(tmp_path: Path, ro
     metrics = json.loads((cwd / "models/policy/metrics.json").read_text())
     assert metrics["iterations"] == 3 and metrics["kl_first"] == kl[0]
     held_out = metrics["held_out"]  # 2 of the pool's 5 prompts, answered by the trained and the SFT policy
-    assert held_out["prompts"] == 2 and held_out["gain"] == pytest.approx(
+    assert held_out["prompts"] == 2 and held_out["reward_gain"] == pytest.approx(
         held_out["reward_policy"] - held_out["reward_sft"])
-    assert json.loads((cwd / "metrics/policy.json").read_text())["reward"] == round(held_out["gain"], 3)
+    assert json.loads((cwd / "metrics/policy.json").read_text())["reward"] == round(held_out["reward_gain"], 3)
     samples = read_jsonl(cwd / "models/policy/samples.jsonl")
     assert {s["iteration"] for s in samples} == {0, 1, 2}
     assert all(s["principles"][-3:] == ["no_self_commentary", "does_the_task", "no_needless_examples"]
