@@ -77,10 +77,10 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
     return float(1 - err_var / var) if var > 0 else 0.0
 
 
-def entropy(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean entropy of the next-token distributions at the response tokens."""
+def entropy(logits: torch.Tensor) -> torch.Tensor:
+    """The entropy of each next-token distribution, [B, R] from logits [B, R, V]."""
     logp = torch.log_softmax(logits.float(), dim=-1)
-    return masked_mean(-(logp.exp() * logp).sum(-1), mask)
+    return -(logp.exp() * logp).sum(-1)
 
 
 def adapt_kl_coef(coef: float, kl: float, target: float | None, horizon: int, samples: int) -> float:

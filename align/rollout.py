@@ -10,11 +10,14 @@ value model's values and the sequence scores.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from align.devices import to_device
+
+
+SEQUENCE_FIELDS = ("input_ids", "attention_mask", "position_ids")  # [B, W + R]; the other 2-D fields are [B, R]
 
 
 @dataclass(frozen=True)
@@ -36,10 +39,32 @@ class Rollout:
         return self.responses.shape[0]
 
     def rows(self, index: torch.Tensor) -> Rollout:
-        """The rollout restricted to the rows in `index` (a micro-batch)."""
+        """The rollout restricted to the rows in `index` (a micro-batch), cut to their own widths: the query
+        columns that pad every one of them and the response columns past their longest response are dropped, so a
+        forward over them computes the same log-probs and values over fewer tokens (a micro-batch of one row runs
+        no padding at all). Tensors indexed by response token ([B, R]) are cut alike; `response_width` cuts others."""
         picked = {f.name: getattr(self, f.name)[index] for f in fields(self)
                   if isinstance(getattr(self, f.name), torch.Tensor)}
-        return replace(self, **picked, samples=[self.samples[i] for i in index.tolist()] if self.samples else [])
+        query = int(picked["attention_mask"][:, : self.query_width].sum(1).max())
+        length = max(1, int(picked["response_mask"].sum(1).max()))
+        start, stop = self.query_width - query, self.query_width + length
+        for name, x in picked.items():
+            if name in SEQUENCE_FIELDS:
+                picked[name] = x[:, start:stop]
+            elif x.dim() == 2:
+                picked[name] = x[:, :length]
+        return replace(self, **picked, query_width=query,
+                       samples=[self.samples[i] for i in index.tolist()] if self.samples else [])
+
+    def response_width(self, x: torch.Tensor) -> torch.Tensor:
+        """`x` ([B, R'] per response token, R' >= this rollout's R) cut to this rollout's response columns."""
+        return x[:, : self.responses.shape[1]]
+
+    def chunks(self, size: int) -> list[tuple[torch.Tensor, Rollout]]:
+        """(row index, rows) in chunks of `size` rows of similar length, each cut to its own widths (`rows`):
+        for the forwards whose results do not depend on which rows share a batch."""
+        order = torch.argsort(self.attention_mask.sum(1), stable=True).to(self.input_ids.device)
+        return [(order[i : i + size], self.rows(order[i : i + size])) for i in range(0, len(order), size)]
 
 
 def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int, scores: list[float],
@@ -87,3 +112,16 @@ def token_values(value: Any, rollout: Rollout) -> torch.Tensor:
                          position_ids=rollout.position_ids).last_hidden_state
     values = inner.score(hidden).squeeze(-1).float()
     return response_slice(values, rollout.query_width, rollout.responses.shape[1])
+
+
+def by_chunks(rollout: Rollout, size: int, forward: Callable[[Rollout], list[torch.Tensor]]) -> list[torch.Tensor]:
+    """`forward`'s per-response-token outputs ([rows, R'] each) over `rollout.chunks(size)`, put back in row order
+    as [B, R], 0 past each chunk's responses: a whole rollout's forward in micro-batch-sized, length-sorted pieces,
+    so memory stays that of one micro-batch and little of the work is padding."""
+    results: list[torch.Tensor] = []
+    for index, part in rollout.chunks(size):
+        for k, x in enumerate(forward(part)):
+            if k == len(results):
+                results.append(torch.zeros(rollout.responses.shape, dtype=x.dtype, device=x.device))
+            results[k][index, : x.shape[1]] = x
+    return results

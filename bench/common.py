@@ -10,6 +10,11 @@ import sys
 from pathlib import Path
 
 
+def absolute(arg: str) -> Path:
+    """A folder argument as an absolute path (argparse `type`): the workers run in a scratch folder."""
+    return Path(arg).resolve()
+
+
 def run_worker(script: str, name: str, spec_path: Path, result: Path, cwd: Path, threads: int | None = None) -> dict:
     """Run `script --worker name` offline in `cwd` (with `threads` OpenMP/MKL threads when given) and return the
     JSON it wrote to `result`."""

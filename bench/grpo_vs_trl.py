@@ -66,7 +66,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from align.params import Rl, load_params  # noqa: E402
 from align.records import write_json  # noqa: E402
-from bench.common import run_worker  # noqa: E402
+from bench.common import absolute, run_worker  # noqa: E402
 from bench.ppo_vs_trl import (  # noqa: E402
     TreeRss, optimizer_steps, ppo_config, run_ours, run_prompts, summarize, training_config, untrained_rm,
 )
@@ -245,8 +245,8 @@ def parse_args() -> argparse.Namespace:
     params = load_params(ROOT / "params.yaml")
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = ROOT / "models" / "sft" / "model"
-    parser.add_argument("--model", type=Path, default=default if default.is_dir() else ROOT / "models" / "base")
-    parser.add_argument("--rm", type=Path, default=ROOT / "models" / "rm",
+    parser.add_argument("--model", type=absolute, default=default if default.is_dir() else ROOT / "models" / "base")
+    parser.add_argument("--rm", type=absolute, default=ROOT / "models" / "rm",
                         help="an RM out folder trained on --model (absent: an untrained one is built)")
     parser.add_argument("--rollout", type=int, default=8, help="prompts per iteration")
     parser.add_argument("--group", type=int, default=params.rl.group_size, help="samples per prompt (k)")

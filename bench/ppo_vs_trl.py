@@ -53,7 +53,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from align.params import Ppo, Rl, Training, load_params  # noqa: E402
 from align.records import write_json  # noqa: E402
-from bench.common import run_worker  # noqa: E402
+from bench.common import absolute, run_worker  # noqa: E402
 
 SIDES = ("ours", "trl")
 TRL_PAD = "<|endoftext|>"  # TRL's pad token (see `run_trl`)
@@ -88,8 +88,11 @@ def prompt_pool(model: Path, count: int, max_query_tokens: int) -> list[dict]:
     from align.models import prompt_ids
     from align.records import read_jsonl
 
+    prompts = ROOT / "data" / "prompts" / "prompts.jsonl"
+    if not prompts.is_file():
+        sys.exit(f"{prompts}: not found; the bench answers the pipeline's prompts: run `dvc repro prompts` first")
     tokenizer = AutoTokenizer.from_pretrained(model)
-    fits = [p for p in read_jsonl(ROOT / "data" / "prompts" / "prompts.jsonl")
+    fits = [p for p in read_jsonl(prompts)
             if len(prompt_ids(tokenizer, chat_prompt(tokenizer, [{"role": "user", "content": p["text"]}])))
             <= max_query_tokens]
     return [{"text": p["text"]} for p in fits[:count]]
@@ -356,8 +359,8 @@ def run_prompts(model: Path, cfg: Any, rollout: int, iterations: int, seed: int)
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = ROOT / "models" / "sft" / "model"
-    parser.add_argument("--model", type=Path, default=default if default.is_dir() else ROOT / "models" / "base")
-    parser.add_argument("--rm", type=Path, default=ROOT / "models" / "rm",
+    parser.add_argument("--model", type=absolute, default=default if default.is_dir() else ROOT / "models" / "base")
+    parser.add_argument("--rm", type=absolute, default=ROOT / "models" / "rm",
                         help="an RM out folder trained on --model (absent: an untrained one is built)")
     parser.add_argument("--rollout", type=int, default=8, help="prompts per iteration")
     parser.add_argument("--step-batch", type=int, default=4, help="samples per optimizer step")

@@ -60,7 +60,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from align.params import Training, load_params  # noqa: E402
 from align.records import write_json  # noqa: E402
-from bench.common import run_worker  # noqa: E402
+from bench.common import absolute, run_worker  # noqa: E402
 
 TRAINERS = ("ours", "trl")
 HELD_OUT_SHARE = 0.2
@@ -291,7 +291,7 @@ def print_table(setup: dict, summary: dict, ratios: dict) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     default = ROOT / "models" / "sft" / "model"
-    parser.add_argument("--model", type=Path, default=default if default.is_dir() else ROOT / "models" / "base")
+    parser.add_argument("--model", type=absolute, default=default if default.is_dir() else ROOT / "models" / "base")
     parser.add_argument("--epochs", type=int, default=1, help="passes over the train pairs, on each side")
     parser.add_argument("--batch", type=int, default=2, help="pairs per step")
     parser.add_argument("--max-pairs", type=int, help="train pairs kept (default: all)")

@@ -9,8 +9,8 @@ folded in, and its scalar head) + its own LoRA, read at every response token; th
 
 One iteration: `rollout_batch_size` prompts (each rank its share) are answered through the generation interface
 with the current adapter (saved, then served as a LoRA request by vLLM or loaded by the hf backend); each
-response is scored by the RM under `num_principles` principles drawn per prompt from the PPO collection plus
-every guard principle, or, for a prompt of the `system_messages` training rows, under its system message (which
+response is scored by the RM under every guard principle and `num_principles` principles drawn per prompt from
+the PPO collection, or, for a prompt of the `system_messages` training rows, under its system message (which
 the policy sees in the system role); the score is shaped (a response that ends without the stop token gets `stop_penalty`
 added; an optional capped length bonus) and spread into per-token rewards with the KL penalty to the reference;
 GAE gives advantages (whitened over all ranks) and returns; `ppo_epochs` passes of clipped policy and value
@@ -55,7 +55,7 @@ from align.rl import (
     adapt_kl_coef, entropy, explained_variance, gae, group_advantages, k3_kl, leave_one_out_advantages, masked_mean,
     policy_loss, token_rewards, value_loss, whiten,
 )
-from align.rollout import Rollout, pack, policy_outputs, token_values
+from align.rollout import Rollout, by_chunks, pack, policy_outputs, token_values
 from align.training import (
     DTYPE_NAMES, DTYPES, LiveCurve, checkpoint_dir, finish_training, init_distributed, lora_config, lora_model,
     make_engine, resumed_steps, reward_trunk, save_adapter,
@@ -90,11 +90,13 @@ def value_model(sft_dir: Path, rm_dir: Path, training: Training, seed: int) -> t
 
 def guide_for(cfg: Ppo, collection: list[PreferencePrinciple], guards: list[PreferencePrinciple], seed: int,
               iteration: int, index: int) -> tuple[list[str], list[str]]:
-    """(principle ids, texts) the RM reads for one prompt: `num_principles` drawn from the collection (seeded by
-    iteration and prompt), then every guard principle."""
+    """(principle ids, texts) the RM reads for one prompt: every guard principle, then `num_principles` drawn from
+    the collection (seeded by iteration and prompt). Guards first: the RM was trained on principles in random
+    order, and with the guards before the drawn ones every prompt's RM input starts with the same tokens (the
+    template's head and the guards), which `RewardScorer` runs once and keeps, not once per response."""
     rng = random.Random(f"{seed}:{iteration}:{index}")
     drawn = rng.sample(collection, min(cfg.num_principles, len(collection)))
-    shown = drawn + guards
+    shown = guards + drawn
     return [p.id for p in shown], [p.definition for p in shown]
 
 
@@ -292,13 +294,20 @@ class PpoRecipe:
                    for p, o, g, r, s in zip(prompts, outs, guides, raw, scores)]
         stats = {"seconds_rollout": rolled - started, "seconds_reward": time.perf_counter() - rolled}
         rollout = pack(queries, responses, self.pad_id, scores, device=self.policy.device, samples=samples)
-        with torch.no_grad():
-            logprobs, logits = policy_outputs(self.policy, rollout, cfg.temperature)
-            stats["entropy"] = float(entropy(logits, rollout.response_mask))
+
+        def before_update(part: Rollout) -> list[torch.Tensor]:
+            logprobs, logits = policy_outputs(self.policy, part, cfg.temperature)
             with self.policy.module.disable_adapter():
-                ref_logprobs, _ = policy_outputs(self.policy, rollout, cfg.temperature)
-            values = None if self.value is None else token_values(self.value, rollout) * rollout.response_mask
-        return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs, values=values, stats=stats)
+                ref_logprobs, _ = policy_outputs(self.policy, part, cfg.temperature)
+            return [logprobs, ref_logprobs, entropy(logits)] + ([] if self.value is None else
+                                                               [token_values(self.value, part)])
+
+        with torch.no_grad():
+            logprobs, ref_logprobs, entropies, *values = by_chunks(rollout, self.training.micro_batch_size,
+                                                                   before_update)
+        stats["entropy"] = float(masked_mean(entropies, rollout.response_mask))
+        return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                       values=values[0] * rollout.response_mask if values else None, stats=stats)
 
     def advantages(self, rollout: Rollout, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(advantages, returns (PPO only), per-token KL log pi - log pi_ref). PPO: per-token rewards with the KL
@@ -334,8 +343,8 @@ class PpoRecipe:
                 index = order[start : start + micro].to(mask.device)
                 part = rollout.rows(index)
                 logprobs, _ = policy_outputs(self.policy, part, cfg.temperature)
-                loss, stats = policy_loss(logprobs, part.logprobs, advantages[index], part.response_mask,
-                                          cfg.cliprange)
+                loss, stats = policy_loss(logprobs, part.logprobs, part.response_width(advantages[index]),
+                                          part.response_mask, cfg.cliprange)
                 if self.job.algorithm == "grpo":
                     stats["kl_term"] = masked_mean(k3_kl(logprobs, part.ref_logprobs, part.response_mask),
                                                    part.response_mask)
@@ -344,8 +353,8 @@ class PpoRecipe:
                 self.policy.step()
                 if self.value is not None:
                     values = token_values(self.value, part)
-                    stats["value_loss"] = value_loss(values, part.values, returns[index], part.response_mask,
-                                                     cfg.cliprange_value)
+                    stats["value_loss"] = value_loss(values, part.values, part.response_width(returns[index]),
+                                                     part.response_mask, cfg.cliprange_value)
                     self.value.backward(stats["value_loss"])
                     self.value.step()
                 for name, x in {"policy_loss": loss, **stats}.items():

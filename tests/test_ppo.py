@@ -25,7 +25,7 @@ from align.params import Ppo, parse_params
 from align.records import read_jsonl
 from align.reward import guide_text
 from align.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
-from align.rollout import pack, policy_outputs
+from align.rollout import by_chunks, pack, policy_outputs
 from align.training import tokenize_pair
 from stages.ppo import held_out_summary, hold_out, shaped_scores
 from tests.conftest import ROOT
@@ -76,6 +76,24 @@ def test_policy_log_probabilities_read_the_response_tokens_only(tiny_model: Path
     mask = batch.response_mask.bool()
     assert torch.allclose(logprobs[0][mask[0]], expected[0], atol=1e-4)
     assert torch.allclose(logprobs[1][mask[1]], expected[1], atol=1e-4)
+
+
+def test_micro_batches_cut_to_their_own_widths_give_the_full_width_log_probs(tiny_model: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    queries, responses = [[5, 6, 7, 8, 9], [8, 9], [3, 4, 5], [7]], [[10, 11], [12, 13, 14, 15], [16], [17, 18]]
+    batch = pack(queries, responses, pad_id=0, scores=[0.0] * 4)  # width 5, responses 4
+    part = batch.rows(torch.tensor([1, 3]))  # queries of 2 and 1 tokens, responses of 4 and 2
+    assert part.query_width == 2 and part.input_ids.shape == (2, 2 + 4)
+    assert part.input_ids.tolist() == [[8, 9, 12, 13, 14, 15], [0, 7, 17, 18, 0, 0]]
+    short = batch.rows(torch.tensor([2, 3]))  # the longest response has 2 tokens: [B, R] fields cut to 2
+    assert short.input_ids.shape == (2, 3 + 2) and short.response_mask.shape == (2, 2)
+    assert short.response_width(torch.ones(2, 4)).shape == (2, 2)
+    with torch.no_grad():
+        full, _ = policy_outputs(model, batch, temperature=0.7)
+        cut, _ = policy_outputs(model, part, temperature=0.7)
+        chunked, = by_chunks(batch, 3, lambda rows: [policy_outputs(model, rows, temperature=0.7)[0]])
+    assert torch.allclose(cut * part.response_mask, full[[1, 3]] * part.response_mask, atol=1e-5)
+    assert torch.allclose(chunked * batch.response_mask, full * batch.response_mask, atol=1e-5)
 
 
 def test_no_stop_token_gets_the_penalty_and_length_bonus_is_capped() -> None:
