@@ -34,6 +34,7 @@ from align.errors import UserError
 from align.models import padding_id, prompt_ids
 from align.prefix_cache import PrefixCache, shared_prefix
 from align.progress import progress
+from align.vllm_weights import EXTENSION
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
@@ -148,19 +149,24 @@ class Generator:
 
     `lora_rank` > 0 enables adapters (vLLM must reserve room for them at start); adapters of a higher rank, or any
     adapter when it is 0, are refused on both backends so that a config works the same on either.
+    `merge_adapters=True` (vLLM; an RL loop whose adapter changes every call) folds an adapter into the engine's
+    weights in place instead of serving it as a LoRA request (`align.vllm_weights`): plain matmuls when sampling,
+    and no rank limit; the base model must be a local folder. The hf backend loads adapters as usual.
     `prefix_caching=False` recomputes every prompt's prefix (vLLM without prefix caching, hf with plain left
     padding): the baseline the benchmarks compare with. `trust_remote_code` (params model.trust_remote_code) is
     passed to both backends explicitly: Python files a model folder ships run only when it is True.
     """
 
     def __init__(self, model: Path | str, settings: params.Generation, *, lora_rank: int = 0,
-                 prefix_caching: bool = True, trust_remote_code: bool = False):
+                 prefix_caching: bool = True, trust_remote_code: bool = False, merge_adapters: bool = False):
         self.model = str(model)
         self.settings = settings
         self.lora_rank = lora_rank
         self.backend = resolve_backend(settings.backend)
+        self.merge_adapters = merge_adapters and self.backend == "vllm"
         if self.backend == "vllm":
-            self._impl: _VLLM | _HF = _VLLM(self.model, settings, lora_rank, prefix_caching, trust_remote_code)
+            self._impl: _VLLM | _HF = _VLLM(self.model, settings, 0 if self.merge_adapters else lora_rank,
+                                            prefix_caching, trust_remote_code, self.merge_adapters)
         else:
             self._impl = _HF(self.model, settings, trust_remote_code)
             self._impl.reuse_prefix = prefix_caching
@@ -170,7 +176,7 @@ class Generator:
         return self._impl.tokenizer
 
     def generate(self, prompts: list[str], sampling: Sampling, *, adapter: Path | None = None) -> list[Completion]:
-        if adapter is not None and (rank := adapter_rank(adapter)) > self.lora_rank:
+        if adapter is not None and not self.merge_adapters and (rank := adapter_rank(adapter)) > self.lora_rank:
             raise UserError(f"{adapter}: LoRA rank {rank} but the generator was started with lora_rank={self.lora_rank}")
         return self._impl.generate(list(prompts), sampling, None if adapter is None else Path(adapter))
 
@@ -203,10 +209,11 @@ def generate(
 
 
 class _VLLM:
-    """vLLM's offline engine with automatic prefix caching; adapters are served unmerged via LoRARequest."""
+    """vLLM's offline engine with automatic prefix caching; adapters are served unmerged via LoRARequest, or with
+    `merge_adapters` folded into the weights (`align.vllm_weights`)."""
 
     def __init__(self, model: str, settings: params.Generation, lora_rank: int, prefix_caching: bool = True,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, merge_adapters: bool = False):
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -232,9 +239,23 @@ class _VLLM:
             kwargs["kv_cache_memory_bytes"] = int(settings.kv_cache_gb * 2**30)
         if lora_rank > 0:
             kwargs.update(enable_lora=True, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora_rank))
+        if merge_adapters:
+            kwargs["worker_extension_cls"] = EXTENSION
+        self.model, self.merge_adapters = model, merge_adapters
         self.llm = LLM(**kwargs)
         self.tokenizer = self.llm.get_tokenizer()
         self.loras: dict[str, Any] = {}  # "adapter path:content hash" → LoRARequest
+        self.merged: str | None = None  # the key of the adapter the weights hold (merge_adapters), None: the base
+
+    def _merge(self, adapter: Path | None) -> None:
+        """The engine's weights made base + `adapter` (or the base) unless they already are; the prefix cache holds
+        keys and values of the old weights, so it is emptied."""
+        key = None if adapter is None else f"{adapter.resolve()}:{adapter_key(adapter)}"
+        if key != self.merged:
+            self.llm.collective_rpc("load_merged_adapter", args=(self.model, None if adapter is None else
+                                                                 str(adapter.resolve())))
+            self.llm.reset_prefix_cache()
+            self.merged = key
 
     def _lora(self, adapter: Path | None) -> Any:
         """The same request (so vLLM's cached weights) while the folder is unchanged; a new id once it changes."""
@@ -267,7 +288,10 @@ class _VLLM:
         ]
         # token ids, not text: vLLM adds special tokens to a text prompt, a second BOS after a template's own
         tokens = [TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p)) for p in prompts]
-        outputs = self.llm.generate(tokens, per_prompt, lora_request=self._lora(adapter),
+        if self.merge_adapters:
+            self._merge(adapter)
+        lora = None if self.merge_adapters else self._lora(adapter)
+        outputs = self.llm.generate(tokens, per_prompt, lora_request=lora,
                                     use_tqdm=functools.partial(progress, unit="prompt"))
         records = []
         for out in outputs:

@@ -392,6 +392,8 @@ class Ppo(Strict):
     lora_alpha: int = Field(32, ge=1)
     temperature: float = Field(0.7, gt=0)
     top_p: float = Field(1.0, gt=0, le=1)  # must stay 1.0: see _full_distribution
+    rollout_adapter: Literal["merged", "lora"] = "merged"  # how vLLM samples with the current adapter (merged into
+    # its weights in place each iteration, align.vllm_weights | served as a LoRA request); the hf backend: as a LoRA
     max_query_tokens: int = Field(256, ge=1)  # prompts longer than this (chat template included) are left out
     max_new_tokens: int = Field(128, ge=1)
     max_prompts: int | None = Field(None, ge=1)  # the prompt pool: prompts not used for SFT, drawn at random

@@ -31,7 +31,8 @@ its prompt's RL-time and guard principles (SALMON's instructable RM: a few hundr
 by a prompt's k responses and read once), TRL's reward model reads the chat alone; TRL's RLOO clips a sequence-level
 ratio, ours a per-token one; TRL's GRPO loss is `bnpo` (the mean over the micro batch's tokens, as ours); our stop
 penalty has no TRL counterpart (no cost). Ours generates through `--backend` (params.yaml's `generation.backend` by
-default: auto = vLLM where installed, the current adapter served as a LoRA request, k samples as one request with
+default: auto = vLLM where installed, the current adapter as params.yaml's `ppo.rollout_adapter` says (merged into
+vLLM's weights, or a LoRA request), k samples as one request with
 n = k; its engine starts before the warm-up iteration, so its start is not timed), TRL through HF `generate` on the
 prompts repeated k times: that difference is part of what is compared.
 

@@ -19,7 +19,8 @@ wrapping the trainer module's `batch_generation` (rollout) and `get_reward` on t
 is the rest of the iteration. Iteration boundaries: our loop's log call, TRL's `on_step_end`.
 
 Ours generates through `--backend` (params.yaml's `generation.backend` by default: auto = vLLM where installed,
-the current adapter served as a LoRA request; its engine starts before the warm-up iteration, so its start is not
+the current adapter as params.yaml's `ppo.rollout_adapter` says (merged into vLLM's weights, or a LoRA request);
+its engine starts before the warm-up iteration, so its start is not
 timed), TRL through HF `generate` as it always does: that difference is part of what is compared. Held equal:
 fp32, sampling (temperature, top-p 1, no top-k, `--new-tokens`, stop at eos), the whole rollout in one
 generation call, `--micro-batch` rows per forward/backward, `--step-batch` samples per optimizer

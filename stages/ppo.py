@@ -8,7 +8,8 @@ folded in, and its scalar head) + its own LoRA, read at every response token; th
 `training`), data-parallel over the job's ranks.
 
 One iteration: `rollout_batch_size` prompts (each rank its share) are answered through the generation interface
-with the current adapter (saved, then served as a LoRA request by vLLM or loaded by the hf backend); each
+with the current adapter (saved, then merged into vLLM's weights in place, `rollout_adapter: merged`, or served
+as a LoRA request, or loaded by the hf backend); each
 response is scored by the RM under every guard principle and `num_principles` principles drawn per prompt from
 the PPO collection, or, for a prompt of the `system_messages` training rows, under its system message (which
 the policy sees in the system role); the score is shaped (a response that ends without the stop token gets `stop_penalty`
@@ -215,7 +216,8 @@ class PpoRecipe:
     def run(self) -> str | None:
         job, cfg = self.job, self.job.cfg
         state = {"step": 0, "kl_coef": cfg.kl_coef, "curves": [], "samples": []}
-        with Generator(job.sft_dir, job.generation, lora_rank=self.training.lora_r) as generator:
+        with Generator(job.sft_dir, job.generation, lora_rank=self.training.lora_r,
+                       merge_adapters=cfg.rollout_adapter == "merged") as generator:
             for iteration in resumed_steps(self.policy, job.ckpt_dir, state, cfg.iterations,
                                            keep=self.training.keep_checkpoints, every=cfg.save_every,
                                            others={"value": self.value} if self.value else {},

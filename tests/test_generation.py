@@ -259,3 +259,44 @@ def test_vllm_lora_matches_hf(vllm: gen.Generator, hf: gen.Generator, prompts: l
     shutil.copytree(adapters[1], live, dirs_exist_ok=True)  # the policy moved: a new LoRARequest id
     assert vllm.generate(prompts, GREEDY, adapter=live) == hf.generate(prompts, GREEDY, adapter=adapters[1])
     assert vllm.generate(prompts, GREEDY) == base
+
+
+def test_merged_weights_are_peft_merge_and_unload(model: Path, adapters: tuple[Path, Path]) -> None:
+    """What a vLLM worker loads for `merge_adapters` is, tensor for tensor, PEFT's own merge of the adapter; without
+    an adapter, the layers the previous one touched come back as the base checkpoint's."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.vllm_weights import lora_updates, merged_weights
+
+    updates = lora_updates(adapters[0])
+    assert len(updates) == 7 * AutoModelForCausalLM.from_pretrained(model).config.num_hidden_layers
+    merged = dict(merged_weights(model, updates, set()))
+    expected = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), str(adapters[0]))
+    expected = expected.merge_and_unload().state_dict()
+    base = AutoModelForCausalLM.from_pretrained(model).state_dict()
+    assert set(merged) == {f"{m}.weight" for m in updates}
+    for name, weight in merged.items():
+        assert not torch.equal(weight, base[name])
+        torch.testing.assert_close(weight, expected[name], rtol=1e-5, atol=1e-6)
+    restored = dict(merged_weights(model, {}, set(updates)))
+    assert set(restored) == set(merged) and all(torch.equal(w, base[n]) for n, w in restored.items())
+
+
+@pytest.mark.slow
+def test_vllm_merged_adapters_match_hf(model: Path, hf: gen.Generator, prompts: list[str],
+                                       adapters: tuple[Path, Path], tmp_path: Path) -> None:
+    """`merge_adapters`: the adapter folded into the engine's weights samples what HF does with the adapter, follows
+    the folder when it changes (an RL loop's policy), and the base comes back without one."""
+    import shutil
+
+    pytest.importorskip("vllm")
+    with gen.Generator(model, params.Generation(backend="vllm", kv_cache_gb=1), merge_adapters=True) as merged:
+        base = merged.generate(prompts, GREEDY)
+        live = tmp_path / "policy"
+        shutil.copytree(adapters[0], live)
+        assert merged.generate(prompts, GREEDY, adapter=live) == hf.generate(prompts, GREEDY, adapter=adapters[0])
+        shutil.copytree(adapters[1], live, dirs_exist_ok=True)
+        assert merged.generate(prompts, GREEDY, adapter=live) == hf.generate(prompts, GREEDY, adapter=adapters[1])
+        assert merged.generate(prompts, GREEDY) == base == hf.generate(prompts, GREEDY)
