@@ -250,10 +250,10 @@ class _VLLM:
     def _merge(self, adapter: Path | None) -> None:
         """The engine's weights made base + `adapter` (or the base) unless they already are; the prefix cache holds
         keys and values of the old weights, so it is emptied."""
-        key = None if adapter is None else f"{adapter.resolve()}:{adapter_key(adapter)}"
+        key = None if adapter is None else adapter_key(adapter)  # the weights depend on the content, not the path
         if key != self.merged:
-            self.llm.collective_rpc("load_merged_adapter", args=(self.model, None if adapter is None else
-                                                                 str(adapter.resolve())))
+            folder = None if adapter is None else str(adapter.resolve())
+            self.llm.collective_rpc("load_merged_adapter", args=(self.model, folder))
             self.llm.reset_prefix_cache()
             self.merged = key
 
