@@ -249,6 +249,7 @@ class Training(Strict):
     gradient_accumulation_steps: int = Field(1, ge=1)
     learning_rate: float = Field(1e-4, gt=0)
     max_grad_norm: float = Field(1.0, ge=0)  # gradient clipping; 0 disables
+    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more compute
     lora_r: int = Field(16, ge=1)
     lora_alpha: int = Field(32, ge=1)
     lora_dropout: float = Field(0.0, ge=0, lt=1)

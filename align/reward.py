@@ -34,7 +34,7 @@ from align.models import prompt_ids
 from align.params import Subsets
 from align.prefix_cache import PrefixCache, shared_prefix, suffix_block
 from align.progress import progress
-from align.training import DTYPES, Batch, Batches, length_grouped_batches, reward_trunk
+from align.training import DTYPES, Batch, Batches, length_grouped_batches, recomputes, reward_trunk
 
 PLACEHOLDERS = ("principles", "instruction", "response")
 TEMPLATE_FILE = "rm_prompt.txt"  # inside the RM out: the template it was trained with
@@ -341,8 +341,14 @@ def pair_batches(examples: list[dict[str, list[int]]], micro_batch_size: int, se
 def pair_rewards(model: Any, batch: Batch) -> torch.Tensor:
     """[2m] rewards of a `collate_pairs` batch, chosen and rejected interleaved: the shared prefixes through the
     model once (their key/value cache, with its gradient, repeated for both sides), then the remainders on top,
-    positions continuing where each prefix ends."""
+    positions continuing where each prefix ends. Under gradient checkpointing, which drops a KV cache, each row
+    runs whole instead: its prefix (left-padded) and remainder (right-padded) side by side, the same scores."""
     prefix_mask, mask = batch["prefix_mask"], batch["attention_mask"]
+    if prefix_mask.shape[1] and recomputes(model):
+        ids = torch.cat([batch["prefix_ids"].repeat_interleave(2, dim=0), batch["input_ids"]], dim=1)
+        full = torch.cat([prefix_mask.repeat_interleave(2, dim=0), mask], dim=1)
+        return model(input_ids=ids, attention_mask=full, position_ids=(full.cumsum(-1) - 1).clamp(min=0)).logits \
+            .squeeze(-1)
     cache = None
     if prefix_mask.shape[1]:
         cache = model(input_ids=batch["prefix_ids"], attention_mask=prefix_mask, use_cache=True,

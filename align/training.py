@@ -161,7 +161,30 @@ def lora_model(model_dir: Path | str, training: Training, seed: int = 0, head: s
         model = reward_trunk(model_dir, dtype)
     else:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return get_peft_model(model, lora_config(training, "SEQ_CLS" if head == "reward" else "CAUSAL_LM"))
+    return get_peft_model(checkpointed(model, training), lora_config(training, "SEQ_CLS" if head == "reward" else
+                                                                      "CAUSAL_LM"))
+
+
+def checkpointed(model: torch.nn.Module, training: Training) -> torch.nn.Module:
+    """`model` keeping no decoder layer's activations for the backward pass, recomputing them there instead, with
+    `training.gradient_checkpointing`: a layer's activations grow with micro-batch x sequence length, and on a
+    large model they, not the LoRA weights, fill the GPU. Non-reentrant (torch's recommended form), so it needs no
+    input that requires grad, which a frozen base under LoRA lacks. transformers recomputes a layer only while the
+    layer itself is in training mode, so the decoder layers are put in it and nothing else: their attention and
+    LoRA dropouts keep their own mode (`fit` switches everything to training mode anyway; the policy stage keeps
+    dropout off)."""
+    if training.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        for layer in model.modules():
+            if getattr(layer, "gradient_checkpointing", False) is True:
+                layer.training = True  # this module alone, not its children (`train()` would set them all)
+    return model
+
+
+def recomputes(model: torch.nn.Module) -> bool:
+    """Whether `model` (or the engine or PEFT model around it) runs gradient checkpointing now: transformers then
+    drops a KV cache passed to its layers, so a forward over a cached prefix must not be used."""
+    return any(getattr(m, "gradient_checkpointing", False) is True and m.training for m in model.modules())
 
 
 def reward_trunk(model_dir: Path | str, dtype: torch.dtype) -> torch.nn.Module:

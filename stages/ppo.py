@@ -58,8 +58,8 @@ from align.rl import (
 )
 from align.rollout import Rollout, by_chunks, pack, policy_outputs, token_values
 from align.training import (
-    DTYPE_NAMES, DTYPES, LiveCurve, checkpoint_dir, finish_training, init_distributed, lora_config, lora_model,
-    make_engine, resumed_steps, reward_trunk, save_adapter,
+    DTYPE_NAMES, DTYPES, LiveCurve, checkpoint_dir, checkpointed, finish_training, init_distributed, lora_config,
+    lora_model, make_engine, resumed_steps, reward_trunk, save_adapter,
 )
 
 STAGE = "policy"  # the DVC stage that runs this module or stages/dpo.py (policy.algorithm)
@@ -83,7 +83,18 @@ def value_model(sft_dir: Path, rm_dir: Path, training: Training, seed: int) -> t
 
     rm = PeftModel.from_pretrained(reward_trunk(sft_dir, DTYPES[training.precision]), str(rm_dir / "adapter"))
     torch.manual_seed(seed + 1)
-    return get_peft_model(rm.merge_and_unload(), lora_config(training, "SEQ_CLS"))
+    return get_peft_model(checkpointed(rm.merge_and_unload(), training), lora_config(training, "SEQ_CLS"))
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every dropout module in eval mode (the model comes from `from_pretrained` in it, but PEFT makes
+    its LoRA dropouts in training mode): a sample's log-probabilities before the update, the reference's and the
+    update's must come from one function, or the ratio and the KL measure dropout noise. TRL's PPOTrainer turns
+    dropout off in its models for the same reason."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    return model
 
 
 # --------------------------------------------------------------------------------------------- what a job reads
@@ -203,11 +214,11 @@ class PpoRecipe:
         self.training = job.training.model_copy(update={"gradient_accumulation_steps": accum})
         self.group = 1 if job.algorithm == "ppo" else job.rl.group_size  # samples per prompt
         updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size * self.group // cfg.step_batch_size)
-        self.policy = make_engine(lora_model(job.sft_dir, self.training, job.seed), self.training, self.world,
-                                  total_steps=updates)
+        self.policy = make_engine(without_dropout(lora_model(job.sft_dir, self.training, job.seed)), self.training,
+                                  self.world, total_steps=updates)
         self.value = None if job.algorithm != "ppo" else \
-            make_engine(value_model(job.sft_dir, job.rm_dir, self.training, job.seed), self.training, self.world,
-                        total_steps=updates)
+            make_engine(without_dropout(value_model(job.sft_dir, job.rm_dir, self.training, job.seed)),
+                        self.training, self.world, total_steps=updates)
         self.reward = RewardScorer(job.sft_dir, job.rm_dir, batch_size=cfg.score_batch_size,
                                   precision=self.training.precision)
         self.pad_id = padding_id(AutoTokenizer.from_pretrained(job.sft_dir))

@@ -27,7 +27,7 @@ from align.reward import guide_text
 from align.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
 from align.rollout import by_chunks, pack, policy_outputs
 from align.training import tokenize_pair
-from stages.ppo import held_out_summary, hold_out, shaped_scores
+from stages.ppo import held_out_summary, hold_out, shaped_scores, without_dropout
 from tests.conftest import ROOT
 from tests.helpers import FAST_TRAINING, curve, kill_tree, stage
 from tests.projects import PRINCIPLES, TINY_PPO, ppo_project, preference_rows, rm_project
@@ -76,6 +76,22 @@ def test_policy_log_probabilities_read_the_response_tokens_only(tiny_model: Path
     mask = batch.response_mask.bool()
     assert torch.allclose(logprobs[0][mask[0]], expected[0], atol=1e-4)
     assert torch.allclose(logprobs[1][mask[1]], expected[1], atol=1e-4)
+
+
+def test_the_policy_stage_samples_and_updates_without_dropout(tiny_model: Path) -> None:
+    from align.params import Training
+    from align.training import lora_model
+
+    model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, lora_dropout=0.5), seed=0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:  # B starts at 0, so the adapter (and its dropout) would not show in the logits
+            torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(0))
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        before = [model(input_ids=ids).logits for _ in range(2)]
+        assert not torch.equal(*before)  # PEFT makes its LoRA dropouts in training mode
+        without_dropout(model)
+        assert torch.equal(*[model(input_ids=ids).logits for _ in range(2)])
 
 
 def test_micro_batches_cut_to_their_own_widths_give_the_full_width_log_probs(tiny_model: Path) -> None:
@@ -154,6 +170,20 @@ def test_ppo_kl_starts_at_zero_grows_and_a_killed_run_resumes(tmp_path: Path, ro
     assert {s["iteration"] for s in samples} == {0, 1, 2}
     assert all(s["principles"][:3] == ["no_self_commentary", "does_the_task", "no_needless_examples"]
                and len(s["principles"]) == 6 for s in samples)  # the guards, always, first, then 3 drawn
+
+
+@pytest.mark.slow
+def test_gradient_checkpointing_leaves_a_ppo_run_unchanged(tmp_path: Path, roomy_model: Path) -> None:
+    runs = {}
+    for recompute in (False, True):  # policy and value both recompute; the curves are the same to float noise
+        cwd = ppo_project(tmp_path / str(recompute), roomy_model,
+                          training={**FAST_TRAINING, "micro_batch_size": 1, "gradient_checkpointing": recompute})
+        proc = stage(cwd, "policy")
+        assert proc.returncode == 0, proc.stderr
+        runs[recompute] = {name: [v for _, v in curve(cwd, "policy", name)] for name in ("kl", "value_loss")}
+    assert runs[True]["kl"][-1] > 1e-4
+    for name, values in runs[False].items():
+        assert runs[True][name] == pytest.approx(values, rel=1e-3, abs=1e-5), name
 
 
 @pytest.mark.slow

@@ -217,6 +217,28 @@ def test_the_shared_prefix_runs_once_and_gives_the_rewards_and_gradients_of_whol
                zip(grads, [p for p in model.parameters() if p.requires_grad]))
 
 
+def test_under_gradient_checkpointing_pairs_run_whole_with_the_same_rewards_and_gradients(tiny_model: Path) -> None:
+    import torch
+
+    from align.params import Training
+    from align.training import lora_model, recomputes
+
+    pairs = [{"chosen": [5, 6, 7, 8, 9], "rejected": [5, 6, 7, 20]}, {"chosen": [30, 31], "rejected": [30, 31, 32, 33]},
+             {"chosen": [40, 41, 42], "rejected": [50, 41]}]
+    runs = []
+    for recompute in (False, True):  # the same seed: the same fresh adapter and head
+        model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, gradient_checkpointing=recompute), seed=0,
+                           head="reward")
+        model.train()
+        assert recomputes(model) == recompute
+        rewards = pair_rewards(model, collate_pairs(pairs, model.config.pad_token_id))
+        (rewards[0::2] - rewards[1::2]).sum().backward()
+        runs.append((rewards.detach(), [p.grad for p in model.parameters() if p.requires_grad]))
+    (cached, cached_grads), (whole, whole_grads) = runs
+    assert torch.allclose(cached, whole, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(cached_grads, whole_grads))
+
+
 def varied_pairs(count: int) -> list[dict[str, list[int]]]:
     """Tokenized pairs whose shared prefixes (2..300 tokens: principles and instruction) and remainders (1..150
     each: the responses) vary independently; pair k's first token is 1000 + k."""

@@ -82,6 +82,34 @@ def test_tokenize_pair_masks_the_prompt(tiny_model: Path) -> None:
 # --------------------------------------------------------------------------------------------- one process
 
 
+def test_gradient_checkpointing_recomputes_every_layer_and_gives_the_same_loss_and_gradients(
+        tiny_model: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    batch = collate([tokenize_pair(tok, p, r) for p, r in PAIRS[:2]], tok.pad_token_id)
+    runs, modes = {}, {}
+    for recompute in (False, True):
+        model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, gradient_checkpointing=recompute), seed=0)
+        modes[recompute] = {name: m.training for name, m in model.named_modules()
+                            if getattr(m, "gradient_checkpointing", None) is None}  # all but the flagged layers
+        layers = model.get_base_model().model.layers
+        calls = [0] * len(layers)
+        for i, layer in enumerate(layers):
+            layer.register_forward_pre_hook(lambda *_, i=i: calls.__setitem__(i, calls[i] + 1))
+        loss = sft_loss(model, batch)
+        assert calls == [1] * len(layers)
+        loss.backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+        runs[recompute] = loss.detach(), grads, calls
+    assert modes[True] == modes[False]  # recomputing switches no dropout (or anything else) to another mode
+    assert runs[False][2] == [1] * len(runs[False][2])  # kept: no layer runs again in the backward pass
+    assert runs[True][2] == [2] * len(runs[True][2])  # recomputed: every layer once more in the backward pass
+    assert torch.allclose(runs[False][0], runs[True][0])
+    assert runs[False][1].keys() == runs[True][1].keys()
+    assert all(torch.allclose(runs[False][1][n], runs[True][1][n], atol=1e-6) for n in runs[False][1])
+
+
 def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     from peft import PeftModel
