@@ -29,8 +29,9 @@ from align.errors import UserError
 from align.hash_cache import remembered
 
 MANIFEST = "MANIFEST.json"
-RUN_RECORD = ("host", "slurm_job_id", "started", "ended", "wall_seconds")  # in the manifest, not in the id
+RUN_RECORD = ("host", "slurm_job_id", "started", "ended", "wall_seconds", "job_key")  # in the manifest, not the id
 JOB_STARTED = "ALIGN_JOB_STARTED"  # set by the submission layer when a job's task starts: its wall time's origin
+JOB_KEY = "ALIGN_JOB_KEY"  # set by the submission layer: the digest of what decided the job's result
 _RENAME_EXCHANGE = 2
 
 
@@ -202,6 +203,7 @@ def staged_out(target: Path, *, stage: str, params: dict, inputs: dict[str, dict
             "started": _iso(started),
             "ended": _iso(ended),
             "wall_seconds": round(ended - float(os.environ.get(JOB_STARTED, started)), 1),
+            "job_key": os.environ.get(JOB_KEY),  # what `runner.up_to_date` compares: params, inputs, code
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _sync_tree(tmp)

@@ -157,7 +157,7 @@ class Generator:
     passed to both backends explicitly: Python files a model folder ships run only when it is True.
     """
 
-    def __init__(self, model: Path | str, settings: params.Generation, *, lora_rank: int = 0,
+    def __init__(self, model: Path | str, settings: params.Engine, *, lora_rank: int = 0,
                  prefix_caching: bool = True, trust_remote_code: bool = False, merge_adapters: bool = False):
         self.model = str(model)
         self.settings = settings
@@ -195,13 +195,13 @@ def generate(
     model: Path | str,
     prompts: list[str],
     sampling: Sampling,
-    settings: params.Generation | None = None,
+    settings: params.Engine,
     *,
     adapter: Path | None = None,
 ) -> list[Completion]:
     """One-shot: load, generate, release. Loops should keep a `Generator` instead."""
     rank = adapter_rank(adapter) if adapter is not None else 0
-    with Generator(model, settings or params.Generation(), lora_rank=rank) as generator:
+    with Generator(model, settings, lora_rank=rank) as generator:
         return generator.generate(prompts, sampling, adapter=adapter)
 
 
@@ -212,7 +212,7 @@ class _VLLM:
     """vLLM's offline engine with automatic prefix caching; adapters are served unmerged via LoRARequest, or with
     `merge_adapters` folded into the weights (`align.vllm_weights`)."""
 
-    def __init__(self, model: str, settings: params.Generation, lora_rank: int, prefix_caching: bool = True,
+    def __init__(self, model: str, settings: params.Engine, lora_rank: int, prefix_caching: bool = True,
                  trust_remote_code: bool = False, merge_adapters: bool = False):
         from vllm import LLM
         from vllm.platforms import current_platform
@@ -325,9 +325,9 @@ class _HF:
     (adapter, prefix tokens), so consecutive batches sharing a system prompt compute it once.
     """
 
-    def __init__(self, model: str, settings: params.Generation, trust_remote_code: bool = False):
+    def __init__(self, model: str, settings: params.Engine, trust_remote_code: bool = False):
         self.tokenizer, self.base, self.device = load_causal_lm(model, trust_remote_code=trust_remote_code)
-        self.batch_size = settings.batch_size
+        self.batch_size = settings.generate_batch_size
         self.peft: Any = None  # PeftModel wrapping self.base once an adapter was asked for
         self.adapter: str | None = None  # content hash of the adapter loaded into self.peft
         self.prefix = PrefixCache()  # keyed by (adapter, prefix tokens)

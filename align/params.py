@@ -1,7 +1,16 @@
 """params.yaml: the schema every stage validates at start, and one-line errors for anything that does not fit.
 
-The whole file is validated by every stage (a typo anywhere is caught before any job is submitted); each stage
-then reads only its own groups and records them in its manifest.
+The whole file is validated by every stage (a typo anywhere is caught before any job is submitted), every error
+at once, one line each; each stage then reads only its own groups and records them in its manifest. params.yaml
+is the one set of defaults: the schema requires every key and holds no value of its own, so a deleted line is an
+error naming it, never a silent change of a run.
+
+What changes a result is a DVC param of the stages it affects (every group but `cluster`). How a stage runs on
+its hardware - the SLURM job, and the execution settings the job computes with (micro-batch, ZeRO, offload,
+gradient checkpointing, checkpoint cadence, the engine's tensor parallelism and memory, batch sizes) - lives in
+`cluster`, `defaults` overridden per stage, outside every out's id and checkpoint key. A job gets both halves
+joined: `TrainingRun` (training + the stage's execution settings), `Engine` (the generation backend + the
+stage's engine settings).
 """
 
 from __future__ import annotations
@@ -60,36 +69,61 @@ def _plain_args(values: list[str], what: str) -> list[str]:
     return values
 
 
-class Resources(Strict):
-    """One SLURM job. `tasks_per_node` defaults to one task per GPU (one on a CPU-only job); `partition` null is
-    the cluster's default partition; anything sbatch takes that has no key here goes in `sbatch`."""
+class TrainingExecution(Strict):
+    """How a training job computes what `training` (or the policy stage's `rl`) asks for: none of it changes the
+    result beyond floating-point rounding, so none of it enters an out's id or a checkpoint's key."""
 
-    partition: str | None = Field(None, min_length=1)
-    nodes: int = Field(1, ge=1)
-    gpus_per_node: int = Field(0, ge=0)
-    gpu_type: str | None = None  # typed GPUs, e.g. a100: --gpus-per-node=a100:4
-    tasks_per_node: int | None = Field(None, ge=1)
-    cpus_per_task: int = Field(1, ge=1)
-    mem_gb: int | None = Field(None, ge=0)  # --mem per node (null: the site default; 0: all of a node's memory)
-    mem_per_gpu_gb: int | None = Field(None, ge=1)  # --mem-per-gpu, where a site wants memory per GPU instead
-    time_min: int = Field(60, ge=1)
-    signal_delay_s: int = Field(120, ge=1)  # SIGUSR2 this long before the time limit: checkpoint and requeue
-    max_requeues: int = Field(3, ge=0)  # time-limit requeues before the job is failed (preemptions do not count)
-    account: str | None = None
-    qos: str | None = None
-    constraint: str | None = None
-    reservation: str | None = None
-    exclude: str | None = None
-    nodelist: str | None = None
-    exclusive: bool = False
-    mail_type: str | None = None
-    mail_user: str | None = None
-    wckey: str | None = None  # none by default (submitit's own default, "submitit", is refused at some sites)
-    sbatch: dict[str, str | int | bool] = Field(default_factory=dict)  # other sbatch options: {gres-flags: enforce-binding}
-    srun_args: list[str] = Field(default_factory=list)  # e.g. [--mpi=pmix, --container-image=nvcr.io#nvidia/pytorch:24.05-py3]
-    python: list[str] = Field(default_factory=list)  # the command that runs python in the job, e.g. [apptainer, exec,
-    #   --nv, /shared/img.sif, python]; empty: the interpreter running the stage on the login node
-    setup: list[str] = Field(default_factory=list)  # shell lines run before the job starts: each one line, no newline
+    micro_batch_size: int = Field(ge=1)  # examples per forward/backward on one rank; the rest is accumulation
+    gradient_checkpointing: bool  # recompute activations in the backward pass: less memory, more compute
+    zero_stage: Literal[0, 1, 2, 3]
+    offload: Literal["none", "cpu"]
+    save_every_steps: int = Field(ge=1)  # optimizer steps between checkpoints
+    keep_checkpoints: int = Field(ge=1)
+
+
+class EngineExecution(Strict):
+    """How a job generates and scores: vLLM's layout and memory, and the batch sizes of the hf backend and of the
+    scorers (a batch is padded to its longest row, so it changes rounding, not results)."""
+
+    tensor_parallel_size: int = Field(ge=1)
+    gpu_memory_utilization: float = Field(gt=0, le=1)  # vLLM: share of GPU memory (on CPU: of RAM) it may take
+    kv_cache_gb: float | None = Field(gt=0)  # vLLM KV cache size; None: from gpu_memory_utilization
+    enforce_eager: bool  # no CUDA graphs / torch.compile warm-up
+    generate_batch_size: int = Field(ge=1)  # hf backend: prompts per generate() call
+    score_batch_size: int = Field(ge=1)  # rows per forward pass of a scorer (judge, reward model, multiple choice)
+
+
+class Resources(TrainingExecution, EngineExecution):
+    """One stage's job: its SLURM resources and its execution settings. `tasks_per_node` null is one task per GPU
+    (one on a CPU-only job); `partition` null is the cluster's default partition; anything sbatch takes that has no
+    key here goes in `sbatch`."""
+
+    partition: str | None = Field(min_length=1)
+    nodes: int = Field(ge=1)
+    gpus_per_node: int = Field(ge=0)
+    gpu_type: str | None  # typed GPUs, e.g. a100: --gpus-per-node=a100:4
+    tasks_per_node: int | None = Field(ge=1)
+    cpus_per_task: int = Field(ge=1)
+    mem_gb: int | None = Field(ge=0)  # --mem per node (null: the site default; 0: all of a node's memory)
+    mem_per_gpu_gb: int | None = Field(ge=1)  # --mem-per-gpu, where a site wants memory per GPU instead
+    time_min: int = Field(ge=1)
+    signal_delay_s: int = Field(ge=1)  # SIGUSR2 this long before the time limit: checkpoint and requeue
+    max_requeues: int = Field(ge=0)  # time-limit requeues before the job is failed (preemptions do not count)
+    account: str | None
+    qos: str | None
+    constraint: str | None
+    reservation: str | None
+    exclude: str | None
+    nodelist: str | None
+    exclusive: bool
+    mail_type: str | None
+    mail_user: str | None
+    wckey: str | None  # none (submitit's own default, "submitit", is refused at some sites)
+    sbatch: dict[str, str | int | bool]  # other sbatch options: {gres-flags: enforce-binding}
+    srun_args: list[str]  # e.g. [--mpi=pmix, --container-image=nvcr.io#nvidia/pytorch:24.05-py3]
+    python: list[str]  # the command that runs python in the job, e.g. [apptainer, exec, --nv, /shared/img.sif,
+    #   python]; empty: the interpreter running the stage on the login node
+    setup: list[str]  # shell lines run before the job starts: each one line, no newline
 
     @field_validator(*SLURM_NAMES)
     @classmethod
@@ -151,43 +185,41 @@ class Resources(Strict):
 class VerboseCloneResources(Strict):
     """Stage `verbose_clone` runs two jobs: the verbose answers (generation), then the SFT on them (training)."""
 
-    generate: Resources = Field(default_factory=Resources)
-    train: Resources = Field(default_factory=Resources)
+    generate: Resources
+    train: Resources
 
 
 STAGE_RESOURCES = ("import_model", "prompts", "self_align", "engrave", "verbose_clone", "system_messages",
-                   "sample_pairs", "label_preferences", "train_rm", "policy", "evaluate")
-# `python -m align.repro_job`: `dvc repro` as a job, a small long CPU one whatever `defaults` gives the stages
-REPRO_BASE = {"nodes": 1, "gpus_per_node": 0, "gpu_type": None, "tasks_per_node": 1, "cpus_per_task": 1,
-              "mem_gb": 4, "mem_per_gpu_gb": None, "exclusive": False, "time_min": 2880, "max_requeues": 10}
+                   "sample_pairs", "label_preferences", "train_rm", "policy", "evaluate", "repro")
 
 
 class Cluster(Strict):
     """`defaults` is every job's resources; `cluster.<stage>` (the DVC stage's name) overrides only the keys that
     differ for that stage (`verbose_clone`: keys for both of its jobs, then `generate:` / `train:` for one);
-    `repro` is the job `python -m align.repro_job` runs `dvc repro` in (CPU only, unless it says otherwise)."""
+    `repro` is the job `python -m align.repro_job` runs `dvc repro` in."""
 
-    executor: Literal["auto", "slurm", "local", "inline"] = "auto"
-    log_dir: str = Field("logs", min_length=1)  # a path in the job script: one line
-    defaults: Resources = Field(default_factory=Resources)
-    import_model: Resources = Field(default_factory=Resources)
-    prompts: Resources = Field(default_factory=Resources)
-    self_align: Resources = Field(default_factory=Resources)
-    engrave: Resources = Field(default_factory=Resources)
-    verbose_clone: VerboseCloneResources = Field(default_factory=VerboseCloneResources)
-    system_messages: Resources = Field(default_factory=Resources)
-    sample_pairs: Resources = Field(default_factory=Resources)
-    label_preferences: Resources = Field(default_factory=Resources)
-    train_rm: Resources = Field(default_factory=Resources)
-    policy: Resources = Field(default_factory=Resources)
-    evaluate: Resources = Field(default_factory=Resources)
-    repro: Resources = Field(default_factory=lambda: Resources(**REPRO_BASE))
+    executor: Literal["auto", "slurm", "local", "inline"]
+    log_dir: str = Field(min_length=1)  # a path in the job script: one line
+    defaults: Resources
+    import_model: Resources
+    prompts: Resources
+    self_align: Resources
+    engrave: Resources
+    verbose_clone: VerboseCloneResources
+    system_messages: Resources
+    sample_pairs: Resources
+    label_preferences: Resources
+    train_rm: Resources
+    policy: Resources
+    evaluate: Resources
+    repro: Resources
 
     @model_validator(mode="before")
     @classmethod
     def _overrides_on_defaults(cls, raw: Any) -> Any:
         """Each stage's keys laid over `defaults` before validation, so a stage's resources are complete and an
-        error names the key where it was written (a bad default: under `defaults`)."""
+        error names the key where it was written (a bad default: under `defaults`). Each stage's entry must be
+        there (`{}`: none), so deleting one is an error, not a silent move of its job to `defaults`."""
         if not isinstance(raw, dict):
             return raw
         defaults = raw.get("defaults") or {}
@@ -195,7 +227,10 @@ class Cluster(Strict):
             return raw
         merged = dict(raw)
         for stage in STAGE_RESOURCES:
-            override = raw.get(stage) or {}
+            override = raw.get(stage, None)
+            if override is None and stage not in raw:
+                continue  # missing: an error naming it (an override written as `{}` is none)
+            override = override or {}
             if not isinstance(override, dict):
                 continue
             if stage == "verbose_clone":
@@ -205,8 +240,6 @@ class Cluster(Strict):
                                  for part in ("generate", "train")}
             else:
                 merged[stage] = {**defaults, **override}
-        repro = raw.get("repro") or {}
-        merged["repro"] = {**defaults, **REPRO_BASE, **repro} if isinstance(repro, dict) else repro
         return merged
 
     @field_validator("log_dir")
@@ -226,38 +259,29 @@ class Cluster(Strict):
 
 
 class Model(Strict):
-    base: str = Field("embedded", min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    trust_remote_code: bool = False  # run the Python files a model folder ships (auto_map): only code you trust
-    chat_template: str | None = None  # for a base model without one: a Jinja file, or `plain` (User:/Assistant:)
+    base: str = Field(min_length=1)
+    dtype: Literal["float32", "bfloat16", "float16"]
+    trust_remote_code: bool  # run the Python files a model folder ships (auto_map): only code you trust
+    chat_template: str | None  # for a base model without one: a Jinja file, or `plain` (User:/Assistant:)
 
 
 class Generation(Strict):
-    backend: Literal["auto", "vllm", "hf"] = "auto"
-    tensor_parallel_size: int = Field(1, ge=1)
-    gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
-    kv_cache_gb: float | None = Field(None, gt=0)  # vLLM KV cache size; None: from gpu_memory_utilization
-    enforce_eager: bool = True
-    batch_size: int = Field(16, ge=1)
+    backend: Literal["auto", "vllm", "hf"]  # the two draw different random numbers: it is part of a result
 
 
 class Training(Strict):
-    zero_stage: Literal[0, 1, 2, 3] = 2
-    offload: Literal["none", "cpu"] = "none"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    micro_batch_size: int = Field(1, ge=1)
-    gradient_accumulation_steps: int = Field(1, ge=1)
-    learning_rate: float = Field(1e-4, gt=0)
-    max_grad_norm: float = Field(1.0, ge=0)  # gradient clipping; 0 disables
-    gradient_checkpointing: bool = False  # recompute activations in the backward pass: less memory, more compute
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    lora_dropout: float = Field(0.0, ge=0, lt=1)
-    lora_targets: str | list[str] = ALL_LINEAR  # the layers PEFT wraps: every linear one but the head, or names
-    lr_schedule: Literal["cosine", "constant"] = "cosine"  # after a linear warm-up
-    warmup_ratio: float = Field(0.03, ge=0, lt=1)  # share of the optimizer steps spent warming up
-    save_every: int = Field(50, ge=1)
-    keep_checkpoints: int = Field(2, ge=1)
+    """What the training stages learn with; how a job computes it is the stage's `TrainingExecution`."""
+
+    precision: Literal["fp32", "bf16", "fp16"]
+    batch_size: int = Field(ge=1)  # examples per optimizer step over all ranks (micro-batch x accumulation x ranks)
+    learning_rate: float = Field(gt=0)
+    max_grad_norm: float = Field(ge=0)  # gradient clipping; 0 disables
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    lora_dropout: float = Field(ge=0, lt=1)
+    lora_targets: str | list[str]  # the layers PEFT wraps: every linear one but the head, or names
+    lr_schedule: Literal["cosine", "constant"]  # after a linear warm-up
+    warmup_ratio: float = Field(ge=0, lt=1)  # share of the optimizer steps spent warming up
 
     @field_validator("lora_targets", mode="before")
     @classmethod
@@ -270,27 +294,62 @@ class Training(Strict):
         return value
 
 
+class TrainingRun(Training, TrainingExecution):
+    """What a training job reads: the stage's `training` (what it learns) joined with its execution settings (how
+    one rank computes it). Built on the login node by `of`, which checks that the global batch divides."""
+
+    @classmethod
+    def of(cls, training: Training, resources: Resources, key: str, **update: Any) -> TrainingRun:
+        """`training` (with `update`: a stage's own learning rate, LoRA size, global batch) and the execution
+        settings of `resources`, the job `cluster.<key>` describes; its global batch must split evenly into
+        micro-batches on every rank."""
+        run = cls(**{**training.model_dump(), **update},
+                  **{name: getattr(resources, name) for name in TrainingExecution.model_fields})
+        ranks = resources.nodes * resources.tasks
+        if run.batch_size % (run.micro_batch_size * ranks):
+            where = "rl.step_batch_size" if "batch_size" in update else "training.batch_size"
+            raise UserError(f"params.yaml: {where}: {run.batch_size} examples per optimizer step do not split into "
+                            f"micro-batches of {run.micro_batch_size} (cluster.{key}.micro_batch_size) on {ranks} "
+                            f"ranks; make it a multiple of {run.micro_batch_size * ranks}")
+        return run
+
+    def accumulation(self, world: int) -> int:
+        """Micro-batches each rank accumulates per optimizer step."""
+        return self.batch_size // (self.micro_batch_size * world)
+
+
+class Engine(EngineExecution):
+    """What a generation or scoring job reads: the backend (a result setting) and the stage's engine settings."""
+
+    backend: Literal["auto", "vllm", "hf"]
+
+    @classmethod
+    def of(cls, generation: Generation, resources: Resources) -> Engine:
+        return cls(backend=generation.backend,
+                   **{name: getattr(resources, name) for name in EngineExecution.model_fields})
+
+
 class Tgrt(Strict):
     """Topic-guided red-teaming: topics per question type, then questions per (type, topic)."""
 
-    enabled: bool = True
-    topics_per_type: int = Field(4, ge=1)
-    questions_per_topic: int = Field(2, ge=1)
+    enabled: bool
+    topics_per_type: int = Field(ge=1)
+    questions_per_topic: int = Field(ge=1)
 
 
 class Prompts(Strict):
-    num_self_instruct: int = Field(200, ge=0)  # machine-written instructions to keep
-    shots: int = Field(6, ge=1)  # instructions shown per request
-    machine_shots: int = Field(2, ge=0)  # of which drawn from already-kept machine instructions (once there are)
-    requests_per_round: int = Field(32, ge=1)
-    max_rounds: int = Field(20, ge=1)  # give up (and report) after this many rounds
-    rouge_threshold: float = Field(0.7, gt=0, le=1)  # keep a candidate only if ROUGE-L to every kept one is below
-    min_words: int = Field(3, ge=1)
-    max_words: int = Field(150, ge=1)
-    max_new_tokens: int = Field(160, ge=1)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    tgrt: Tgrt = Field(default_factory=Tgrt)
+    num_self_instruct: int = Field(ge=0)  # machine-written instructions to keep
+    shots: int = Field(ge=1)  # instructions shown per request
+    machine_shots: int = Field(ge=0)  # of which drawn from already-kept machine instructions (once there are)
+    requests_per_round: int = Field(ge=1)
+    max_rounds: int = Field(ge=1)  # give up (and report) after this many rounds
+    rouge_threshold: float = Field(gt=0, le=1)  # keep a candidate only if ROUGE-L to every kept one is below
+    min_words: int = Field(ge=1)
+    max_words: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    tgrt: Tgrt
 
     @model_validator(mode="after")
     def _consistent(self) -> Prompts:
@@ -302,180 +361,179 @@ class Prompts(Strict):
 
 
 class SelfAlign(Strict):
-    max_new_tokens: int = Field(256, ge=1)  # internal thoughts + answer
-    temperature: float = Field(0.0, ge=0)  # 0 = greedy (the Dromedary recipe decodes greedily)
-    top_p: float = Field(1.0, gt=0, le=1)
-    max_prompts: int | None = Field(None, ge=1)  # answer N prompts drawn at random (None: all)
-    max_repeated_ngram_share: float = Field(0.3, gt=0, le=1)  # degenerate: this share of 4-grams are repeats
-    echo_threshold: float = Field(0.5, gt=0, le=1)  # ROUGE-L to a principle's definition that counts as an echo
+    max_new_tokens: int = Field(ge=1)  # internal thoughts + answer
+    temperature: float = Field(ge=0)  # 0 = greedy (the Dromedary recipe decodes greedily)
+    top_p: float = Field(gt=0, le=1)
+    max_prompts: int | None = Field(ge=1)  # answer N prompts drawn at random (None: all)
+    max_repeated_ngram_share: float = Field(gt=0, le=1)  # degenerate: this share of 4-grams are repeats
+    echo_threshold: float = Field(gt=0, le=1)  # ROUGE-L to a principle's definition that counts as an echo
 
 
 class Engrave(Strict):
-    epochs: float = Field(1.0, gt=0)
-    max_prompt_tokens: int = Field(256, ge=1)
-    max_answer_tokens: int = Field(384, ge=1)
+    epochs: float = Field(gt=0)
+    max_prompt_tokens: int = Field(ge=1)
+    max_answer_tokens: int = Field(ge=1)
 
 
 class VerboseClone(Strict):
-    enabled: bool = False
-    max_new_tokens: int = Field(384, ge=1)
-    trim_cut_off: bool = True  # an answer cut by the token limit keeps its complete paragraphs (else: dropped)
-    temperature: float = Field(0.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    epochs: float = Field(1.0, gt=0)
+    enabled: bool
+    max_new_tokens: int = Field(ge=1)
+    trim_cut_off: bool  # an answer cut by the token limit keeps its complete paragraphs (else: dropped)
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    epochs: float = Field(gt=0)
 
 
 class SamplePairs(Strict):
-    max_prompts: int = Field(64, ge=1)  # prompts drawn at random from those not used for SFT
-    temperature: float = Field(0.7, gt=0)  # two samples per prompt: greedy would give the same response twice
-    top_p: float = Field(0.9, gt=0, le=1)
-    max_new_tokens: int = Field(128, ge=1)
+    max_prompts: int = Field(ge=1)  # prompts drawn at random from those not used for SFT
+    temperature: float = Field(gt=0)  # two samples per prompt: greedy would give the same response twice
+    top_p: float = Field(gt=0, le=1)
+    max_new_tokens: int = Field(ge=1)
 
 
 class LabelPreferences(Strict):
-    principles: list[str] | None = None  # ids from assets/preference_principles.jsonl; None: all of them
-    choices: tuple[str, str] = ("a", "b")  # the tokens the judge prompt's last line expects next
-    batch_size: int = Field(16, ge=1)  # judge prompts per forward pass
+    principles: list[str] | None  # ids from assets/preference_principles.jsonl; None: all of them
+    choices: tuple[str, str]  # the tokens the judge prompt's last line expects next
 
 
 class Pmp(Strict):
     """Preference-model pre-training on a public preference set before the synthetic preferences."""
 
-    dataset: str | None = None  # a hub id (e.g. Anthropic/hh-rlhf) or a local file/folder; None: no pre-training
-    split: str = Field("train", min_length=1)
-    max_examples: int = Field(1000, ge=1)
+    dataset: str | None  # a hub id (e.g. Anthropic/hh-rlhf) or a local file/folder; None: no pre-training
+    split: str = Field(min_length=1)
+    max_examples: int = Field(ge=1)
 
 
 class Subsets(Strict):
-    """How a training instance's principle subset is drawn and labelled (align/reward.py). The defaults are
+    """How a training instance's principle subset is drawn and labelled (align/reward.py). params.yaml's values are
     SALMON's: IBM/SALMON, training/step1_synthetic_preference_collection/
     aggregate_synthetic_preference.py (Dromedary-2)."""
 
-    max_principles: int = Field(8, ge=1)  # a subset shows 1..this many principles (SALMON: 8)
-    size_p: float = Field(0.2, ge=0, le=1)  # P(k shown) ∝ (1 - size_p)^(k-1): SALMON's geometric(0.2) cut at
+    max_principles: int = Field(ge=1)  # a subset shows 1..this many principles (SALMON: 8)
+    size_p: float = Field(ge=0, le=1)  # P(k shown) ∝ (1 - size_p)^(k-1): SALMON's geometric(0.2) cut at
     # max_principles; 0 gives uniform sizes (the earlier rule)
-    negation_prob: float = Field(0.5, ge=0, le=1)  # each shown principle is negated this often (SALMON: 0.5)
-    label_rule: Literal["dominant", "majority"] = "dominant"  # dominant (SALMON): the shown principle with the
+    negation_prob: float = Field(ge=0, le=1)  # each shown principle is negated this often (SALMON: 0.5)
+    label_rule: Literal["dominant", "majority"]  # dominant (SALMON): the shown principle with the
     # largest variance-normalised score decides; majority: the shown principles' labels vote (the earlier rule)
-    label_noise: float = Field(0.1, ge=0, lt=0.5)  # share of training labels flipped (SALMON: noisy_ratio 0.1)
+    label_noise: float = Field(ge=0, lt=0.5)  # share of training labels flipped (SALMON: noisy_ratio 0.1)
 
 
 class RewardModel(Subsets):
     """The instructable reward model (`train_rm`). Learning rate and LoRA size override `training`'s."""
 
-    subsets_per_pair: int = Field(8, ge=1)  # instances drawn per labelled pair (subsets that tie are redrawn)
-    eval_share: float = Field(0.2, ge=0, lt=1)  # share of the decided pairs held out for evaluation
-    epochs: float = Field(1.0, gt=0)
-    length_group: int = Field(32, ge=1)  # micro-batches drawn together and sorted by (prefix, remainder) width
+    subsets_per_pair: int = Field(ge=1)  # subsets drawn per labelled pair (SALMON); those that tie are dropped
+    eval_share: float = Field(ge=0, lt=1)  # share of the decided pairs held out for evaluation
+    epochs: float = Field(gt=0)
+    length_group: int = Field(ge=1)  # micro-batches drawn together and sorted by (prefix, remainder) width
     # before they are cut, so each pads little (align/training.py grouped_order); 1: the plain shuffled draw
-    learning_rate: float = Field(3e-5, gt=0)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    max_prompt_tokens: int = Field(256, ge=1)  # instruction tokens shown to the RM
-    max_response_tokens: int = Field(384, ge=1)
-    batch_size: int = Field(8, ge=1)  # rows per forward pass when scoring
-    hhh_principles: list[str] = Field(default_factory=lambda: ["honest_accurate", "ethical", "follows_instruction"],
-                                      min_length=1)  # the guide for HHH pairs (and pre-training)
-    pmp: Pmp = Field(default_factory=Pmp)
+    learning_rate: float = Field(gt=0)
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    max_prompt_tokens: int = Field(ge=1)  # instruction tokens shown to the RM
+    max_response_tokens: int = Field(ge=1)
+    hhh_principles: list[str] = Field(min_length=1)  # the guide for HHH pairs (and pre-training)
+    pmp: Pmp
 
 
-class Ppo(Strict):
-    """PPO against the instructable RM (SALMON). Learning rate and LoRA size override `training`'s; the global
-    batch of an optimizer step is `step_batch_size` (training.gradient_accumulation_steps is derived from it)."""
+class Policy(Strict):
+    algorithm: Literal["ppo", "dpo", "grpo", "rloo"]  # what stage `policy` runs; all write models/policy
 
-    iterations: int = Field(8, ge=1)  # rollout + update rounds
-    rollout_batch_size: int = Field(8, ge=1)  # prompts answered per iteration, over all ranks
-    step_batch_size: int = Field(4, ge=1)  # samples per optimizer step, over all ranks
-    ppo_epochs: int = Field(2, ge=1)  # passes over each rollout batch
-    learning_rate: float = Field(2e-5, gt=0)
-    lr_schedule: Literal["cosine", "constant"] = "constant"  # overrides training's: later iterations see new rollouts
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    temperature: float = Field(0.7, gt=0)
-    top_p: float = Field(1.0, gt=0, le=1)  # must stay 1.0: see _full_distribution
-    rollout_adapter: Literal["merged", "lora"] = "merged"  # how vLLM samples with the current adapter (merged into
-    # its weights in place each iteration, align.vllm_weights | served as a LoRA request); the hf backend: as a LoRA
-    max_query_tokens: int = Field(256, ge=1)  # prompts longer than this (chat template included) are left out
-    max_new_tokens: int = Field(128, ge=1)
-    max_prompts: int | None = Field(None, ge=1)  # the prompt pool: prompts not used for SFT, drawn at random
-    eval_prompts: int = Field(16, ge=0)  # held out of the pool (at most half); policy vs SFT on them at the end
-    principles: list[str] | None = None  # ids from assets/ppo_principles.jsonl to draw from; None: all
-    num_principles: int = Field(3, ge=0, le=3)  # drawn per prompt (SALMON: at most 3)
-    guard_principles: list[str] | None = None  # ids from assets/guard_principles.jsonl, always shown; None: all
-    stop_penalty: float | None = -6.0  # for a response that ends without its stop token (None: none)
-    stop_penalty_mode: Literal["relative", "absolute"] = "relative"  # added to its RM score (SALMON) | replaces it
-    length_bonus: float = 0.0  # x min(tokens / max_new_tokens, length_bonus_cap) added to the score
-    length_bonus_cap: float = Field(0.8, ge=0)
-    kl_coef: float = Field(0.01, ge=0)  # per-token KL penalty to the SFT policy
-    kl_target: float | None = Field(None, gt=0)  # adapt kl_coef to hold the KL per response here (None: fixed)
-    kl_horizon: int = Field(10000, ge=1)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    cliprange: float = Field(0.2, gt=0)
-    cliprange_value: float = Field(0.2, gt=0)
-    score_batch_size: int = Field(8, ge=1)  # RM rows per forward pass
-    sample_every: int = Field(1, ge=1)  # iterations between sample rows kept in samples.jsonl
-    save_every: int = Field(2, ge=1)  # iterations between checkpoints
 
-    @field_validator("top_p")
-    @classmethod
-    def _full_distribution(cls, value: float) -> float:
-        if value < 1:
-            raise ValueError(f"must be 1.0, got {value}: PPO's update takes the log-probs of the whole "
-                             f"distribution, so nucleus-sampled rollouts would not come from the policy it updates")
-        return value
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")  # how token losses become a step's loss (align/losses.py)
+
+
+class Rl(Strict):
+    """What PPO, GRPO and RLOO share: the loop (iterations of rollouts and updates), the reward (RL-time and guard
+    principles, shaping, the KL to the SFT policy) and the policy loss (clipping, its aggregation, the engine's
+    importance correction). Learning rate, LoRA size and schedule override `training`'s; an optimizer step's global
+    batch is `step_batch_size` samples. Which keys an algorithm reads: align/rl.py ALGORITHMS."""
+
+    iterations: int = Field(ge=1)  # rollout + update rounds
+    rollout_batch_size: int = Field(ge=1)  # prompts answered per iteration, over all ranks
+    step_batch_size: int = Field(ge=1)  # samples per optimizer step, over all ranks
+    epochs: int = Field(ge=1)  # passes over each iteration's samples
+    learning_rate: float = Field(gt=0)
+    lr_schedule: Literal["cosine", "constant"]
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    temperature: float = Field(gt=0)  # sampled at top-p 1: the update needs the whole distribution's log-probs
+    rollout_adapter: Literal["merged", "lora"]  # how vLLM samples with the current adapter (merged into its
+    # weights in place each iteration, align.vllm_weights | served as a LoRA request); the hf backend: as a LoRA
+    max_query_tokens: int = Field(ge=1)  # prompts longer than this (chat template included) are left out
+    max_new_tokens: int = Field(ge=1)
+    max_prompts: int | None = Field(ge=1)  # the prompt pool: prompts not used for SFT, drawn at random
+    eval_prompts: int = Field(ge=0)  # held out of the pool (at most half); policy vs SFT on them at the end
+    principles: list[str] | None  # ids from assets/ppo_principles.jsonl to draw from; None: all
+    num_principles: int = Field(ge=0, le=3)  # drawn per prompt (SALMON: at most 3)
+    guard_principles: list[str] | None  # ids from assets/guard_principles.jsonl, always shown; None: all
+    stop_penalty: float | None  # for a response that ends without its stop token (None: none)
+    stop_penalty_mode: Literal["relative", "absolute"]  # added to its RM score (SALMON) | replaces it
+    length_bonus: float  # x min(tokens / max_new_tokens, length_bonus_cap) added to the score
+    length_bonus_cap: float = Field(ge=0)
+    kl_coef: float = Field(ge=0)  # the KL to the SFT policy: reward penalty (ppo, rloo), k3 loss term (grpo)
+    kl_target: float | None = Field(gt=0)  # adapt kl_coef to hold the KL per response here (None: fixed)
+    kl_horizon: int = Field(ge=1)  # samples over which the adaptive coefficient moves
+    epsilon: float = Field(gt=0)  # the ratio's clip range
+    epsilon_high: float | None = Field(gt=0)  # clip-higher (DAPO): upper clip at 1 + epsilon_high; None: epsilon
+    loss_type: Literal[LOSS_TYPES] | None  # None: the algorithm's own (align/rl.py ALGORITHMS)
+    importance_sampling_level: Literal["token", "sequence"]  # sequence: GSPO's one ratio per response
+    mask_truncated_completions: bool  # responses cut at max_new_tokens leave the loss
+    vllm_is_correction: bool  # weight tokens by min(pi_train / pi_engine, vllm_is_cap) at sampling time
+    vllm_is_cap: float = Field(ge=1)
+    group_size: int = Field(ge=2)  # grpo, rloo: samples per prompt; a baseline needs two
+    scale_rewards: bool  # grpo: divide by the group's std (the paper); false: the plain difference (Dr. GRPO)
+    sample_every_iterations: int = Field(ge=1)  # iterations between sample rows kept in samples.jsonl
 
     @model_validator(mode="after")
-    def _batches(self) -> Ppo:
+    def _consistent(self) -> Rl:
         if self.step_batch_size > self.rollout_batch_size:
             raise ValueError(f"step_batch_size ({self.step_batch_size}) must not exceed rollout_batch_size "
                              f"({self.rollout_batch_size})")
         if self.rollout_batch_size % self.step_batch_size:
             raise ValueError(f"step_batch_size ({self.step_batch_size}) must divide rollout_batch_size "
                              f"({self.rollout_batch_size})")
+        if self.epsilon_high is not None and self.epsilon_high < self.epsilon:
+            raise ValueError(f"epsilon_high ({self.epsilon_high}) must not be below epsilon ({self.epsilon}): "
+                             f"clip-higher widens the upper clip only")
         return self
 
 
-class Policy(Strict):
-    algorithm: Literal["ppo", "dpo", "grpo", "rloo"] = "ppo"  # what stage `policy` runs; all write models/policy
+class Ppo(Strict):
+    """What PPO adds to `rl`: a value model (the RM's trunk with its own LoRA) read at every token, and GAE."""
 
-
-class Rl(Strict):
-    """What the critic-free algorithms (grpo, rloo) add to the RL loop they share with PPO (every other knob is
-    `ppo`'s): k samples per prompt, compared within their group instead of against a value model."""
-
-    group_size: int = Field(4, ge=2)  # samples per prompt; a baseline needs two
-    scale_rewards: bool = True  # grpo: divide by the group's std (the paper); false: Dr. GRPO's plain difference
+    gamma: float = Field(ge=0, le=1)
+    lam: float = Field(ge=0, le=1)
+    cliprange_value: float = Field(gt=0)
 
 
 class Dpo(Subsets):
     """DPO on the labelled pairs, each under a principle subset (drawn and labelled as for the reward model)
     shown as the system message."""
 
-    beta: float = Field(0.1, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    length_group: int = Field(32, ge=1)  # micro-batches drawn together and sorted by length before they are cut,
+    beta: float = Field(gt=0)
+    epochs: float = Field(gt=0)
+    length_group: int = Field(ge=1)  # micro-batches drawn together and sorted by length before they are cut,
     # so each pads little (align/training.py grouped_order); 1: the plain shuffled draw
-    learning_rate: float = Field(5e-6, gt=0)
-    lora_r: int = Field(16, ge=1)
-    lora_alpha: int = Field(32, ge=1)
-    subsets_per_pair: int = Field(2, ge=1)
-    max_prompt_tokens: int = Field(512, ge=1)  # system message (the principles) + instruction
-    max_response_tokens: int = Field(384, ge=1)
+    learning_rate: float = Field(gt=0)
+    lora_r: int = Field(ge=1)
+    lora_alpha: int = Field(ge=1)
+    subsets_per_pair: int = Field(ge=1)
+    max_prompt_tokens: int = Field(ge=1)  # system message (the principles) + instruction
+    max_response_tokens: int = Field(ge=1)
 
 
 class SystemMessages(Strict):
     """Janus: per prompt, one value per dimension of assets/preference_space.jsonl written as a system message."""
 
-    enabled: bool = False
-    held_out_share: float = Field(0.2, gt=0, lt=1)  # share of value combinations never used in training
-    train_prompts: int = Field(24, ge=1)  # prompts given a system message for pairs, RM and policy
-    eval_prompts: int = Field(8, ge=1)  # prompts given a held-out combination, for `evaluate`
-    composer: Literal["model", "template"] = "model"  # who phrases the message (the template is the fallback)
-    max_new_tokens: int = Field(96, ge=8)
-    temperature: float = Field(0.7, ge=0)
-    top_p: float = Field(0.95, gt=0, le=1)
-    eval_max_new_tokens: int = Field(128, ge=1)  # per answer when `evaluate` compares matched and mismatched
+    enabled: bool
+    held_out_share: float = Field(gt=0, lt=1)  # share of value combinations never used in training
+    train_prompts: int = Field(ge=1)  # prompts given a system message for pairs, RM and policy
+    eval_prompts: int = Field(ge=1)  # prompts given a held-out combination, for `evaluate`
+    composer: Literal["model", "template"]  # who phrases the message (the template is the fallback)
+    max_new_tokens: int = Field(ge=8)
+    temperature: float = Field(ge=0)
+    top_p: float = Field(gt=0, le=1)
+    eval_max_new_tokens: int = Field(ge=1)  # per answer when `evaluate` compares matched and mismatched
 
 
 HUB_SOURCE = re.compile(r"hub:([\w.-]+/[\w.-]+)@([0-9a-f]{40})")  # a hub dataset pinned to a commit
@@ -485,10 +543,10 @@ class Benchmarks(Strict):
     """Where each benchmark comes from: `auto` (../shared/benchmarks where it exists, else a pinned hub dataset), a
     local file or folder in the benchmark's own format, or `hub:<dataset id>@<40-hex commit>`."""
 
-    hhh: str = "auto"
-    truthfulqa_mc: str = "auto"
-    truthfulqa_csv: str = "auto"
-    mt_bench: str = "auto"
+    hhh: str
+    truthfulqa_mc: str
+    truthfulqa_csv: str
+    mt_bench: str
 
     @field_validator("*")
     @classmethod
@@ -503,48 +561,46 @@ class Benchmarks(Strict):
 class Evaluate(Strict):
     """Benchmarks (data/benchmarks) for every produced policy."""
 
-    policies: list[Literal["base", "sft", "policy"]] = Field(default_factory=lambda: ["base", "sft", "policy"],
-                                                             min_length=1)  # policy: the ppo (or dpo) out
-    normalise: bool = False  # multiple choice: log-likelihood per token (True) or summed over the choice (False)
-    max_items: int | None = Field(None, ge=1)  # per multiple-choice benchmark, drawn at random (None: all)
-    mt_bench_questions: int | None = Field(None, ge=1)  # drawn at random (None: all 80)
-    max_new_tokens: int = Field(256, ge=1)  # per MT-Bench turn
-    judge_principles: list[str] = Field(
-        default_factory=lambda: ["follows_instruction", "honest_accurate", "ethical", "specific"], min_length=1)
-    tie_margin: float = Field(0.1, ge=0)  # RM reward difference below which two answers tie
-    judge_model: str | None = None  # the independent a/b judge: None = the base model; a local HF folder or a hub id
-    batch_size: int = Field(16, ge=1)  # rows per forward pass when scoring
-    bootstrap_resamples: int = Field(1000, ge=100)  # draws of the items behind each score's 95% interval
+    policies: list[Literal["base", "sft", "policy"]] = Field(min_length=1)  # policy: the RL stage's out
+    normalise: bool  # multiple choice: log-likelihood per token (True) or summed over the choice (False)
+    max_items: int | None = Field(ge=1)  # per multiple-choice benchmark, drawn at random (None: all)
+    mt_bench_questions: int | None = Field(ge=1)  # drawn at random (None: all 80)
+    max_new_tokens: int = Field(ge=1)  # per MT-Bench turn
+    judge_principles: list[str] = Field(min_length=1)  # the RM's guide (and the judge's criteria) for MT-Bench
+    tie_margin: float = Field(ge=0)  # RM reward difference below which two answers tie
+    judge_model: str | None  # the independent a/b judge: None = the base model; a local HF folder or a hub id
+    bootstrap_resamples: int = Field(ge=100)  # draws of the items behind each score's 95% interval
 
 
 class Params(Strict):
-    seed: int = Field(0, ge=0)
-    model: Model = Field(default_factory=Model)
-    generation: Generation = Field(default_factory=Generation)
-    training: Training = Field(default_factory=Training)
-    prompts: Prompts = Field(default_factory=Prompts)
-    self_align: SelfAlign = Field(default_factory=SelfAlign)
-    engrave: Engrave = Field(default_factory=Engrave)
-    verbose_clone: VerboseClone = Field(default_factory=VerboseClone)
-    system_messages: SystemMessages = Field(default_factory=SystemMessages)
-    sample_pairs: SamplePairs = Field(default_factory=SamplePairs)
-    label_preferences: LabelPreferences = Field(default_factory=LabelPreferences)
-    benchmarks: Benchmarks = Field(default_factory=Benchmarks)
-    rm: RewardModel = Field(default_factory=RewardModel)
-    policy: Policy = Field(default_factory=Policy)
-    ppo: Ppo = Field(default_factory=Ppo)
-    rl: Rl = Field(default_factory=Rl)
-    dpo: Dpo = Field(default_factory=Dpo)
-    evaluate: Evaluate = Field(default_factory=Evaluate)
-    cluster: Cluster = Field(default_factory=Cluster)
+    seed: int = Field(ge=0)
+    model: Model
+    generation: Generation
+    training: Training
+    prompts: Prompts
+    self_align: SelfAlign
+    engrave: Engrave
+    verbose_clone: VerboseClone
+    system_messages: SystemMessages
+    sample_pairs: SamplePairs
+    label_preferences: LabelPreferences
+    benchmarks: Benchmarks
+    rm: RewardModel
+    policy: Policy
+    rl: Rl
+    ppo: Ppo
+    dpo: Dpo
+    evaluate: Evaluate
+    cluster: Cluster
 
 
 def _describe(field: Any) -> str:
     """'an integer >= 0', 'one of auto, slurm', … from a pydantic FieldInfo's annotation and constraints."""
     ann = field.annotation
     args = get_args(ann)
-    if get_origin(ann) is Literal:
-        return "one of " + ", ".join(str(a) for a in args)
+    literal = next((a for a in (ann, *args) if get_origin(a) is Literal), None)
+    if literal is not None:
+        return "one of " + ", ".join(str(a) for a in get_args(literal)) + (" or null" if type(None) in args else "")
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
     if get_origin(ann) is list:
         kind = "a list"
@@ -587,6 +643,8 @@ def format_error(err: dict, source: str) -> str:
 
 
 def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
+    """`raw` validated; every error at once, one line each (a key missing under `cluster.defaults` once, not again
+    under each stage that inherits it)."""
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -594,7 +652,23 @@ def parse_params(raw: Any, source: str = str(PARAMS_FILE)) -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as exc:
-        raise UserError(format_error(exc.errors()[0], source)) from None
+        errors = exc.errors()
+        cluster = raw.get("cluster") if isinstance(raw.get("cluster"), dict) else {}
+
+        def inherited(err: Any) -> bool:
+            """An error at a stage's key whose value the stage took from `cluster.defaults`: said there already."""
+            loc = err["loc"]
+            if loc[0] != "cluster" or len(loc) < 2 or loc[1] == "defaults":
+                return False
+            if len(loc) == 2 or (loc[1] == "verbose_clone" and len(loc) == 3):  # a check across keys: as defaults'
+                return any(e["loc"] == ("cluster", "defaults") and e["msg"] == err["msg"] for e in errors)
+            written = cluster.get(loc[1]) if isinstance(cluster.get(loc[1]), dict) else {}
+            if loc[1] == "verbose_clone" and len(loc) > 3:
+                part = written.get(loc[2]) if isinstance(written.get(loc[2]), dict) else {}
+                return loc[3] not in written and loc[3] not in part
+            return loc[2] not in written
+
+        raise UserError("\n".join(dict.fromkeys(format_error(e, source) for e in errors if not inherited(e)))) from None
 
 
 def load_params(path: Path | str = PARAMS_FILE) -> Params:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from align.assets import PreferencePrinciple
 from align.devices import job_device
 from align.errors import UserError
+from align.losses import bradley_terry
 from align.models import prompt_ids
 from align.params import Subsets
 from align.prefix_cache import PrefixCache, shared_prefix, suffix_block
@@ -173,16 +174,17 @@ def decided(row: dict, ids: list[str]) -> bool:
 
 def training_examples(rows: list[dict], principles: dict[str, PreferencePrinciple], per_pair: int, cfg: Subsets,
                       scales: dict[str, float], seed: int) -> list[dict]:
-    """Up to `per_pair` instances per pair: subsets drawn until that many do not tie (a pair no principle
-    decides gives none), each label flipped with probability `cfg.label_noise`. Each: prompt, guide texts,
-    chosen, rejected, the subset shown and whether its label was flipped."""
+    """`per_pair` subsets drawn per pair, as SALMON draws them; a subset whose label ties is dropped, not redrawn,
+    so a pair that few principles decide gives fewer instances than one that many decide (redrawing until
+    `per_pair` were decided weighed a pair decided by one principle as much as one decided by all). Each label is
+    flipped with probability `cfg.label_noise`. Each instance: prompt, guide texts, chosen, rejected, the subset
+    shown and whether its label was flipped."""
     ids = list(principles)
     examples = []
     for row in rows:
-        if not decided(row, ids):
-            continue
-        draws = itertools.islice(labelled_draws(row, ids, cfg, scales, seed), per_pair * 50)
-        for subset, winner, flipped in itertools.islice(((s, w, f) for s, w, f in draws if w != "tie"), per_pair):
+        for subset, winner, flipped in itertools.islice(labelled_draws(row, ids, cfg, scales, seed), per_pair):
+            if winner == "tie":
+                continue
             label = {"a": "b", "b": "a"}[winner] if flipped else winner
             examples.append(instance(row, guide_of(subset, principles), subset, label) | {"flipped": flipped})
     return examples
@@ -363,9 +365,9 @@ def pair_rewards(model: Any, batch: Batch) -> torch.Tensor:
 def bt_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Bradley-Terry: -log sigmoid(r_chosen - r_rejected), mean over the pairs; with the share ranked right."""
     rewards = pair_rewards(model, batch)
-    margin = rewards[0::2] - rewards[1::2]
-    return -torch.nn.functional.logsigmoid(margin).mean(), {"accuracy": (margin > 0).float().mean(),
-                                                            "margin": margin.mean()}
+    chosen, rejected = rewards[0::2], rewards[1::2]
+    margin = chosen - rejected
+    return bradley_terry(chosen, rejected).mean(), {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
 
 
 # ----------------------------------------------------------------------------------------------------- scoring

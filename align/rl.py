@@ -1,15 +1,21 @@
-"""The arithmetic of PPO on token sequences (Schulman et al. 2017; Ziegler et al. 2019 for language): per-token
-rewards with a KL penalty to the reference policy, generalised advantage estimation, whitening, the clipped
-policy and value losses, and the adaptive KL coefficient; and of the critic-free methods that replace the value
-model by the other samples of the same prompt: GRPO's group-normalised advantage and k3 KL term (Shao et al.
-2024), RLOO's leave-one-out baseline (Ahmadian et al. 2024). Tensors are [batch, response tokens] with a 0/1 mask
-for the padding after each response; every mean is over the unmasked tokens; a group is `group_size` consecutive
-rows (one prompt's samples). Every tensor a function makes is on its inputs' device.
+"""The RL algorithms of the policy stage as one table (`ALGORITHMS`: what each needs and which parts it takes),
+and the arithmetic of those parts: per-token rewards with a KL penalty to the reference policy, generalised
+advantage estimation and whitening (PPO: Schulman et al. 2017, Ziegler et al. 2019 for language), the adaptive KL
+coefficient, GRPO's group-normalised advantage (Shao et al. 2024) and RLOO's leave-one-out baseline (Ahmadian et
+al. 2024). The losses themselves are in align/losses.py. Tensors are [batch, response tokens] with a 0/1 mask for
+the padding after each response; a group is `group_size` consecutive rows (one prompt's samples). Every tensor a
+function makes is on its inputs' device.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Callable
+
 import torch
+
+from align.errors import UserError
+from align.params import Ppo, Rl
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -44,27 +50,6 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         running = (delta + gamma * lam * running) * mask[:, t]
         advantages[:, t] = running
     return advantages, (advantages + values) * mask
-
-
-def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The clipped surrogate objective (as a loss), with the clip fraction and the approximate KL to the rollout
-    policy (k3 estimator)."""
-    log_ratio = (logprobs - old_logprobs) * mask
-    ratio = torch.exp(log_ratio)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip, 1 + clip)
-    loss = masked_mean(torch.max(unclipped, clipped), mask)
-    stats = {"clip_fraction": masked_mean((clipped > unclipped).float(), mask),
-             "approx_kl": masked_mean(ratio - 1 - log_ratio, mask)}
-    return loss, stats
-
-
-def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip: float) -> torch.Tensor:
-    """0.5 x the larger of the plain and the clipped squared error (values kept within `clip` of the rollout's)."""
-    clipped = old_values + torch.clamp(values - old_values, -clip, clip)
-    return 0.5 * masked_mean(torch.max((values - returns) ** 2, (clipped - returns) ** 2), mask)
 
 
 def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
@@ -109,8 +94,74 @@ def leave_one_out_advantages(scores: torch.Tensor, group_size: int) -> torch.Ten
     return (groups - baseline).reshape(-1)
 
 
-def k3_kl(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per token, Schulman's k3 estimate of KL(pi || pi_ref): exp(r) - r - 1 with r = log pi_ref - log pi, >= 0,
-    unbiased for samples of pi and low-variance (GRPO's KL term); 0 on padding."""
-    log_ratio = (ref_logprobs - logprobs) * mask
-    return torch.exp(log_ratio) - log_ratio - 1
+# ----------------------------------------------------------------------------------------------- the algorithms
+
+# (scores [B], rewards [B, R] with the KL penalty, values [B, R] or None, mask, rl, ppo) -> (advantages [B, R],
+# returns [B, R] or None)
+Estimator = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None", torch.Tensor, Rl, Ppo],
+                     "tuple[torch.Tensor, torch.Tensor | None]"]
+
+
+def gae_estimator(scores: torch.Tensor, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
+                  rl: Rl, ppo: Ppo) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """PPO: GAE over the per-token rewards (the score on the last token, the KL penalty on each) against the value
+    model's values; returns are the value targets. Whitened by the caller, over every rank."""
+    return gae(rewards, values, mask, ppo.gamma, ppo.lam)
+
+
+def group_estimator(scores: torch.Tensor, rewards: torch.Tensor, values: torch.Tensor | None, mask: torch.Tensor,
+                    rl: Rl, ppo: Ppo) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """GRPO: each sample's score against its group's (standardised with `rl.scale_rewards`), at every token; its KL
+    is a loss term, not a reward."""
+    return group_advantages(scores, rl.group_size, rl.scale_rewards)[:, None] * mask, None
+
+
+def leave_one_out_estimator(scores: torch.Tensor, rewards: torch.Tensor, values: torch.Tensor | None,
+                            mask: torch.Tensor, rl: Rl, ppo: Ppo) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """RLOO: the sequence's reward (its score minus kl_coef x its KL) against the mean of the other k - 1 of its
+    group, one advantage per response ([B, 1])."""
+    return leave_one_out_advantages(rewards.sum(1), rl.group_size)[:, None], None
+
+
+@dataclass(frozen=True)
+class Algorithm:
+    """What one RL algorithm takes for each part of the loop the policy stage runs."""
+
+    value_model: bool  # a critic (the RM's trunk + its own LoRA) trained beside the policy
+    grouped: bool  # `rl.group_size` samples per prompt, compared within their group
+    estimator: Estimator  # the advantages (and returns)
+    whiten: bool  # advantages standardised over every rank's tokens (PPO)
+    kl_in_loss: bool  # the KL to the reference as a k3 term of the loss (GRPO), not a per-token reward penalty
+    ratio: str  # token: one ratio per token | sequence_sum: exp of the summed log-ratio per response (RLOO)
+    loss_types: tuple[str, ...]  # the aggregations it can use (align/losses.py `aggregate`); its own first
+
+
+ALGORITHMS = {
+    "ppo": Algorithm(value_model=True, grouped=False, estimator=gae_estimator, whiten=True, kl_in_loss=False,
+                     ratio="token", loss_types=("bnpo", "dapo", "grpo", "dr_grpo")),
+    "grpo": Algorithm(value_model=False, grouped=True, estimator=group_estimator, whiten=False, kl_in_loss=True,
+                      ratio="token", loss_types=("dapo", "grpo", "bnpo", "dr_grpo")),
+    "rloo": Algorithm(value_model=False, grouped=True, estimator=leave_one_out_estimator, whiten=False,
+                      kl_in_loss=False, ratio="sequence_sum", loss_types=("sequence",)),
+}
+
+
+def loss_type(algorithm: str, rl: Rl) -> str:
+    """The aggregation the algorithm runs with: `rl.loss_type`, or its own where that is null."""
+    return rl.loss_type or ALGORITHMS[algorithm].loss_types[0]
+
+
+def check_settings(algorithm: str, rl: Rl) -> None:
+    """`rl` settings the chosen algorithm cannot run with, as one line each, before any job."""
+    own = ALGORITHMS[algorithm]
+    problems = []
+    if rl.loss_type is not None and rl.loss_type not in own.loss_types:
+        usable = ", ".join(t for t in own.loss_types if t != "sequence") or "none: its loss is one per response"
+        problems.append(f"params.yaml: rl.loss_type: {algorithm} cannot use {rl.loss_type!r} (usable: {usable}); "
+                        f"null takes its own")
+    if rl.importance_sampling_level == "sequence" and algorithm != "grpo":
+        problems.append(f"params.yaml: rl.importance_sampling_level: 'sequence' (GSPO) is GRPO's; {algorithm} "
+                        f"takes 'token'" + (" (its ratio is already one per response)" if own.ratio != "token"
+                                            else ""))
+    if problems:
+        raise UserError("\n".join(problems))

@@ -29,6 +29,8 @@ class Rollout:
     response_mask: torch.Tensor  # [B, R] float: 1 on response tokens, 0 on their padding
     query_width: int  # W
     scores: torch.Tensor  # [B] the shaped sequence scores
+    truncated: torch.Tensor  # [B] float: 1 where the response ran out of tokens before its stop token
+    engine_logprobs: torch.Tensor | None = None  # [B, R] what the engine that sampled gave each sampled token
     logprobs: torch.Tensor | None = None  # [B, R] under the policy that sampled, at sampling temperature
     ref_logprobs: torch.Tensor | None = None  # [B, R] under the reference policy
     values: torch.Tensor | None = None  # [B, R] the value model's, 0 on padding
@@ -68,8 +70,10 @@ class Rollout:
 
 
 def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int, scores: list[float],
-         device: torch.device | str = "cpu", samples: list[dict] | None = None) -> Rollout:
-    """The token layout of a rollout on `device`, without log-probs or values yet."""
+         device: torch.device | str = "cpu", samples: list[dict] | None = None, truncated: list[bool] | None = None,
+         engine_logprobs: list[list[float]] | None = None) -> Rollout:
+    """The token layout of a rollout on `device`, with the engine's log-probs of the sampled tokens where given,
+    without the trainer's log-probs or values yet."""
     width = max(len(q) for q in queries)
     length = max(len(r) for r in responses)
     ids, mask, resp, resp_mask = [], [], [], []
@@ -82,7 +86,11 @@ def pack(queries: list[list[int]], responses: list[list[int]], pad_id: int, scor
     tensors = to_device({"input_ids": torch.tensor(ids), "attention_mask": attention,
                          "position_ids": (attention.cumsum(-1) - 1).clamp(min=0), "responses": torch.tensor(resp),
                          "response_mask": torch.tensor(resp_mask, dtype=torch.float32),
-                         "scores": torch.tensor(scores, dtype=torch.float32)}, device)
+                         "scores": torch.tensor(scores, dtype=torch.float32),
+                         "truncated": torch.tensor(truncated or [False] * len(scores), dtype=torch.float32)}, device)
+    if engine_logprobs is not None:
+        tensors["engine_logprobs"] = torch.tensor([list(lp) + [0.0] * (length - len(lp)) for lp in engine_logprobs],
+                                                  dtype=torch.float32, device=tensors["scores"].device)
     return Rollout(**tensors, query_width=width, samples=samples or [])
 
 

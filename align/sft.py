@@ -7,11 +7,10 @@ Out layout: `adapter/` (PEFT), `model/` (merged HF folder with tokenizer), `metr
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from align.params import Training
+from align.params import TrainingRun
 from align.training import LiveCurve, finish_training, sft_job, step_count
 
 
@@ -24,7 +23,7 @@ class SftJob:
     out: Path
     live_dir: Path  # the dvclive folder of the training curve
     ckpt_dir: Path
-    training: Training
+    training: TrainingRun  # the stage's training params and its job's execution settings
     epochs: float
     max_prompt_tokens: int
     max_answer_tokens: int
@@ -36,7 +35,7 @@ class SftJob:
 
 def job(args: SftJob) -> str | None:
     """Runs in every task of the allocation: train, then rank 0 writes the out; returns its artifact id (rank 0)."""
-    steps = step_count(len(args.pairs), args.epochs, args.training, int(os.environ.get("WORLD_SIZE", "1")))
+    steps = step_count(len(args.pairs), args.epochs, args.training)
     final_adapter = args.ckpt_dir / "adapter"
     result = sft_job(args.model, args.pairs, args.ckpt_dir, args.training, steps, adapter_dir=final_adapter,
                      seed=args.seed, max_prompt_tokens=args.max_prompt_tokens,

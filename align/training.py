@@ -39,9 +39,11 @@ import torch
 
 from align.artifacts import digest, staged_out, verify_artifact
 from align.devices import config_dtype, job_device, to_device
+from align.errors import UserError
 from align.generation import with_system
+from align.losses import token_nll_sum
 from align.models import padding_id, prompt_ids
-from align.params import Training
+from align.params import TrainingRun
 from align.paths import MODEL
 from align.records import write_json
 from slurm import preemption
@@ -62,13 +64,9 @@ OnStep = Callable[[int, dict], None]  # (step index, {"loss", "lr", stats}) on r
 # ---------------------------------------------------------------------------------------------- configuration
 
 
-def global_batch_size(training: Training, world_size: int) -> int:
-    """Examples per optimizer step: micro batch x accumulation steps x data-parallel ranks."""
-    return training.micro_batch_size * training.gradient_accumulation_steps * world_size
-
-
-def deepspeed_config(training: Training, world_size: int) -> dict:
-    """The DeepSpeed config for `training` on `world_size` data-parallel ranks.
+def deepspeed_config(training: TrainingRun, world_size: int) -> dict:
+    """The DeepSpeed config for `training` on `world_size` data-parallel ranks: its global batch
+    (`training.batch_size`) split into micro-batches of `micro_batch_size` per rank, the rest accumulated.
 
     The optimizer is torch's AdamW (`torch_adam`): LoRA optimizer state is small, and DeepSpeed's FusedAdam /
     DeepSpeedCPUAdam are C++ ops JIT-compiled on first use (about a minute, and a compiler on every node). With
@@ -83,9 +81,9 @@ def deepspeed_config(training: Training, world_size: int) -> dict:
         if training.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
     config: dict[str, Any] = {
-        "train_batch_size": global_batch_size(training, world_size),
+        "train_batch_size": training.batch_size,
         "train_micro_batch_size_per_gpu": training.micro_batch_size,
-        "gradient_accumulation_steps": training.gradient_accumulation_steps,
+        "gradient_accumulation_steps": training.accumulation(world_size),
         "gradient_clipping": training.max_grad_norm,
         "optimizer": {
             "type": "AdamW",
@@ -133,7 +131,7 @@ def init_distributed() -> tuple[int, int]:
 # ---------------------------------------------------------------------------------------------- model, engine
 
 
-def lora_config(training: Training, task_type: str) -> Any:
+def lora_config(training: TrainingRun, task_type: str) -> Any:
     """PEFT's LoRA config from `training` for a "CAUSAL_LM" or "SEQ_CLS" model. `lora_targets` is PEFT's `all-linear`
     (every linear layer but the output head or the classifier: any architecture's names) or a list of module
     names; a list is passed as one, the keyword as the string PEFT looks for."""
@@ -144,7 +142,7 @@ def lora_config(training: Training, task_type: str) -> Any:
                       target_modules=targets if isinstance(targets, str) else list(targets), task_type=task_type)
 
 
-def lora_model(model_dir: Path | str, training: Training, seed: int = 0, head: str = "lm") -> torch.nn.Module:
+def lora_model(model_dir: Path | str, training: TrainingRun, seed: int = 0, head: str = "lm") -> torch.nn.Module:
     """The HF model in `model_dir` with fresh LoRA adapters on the layers `training.lora_targets` names; only the
     adapters are trainable. Seeded so every rank (and every rerun) starts from the same adapter (and head) init.
 
@@ -165,7 +163,7 @@ def lora_model(model_dir: Path | str, training: Training, seed: int = 0, head: s
                                                                       "CAUSAL_LM"))
 
 
-def checkpointed(model: torch.nn.Module, training: Training) -> torch.nn.Module:
+def checkpointed(model: torch.nn.Module, training: TrainingRun) -> torch.nn.Module:
     """`model` keeping no decoder layer's activations for the backward pass, recomputing them there instead, with
     `training.gradient_checkpointing`: a layer's activations grow with micro-batch x sequence length, and on a
     large model they, not the LoRA weights, fill the GPU. Non-reentrant (torch's recommended form), so it needs no
@@ -196,7 +194,7 @@ def reward_trunk(model_dir: Path | str, dtype: torch.dtype) -> torch.nn.Module:
     return AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=dtype, pad_token_id=pad)
 
 
-def lr_scheduler(training: Training, total_steps: int) -> Callable[[Any], Any]:
+def lr_scheduler(training: TrainingRun, total_steps: int) -> Callable[[Any], Any]:
     """`training.lr_schedule` after a linear warm-up over `warmup_ratio` of `total_steps` (rounded up, as the HF
     Trainer does), as a callable DeepSpeed applies to its optimizer; DeepSpeed steps it at every optimizer step
     and keeps its state in checkpoints."""
@@ -209,7 +207,7 @@ def lr_scheduler(training: Training, total_steps: int) -> Callable[[Any], Any]:
     return functools.partial(get_constant_schedule_with_warmup, num_warmup_steps=warmup)
 
 
-def make_engine(model: torch.nn.Module, training: Training, world_size: int, total_steps: int | None = None) -> Any:
+def make_engine(model: torch.nn.Module, training: TrainingRun, world_size: int, total_steps: int | None = None) -> Any:
     """A DeepSpeed engine over the trainable parameters of `model` (call `init_distributed` first); with
     `total_steps`, the learning rate follows `training.lr_schedule`, else it stays constant."""
     import deepspeed
@@ -347,11 +345,19 @@ def resumed_steps(engine: Any, ckpt_dir: Path | str, state: dict, last: int, *, 
     preemption.release()
 
 
-def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: Training,
-        max_steps: int, log: Callable[[str], None] | None = print, on_step: OnStep | None = None) -> dict:
+def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: TrainingRun,
+        max_steps: int, log: Callable[[str], None] | None = print, on_step: OnStep | None = None,
+        items: Callable[[Batch], int] | None = None) -> dict:
     """Train `engine` up to optimizer step `max_steps`, resuming from `ckpt_dir` where a checkpoint exists.
 
-    Checkpoints every `training.save_every` steps and at `max_steps` (so a rerun with a larger `max_steps`
+    Step s takes examples s x G .. (s + 1) x G - 1 of the stream (G = `training.batch_size`), however they are cut
+    into micro-batches and spread over ranks, so a run resumes after a change of micro-batch size or GPU count.
+    With `items` (the loss items of a micro-batch: an SFT batch's labelled tokens), each micro-batch gets
+    `batch["items_norm"]`, the step's items over its micro-batches, for a loss summed over its items and divided by
+    it: the step's gradient is then the mean over every item of the global batch, not a mean of micro-batch means
+    that would weigh a token by the length of its neighbours (and change with the micro-batch size).
+
+    Checkpoints every `training.save_every_steps` steps and at `max_steps` (so a rerun with a larger `max_steps`
     continues exactly there). Returns {"losses": the per-step loss of every step 0..max_steps-1, resumed steps
     included, each the mean over the global batch; "lrs": the learning rate of each of those steps; "stats":
     per step, the means of the statistics the loss function returns; "start_step": where this run began;
@@ -361,21 +367,28 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
     import torch.distributed as dist
 
     rank, world = dist.get_rank(), dist.get_world_size()
-    accum = engine.gradient_accumulation_steps()
+    accum, micro = engine.gradient_accumulation_steps(), training.micro_batch_size
     global_batch = engine.train_batch_size()
-    state = {"step": 0, "data_position": 0, "curves": [], "train_batch_size": global_batch}
+    state = {"step": 0, "curves": [], "train_batch_size": global_batch}
     ran = 0
     engine.train()
     for _ in resumed_steps(engine, ckpt_dir, state, max_steps, keep=training.keep_checkpoints,
-                           every=training.save_every, log=log, on_step=on_step):
-        if state["train_batch_size"] != global_batch:
-            raise RuntimeError(f"{ckpt_dir}: checkpoint was trained with a global batch of "
-                               f"{state['train_batch_size']}, this run has {global_batch}; use a new checkpoint folder")
+                           every=training.save_every_steps, log=log, on_step=on_step):
+        if state["train_batch_size"] != global_batch:  # the folder's key includes the batch: reused by hand
+            raise UserError(f"{ckpt_dir}: its checkpoint was trained with {state['train_batch_size']} examples per "
+                            f"step, this run has {global_batch}; it belongs to another run: remove {ckpt_dir} to "
+                            f"start this one over")
         lr = float(engine.get_lr()[0])  # the rate this step's update uses (the scheduler moves after it)
+        first = state["step"] * global_batch // micro  # the step's first micro-batch in the stream
+        norm = None
+        if items is not None:
+            norm = sum(items(batches(first + i)) for i in range(accum * world)) / (accum * world)
         sums: dict[str, torch.Tensor] = {}  # "loss" and the loss function's statistics, summed over micro-batches
-        for micro in range(accum):
-            index = state["data_position"] + micro * world + rank
-            out = loss_fn(engine, to_device(batches(index), engine.device))
+        for step_micro in range(accum):
+            batch = batches(first + step_micro * world + rank)
+            if norm is not None:
+                batch["items_norm"] = torch.tensor(max(norm, 1e-8))
+            out = loss_fn(engine, to_device(batch, engine.device))
             loss, stats = out if isinstance(out, tuple) else (out, {})
             engine.backward(loss)
             engine.step()  # DeepSpeed steps the optimizer only at the accumulation boundary
@@ -386,7 +399,6 @@ def fit(engine: Any, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, tr
         dist.all_reduce(totals)
         state["curves"].append({"lr": lr, **{n: t / (accum * world) for n, t in zip(names, totals.tolist())}})
         state["step"] += 1
-        state["data_position"] += accum * world
         ran += 1
         if log and rank == 0:
             log(f"step {state['step']}/{max_steps} loss {state['curves'][-1]['loss']:.4f} lr {lr:.3g}")
@@ -429,21 +441,22 @@ def sort_target_modules(config_file: Path) -> None:
         config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
-def train(model_dir: Path | str, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: Training,
+def train(model_dir: Path | str, batches: Batches, loss_fn: LossFn, ckpt_dir: Path | str, training: TrainingRun,
           max_steps: int, *, adapter_dir: Path | str | None = None, seed: int = 0, head: str = "lm",
-          log: Callable[[str], None] | None = print, on_step: OnStep | None = None) -> dict:
+          log: Callable[[str], None] | None = print, on_step: OnStep | None = None,
+          items: Callable[[Batch], int] | None = None) -> dict:
     """The whole recipe in one call (every rank calls it): join the process group, LoRA-wrap the model (`head`
-    as in `lora_model`), build the engine (learning-rate schedule over `max_steps`), `fit`, and save the final
-    adapter to `adapter_dir`. Returns `fit`'s result (the same on every rank)."""
+    as in `lora_model`), build the engine (learning-rate schedule over `max_steps`), `fit` (`items` as there), and
+    save the final adapter to `adapter_dir`. Returns `fit`'s result (the same on every rank)."""
     _, world = init_distributed()
     engine = make_engine(lora_model(model_dir, training, seed, head), training, world, total_steps=max_steps)
-    result = fit(engine, batches, loss_fn, ckpt_dir, training, max_steps, log, on_step)
+    result = fit(engine, batches, loss_fn, ckpt_dir, training, max_steps, log, on_step, items)
     if adapter_dir is not None:
         save_adapter(engine, adapter_dir)
     return result
 
 
-def sft_job(model_dir: Path | str, pairs: list[tuple[str, str]], ckpt_dir: Path | str, training: Training,
+def sft_job(model_dir: Path | str, pairs: list[tuple[str, str]], ckpt_dir: Path | str, training: TrainingRun,
             max_steps: int, *, adapter_dir: Path | str | None = None, seed: int = 0, loss_fn: LossFn | None = None,
             max_prompt_tokens: int | None = None, max_response_tokens: int | None = None,
             log: Callable[[str], None] | None = print, on_step: OnStep | None = None) -> dict:
@@ -457,7 +470,7 @@ def sft_job(model_dir: Path | str, pairs: list[tuple[str, str]], ckpt_dir: Path 
     batches = shuffled_batches(examples, training.micro_batch_size, seed,
                                functools.partial(collate, pad_id=padding_id(tokenizer)))
     return train(model_dir, batches, loss_fn or sft_loss, ckpt_dir, training, max_steps, adapter_dir=adapter_dir,
-                 seed=seed, log=log, on_step=on_step)
+                 seed=seed, log=log, on_step=on_step, items=labelled_tokens)
 
 
 # ------------------------------------------------------------------------------------------------------ data
@@ -587,8 +600,17 @@ def length_grouped_batches(examples: list, micro_batch_size: int, seed: int, col
 
 
 def sft_loss(model: Any, batch: Batch) -> torch.Tensor:
-    """Causal-LM cross-entropy over the labelled (response) tokens of the micro-batch; the model shifts labels."""
-    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    """Causal-LM cross-entropy summed over the micro-batch's labelled (response) tokens, over the step's mean
+    labelled tokens per micro-batch (`fit` sets `items_norm`; a lone batch is its own step): the step's gradient is
+    the token mean over its whole batch (align/losses.py token_nll_sum)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    total, count = token_nll_sum(logits, batch["labels"])
+    return total / batch.get("items_norm", count.clamp(min=1))
+
+
+def labelled_tokens(batch: Batch) -> int:
+    """An SFT micro-batch's loss items (`fit`'s `items`): the tokens it learns."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 # ---------------------------------------------------------------------------------------- a training stage's run
@@ -625,8 +647,9 @@ def checkpoint_dir(stage: str, key: dict) -> Path:
     return CHECKPOINTS / stage / digest(key)[:16]
 
 
-def step_count(examples: int, epochs: float, training: Training, world_size: int) -> int:
-    return max(1, math.ceil(epochs * examples / global_batch_size(training, world_size)))
+def step_count(examples: int, epochs: float, training: TrainingRun) -> int:
+    """Optimizer steps for `epochs` passes over `examples` at the global batch (whatever the GPU count)."""
+    return max(1, math.ceil(epochs * examples / training.batch_size))
 
 
 def finish_training(out: Path, *, stage: str, params: dict, inputs: dict, adapter: Path, ckpt_dir: Path,

@@ -13,7 +13,6 @@ checkpoints, resume, dvclive: loss, accuracy, margin). Out (models/policy): adap
 from __future__ import annotations
 
 import functools
-import os
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,12 +20,12 @@ from typing import Any
 
 import torch
 
-from align import paths, runner
+from align import losses, paths, runner
 from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, value_descriptions
 from align.errors import UserError
 from align.models import padding_id
-from align.params import Dpo, Training
+from align.params import Dpo, TrainingRun
 from align.paths import MODEL
 from align.reward import guide_text, preference_examples, principle_scales, read_preferences
 from align.training import (
@@ -53,17 +52,15 @@ def sequence_logprobs(model: Any, batch: Batch) -> torch.Tensor:
 
 
 def dpo_loss(beta: float, model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The DPO loss over a batch of chosen rows followed by as many rejected rows; the reference's
-    log-probabilities come from the same model with the LoRA adapter disabled."""
+    """The DPO loss (align/losses.py `dpo`), mean over the pairs of a batch of chosen rows followed by as many
+    rejected rows; the reference's log-probabilities come from the same model with the LoRA adapter disabled."""
     peft = model.module if hasattr(model, "module") else model
     with torch.no_grad(), peft.disable_adapter():
         reference = sequence_logprobs(model, batch)
     policy = sequence_logprobs(model, batch)
     half = policy.shape[0] // 2
-    ratios = policy - reference
-    margin = beta * (ratios[:half] - ratios[half:])
-    return -torch.nn.functional.logsigmoid(margin).mean(), {"accuracy": (margin > 0).float().mean(),
-                                                             "margin": margin.mean()}
+    loss, margin = losses.dpo(policy[:half], policy[half:], reference[:half], reference[half:], beta)
+    return loss.mean(), {"accuracy": (margin > 0).float().mean(), "margin": margin.mean()}
 
 
 def collate_sides(examples: list[dict], pad_id: int) -> Batch:
@@ -82,7 +79,7 @@ class DpoJob:
     model: Path  # the SFT policy: the LoRA trains on it, and it is the reference with the adapter disabled
     examples: list[dict]  # pairs under their principle subsets (`preference_examples`)
     cfg: Dpo
-    training: Training
+    training: TrainingRun  # `training` with dpo's learning rate and LoRA size, and the job's execution settings
     seed: int
     ckpt_dir: Path
     params: dict  # the params subset and the input refs: the manifest records both
@@ -101,8 +98,7 @@ def job(args: DpoJob) -> str | None:
     batches = length_grouped_batches(tokenized, args.training.micro_batch_size, args.seed,
                                      functools.partial(collate_sides, pad_id=pad_id),
                                      [longer_side(e) for e in tokenized], args.cfg.length_group)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    steps = step_count(len(args.examples), args.cfg.epochs, args.training, world)
+    steps = step_count(len(args.examples), args.cfg.epochs, args.training)
     adapter = args.ckpt_dir / "adapter"
     result = train(args.model, batches, functools.partial(dpo_loss, args.cfg.beta), args.ckpt_dir, args.training,
                    steps, adapter_dir=adapter, seed=args.seed, on_step=LiveCurve(LIVE))
@@ -126,8 +122,9 @@ def main() -> None:
     if not examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no pair is preferred under any principle (every label is "
                         f"a tie); nothing to train DPO on")
-    training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
-                                                  "lora_alpha": cfg.lora_alpha})
+    runner.warn_unread(STAGE, {"seed", "training", "policy", "dpo"}, "policy.algorithm dpo")
+    training = TrainingRun.of(params.training, params.cluster.policy, STAGE, learning_rate=cfg.learning_rate,
+                              lora_r=cfg.lora_r, lora_alpha=cfg.lora_alpha)
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "dpo": cfg.model_dump()}
     ckpt_dir = checkpoint_dir("dpo", {"params": subset, "inputs": inputs})

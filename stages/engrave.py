@@ -11,6 +11,7 @@ from pathlib import Path
 
 from align import paths, runner, sft
 from align.artifacts import input_refs
+from align.params import TrainingRun
 from align.records import read_jsonl
 from align.training import checkpoint_dir
 
@@ -33,7 +34,7 @@ def main() -> None:
     ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
     fn = functools.partial(sft.job, sft.SftJob(
         stage=STAGE, model=BASE, pairs=pairs(DATA), out=OUT, live_dir=LIVE, ckpt_dir=ckpt_dir,
-        training=params.training, epochs=params.engrave.epochs, max_prompt_tokens=params.engrave.max_prompt_tokens,
+        training=TrainingRun.of(params.training, params.cluster.engrave, STAGE), epochs=params.engrave.epochs, max_prompt_tokens=params.engrave.max_prompt_tokens,
         max_answer_tokens=params.engrave.max_answer_tokens, seed=params.seed, params=subset, inputs=inputs,
     ))
     runner.submit_stage(STAGE, OUT, fn, params.cluster.engrave, params.cluster, subset, inputs)

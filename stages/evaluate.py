@@ -50,7 +50,7 @@ from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.intervals import Bootstrap
 from align.judge import PLACEHOLDERS, criteria_of, judge, preference
 from align.models import HUB_ID, hub_snapshot
-from align.params import Evaluate, Generation, SystemMessages
+from align.params import Engine, Evaluate, SystemMessages
 from align.paths import MODEL
 from align.progress import progress
 from align.records import read_jsonl, sample_in_order, write_json, write_jsonl
@@ -308,7 +308,7 @@ class EvaluateJob:
     policies: dict[str, Path]  # name -> model folder
     benchmarks: dict  # the sampled items per benchmark (`load_benchmarks`) and the held-out system-message rows
     cfg: Evaluate
-    generation: Generation
+    engine: Engine
     guide: list[str]  # the principles the RM judges MT-Bench answers under
     judge: Path  # the independent judge's model folder (`judge_folder`)
     judge_principles: list[PreferencePrinciple]  # the same principles, for the judge
@@ -332,7 +332,7 @@ def score_and_answer(args: EvaluateJob) -> tuple[dict[str, dict], dict[str, list
     system_answers: dict[str, list[dict]] = {}
     bench, cfg, boot = args.benchmarks, args.cfg, args.bootstrap()
     for name, model in args.policies.items():
-        scorer = Scorer(model, batch_size=cfg.batch_size)
+        scorer = Scorer(model, batch_size=args.engine.score_batch_size)
         results[name] = {
             "hhh": hhh_metrics(scorer, bench["hhh"], cfg.normalise, boot),
             "truthfulqa": multiple_choice(scorer, bench["truthfulqa"], cfg.normalise, None, boot, mass="p_true"),
@@ -340,7 +340,7 @@ def score_and_answer(args: EvaluateJob) -> tuple[dict[str, dict], dict[str, list
         }
         del scorer
         gc.collect()
-        with Generator(model, args.generation) as generator:
+        with Generator(model, args.engine) as generator:
             answers[name] = answer_mt_bench(generator, bench["mt_bench"], cfg.max_new_tokens, args.seed)
             system_answers[name] = answer_system_messages(generator, bench["system_messages"],
                                                           args.system.eval_max_new_tokens, args.seed)
@@ -351,7 +351,7 @@ def job(args: EvaluateJob) -> str:
     """Runs inside the allocation: score, generate and judge every policy; write the out."""
     results, answers, system_answers = score_and_answer(args)
     held_out, boot = args.benchmarks["system_messages"], args.bootstrap()
-    rm = RewardScorer(RM_BASE, RM, batch_size=args.cfg.batch_size)
+    rm = RewardScorer(RM_BASE, RM, batch_size=args.engine.score_batch_size)
     for name, judged in rm_judgement(rm, answers, args.guide, args.cfg.tie_margin, boot).items():
         finishes = [f for row in answers[name] for f in row["finish"]]
         results[name]["mtbench"] = {TARGET_RM: judged, **boot.mean("cut_off_share", [f == "length" for f in finishes])}
@@ -360,7 +360,7 @@ def job(args: EvaluateJob) -> str:
                 rm, held_out, system_answers[name], args.descriptions, args.cfg.tie_margin, boot)}
     del rm
     gc.collect()
-    scorer = Scorer(args.judge, batch_size=args.cfg.batch_size, trust_remote_code=args.trust_remote_code)
+    scorer = Scorer(args.judge, batch_size=args.engine.score_batch_size, trust_remote_code=args.trust_remote_code)
     for name, judged in model_judgement(scorer, answers, system_answers, held_out, args.judge_principles,
                                         boot).items():
         for bench, verdict in judged.items():
@@ -408,7 +408,7 @@ def main() -> None:
     subset = {"seed": params.seed, "evaluate": cfg.model_dump(), "generation": params.generation.model_dump(),
               "system_messages": params.system_messages.model_dump()}
     fn = functools.partial(job, EvaluateJob(
-        policies=policies, benchmarks=benchmarks, cfg=cfg, generation=params.generation,
+        policies=policies, benchmarks=benchmarks, cfg=cfg, engine=Engine.of(params.generation, params.cluster.evaluate),
         guide=[p.definition for p in judged], judge=judge_model, judge_principles=judged, system=params.system_messages,
         descriptions=descriptions, seed=params.seed, params=subset, inputs=inputs,
         trust_remote_code=params.model.trust_remote_code,

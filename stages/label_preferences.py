@@ -57,6 +57,7 @@ class LabelPreferencesJob:
     judge: Path  # the judging model
     pairs: list[dict]
     cfg: LabelPreferences
+    batch_size: int  # judge prompts per forward pass (cluster.label_preferences.score_batch_size)
     params: dict  # the params subset and the input refs: the manifest records both
     inputs: dict
 
@@ -67,7 +68,7 @@ def job(args: LabelPreferencesJob) -> str:
                                  "label_preferences.principles", PRINCIPLES)
     template = load_template(TEMPLATE, PLACEHOLDERS)
     space = {v.id: v for v in load_jsonl(SPACE, PreferenceValue)}
-    scorer = Scorer(args.judge, batch_size=args.cfg.batch_size)
+    scorer = Scorer(args.judge, batch_size=args.batch_size)
     choices = (scorer.token_id(args.cfg.choices[0]), scorer.token_id(args.cfg.choices[1]))
     criteria = [value_criteria(p["values"], space) if "system" in p else criteria_of(principles) for p in args.pairs]
     rows = judge(scorer, template, args.pairs, criteria, choices)
@@ -107,10 +108,11 @@ def main() -> None:
     if any(not (row["response_a"].strip() and row["response_b"].strip()) for row in pairs):
         raise UserError(f"{PAIRS}/pairs.jsonl: a pair has an empty response; expected two non-empty responses")
     subset = {"label_preferences": cfg.model_dump()}
-    fn = functools.partial(job, LabelPreferencesJob(judge=JUDGE / MODEL, pairs=pairs, cfg=cfg, params=subset,
+    resources = one_task(params.cluster.label_preferences, STAGE)
+    fn = functools.partial(job, LabelPreferencesJob(judge=JUDGE / MODEL, pairs=pairs, cfg=cfg,
+                                                    batch_size=resources.score_batch_size, params=subset,
                                                     inputs=inputs))
-    runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.label_preferences, STAGE), params.cluster, subset,
-                        inputs)
+    runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

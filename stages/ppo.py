@@ -1,29 +1,25 @@
 """Stage `policy` with `policy.algorithm: ppo | grpo | rloo`: SALMON's policy optimisation against the instructable
-reward model, with RL-time principles, by PPO or by a critic-free method (GRPO, RLOO).
+reward model, with RL-time principles, by PPO or by a critic-free method (GRPO, RLOO). What each algorithm takes
+for each part of the loop is one table, align/rl.py ALGORITHMS; the losses are align/losses.py.
 
 Models, all in each task of the job: the policy = the SFT model + a trainable LoRA adapter; the reference = the
-same model with the adapter disabled (no second copy); the value model = the RM (its trunk with the RM adapter
+same model with the adapter disabled (no second copy); PPO's value model = the RM (its trunk with the RM adapter
 folded in, and its scalar head) + its own LoRA, read at every response token; the RM itself, frozen, through
-`RewardScorer.score`. Policy and value train as two DeepSpeed engines of the training base (ZeRO stage from
-`training`), data-parallel over the job's ranks.
+`RewardScorer.score`. Policy and value train as two DeepSpeed engines of the training base, data-parallel over
+the job's ranks.
 
-One iteration: `rollout_batch_size` prompts (each rank its share) are answered through the generation interface
-with the current adapter (saved, then merged into vLLM's weights in place, `rollout_adapter: merged`, or served
-as a LoRA request, or loaded by the hf backend); each
-response is scored by the RM under every guard principle and `num_principles` principles drawn per prompt from
-the PPO collection, or, for a prompt of the `system_messages` training rows, under its system message (which
-the policy sees in the system role); the score is shaped (a response that ends without the stop token gets `stop_penalty`
-added; an optional capped length bonus) and spread into per-token rewards with the KL penalty to the reference;
-GAE gives advantages (whitened over all ranks) and returns; `ppo_epochs` passes of clipped policy and value
-updates in steps of `step_batch_size` samples follow. Curves go to dvclive every iteration, sample rows to the
-out, checkpoints (both engines, RNG, iteration, KL coefficient, curves) every `save_every` iterations.
-
-GRPO and RLOO (`rl` params) run the same loop without the value model (neither built nor loaded): each prompt is
-answered `rl.group_size` times (one vLLM request with n = k), the RM scores the k responses over their shared
-principles and prompt once, and a sample's advantage, the same at each of its tokens, is its score against its
-group's: GRPO's (r - mean) / std with the KL to the reference as a k3 term of the loss (`ppo.kl_coef` its weight),
-RLOO's r - mean of the other k - 1 with the KL in the reward. Clipped ratio, epochs, steps, shaping, curves and
-checkpoints are PPO's.
+One iteration (`rollout`, then `update`): `rl.rollout_batch_size` prompts (each rank a contiguous block of them)
+are answered through the generation interface with the current adapter, `rl.group_size` samples each for GRPO and
+RLOO; each response is scored by the RM under every guard principle and `num_principles` principles drawn per
+prompt from the PPO collection (seeded by the prompt's place in the iteration, so the draws and vLLM's samples do
+not depend on the GPU count), or, for a system-message prompt, under its system message; the score is shaped
+(a stop-token penalty, an optional length bonus); the algorithm's estimator turns scores (and PPO's values) into
+advantages; `rl.epochs` passes of clipped policy steps (and PPO's value steps) in optimizer steps of
+`rl.step_batch_size` samples follow, each step's loss normalised over the step's whole batch by `rl.loss_type`.
+With `rl.vllm_is_correction` every term is weighted by the truncated ratio of the trainer's to the engine's
+probability of the sampled token. Curves go to dvclive every iteration, sample rows to the out, checkpoints (both
+engines, RNG, iteration, KL coefficient, curves) at iteration ends every `cluster.policy.save_every_steps`
+optimizer steps.
 
 Out (models/policy, the contract `dpo` shares): adapter/, model/ (merged), samples.jsonl, metrics.json.
 """
@@ -48,13 +44,14 @@ from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
 from align.intervals import bootstrap_ci
 from align.models import padding_id, prompt_ids
-from align.params import Generation, Params, Ppo, Rl, Training
+from align.losses import StepNorm, aggregate, clipped_surrogate, k3_kl, truncated_is_weight, value_loss
+from align.params import Engine, Params, Ppo, Rl, TrainingRun
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_jsonl
 from align.reward import RewardScorer
 from align.rl import (
-    adapt_kl_coef, entropy, explained_variance, gae, group_advantages, k3_kl, leave_one_out_advantages, masked_mean,
-    policy_loss, token_rewards, value_loss, whiten,
+    ALGORITHMS, adapt_kl_coef, check_settings, entropy, explained_variance, loss_type, masked_mean, token_rewards,
+    whiten,
 )
 from align.rollout import Rollout, by_chunks, pack, policy_outputs, token_values
 from align.training import (
@@ -77,7 +74,7 @@ LIVE = Path("dvclive/policy")
 # ------------------------------------------------------------------------------------------------------ models
 
 
-def value_model(sft_dir: Path, rm_dir: Path, training: Training, seed: int) -> torch.nn.Module:
+def value_model(sft_dir: Path, rm_dir: Path, training: TrainingRun, seed: int) -> torch.nn.Module:
     """The RM with its adapter folded into the trunk, plus a fresh LoRA of its own; its head trains too."""
     from peft import PeftModel, get_peft_model
 
@@ -100,7 +97,7 @@ def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
 # --------------------------------------------------------------------------------------------- what a job reads
 
 
-def guide_for(cfg: Ppo, collection: list[PreferencePrinciple], guards: list[PreferencePrinciple], seed: int,
+def guide_for(cfg: Rl, collection: list[PreferencePrinciple], guards: list[PreferencePrinciple], seed: int,
               iteration: int, index: int) -> tuple[list[str], list[str]]:
     """(principle ids, texts) the RM reads for one prompt: every guard principle, then `num_principles` drawn from
     the collection (seeded by iteration and prompt). Guards first: the RM was trained on principles in random
@@ -112,7 +109,7 @@ def guide_for(cfg: Ppo, collection: list[PreferencePrinciple], guards: list[Pref
     return [p.id for p in shown], [p.definition for p in shown]
 
 
-def shaped_scores(raw: list[float], finishes: list[str], lengths: list[int], cfg: Ppo) -> list[float]:
+def shaped_scores(raw: list[float], finishes: list[str], lengths: list[int], cfg: Rl) -> list[float]:
     """The RM score plus `length_bonus` x min(tokens / max_new_tokens, `length_bonus_cap`); a response that ran
     out of tokens before its stop token gets `stop_penalty` (unless None) added to its score (`relative`, SALMON's
     and TRL's `missing_eos_penalty`: a Bradley-Terry score has no fixed offset, so only a relative penalty is sure
@@ -152,14 +149,18 @@ def held_out_summary(sft: list[tuple[float, float, bool]], policy: list[tuple[fl
             "no_stop_policy": statistics.fmean(float(p[2]) for p in policy)}
 
 
-def iteration_prompts(pool: list[dict], cfg: Ppo, seed: int, iteration: int, rank: int, world: int) -> list[int]:
-    """Indices into the pool for this iteration and rank: the pool visited in a seeded order per pass over it."""
+def iteration_prompts(pool: list[dict], cfg: Rl, seed: int, iteration: int, rank: int,
+                      world: int) -> tuple[int, list[int]]:
+    """(this rank's first place in the iteration, indices into the pool): the pool visited in a seeded order per
+    pass over it; each rank takes a contiguous block of the iteration's prompts, so a prompt's place - which seeds
+    its principle draw and its samples - is the same whatever the number of ranks."""
     total = cfg.rollout_batch_size
     picked = []
     for position in range(iteration * total, (iteration + 1) * total):
         epoch, offset = divmod(position, len(pool))
         picked.append(random.Random(f"{seed}:pool:{epoch}").sample(range(len(pool)), len(pool))[offset])
-    return picked[rank::world]
+    share = total // world
+    return rank * share, picked[rank * share : (rank + 1) * share]
 
 
 def all_mean(values: dict[str, float], world: int, device: torch.device) -> dict[str, float]:
@@ -174,22 +175,23 @@ def all_mean(values: dict[str, float], world: int, device: torch.device) -> dict
 
 @dataclass(frozen=True)
 class PpoJob:
-    """What a PPO job reads, built on the login node and pickled into the job."""
+    """What a PPO (GRPO, RLOO) job reads, built on the login node and pickled into the job."""
 
     sft_dir: Path
     rm_dir: Path
     pool: list[dict]  # prompts: {"id", "text"} and system-message rows with "system", "combination"
     collection: list[PreferencePrinciple]  # RL-time principles, `num_principles` drawn per prompt
     guards: list[PreferencePrinciple]  # shown with every prompt
-    cfg: Ppo
-    training: Training
-    generation: Generation
+    algorithm: str  # ppo | grpo | rloo: its row of align/rl.py ALGORITHMS
+    rl: Rl
+    ppo: Ppo
+    training: TrainingRun  # rl's learning rate, LoRA, schedule and step batch, with cluster.policy's execution
+    engine: Engine
+    score_batch_size: int  # RM rows per forward pass
     seed: int
     ckpt_dir: Path
     params: dict
     inputs: dict
-    algorithm: str = "ppo"  # ppo | grpo | rloo
-    rl: Rl = field(default_factory=Rl)  # grpo and rloo: samples per prompt and GRPO's std scaling
     held_out: list[dict] = field(default_factory=list)  # prompts kept out of `pool` for `PpoRecipe.held_out`
 
 
@@ -208,29 +210,30 @@ class PpoRecipe:
     def __init__(self, job: PpoJob):
         from transformers import AutoTokenizer
 
-        self.job, cfg = job, job.cfg
+        self.job, rl = job, job.rl
+        self.algorithm = ALGORITHMS[job.algorithm]
         self.rank, self.world = init_distributed()
-        accum = cfg.step_batch_size // (self.world * job.training.micro_batch_size)
-        self.training = job.training.model_copy(update={"gradient_accumulation_steps": accum})
-        self.group = 1 if job.algorithm == "ppo" else job.rl.group_size  # samples per prompt
-        updates = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size * self.group // cfg.step_batch_size)
-        self.policy = make_engine(without_dropout(lora_model(job.sft_dir, self.training, job.seed)), self.training,
+        self.group = rl.group_size if self.algorithm.grouped else 1  # samples per prompt
+        self.steps_per_iteration = rl.epochs * (rl.rollout_batch_size * self.group // rl.step_batch_size)
+        updates = rl.iterations * self.steps_per_iteration
+        self.policy = make_engine(without_dropout(lora_model(job.sft_dir, job.training, job.seed)), job.training,
                                   self.world, total_steps=updates)
-        self.value = None if job.algorithm != "ppo" else \
-            make_engine(without_dropout(value_model(job.sft_dir, job.rm_dir, self.training, job.seed)),
-                        self.training, self.world, total_steps=updates)
-        self.reward = RewardScorer(job.sft_dir, job.rm_dir, batch_size=cfg.score_batch_size,
-                                  precision=self.training.precision)
+        self.value = None if not self.algorithm.value_model else \
+            make_engine(without_dropout(value_model(job.sft_dir, job.rm_dir, job.training, job.seed)),
+                        job.training, self.world, total_steps=updates)
+        self.reward = RewardScorer(job.sft_dir, job.rm_dir, batch_size=job.score_batch_size,
+                                   precision=job.training.precision)
         self.pad_id = padding_id(AutoTokenizer.from_pretrained(job.sft_dir))
         self.rollout_adapter = job.ckpt_dir / "rollout_adapter"  # the current policy, for the generation backend
 
     def run(self) -> str | None:
-        job, cfg = self.job, self.job.cfg
-        state = {"step": 0, "kl_coef": cfg.kl_coef, "curves": [], "samples": []}
-        with Generator(job.sft_dir, job.generation, lora_rank=self.training.lora_r,
-                       merge_adapters=cfg.rollout_adapter == "merged") as generator:
-            for iteration in resumed_steps(self.policy, job.ckpt_dir, state, cfg.iterations,
-                                           keep=self.training.keep_checkpoints, every=cfg.save_every,
+        job, rl = self.job, self.job.rl
+        state = {"step": 0, "kl_coef": rl.kl_coef, "curves": [], "samples": []}
+        every = -(-job.training.save_every_steps // self.steps_per_iteration)  # iterations: the first end after
+        with Generator(job.sft_dir, job.engine, lora_rank=job.training.lora_r,
+                       merge_adapters=rl.rollout_adapter == "merged") as generator:
+            for iteration in resumed_steps(self.policy, job.ckpt_dir, state, rl.iterations,
+                                           keep=job.training.keep_checkpoints, every=every,
                                            others={"value": self.value} if self.value else {},
                                            log=functools.partial(print, flush=True), on_step=LiveCurve(LIVE),
                                            unit="iteration"):
@@ -248,7 +251,7 @@ class PpoRecipe:
         if "system" in prompt:
             return [f"system:{prompt['combination']}"], prompt["system"]
         job = self.job
-        return guide_for(job.cfg, job.collection, job.guards, job.seed, iteration, index)
+        return guide_for(job.rl, job.collection, job.guards, job.seed, iteration, index)
 
     def held_out(self, generator: Generator) -> dict | None:
         """The trained policy against the SFT policy (adapter off) on the held-out prompts: one sample each with
@@ -256,7 +259,7 @@ class PpoRecipe:
         time, so on a small rollout it mostly shows the prompts' own spread; this compares like with like."""
         import torch.distributed as dist
 
-        job, cfg = self.job, self.job.cfg
+        job, rl = self.job, self.job.rl
         if not job.held_out:
             return None
         save_adapter(self.policy, self.rollout_adapter)
@@ -267,13 +270,13 @@ class PpoRecipe:
             texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}],
                                  system=p.get("system")) for p in prompts]
             guides = [self.guide(p, -1, i)[1] for p, i in zip(prompts, mine)]
-            sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens, seed=job.seed * 1_000_003 - 1)
+            sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, seed=job.seed * 1_000_003 - 1)
             scored = []
             for adapter in (None, self.rollout_adapter):
                 outs = generator.generate(texts, sampling, adapter=adapter)
                 raw = self.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
                 finishes = [o.finish_reason for o in outs]
-                shaped = shaped_scores(raw, finishes, [len(o.token_ids) for o in outs], cfg)
+                shaped = shaped_scores(raw, finishes, [len(o.token_ids) for o in outs], rl)
                 scored.append(list(zip(raw, shaped, [f == "length" for f in finishes])))
             rows = list(zip(*scored))  # (SFT's, the policy's) per prompt
         gathered: list[list] = [[] for _ in range(self.world)]
@@ -283,106 +286,172 @@ class PpoRecipe:
 
     def rollout(self, generator: Generator, iteration: int) -> Rollout:
         """This rank's prompts answered by the current policy (`group` samples each, consecutive rows), scored by
-        the RM under each prompt's principles (or its system message) and shaped; with the sampling policy's and
-        the reference's log-probs and (PPO) the values, all computed before the first update."""
-        job, cfg = self.job, self.job.cfg
+        the RM under each prompt's principles (or its system message) and shaped; with the engine's log-probs of
+        the sampled tokens, the trainer's and the reference's, and (PPO) the values, all before the first update."""
+        job, rl = self.job, self.job.rl
         started = time.perf_counter()
-        prompts = [job.pool[i] for i in iteration_prompts(job.pool, cfg, job.seed, iteration, self.rank, self.world)]
-        save_adapter(self.policy, self.rollout_adapter)
+        # 1. the prompts: a contiguous block of the iteration's, seeds and principle draws keyed by their place
+        first, picked = iteration_prompts(job.pool, rl, job.seed, iteration, self.rank, self.world)
+        prompts = [job.pool[i] for i in picked]
         texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
                  for p in prompts]
-        sampling = Sampling(cfg.temperature, cfg.top_p, cfg.max_new_tokens,
-                            seed=job.seed * 1_000_003 + iteration * 7_919 + self.rank * 104_729, n=self.group)
+        # 2. the samples, from the adapter as it is now (vLLM seeds prompt k of a call with seed + k x n)
+        save_adapter(self.policy, self.rollout_adapter)
+        sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, n=self.group, logprobs=rl.vllm_is_correction,
+                            seed=(job.seed * 1_000_003 + iteration * 7_919) * 104_729 + first * self.group)
         outs = generator.generate(texts, sampling, adapter=self.rollout_adapter)
         rolled = time.perf_counter()
-        first = self.rank * (cfg.rollout_batch_size // self.world)
+        # 3. the RM's scores under each prompt's guide, shaped
         guides = [self.guide(p, iteration, first + k) for k, p in enumerate(prompts)]
         queries = [prompt_ids(generator.tokenizer, t) for t in texts for _ in range(self.group)]
         prompts, guides = ([x for x in xs for _ in range(self.group)] for xs in (prompts, guides))
         responses = [list(o.token_ids) or [self.pad_id] for o in outs]
         raw = self.reward.score([p["text"] for p in prompts], [o.text for o in outs], [g[1] for g in guides])
-        scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], cfg)
+        scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], rl)
         samples = [{"iteration": iteration, "prompt": p["text"], "response": o.text, "principles": g[0],
                     "reward_raw": r, "reward_shaped": s, "finish": o.finish_reason}
                    for p, o, g, r, s in zip(prompts, outs, guides, raw, scores)]
         stats = {"seconds_rollout": rolled - started, "seconds_reward": time.perf_counter() - rolled}
-        rollout = pack(queries, responses, self.pad_id, scores, device=self.policy.device, samples=samples)
+        engine_logprobs = [list(o.logprobs) for o in outs] if rl.vllm_is_correction else None
+        rollout = pack(queries, responses, self.pad_id, scores, device=self.policy.device, samples=samples,
+                       truncated=[o.finish_reason == "length" for o in outs], engine_logprobs=engine_logprobs)
 
+        # 4. the trainer's and the reference's log-probs (and the values) of what was sampled, before any step
         def before_update(part: Rollout) -> list[torch.Tensor]:
-            logprobs, logits = policy_outputs(self.policy, part, cfg.temperature)
+            logprobs, logits = policy_outputs(self.policy, part, rl.temperature)
             with self.policy.module.disable_adapter():
-                ref_logprobs, _ = policy_outputs(self.policy, part, cfg.temperature)
+                ref_logprobs, _ = policy_outputs(self.policy, part, rl.temperature)
             return [logprobs, ref_logprobs, entropy(logits)] + ([] if self.value is None else
                                                                [token_values(self.value, part)])
 
         with torch.no_grad():
-            logprobs, ref_logprobs, entropies, *values = by_chunks(rollout, self.training.micro_batch_size,
+            logprobs, ref_logprobs, entropies, *values = by_chunks(rollout, job.training.micro_batch_size,
                                                                    before_update)
         stats["entropy"] = float(masked_mean(entropies, rollout.response_mask))
         return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs,
                        values=values[0] * rollout.response_mask if values else None, stats=stats)
 
     def advantages(self, rollout: Rollout, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-        """(advantages, returns (PPO only), per-token KL log pi - log pi_ref). PPO: per-token rewards with the KL
-        penalty, GAE, whitened over every rank's tokens. GRPO: the group-standardised score at every token (its KL
-        is a loss term). RLOO: the score minus kl_coef x the response's KL, against the other samples' mean."""
+        """(advantages, returns (PPO only), per-token KL log pi - log pi_ref) by the algorithm's estimator; PPO's
+        are whitened over every rank's tokens. The KL enters the rewards unless the algorithm puts it in the loss."""
         import torch.distributed as dist
 
-        cfg, mask, job = self.job.cfg, rollout.response_mask, self.job
-        rewards, kl = token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask, kl_coef)
-        if job.algorithm == "grpo":
-            return group_advantages(rollout.scores, self.group, job.rl.scale_rewards)[:, None] * mask, None, kl
-        if job.algorithm == "rloo":
-            return leave_one_out_advantages(rewards.sum(1), self.group)[:, None] * mask, None, kl
-        advantages, returns = gae(rewards, rollout.values, mask, cfg.gamma, cfg.lam)
+        job, mask = self.job, rollout.response_mask
+        rewards, kl = token_rewards(rollout.scores, rollout.logprobs, rollout.ref_logprobs, mask,
+                                    0.0 if self.algorithm.kl_in_loss else kl_coef)
+        advantages, returns = self.algorithm.estimator(rollout.scores, rewards, rollout.values, mask, job.rl, job.ppo)
+        if not self.algorithm.whiten:
+            return advantages, returns, kl
         moments = torch.stack([(advantages * mask).sum(), (advantages ** 2 * mask).sum(), mask.sum()]).double()
         dist.all_reduce(moments)
         mean = moments[0] / moments[2]
         return whiten(advantages, mask, mean.float(), (moments[1] / moments[2] - mean ** 2).float()), returns, kl
 
+    def loss_mask(self, rollout: Rollout) -> torch.Tensor:
+        """The tokens the loss learns from: every response token, less the responses cut at max_new_tokens with
+        `rl.mask_truncated_completions` (DAPO's overlong filtering)."""
+        if not self.job.rl.mask_truncated_completions:
+            return rollout.response_mask
+        return rollout.response_mask * (1 - rollout.truncated)[:, None]
+
+    def step_norms(self, rollout: Rollout, mask: torch.Tensor, order: torch.Tensor) -> list[StepNorm]:
+        """Per optimizer step of this epoch (its rows: consecutive slices of `order` on every rank), what the
+        step's whole batch holds over every rank, for `aggregate`: one all-reduce per epoch."""
+        import torch.distributed as dist
+
+        rl, local = self.job.rl, self.job.rl.step_batch_size // self.world
+        tokens = mask.sum(1)
+        counts = torch.stack([tokens[order[i : i + local]].sum() for i in range(0, len(order), local)] +
+                             [tokens.sum()]).double()
+        dist.all_reduce(counts)
+        per_step = float(counts[-1]) * rl.step_batch_size / (rl.rollout_batch_size * self.group)
+        return [StepNorm(sequences=rl.step_batch_size, tokens=float(t), rollout_tokens_per_step=per_step,
+                         max_tokens=rl.max_new_tokens) for t in counts[:-1].tolist()]
+
+    def policy_terms(self, part: Rollout, mask: torch.Tensor, logprobs: torch.Tensor, advantages: torch.Tensor,
+                     kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Per token ([B, R]) or per response ([B, 1], RLOO), the policy's loss before aggregation over the tokens
+        of `mask`: the clipped surrogate on the algorithm's ratio, weighted by the engine's truncated importance
+        ratio, plus GRPO's k3 term; with the sums its statistics are made of."""
+        rl = self.job.rl
+        log_ratio = (logprobs - part.logprobs) * mask
+        if self.algorithm.ratio == "sequence_sum":  # RLOO: the response's probability ratio
+            log_ratio, advantages = log_ratio.sum(1, keepdim=True), advantages[:, :1]
+        elif rl.importance_sampling_level == "sequence":  # GSPO: the length-normalised ratio, one per response
+            log_ratio = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+        epsilon_high = rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
+        loss, clipped = clipped_surrogate(log_ratio, advantages, rl.epsilon, epsilon_high)
+        token_mask = mask if loss.shape[1] > 1 else torch.ones_like(loss)
+        stats = {"clip": (clipped.float() * token_mask).sum(), "clip_of": token_mask.sum(),
+                 "approx_kl": (k3_kl(part.logprobs, logprobs) * mask).sum(), "approx_kl_of": mask.sum()}
+        if part.engine_logprobs is not None:
+            old, engine = part.logprobs * mask, part.engine_logprobs * mask
+            if loss.shape[1] == 1:  # one weight per response for a per-response loss
+                old, engine = old.sum(1, keepdim=True), engine.sum(1, keepdim=True)
+            weight, cut = truncated_is_weight(old, engine, rl.vllm_is_cap)
+            loss = loss * weight
+            stats |= {"is_truncated": (cut.float() * token_mask).sum(), "is_truncated_of": token_mask.sum()}
+        if self.algorithm.kl_in_loss:
+            kl_term = k3_kl(logprobs, part.ref_logprobs) * mask
+            loss = loss + kl_coef * kl_term
+            stats |= {"kl_term": kl_term.sum(), "kl_term_of": mask.sum()}
+        return loss, stats
+
     def update(self, rollout: Rollout, kl_coef: float, iteration: int) -> dict[str, float]:
-        """Advantages (`advantages`), then `ppo_epochs` passes of clipped policy steps (GRPO: plus kl_coef x the k3
-        KL to the reference) and, for PPO, clipped value steps over the rollout in micro-batches (the engines
-        accumulate them into steps of `step_batch_size` samples); the means of the losses and statistics."""
-        cfg, mask = self.job.cfg, rollout.response_mask
+        """`rl.epochs` passes over the rollout in optimizer steps of `step_batch_size` samples (over all ranks),
+        each cut into micro-batches; the means of the losses and statistics."""
+        job, rl = self.job, self.job.rl
+        # 1. advantages (PPO: and returns) of the whole rollout, before any step
         with torch.no_grad():
             advantages, returns, kl = self.advantages(rollout, kl_coef)
+        mask, kind = self.loss_mask(rollout), loss_type(job.algorithm, rl)
+        micro, local = job.training.micro_batch_size, rl.step_batch_size // self.world
+        scale = local // micro * self.world  # DeepSpeed averages over accumulation steps and ranks: undone here
         sums: dict[str, float] = {}
-        micro = self.training.micro_batch_size
-        for epoch in range(cfg.ppo_epochs):
-            seed = ((self.job.seed * 7_919 + iteration) * 104_729 + epoch) * 1_009 + self.rank
-            order = torch.randperm(len(rollout), generator=torch.Generator().manual_seed(seed))
-            for start in range(0, len(order), micro):
-                index = order[start : start + micro].to(mask.device)
-                part = rollout.rows(index)
-                logprobs, _ = policy_outputs(self.policy, part, cfg.temperature)
-                loss, stats = policy_loss(logprobs, part.logprobs, part.response_width(advantages[index]),
-                                          part.response_mask, cfg.cliprange)
-                if self.job.algorithm == "grpo":
-                    stats["kl_term"] = masked_mean(k3_kl(logprobs, part.ref_logprobs, part.response_mask),
-                                                   part.response_mask)
-                    loss = loss + kl_coef * stats["kl_term"]
-                self.policy.backward(loss)
-                self.policy.step()
-                if self.value is not None:
-                    values = token_values(self.value, part)
-                    stats["value_loss"] = value_loss(values, part.values, part.response_width(returns[index]),
-                                                     part.response_mask, cfg.cliprange_value)
-                    self.value.backward(stats["value_loss"])
-                    self.value.step()
-                for name, x in {"policy_loss": loss, **stats}.items():
-                    sums[name] = sums.get(name, 0.0) + float(x.detach())
-        passes = cfg.ppo_epochs * -(-len(rollout) // micro)
-        result = {**{name: total / passes for name, total in sums.items()}, "kl": float(kl.sum(1).mean()),
-                  "advantage_mean": float(masked_mean(advantages, mask))}
+        for epoch in range(rl.epochs):
+            # 2. this epoch's order of the rank's rows, and each optimizer step's normalisers over every rank
+            seed = ((job.seed * 7_919 + iteration) * 104_729 + epoch) * 1_009 + self.rank
+            order = torch.randperm(len(rollout), generator=torch.Generator().manual_seed(seed)).to(mask.device)
+            norms = self.step_norms(rollout, mask, order)
+            for step, norm in enumerate(norms):
+                for start in range(step * local, (step + 1) * local, micro):
+                    # 3. a micro-batch's share of the step's policy loss (and PPO's value loss): backward, step
+                    index = order[start : start + micro]
+                    part = rollout.rows(index)
+                    part_mask = part.response_width(mask[index])
+                    logprobs, _ = policy_outputs(self.policy, part, rl.temperature)
+                    terms, stats = self.policy_terms(part, part_mask, logprobs,
+                                                     part.response_width(advantages[index]), kl_coef)
+                    loss = aggregate(terms, part_mask, "sequence" if terms.shape[1] == 1 else kind, norm)
+                    self.policy.backward(loss * scale)
+                    self.policy.step()
+                    stats["policy_loss"] = loss.detach() * self.world / len(norms)
+                    if self.value is not None:
+                        per_token = value_loss(token_values(self.value, part), part.values,
+                                               part.response_width(returns[index]), job.ppo.cliprange_value)
+                        value = aggregate(per_token, part_mask, "bnpo", norm)
+                        self.value.backward(value * scale)
+                        self.value.step()
+                        stats["value_loss"] = value.detach() * self.world / len(norms)
+                    for name, x in stats.items():
+                        sums[name] = sums.get(name, 0.0) + float(x)
+        # 4. the iteration's statistics: token means over this rank, step losses averaged over the epochs
+        result = {name: sums[name] / max(sums[f"{name}_of"], 1.0) for name in sums
+                  if f"{name}_of" in sums}
+        result |= {name: sums[name] / rl.epochs for name in ("policy_loss", "value_loss") if name in sums}
+        result |= {"clip_fraction": result.pop("clip"), "kl": float(kl.sum(1).mean()),
+                   "advantage_mean": float(masked_mean(advantages, rollout.response_mask))}
+        if "is_truncated" in result:
+            result["is_truncated_share"] = result.pop("is_truncated")
         if self.value is None:  # how much the groups tell apart: 0 where every sample of a prompt scores the same
             return {**result, "group_reward_std": float(rollout.scores.view(-1, self.group).std(1).mean())}
-        return {**result, "explained_variance": explained_variance(rollout.values, returns, mask)}
+        return {**result, "explained_variance": explained_variance(rollout.values, returns, rollout.response_mask)}
 
     def record(self, state: dict, rollout: Rollout, stats: dict[str, float]) -> None:
-        """The iteration's statistics (means over ranks) into the curves, two sample rows every `sample_every`
-        iterations, the KL coefficient's next value, one line on rank 0; then the step is done."""
-        cfg, samples = self.job.cfg, rollout.samples
+        """The iteration's statistics (means over ranks) into the curves, two sample rows every
+        `sample_every_iterations` iterations, the KL coefficient's next value, one line on rank 0; then the step
+        is done."""
+        rl, samples = self.job.rl, rollout.samples
         iteration = state["step"]
         stats = all_mean({**stats, **rollout.stats, "rollout_tokens": float(rollout.response_mask.sum()),
                           "reward_raw": statistics.fmean(s["reward_raw"] for s in samples),
@@ -391,14 +460,14 @@ class PpoRecipe:
                           "no_stop_share": sum(s["finish"] == "length" for s in samples) / len(samples)},
                          self.world, self.policy.device)
         stats["kl_coef"] = state["kl_coef"]
-        state["kl_coef"] = adapt_kl_coef(state["kl_coef"], stats["kl"], cfg.kl_target, cfg.kl_horizon,
+        state["kl_coef"] = adapt_kl_coef(state["kl_coef"], stats["kl"], rl.kl_target, rl.kl_horizon,
                                          len(samples) * self.world)
         state["curves"].append(stats)
-        if iteration % cfg.sample_every == 0:
+        if iteration % rl.sample_every_iterations == 0:
             state["samples"] += samples[:2]
         state["step"] += 1
         if self.rank == 0:
-            print(f"iteration {state['step']}/{cfg.iterations} reward {stats['reward_raw']:.3f} "
+            print(f"iteration {state['step']}/{rl.iterations} reward {stats['reward_raw']:.3f} "
                   f"kl {stats['kl']:.4f} length {stats['response_length']:.1f}", flush=True)
 
     def finish(self, state: dict) -> str | None:
@@ -407,7 +476,8 @@ class PpoRecipe:
 
         def write(folder: Path) -> dict:
             write_jsonl(folder / "samples.jsonl", state["samples"])
-            return {"algorithm": job.algorithm, "iterations": len(curves),
+            return {"algorithm": job.algorithm, "loss_type": loss_type(job.algorithm, job.rl),
+                    "iterations": len(curves),
                     **{f"{name}_first": curves[0][name] for name in ("reward_raw", "response_length", "kl")},
                     **{f"{name}_last": curves[-1][name] for name in ("reward_raw", "reward_shaped", "response_length",
                                                                        "kl", "entropy", "no_stop_share")},
@@ -420,18 +490,21 @@ class PpoRecipe:
 # ------------------------------------------------------------------------------------------------------ main
 
 
-def check_layout(params: Params) -> None:
-    """Batch sizes that divide over the job's ranks, and rollouts one GPU per rank can sample: before any work."""
-    cfg, resources = params.ppo, params.cluster.policy
-    world = resources.nodes * resources.tasks
-    if cfg.rollout_batch_size % world or cfg.step_batch_size % (world * params.training.micro_batch_size):
-        raise UserError(f"params.yaml: ppo.step_batch_size: {cfg.step_batch_size} samples per step (and "
-                        f"rollout_batch_size {cfg.rollout_batch_size}) must divide evenly over {world} ranks x "
-                        f"training.micro_batch_size {params.training.micro_batch_size}")
-    if params.generation.tensor_parallel_size > 1 and params.generation.backend != "hf":
-        raise UserError(f"params.yaml: generation.tensor_parallel_size: {params.generation.tensor_parallel_size}, but "
-                        f"PPO samples inside each training rank on its one GPU; use 1 (a policy one GPU serves), "
-                        f"generation.backend: hf, or policy.algorithm: dpo")
+def check_layout(params: Params) -> TrainingRun:
+    """The settings the chosen algorithm cannot run with, prompts that do not divide over the job's ranks, and
+    rollouts one GPU per rank cannot sample, before any work; the job's training settings."""
+    rl, resources, algorithm = params.rl, params.cluster.policy, params.policy.algorithm
+    check_settings(algorithm, rl)
+    ranks = resources.nodes * resources.tasks
+    if rl.rollout_batch_size % ranks:
+        raise UserError(f"params.yaml: rl.rollout_batch_size: {rl.rollout_batch_size} prompts do not divide over "
+                        f"{ranks} ranks (cluster.policy); make it a multiple of {ranks}")
+    if resources.tensor_parallel_size > 1 and params.generation.backend != "hf":
+        raise UserError(f"params.yaml: cluster.policy.tensor_parallel_size: {resources.tensor_parallel_size}, but "
+                        f"the policy stage samples inside each training rank on its one GPU; use 1 (a policy one GPU "
+                        f"serves), generation.backend: hf, or policy.algorithm: dpo")
+    return TrainingRun.of(params.training, resources, STAGE, learning_rate=rl.learning_rate, lora_r=rl.lora_r,
+                          lora_alpha=rl.lora_alpha, lr_schedule=rl.lr_schedule, batch_size=rl.step_batch_size)
 
 
 def check_one_dtype(params: Params) -> None:
@@ -439,13 +512,13 @@ def check_one_dtype(params: Params) -> None:
     sampled, trained = config_dtype(SFT / MODEL), DTYPE_NAMES[params.training.precision]
     if sampled != trained:
         raise UserError(f"params.yaml: training.precision: {params.training.precision} but {SFT / MODEL} holds "
-                        f"{sampled} weights, which rollouts sample in: PPO's ratio needs one dtype (set "
+                        f"{sampled} weights, which rollouts sample in: the policy loss's ratio needs one dtype (set "
                         f"model.dtype or training.precision to match)")
 
 
-def prompt_pool(cfg: Ppo, seed: int) -> list[dict]:
-    """The prompts PPO samples from: those SFT did not use (all of them if it used every one), plus the system
-    message rows, each within `max_query_tokens` as the policy's tokenizer counts its chat prompt."""
+def prompt_pool(cfg: Rl, seed: int) -> list[dict]:
+    """The prompts the policy samples from: those SFT did not use (all of them if it used every one), plus the
+    system message rows, each within `max_query_tokens` as the policy's tokenizer counts its chat prompt."""
     from transformers import AutoTokenizer
 
     prompts = read_jsonl(PROMPTS / "prompts.jsonl")
@@ -461,32 +534,35 @@ def prompt_pool(cfg: Ppo, seed: int) -> list[dict]:
 
     pool = [p for p in pool if query_tokens(p) <= cfg.max_query_tokens]
     if not pool:
-        raise UserError(f"{PROMPTS}/prompts.jsonl: no prompt fits ppo.max_query_tokens ({cfg.max_query_tokens})")
+        raise UserError(f"{PROMPTS}/prompts.jsonl: no prompt fits rl.max_query_tokens ({cfg.max_query_tokens})")
     return pool
 
 
 def main() -> None:
     params = runner.stage_params()
-    cfg = params.ppo
-    check_layout(params)
-    collection = pick_principles(load_jsonl(COLLECTION, PreferencePrinciple), cfg.principles, "ppo.principles",
+    rl, algorithm = params.rl, params.policy.algorithm
+    training = check_layout(params)
+    runner.warn_unread(STAGE, {"seed", "training", "policy", "rl", "generation"} |
+                       ({"ppo"} if ALGORITHMS[algorithm].value_model else set()), f"policy.algorithm {algorithm}")
+    collection = pick_principles(load_jsonl(COLLECTION, PreferencePrinciple), rl.principles, "rl.principles",
                                  COLLECTION)
-    guards = pick_principles(load_jsonl(GUARDS, PreferencePrinciple), cfg.guard_principles, "ppo.guard_principles",
+    guards = pick_principles(load_jsonl(GUARDS, PreferencePrinciple), rl.guard_principles, "rl.guard_principles",
                              GUARDS)
     inputs = input_refs({"policy": SFT, "rm": RM, "prompts": PROMPTS, "sft_data": SFT_DATA,
                          "principles": COLLECTION, "guards": GUARDS, "system_messages": SYSTEM})
     check_one_dtype(params)
-    pool, held_out = hold_out(prompt_pool(cfg, params.seed), cfg.eval_prompts, params.seed)
-    training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
-                                                  "lora_alpha": cfg.lora_alpha, "lr_schedule": cfg.lr_schedule})
+    pool, held_out = hold_out(prompt_pool(rl, params.seed), rl.eval_prompts, params.seed)
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
-              "ppo": cfg.model_dump(), "rl": params.rl.model_dump(), "generation": params.generation.model_dump()}
-    ckpt_dir = checkpoint_dir(params.policy.algorithm, {"params": subset, "inputs": inputs})
+              "rl": rl.model_dump(), "generation": params.generation.model_dump(),
+              **({"ppo": params.ppo.model_dump()} if ALGORITHMS[algorithm].value_model else {})}
+    ckpt_dir = checkpoint_dir(algorithm, {"params": subset, "inputs": inputs})
+    resources = params.cluster.policy
     fn = functools.partial(job, PpoJob(
-        sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, cfg=cfg, training=training,
-        generation=params.generation, seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs,
-        algorithm=params.policy.algorithm, rl=params.rl, held_out=held_out))
-    runner.submit_stage(STAGE, OUT, fn, params.cluster.policy, params.cluster, subset, inputs)
+        sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, algorithm=algorithm, rl=rl,
+        ppo=params.ppo, training=training, engine=Engine.of(params.generation, resources),
+        score_batch_size=resources.score_batch_size, seed=params.seed, ckpt_dir=ckpt_dir, params=subset,
+        inputs=inputs, held_out=held_out))
+    runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

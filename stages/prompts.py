@@ -24,7 +24,7 @@ from align.assets import QuestionType, SeedPrompt, load_jsonl
 from align.errors import UserError
 from align.filters import RougePool, counts_text, distinct_n, prompt_problem
 from align.generation import Completion, Generator, Sampling, one_task
-from align.params import Generation, Prompts
+from align.params import Engine, Prompts
 from align.records import write_json, write_jsonl
 
 STAGE = "prompts"
@@ -112,7 +112,7 @@ class PromptsJob:
     """The job's arguments, sent to the allocation with it."""
     model: Path
     cfg: Prompts
-    generation: Generation
+    engine: Engine
     seed: int
     params: dict  # the params subset and the input refs: the manifest records both
     inputs: dict
@@ -126,7 +126,7 @@ def job(args: PromptsJob) -> str:
     pool.extend(s.text for s in seeds)  # a near-copy of a seed is no new prompt either
     collector = _Collector(args.cfg, pool)
     try:
-        with Generator(args.model, args.generation) as generator:
+        with Generator(args.model, args.engine) as generator:
             self_instruct(generator, args.cfg, [s.text for s in seeds], collector, args.seed)
             if args.cfg.tgrt.enabled:
                 tgrt(generator, args.cfg, types, collector, args.seed)
@@ -168,7 +168,7 @@ def main() -> None:
     load_jsonl(QUESTION_TYPES, QuestionType)
     inputs = input_refs({"model": BASE, "seeds": SEEDS, "question_types": QUESTION_TYPES})
     subset = {"seed": params.seed, "prompts": params.prompts.model_dump(), "generation": params.generation.model_dump()}
-    fn = functools.partial(job, PromptsJob(model=BASE, cfg=params.prompts, generation=params.generation,
+    fn = functools.partial(job, PromptsJob(model=BASE, cfg=params.prompts, engine=Engine.of(params.generation, params.cluster.prompts),
                                            seed=params.seed, params=subset, inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.prompts, STAGE), params.cluster, subset, inputs)
 

@@ -23,7 +23,7 @@ from align.artifacts import input_refs, staged_out, verify_artifact
 from align.errors import UserError
 from align.filters import counts_text
 from align.generation import Generator, Sampling, chat_prompt, one_task
-from align.params import Generation, SamplePairs
+from align.params import Engine, SamplePairs
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
 
@@ -48,7 +48,7 @@ class SamplePairsJob:
     prompts: list[dict]
     system_rows: list[dict]  # the system_messages stage's training rows
     cfg: SamplePairs
-    generation: Generation
+    engine: Engine
     seed: int
     params: dict  # the params subset and the input refs: the manifest records both
     inputs: dict
@@ -56,7 +56,7 @@ class SamplePairsJob:
 
 def job(args: SamplePairsJob) -> str:
     """Runs inside the allocation: sample twice, keep the usable pairs, write pairs.jsonl + metrics.json."""
-    with Generator(args.policy, args.generation) as generator:
+    with Generator(args.policy, args.engine) as generator:
         def text(prompt: str, system: str | None) -> str:
             return chat_prompt(generator.tokenizer, [{"role": "user", "content": prompt}], system=system)
 
@@ -107,7 +107,7 @@ def main() -> None:
         raise UserError(f"{PROMPTS}/prompts.jsonl: every prompt was used for SFT; none left to sample pairs for")
     subset = {"seed": params.seed, "sample_pairs": cfg.model_dump(), "generation": params.generation.model_dump()}
     fn = functools.partial(job, SamplePairsJob(policy=POLICY / MODEL, prompts=prompts, system_rows=system_rows, cfg=cfg,
-                                               generation=params.generation, seed=params.seed, params=subset,
+                                               engine=Engine.of(params.generation, params.cluster.sample_pairs), seed=params.seed, params=subset,
                                                inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.sample_pairs, STAGE), params.cluster, subset, inputs)
 

@@ -21,7 +21,7 @@ from align.assets import Exemplar, Principle, load_jsonl
 from align.errors import UserError
 from align.filters import answer_problem, counts_text
 from align.generation import Generator, Sampling, one_task
-from align.params import Generation as GenerationSettings
+from align.params import Engine
 from align.params import SelfAlign
 from align.records import read_jsonl, sample_in_order, write_json, write_jsonl
 
@@ -38,7 +38,7 @@ class SelfAlignJob:
     """The job's arguments, sent to the allocation with it."""
     model: Path
     cfg: SelfAlign
-    generation: GenerationSettings
+    engine: Engine
     seed: int
     params: dict  # the params subset and the input refs: the manifest records both
     inputs: dict
@@ -53,7 +53,7 @@ def job(args: SelfAlignJob) -> str:
     prefix = templates.self_align_prefix(principles, exemplars)
     sampling = Sampling(args.cfg.temperature, args.cfg.top_p, args.cfg.max_new_tokens,
                         stop=templates.SELF_ALIGN_STOP)
-    with Generator(args.model, args.generation) as generator:
+    with Generator(args.model, args.engine) as generator:
         generations = generator.generate([templates.self_align_prompt(prefix, p["text"]) for p in prompts], sampling)
     kept, rejected = [], Counter()
     for prompt, generation in zip(prompts, generations):
@@ -92,7 +92,7 @@ def main() -> None:
     inputs = input_refs({"model": BASE, "prompts": PROMPTS, "principles": PRINCIPLES, "exemplars": EXEMPLARS})
     subset = {"seed": params.seed, "self_align": params.self_align.model_dump(),
               "generation": params.generation.model_dump()}
-    fn = functools.partial(job, SelfAlignJob(model=BASE, cfg=params.self_align, generation=params.generation,
+    fn = functools.partial(job, SelfAlignJob(model=BASE, cfg=params.self_align, engine=Engine.of(params.generation, params.cluster.self_align),
                                              seed=params.seed, params=subset, inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.self_align, STAGE), params.cluster, subset, inputs)
 

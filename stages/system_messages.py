@@ -33,7 +33,7 @@ from align.artifacts import input_refs, staged_out, verify_artifact
 from align.assets import DIMENSIONS, Space, load_space, values_by_id
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
-from align.params import Generation, SystemMessages
+from align.params import Engine, SystemMessages
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_json, write_jsonl
 
@@ -171,7 +171,7 @@ class SystemMessagesJob:
     evals: list[dict]
     space: Space
     cfg: SystemMessages
-    generation: Generation
+    engine: Engine
     seed: int
     params: dict  # the params subset and the input refs: the manifest records both
     inputs: dict
@@ -182,7 +182,7 @@ def job(args: SystemMessagesJob) -> str:
     rows = args.train + args.evals
     sides = rows + [r["mismatched"] for r in rows]
     if args.cfg.composer == "model":
-        with Generator(args.policy, args.generation) as generator:
+        with Generator(args.policy, args.engine) as generator:
             rejected = compose(generator, sides, args.space, args.cfg, args.seed)
     else:
         rejected = compose(None, sides, args.space, args.cfg, args.seed)
@@ -222,7 +222,7 @@ def main() -> None:
                         f"least 2 (one to train on, one to evaluate)")
     train, evals = plan(pool, space, cfg, params.seed)
     fn = functools.partial(job, SystemMessagesJob(policy=POLICY / MODEL, train=train, evals=evals, space=space, cfg=cfg,
-                                                  generation=params.generation, seed=params.seed, params=subset,
+                                                  engine=Engine.of(params.generation, params.cluster.system_messages), seed=params.seed, params=subset,
                                                   inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, one_task(params.cluster.system_messages, STAGE), params.cluster, subset, inputs)
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import statistics
 import sys
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ from align.benchmarks import DATA as BENCHMARKS
 from align.benchmarks import ChoiceItem, bench_path, load_hhh
 from align.errors import UserError
 from align.models import padding_id
-from align.params import Pmp, Training
+from align.params import Pmp, TrainingRun
 from align.params import RewardModel as RewardParams
 from align.paths import MODEL
 from align.records import write_json, write_jsonl
@@ -40,7 +39,7 @@ from align.reward import (
     preference_examples, principle_scales, read_preferences, split_pairs, tokenize_examples,
 )
 from align.training import (
-    Batch, Batches, LiveCurve, checkpoint_dir, finish_training, global_batch_size, step_count, train,
+    Batch, Batches, LiveCurve, checkpoint_dir, finish_training, step_count, train,
 )
 
 STAGE = "train_rm"
@@ -193,7 +192,8 @@ class TrainRmJob:
     hhh_guide: list[str]  # the principles the RM is shown for HHH and the pre-training pairs
     template: str  # the RM's prompt
     cfg: RewardParams
-    training: Training
+    training: TrainingRun  # `training` with rm's learning rate and LoRA size, and the job's execution settings
+    score_batch_size: int  # rows per forward pass when evaluating (cluster.train_rm.score_batch_size)
     seed: int
     ckpt_dir: Path
     params: dict  # the params subset and the input refs: the manifest records both
@@ -207,19 +207,18 @@ def job(args: TrainRmJob) -> str | None:
 
     tokenizer = AutoTokenizer.from_pretrained(args.base, trust_remote_code=False)
     pad_id = padding_id(tokenizer)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
     tokenize = functools.partial(tokenize_examples, tokenizer, args.template,
                                  max_prompt_tokens=args.cfg.max_prompt_tokens,
                                  max_response_tokens=args.cfg.max_response_tokens)
-    pmp_steps = math.ceil(len(args.pmp_examples) / global_batch_size(args.training, world))  # one pass over them
-    steps = pmp_steps + step_count(len(args.train_examples), args.cfg.epochs, args.training, world)
+    pmp_steps = math.ceil(len(args.pmp_examples) / args.training.batch_size)  # one pass over them
+    steps = pmp_steps + step_count(len(args.train_examples), args.cfg.epochs, args.training)
     draw = functools.partial(pair_batches, micro_batch_size=args.training.micro_batch_size, seed=args.seed,
                              pad_id=pad_id, length_group=args.cfg.length_group)
     synthetic = draw(tokenize(args.train_examples))
     batches = synthetic
     if pmp_steps:
         pmp = draw(tokenize(args.pmp_examples))
-        micro_batches = pmp_steps * args.training.gradient_accumulation_steps * world
+        micro_batches = pmp_steps * args.training.batch_size // args.training.micro_batch_size
         batches = functools.partial(_phased_batch, pmp, micro_batches, synthetic)
     adapter = args.ckpt_dir / "adapter"
     result = train(args.base, batches, bt_loss, args.ckpt_dir, args.training, steps, adapter_dir=adapter,
@@ -231,7 +230,7 @@ def job(args: TrainRmJob) -> str | None:
         (folder / TEMPLATE_FILE).write_text(args.template, encoding="utf-8")
         write_json(folder / CONFIG_FILE, {"max_prompt_tokens": args.cfg.max_prompt_tokens,
                                           "max_response_tokens": args.cfg.max_response_tokens})
-        rm = RewardScorer(args.base, folder, batch_size=args.cfg.batch_size, precision=args.training.precision)
+        rm = RewardScorer(args.base, folder, batch_size=args.score_batch_size, precision=args.training.precision)
         metrics, records = evaluate(rm, args.held_out, args.cases, args.principles, args.hhh, args.hhh_guide)
         tail = slice(-10, None)
         write_jsonl(folder / "eval.jsonl", records)
@@ -267,8 +266,9 @@ def main() -> None:
                         f"(every label is a tie); nothing to train the reward model on")
     pmp_examples = [{"id": f"pmp-{i}", "prompt": p, "guide": hhh_guide, "chosen": c, "rejected": r}
                     for i, (p, c, r) in enumerate(load_pmp(cfg.pmp))]
-    training = params.training.model_copy(update={"learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r,
-                                                  "lora_alpha": cfg.lora_alpha})
+    resources = params.cluster.train_rm
+    training = TrainingRun.of(params.training, resources, STAGE, learning_rate=cfg.learning_rate, lora_r=cfg.lora_r,
+                              lora_alpha=cfg.lora_alpha)
     subset = {"seed": params.seed, "training": params.training.model_dump(), "rm": cfg.model_dump()}
     ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
     held_out = draw(held_rows, cfg=cfg.model_copy(update={"label_noise": 0.0}))  # scored on clean labels
@@ -277,10 +277,10 @@ def main() -> None:
     fn = functools.partial(job, TrainRmJob(
         base=SFT / MODEL, train_examples=train_examples, pmp_examples=pmp_examples, held_out=held_out,
         cases=negation_cases(held_rows, principles), labels=labels, principles=principles, hhh=hhh,
-        hhh_guide=hhh_guide, template=template, cfg=cfg, training=training, seed=params.seed, ckpt_dir=ckpt_dir,
-        params=subset, inputs=inputs,
+        hhh_guide=hhh_guide, template=template, cfg=cfg, training=training,
+        score_batch_size=resources.score_batch_size, seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs,
     ))
-    runner.submit_stage(STAGE, OUT, fn, params.cluster.train_rm, params.cluster, subset, inputs)
+    runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from align.assets import load_text
 from align.errors import UserError
 from align.filters import answer_problem, counts_text, trim_to_boundary
 from align.generation import Generator, Sampling, chat_prompt, one_task
-from align.params import Generation, Params, SelfAlign, VerboseClone
+from align.params import Engine, Params, SelfAlign, TrainingRun, VerboseClone
 from align.paths import MODEL
 from align.records import read_jsonl, write_json, write_jsonl
 from align.training import checkpoint_dir
@@ -54,7 +54,7 @@ class VerboseAnswersJob:
     queries: list[str]
     cfg: VerboseClone
     filters: SelfAlign  # the answer filters' settings
-    generation: Generation
+    engine: Engine
     out: Path  # the answers' JSONL file, in the stage's scratch folder
 
 
@@ -62,7 +62,7 @@ def answers_job(args: VerboseAnswersJob) -> None:
     """Runs inside the allocation: the engraved model's answers under the instruction, filtered, to `args.out`,
     and their metrics beside it (written first: `args.out` existing means both are complete)."""
     sampling = Sampling(args.cfg.temperature, args.cfg.top_p, args.cfg.max_new_tokens)
-    with Generator(args.model, args.generation) as generator:
+    with Generator(args.model, args.engine) as generator:
         prompts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": templates.verbose_prompt(
             args.instruction, query)}]) for query in args.queries]
         generations = generator.generate(prompts, sampling)
@@ -113,14 +113,17 @@ def distill(params: Params, subset: dict, inputs: dict) -> None:
         fn = functools.partial(answers_job, VerboseAnswersJob(
             model=ENGRAVED / MODEL, instruction=load_text(INSTRUCTION),
             queries=[row["prompt"] for row in read_jsonl(DATA / "sft.jsonl")], cfg=params.verbose_clone,
-            filters=params.self_align, generation=params.generation, out=answers,
+            filters=params.self_align, engine=Engine.of(params.generation, params.cluster.verbose_clone.generate),
+            out=answers,
         ))
         runner.submit_job(f"{STAGE}.generate", scratch / "answers", fn,
                           one_task(params.cluster.verbose_clone.generate, f"{STAGE}.generate"), params.cluster, subset,
                           inputs)
     fn = functools.partial(sft.job, sft.SftJob(
         stage=STAGE, model=BASE, pairs=[(r["prompt"], r["answer"]) for r in read_jsonl(answers)], out=OUT,
-        live_dir=LIVE, ckpt_dir=scratch / "train", training=params.training, epochs=params.verbose_clone.epochs,
+        live_dir=LIVE, ckpt_dir=scratch / "train",
+        training=TrainingRun.of(params.training, params.cluster.verbose_clone.train, f"{STAGE}.train"),
+        epochs=params.verbose_clone.epochs,
         max_prompt_tokens=params.engrave.max_prompt_tokens, max_answer_tokens=params.engrave.max_answer_tokens,
         seed=params.seed, params=subset, inputs=inputs,
         metrics={"verbose_clone": True, **json.loads((scratch / ANSWERS_METRICS).read_text())},

@@ -17,16 +17,34 @@ from pathlib import Path
 
 import yaml
 
-from align.params import Cluster, Resources
+from align.params import Cluster, Engine, Resources, TrainingExecution, TrainingRun, load_params
 from slurm.submit import JobSpec, submit
 from tests.conftest import ROOT
 
 PROJECT_FILES = ["stages", "align", "slurm", "assets", "dvc.yaml", "params.yaml", ".gitignore"]
-FAST_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, micro_batch_size=4, warmup_ratio=0.0,
-                     lr_schedule="constant", zero_stage=2)
+DEFAULTS = load_params(ROOT / "params.yaml")  # the one set of defaults, as a user's project holds them
+FAST_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, batch_size=4, warmup_ratio=0.0,
+                     lr_schedule="constant")
+FAST_EXECUTION = dict(micro_batch_size=4, zero_stage=2)  # FAST_TRAINING's batch in one micro-batch
 # dropout on, so an exact resume needs the RNG states restored
-TINY_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1, micro_batch_size=1,
+TINY_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0.1, batch_size=1,
                      lr_schedule="constant", warmup_ratio=0.0)  # runs of different lengths share their first steps
+
+
+def resources(**values: object) -> Resources:
+    """`cluster.defaults` of params.yaml with `values`, validated."""
+    return Resources(**{**DEFAULTS.cluster.defaults.model_dump(), **values})
+
+
+def training_run(**values: object) -> TrainingRun:
+    """params.yaml's `training` and `cluster.defaults` execution settings with `values`, as a job gets them."""
+    execution = {name: getattr(DEFAULTS.cluster.defaults, name) for name in TrainingExecution.model_fields}
+    return TrainingRun(**{**DEFAULTS.training.model_dump(), **execution, **values})
+
+
+def engine(**values: object) -> Engine:
+    """params.yaml's generation backend and `cluster.defaults` engine settings with `values`."""
+    return Engine(**{**Engine.of(DEFAULTS.generation, DEFAULTS.cluster.defaults).model_dump(), **values})
 
 
 def sh(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -86,8 +104,8 @@ def kill_tree(pid: int) -> None:
 
 def inline(fn: functools.partial) -> dict:
     """Run `fn` as one process through the submission layer (it exports RANK/WORLD_SIZE/MASTER_* itself)."""
-    spec = JobSpec(stage="train_test", fn=fn, resources=Resources(), target=Path("unused"), key={})
-    return submit(spec, Cluster(executor="inline"))
+    spec = JobSpec(stage="train_test", fn=fn, resources=resources(), target=Path("unused"), key={})
+    return submit(spec, DEFAULTS.cluster.model_copy(update={"executor": "inline"}))
 
 
 def squeue_jobs(name: str) -> dict[str, str]:

@@ -12,13 +12,12 @@ import yaml
 
 from align.artifacts import staged_out
 from align.assets import PreferencePrinciple, load_jsonl
-from align.params import Training
 from align.records import write_jsonl
 from align.reward import CONFIG_FILE, TEMPLATE_FILE
 from align.training import lora_model
 from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
-from tests.helpers import FAST_TRAINING
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, training_run
 
 PROMPTS = ["What is the capital of France?", "Add 1 and 2.", "What colour is the quick fox?",
            "Say something helpful.", "Name a number.", "Write a function that adds two numbers."]
@@ -38,19 +37,22 @@ SHORT_LONG = [  # (prompt, short answer, long answer)
     ("Write a function that adds two numbers.", "def add(a, b): return a + b",
      "def add(a, b):\n    return a + b\n\nThe function add takes a and b and returns a + b."),
 ] * 2
-SMALL_EVALUATE = {"max_items": 6, "mt_bench_questions": 2, "max_new_tokens": 6, "batch_size": 4}
-TINY_PPO = {"iterations": 3, "rollout_batch_size": 4, "step_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 8,
-            "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8, "save_every": 1, "score_batch_size": 4,
-            "eval_prompts": 0}  # the pool of 5 prompts stays whole; tests that check the held-out comparison set it
+SMALL_EVALUATE = {"max_items": 6, "mt_bench_questions": 2, "max_new_tokens": 6}
+TINY_RL = {"iterations": 3, "rollout_batch_size": 4, "step_batch_size": 2, "epochs": 2, "max_new_tokens": 8,
+           "learning_rate": 1e-2, "lora_r": 4, "lora_alpha": 8,
+           "eval_prompts": 0}  # the pool of 5 prompts stays whole; tests that check the held-out comparison set it
+TINY_RL_EXECUTION = {"micro_batch_size": 1, "save_every_steps": 1, "score_batch_size": 4}
 
 
-def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, **groups: dict) -> Path:
-    """A project folder: params.yaml (repo defaults + `groups`), assets/, models/base from `model`, an empty
-    system_messages out, data/benchmarks from the tests' small files, and, with `pairs`, a self_align out holding
-    them."""
+def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, cluster: dict | None = None,
+                 **groups: dict) -> Path:
+    """A project folder: params.yaml (repo defaults + `groups`, `cluster` over cluster.defaults), assets/,
+    models/base from `model`, an empty system_messages out, data/benchmarks from the tests' small files, and, with
+    `pairs`, a self_align out holding them."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["generation"].update(backend="hf")
     raw["cluster"].update(executor="local", log_dir=str(cwd / "logs"))
+    raw["cluster"]["defaults"].update(cluster or {})
     for group, values in groups.items():
         raw[group].update(values)
     cwd.mkdir(parents=True, exist_ok=True)
@@ -109,10 +111,10 @@ def preference_rows() -> list[dict]:
 
 def rm_project(tmp_path: Path, model: Path, rows: list[dict] | None = None, **groups: dict) -> Path:
     """A project with models/sft (the model as the SFT policy) and labelled preferences."""
-    groups = {"training": {**FAST_TRAINING, "micro_batch_size": 4, "save_every": 5},
+    groups = {"training": FAST_TRAINING,
               "rm": {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34},
               **groups}
-    cwd = make_project(tmp_path, model, **groups)
+    cwd = make_project(tmp_path, model, **{"cluster": {**FAST_EXECUTION, "save_every_steps": 5}, **groups})
     with staged_out(cwd / "models/sft", stage="verbose_clone", params={}, inputs={}) as tmp:
         shutil.copytree(model, tmp / "model")
     with staged_out(cwd / "data/preferences", stage="label_preferences", params={}, inputs={}) as tmp:
@@ -127,14 +129,14 @@ def add_policy_outs(cwd: Path, model: Path) -> None:
         with staged_out(cwd / out, stage=stage_name, params={}, inputs={}) as tmp:
             shutil.copytree(model, tmp / "model")
     with staged_out(cwd / "models/rm", stage="train_rm", params={}, inputs={}) as tmp:
-        lora_model(model, Training(lora_r=4, lora_alpha=8), seed=0, head="reward").save_pretrained(tmp / "adapter")
+        lora_model(model, training_run(lora_r=4, lora_alpha=8), seed=0, head="reward").save_pretrained(tmp / "adapter")
         shutil.copy(ROOT / "assets/rm_prompt.txt", tmp / TEMPLATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps({"max_prompt_tokens": 64, "max_response_tokens": 64}))
 
 
 def ppo_project(tmp_path: Path, model: Path, rm: Path | None = None, **groups: dict) -> Path:
     """A project with models/sft (`model`), models/rm (an untrained RM, or `rm`'s out), prompts and SFT data."""
-    groups = {"training": {**FAST_TRAINING, "micro_batch_size": 1}, "ppo": TINY_PPO, **groups}
+    groups = {"training": FAST_TRAINING, "rl": TINY_RL, "cluster": TINY_RL_EXECUTION, **groups}
     cwd = make_project(tmp_path, model, pairs=[(PROMPTS[0], "Paris.")], **groups)
     add_policy_outs(cwd, model)
     shutil.rmtree(cwd / "models/policy")  # what the stage writes

@@ -82,7 +82,9 @@ def recorded_params(module: str) -> set[str]:
         if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == ["subset"] \
                 and isinstance(node.value, ast.Dict):
             for key, value in zip(node.value.keys, node.value.values):
-                if isinstance(value, ast.Dict):
+                if key is None and isinstance(value, ast.IfExp) and isinstance(value.body, ast.Dict):
+                    keys |= {k.value for k in value.body.keys if isinstance(k, ast.Constant)}  # **({...} if x else {})
+                elif isinstance(value, ast.Dict):
                     inner = [k for k in value.keys if k is not None]
                     splats = [v.body for k, v in zip(value.keys, value.values)  # **({...} if flag else {})
                               if k is None and isinstance(v, ast.IfExp) and isinstance(v.body, ast.Dict)]

@@ -13,13 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from align.params import Cluster, Resources, Training
 from align.training import (
     collate, deepspeed_config, fit, init_distributed, latest_checkpoint, lora_model, make_engine, save_adapter,
     sft_job, sft_loss, shuffled_batches, tokenize_pair,
 )
 from slurm.submit import JobSpec, submit
-from tests.helpers import TINY_TRAINING, inline
+from tests.helpers import DEFAULTS, TINY_TRAINING, inline, resources, training_run
 from tests.tiny import PAIRS
 
 
@@ -35,7 +34,7 @@ def _crash_after(calls: int, counter: list[int], model, batch: dict) -> torch.Te
 
 
 def test_deepspeed_config_maps_params() -> None:
-    cfg = deepspeed_config(Training(micro_batch_size=3, gradient_accumulation_steps=4, learning_rate=5e-5), 2)
+    cfg = deepspeed_config(training_run(micro_batch_size=3, batch_size=24, learning_rate=5e-5), 2)
     assert (cfg["train_batch_size"], cfg["train_micro_batch_size_per_gpu"], cfg["gradient_accumulation_steps"]) \
         == (24, 3, 4)
     assert cfg["zero_optimization"] == {"stage": 2}
@@ -43,19 +42,19 @@ def test_deepspeed_config_maps_params() -> None:
     assert cfg["gradient_clipping"] == 1.0
     assert not cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"]
 
-    cfg = deepspeed_config(Training(zero_stage=3, offload="cpu", precision="bf16", max_grad_norm=0.5), 1)
+    cfg = deepspeed_config(training_run(zero_stage=3, offload="cpu", precision="bf16", max_grad_norm=0.5), 1)
     assert cfg["zero_optimization"] == {"stage": 3, "offload_optimizer": {"device": "cpu"},
                                         "offload_param": {"device": "cpu"}}
     assert cfg["zero_force_ds_cpu_optimizer"] is False
     assert cfg["bf16"]["enabled"] and not cfg["fp16"]["enabled"] and cfg["gradient_clipping"] == 0.5
     assert cfg["train_batch_size"] == 1
 
-    cfg = deepspeed_config(Training(zero_stage=2, offload="cpu", precision="fp16"), 8)
+    cfg = deepspeed_config(training_run(zero_stage=2, offload="cpu", precision="fp16", batch_size=8), 8)
     assert cfg["zero_optimization"] == {"stage": 2, "offload_optimizer": {"device": "cpu"}}  # no param offload
     assert cfg["fp16"]["enabled"] and not cfg["bf16"]["enabled"] and cfg["train_batch_size"] == 8
 
-    assert deepspeed_config(Training(zero_stage=2), 1)["zero_optimization"] == {"stage": 0}  # one rank: no shards
-    cfg = deepspeed_config(Training(zero_stage=0, offload="cpu"), 1)
+    assert deepspeed_config(training_run(zero_stage=2), 1)["zero_optimization"] == {"stage": 0}  # one rank: no shards
+    cfg = deepspeed_config(training_run(zero_stage=0, offload="cpu"), 1)
     assert cfg["zero_optimization"] == {"stage": 0} and "zero_force_ds_cpu_optimizer" not in cfg
 
 
@@ -90,7 +89,7 @@ def test_gradient_checkpointing_recomputes_every_layer_and_gives_the_same_loss_a
     batch = collate([tokenize_pair(tok, p, r) for p, r in PAIRS[:2]], tok.pad_token_id)
     runs, modes = {}, {}
     for recompute in (False, True):
-        model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, gradient_checkpointing=recompute), seed=0)
+        model = lora_model(tiny_model, training_run(lora_r=4, lora_alpha=8, gradient_checkpointing=recompute), seed=0)
         modes[recompute] = {name: m.training for name, m in model.named_modules()
                             if getattr(m, "gradient_checkpointing", None) is None}  # all but the flagged layers
         layers = model.get_base_model().model.layers
@@ -115,7 +114,7 @@ def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path,
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    training = Training(**TINY_TRAINING, zero_stage=2, gradient_accumulation_steps=2, save_every=100)
+    training = training_run(**{**TINY_TRAINING, "batch_size": 2}, zero_stage=2, save_every_steps=100)
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)
     assert init_distributed() == (0, 1)  # no environment: one process on a free local port
@@ -150,7 +149,7 @@ def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path,
 
 
 def test_resume_continues_the_same_loss_curve(tiny_model: Path, tmp_path: Path) -> None:
-    training = Training(**TINY_TRAINING, gradient_accumulation_steps=2, save_every=3, keep_checkpoints=2)
+    training = training_run(**{**TINY_TRAINING, "batch_size": 2}, save_every_steps=3, keep_checkpoints=2)
     run = functools.partial(sft_job, tiny_model, PAIRS, training=training, log=None)
     full = inline(functools.partial(run, tmp_path / "a", max_steps=10))
     first = inline(functools.partial(run, tmp_path / "b", max_steps=4))  # checkpoints at 3 and 4 (the end)
@@ -166,7 +165,7 @@ def test_resume_continues_the_same_loss_curve(tiny_model: Path, tmp_path: Path) 
 
 
 def test_crash_mid_run_loses_at_most_one_checkpoint_interval(tiny_model: Path, tmp_path: Path) -> None:
-    training = Training(**TINY_TRAINING, gradient_accumulation_steps=2, save_every=3)
+    training = training_run(**{**TINY_TRAINING, "batch_size": 2}, save_every_steps=3)
     run = functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt", training, 10, log=None)
     full = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "full", training, 10, log=None))
     crash_step = 8  # raises in the middle of step 8's accumulation (after one of its two micro-batches)
@@ -177,10 +176,44 @@ def test_crash_mid_run_loses_at_most_one_checkpoint_interval(tiny_model: Path, t
     (tmp_path / "ckpt" / "step_00000009" / "junk").write_text("partial")
 
     resumed = inline(run)
-    assert crash_step - resumed["start_step"] <= training.save_every
+    assert crash_step - resumed["start_step"] <= training.save_every_steps
     assert resumed["start_step"] == 6
     assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)
     assert not (tmp_path / "ckpt" / "step_00000009" / "junk").exists()  # re-saved clean at step 9
+
+
+def test_the_sft_loss_is_the_token_mean_of_the_step_whatever_the_micro_batch(tiny_model: Path,
+                                                                              tmp_path: Path) -> None:
+    """A step's loss and update are those of its whole batch: the same global batch cut into micro-batches of 1 or
+    of 2 gives the same loss curve (a mean of per-micro-batch token means would weigh a token by how long its
+    neighbours are: the pairs differ in length, so it would not)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert len({len(tokenize_pair(tokenizer, p, r)["labels"]) for p, r in PAIRS}) > 1  # so the two means differ
+    runs = {}
+    for micro in (1, 2):
+        training = training_run(**{**TINY_TRAINING, "lora_dropout": 0.0, "batch_size": 2}, micro_batch_size=micro,
+                                save_every_steps=100)
+        runs[micro] = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / f"m{micro}", training, 4,
+                                               log=None))["losses"]
+    assert runs[1] == pytest.approx(runs[2], rel=1e-5)
+
+
+def test_a_run_resumes_after_its_micro_batch_size_changed(tiny_model: Path, tmp_path: Path) -> None:
+    """The micro-batch is a memory setting: a run checkpointed with micro-batches of 1 resumes with micro-batches of
+    2 (an out-of-memory fix in reverse) at the step it reached, on the same examples, and ends where a run that
+    never changed would."""
+    setup = {**TINY_TRAINING, "lora_dropout": 0.0, "batch_size": 2}
+    run = functools.partial(sft_job, tiny_model, PAIRS, log=None)
+    full = inline(functools.partial(run, tmp_path / "full", training_run(**setup, micro_batch_size=2,
+                                                                         save_every_steps=100), 8))
+    inline(functools.partial(run, tmp_path / "ckpt", training_run(**setup, micro_batch_size=1, save_every_steps=2),
+                             4))
+    resumed = inline(functools.partial(run, tmp_path / "ckpt", training_run(**setup, micro_batch_size=2,
+                                                                            save_every_steps=2), 8))
+    assert resumed["start_step"] == 4
+    assert resumed["losses"] == pytest.approx(full["losses"], rel=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------- two processes
@@ -195,22 +228,22 @@ def test_two_processes_match_one_process(tiny_model: Path, tmp_path: Path, stage
 
     # the same global batch of 2: 1 rank x 2 accumulation micro-batches, or 2 ranks x 1, over the same stream;
     # no dropout: with it each rank draws its own masks, so the runs would differ by more than arithmetic order
-    setup = {**TINY_TRAINING, "lora_dropout": 0.0, "zero_stage": stage, "save_every": 3}
-    one = Training(**setup, gradient_accumulation_steps=2)
-    two = Training(**setup, gradient_accumulation_steps=1)
-    single = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1", one, 6,
+    training = training_run(**{**TINY_TRAINING, "lora_dropout": 0.0, "batch_size": 2}, zero_stage=stage,
+                            save_every_steps=3)  # 1 rank accumulates 2 micro-batches, 2 ranks take one each
+    single = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1", training, 6,
                                        adapter_dir=tmp_path / "adapter1", log=None))
 
     def two_processes(max_steps: int) -> dict:
         spec = JobSpec(
             stage=f"train_zero{stage}",
-            fn=functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt2", two, max_steps,
+            fn=functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt2", training, max_steps,
                                  adapter_dir=tmp_path / "adapter2"),
-            resources=Resources(tasks_per_node=2, cpus_per_task=1, time_min=10),
+            resources=resources(tasks_per_node=2, cpus_per_task=1, time_min=10),
             target=tmp_path / "adapter2", key={"stage": stage, "max_steps": max_steps},
         )
         start = time.monotonic()
-        result = submit(spec, Cluster(executor="local", log_dir=str(tmp_path / "logs")))
+        result = submit(spec, DEFAULTS.cluster.model_copy(update={"executor": "local",
+                                                                    "log_dir": str(tmp_path / "logs")}))
         print(f"ZeRO-{stage}, 2 processes, to step {max_steps}: {time.monotonic() - start:.1f} s")
         return result
 
@@ -254,6 +287,6 @@ def test_sft_pads_with_eos_where_the_tokenizer_has_no_pad_token(tiny_model: Path
     tokenizer.save_pretrained(model)
     tokenizer = AutoTokenizer.from_pretrained(model)
     assert tokenizer.pad_token_id is None and padding_id(tokenizer) == tokenizer.eos_token_id
-    training = Training(**{**TINY_TRAINING, "micro_batch_size": 2})
+    training = training_run(**{**TINY_TRAINING, "batch_size": 2}, micro_batch_size=2)
     result = inline(functools.partial(sft_job, model, PAIRS, tmp_path / "ckpt", training, 3, log=None))
     assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
