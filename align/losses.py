@@ -85,6 +85,45 @@ def truncated_is_weight(trainer_logprobs: torch.Tensor, engine_logprobs: torch.T
     return torch.clamp(weight, max=cap), weight > cap
 
 
+def policy_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                 ratio: str, epsilon: float, epsilon_high: float, engine_logprobs: torch.Tensor | None = None,
+                 is_cap: float = 1.0, ref_logprobs: torch.Tensor | None = None,
+                 kl_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The policy's loss before aggregation, per token ([B, R]) or, for a per-response ratio, per response
+    ([B, 1]), and the sums its statistics are made of ("<name>" over "<name>_of"):
+        r_t = log pi(y_t) - log pi_old(y_t)
+        token         rho_t = exp(r_t)                         PPO, GRPO
+        sequence      rho = exp(mean_t r_t), one per response  GSPO (Zheng et al. 2025)
+        sequence_sum  rho = exp(sum_t r_t) = pi(y) / pi_old(y) RLOO (Ahmadian et al. 2024; TRL's RLOOTrainer)
+        l = clipped_surrogate(rho, A) x w  + kl_coef x k3(pi, pi_ref)   (w: `truncated_is_weight` where the
+    engine's log-probs are given, per token or per response as rho is; the k3 term where `ref_logprobs` is given,
+    GRPO's). `advantages` are [B, R] (PPO, GRPO) or [B, 1] (RLOO)."""
+    log_ratio = (logprobs - old_logprobs) * mask
+    if ratio == "sequence_sum":
+        log_ratio = log_ratio.sum(1, keepdim=True)
+    elif ratio == "sequence":
+        log_ratio = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    per_response = log_ratio.shape[1] == 1
+    if per_response:
+        advantages = advantages[:, :1]
+    loss, clipped = clipped_surrogate(log_ratio, advantages, epsilon, epsilon_high)
+    counted = torch.ones_like(loss) if per_response else mask
+    stats = {"clip_fraction": (clipped.float() * counted).sum(), "clip_fraction_of": counted.sum(),
+             "approx_kl": (k3_kl(old_logprobs, logprobs) * mask).sum(), "approx_kl_of": mask.sum()}
+    if engine_logprobs is not None:
+        old, engine = old_logprobs * mask, engine_logprobs * mask
+        if per_response:
+            old, engine = old.sum(1, keepdim=True), engine.sum(1, keepdim=True)
+        weight, cut = truncated_is_weight(old, engine, is_cap)
+        loss = loss * weight
+        stats |= {"is_truncated_share": (cut.float() * counted).sum(), "is_truncated_share_of": counted.sum()}
+    if ref_logprobs is not None:
+        kl_term = k3_kl(logprobs, ref_logprobs) * mask
+        loss = loss + kl_coef * kl_term
+        stats |= {"kl_term": kl_term.sum(), "kl_term_of": mask.sum()}
+    return loss, stats
+
+
 # ---------------------------------------------------------------------------------------------- aggregation
 
 

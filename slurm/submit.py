@@ -29,7 +29,7 @@ import submitit
 import submitit.helpers
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
-from align.artifacts import JOB_STARTED, digest
+from align.artifacts import JOB_KEY, JOB_STARTED, digest
 from align.errors import UserError
 from align.params import Cluster, Resources
 from align.progress import latest_progress
@@ -55,9 +55,10 @@ class JobSpec:
 class _Task:
     """What runs inside each task: export the torch.distributed environment, then call the stage's function."""
 
-    def __init__(self, fn: Callable[[], Any], one_gpu_per_task: bool) -> None:
+    def __init__(self, fn: Callable[[], Any], one_gpu_per_task: bool, job_key: str) -> None:
         self.fn = fn
         self.one_gpu_per_task = one_gpu_per_task
+        self.job_key = job_key  # recorded in the out's manifest (align/artifacts.py JOB_KEY)
 
     def __call__(self) -> Any:
         submitit.helpers.TorchDistributedEnvironment().export(
@@ -65,6 +66,7 @@ class _Task:
         )
         os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
         os.environ[JOB_STARTED] = str(time.time())
+        os.environ[JOB_KEY] = self.job_key
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach the job log as they are printed
         return self.fn()
 
@@ -323,7 +325,7 @@ def _environ(**values: str | None) -> Iterator[None]:
 def _run_inline(spec: JobSpec) -> Any:
     """One rank in this process, its distributed variables set for the call only."""
     with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", **{JOB_STARTED: str(time.time())}):
+                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", **{JOB_STARTED: str(time.time()), JOB_KEY: digest(spec.key)}):
         return spec.fn()
 
 
@@ -349,7 +351,7 @@ def start(spec: JobSpec, cluster: Cluster) -> submitit.Job:
     one_gpu_per_task = spec.resources.gpus_per_node > 0 and spec.resources.tasks == spec.resources.gpus_per_node
     try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
         with _environ(**dict.fromkeys(DIST_VARS)):
-            job = executor.submit(_Task(spec.fn, one_gpu_per_task))
+            job = executor.submit(_Task(spec.fn, one_gpu_per_task, digest(spec.key)))
     except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise JobFailed(f"{spec.stage}: {kind} refused the job: {lines[-1] if lines else exc}") from None

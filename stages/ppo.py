@@ -44,7 +44,7 @@ from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt
 from align.intervals import bootstrap_ci
 from align.models import padding_id, prompt_ids
-from align.losses import StepNorm, aggregate, clipped_surrogate, k3_kl, truncated_is_weight, value_loss
+from align.losses import StepNorm, aggregate, policy_terms, value_loss
 from align.params import Engine, Params, Ppo, Rl, TrainingRun
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_jsonl
@@ -368,35 +368,6 @@ class PpoRecipe:
         return [StepNorm(sequences=rl.step_batch_size, tokens=float(t), rollout_tokens_per_step=per_step,
                          max_tokens=rl.max_new_tokens) for t in counts[:-1].tolist()]
 
-    def policy_terms(self, part: Rollout, mask: torch.Tensor, logprobs: torch.Tensor, advantages: torch.Tensor,
-                     kl_coef: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """Per token ([B, R]) or per response ([B, 1], RLOO), the policy's loss before aggregation over the tokens
-        of `mask`: the clipped surrogate on the algorithm's ratio, weighted by the engine's truncated importance
-        ratio, plus GRPO's k3 term; with the sums its statistics are made of."""
-        rl = self.job.rl
-        log_ratio = (logprobs - part.logprobs) * mask
-        if self.algorithm.ratio == "sequence_sum":  # RLOO: the response's probability ratio
-            log_ratio, advantages = log_ratio.sum(1, keepdim=True), advantages[:, :1]
-        elif rl.importance_sampling_level == "sequence":  # GSPO: the length-normalised ratio, one per response
-            log_ratio = log_ratio.sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
-        epsilon_high = rl.epsilon_high if rl.epsilon_high is not None else rl.epsilon
-        loss, clipped = clipped_surrogate(log_ratio, advantages, rl.epsilon, epsilon_high)
-        token_mask = mask if loss.shape[1] > 1 else torch.ones_like(loss)
-        stats = {"clip": (clipped.float() * token_mask).sum(), "clip_of": token_mask.sum(),
-                 "approx_kl": (k3_kl(part.logprobs, logprobs) * mask).sum(), "approx_kl_of": mask.sum()}
-        if part.engine_logprobs is not None:
-            old, engine = part.logprobs * mask, part.engine_logprobs * mask
-            if loss.shape[1] == 1:  # one weight per response for a per-response loss
-                old, engine = old.sum(1, keepdim=True), engine.sum(1, keepdim=True)
-            weight, cut = truncated_is_weight(old, engine, rl.vllm_is_cap)
-            loss = loss * weight
-            stats |= {"is_truncated": (cut.float() * token_mask).sum(), "is_truncated_of": token_mask.sum()}
-        if self.algorithm.kl_in_loss:
-            kl_term = k3_kl(logprobs, part.ref_logprobs) * mask
-            loss = loss + kl_coef * kl_term
-            stats |= {"kl_term": kl_term.sum(), "kl_term_of": mask.sum()}
-        return loss, stats
-
     def update(self, rollout: Rollout, kl_coef: float, iteration: int) -> dict[str, float]:
         """`rl.epochs` passes over the rollout in optimizer steps of `step_batch_size` samples (over all ranks),
         each cut into micro-batches; the means of the losses and statistics."""
@@ -405,6 +376,8 @@ class PpoRecipe:
         with torch.no_grad():
             advantages, returns, kl = self.advantages(rollout, kl_coef)
         mask, kind = self.loss_mask(rollout), loss_type(job.algorithm, rl)
+        ratio = "sequence" if rl.importance_sampling_level == "sequence" else self.algorithm.ratio
+        epsilon_high = rl.epsilon if rl.epsilon_high is None else rl.epsilon_high
         micro, local = job.training.micro_batch_size, rl.step_batch_size // self.world
         scale = local // micro * self.world  # DeepSpeed averages over accumulation steps and ranks: undone here
         sums: dict[str, float] = {}
@@ -420,8 +393,10 @@ class PpoRecipe:
                     part = rollout.rows(index)
                     part_mask = part.response_width(mask[index])
                     logprobs, _ = policy_outputs(self.policy, part, rl.temperature)
-                    terms, stats = self.policy_terms(part, part_mask, logprobs,
-                                                     part.response_width(advantages[index]), kl_coef)
+                    terms, stats = policy_terms(
+                        logprobs, part.logprobs, part.response_width(advantages[index]), part_mask, ratio, rl.epsilon,
+                        epsilon_high, part.engine_logprobs, rl.vllm_is_cap,
+                        part.ref_logprobs if self.algorithm.kl_in_loss else None, kl_coef)
                     loss = aggregate(terms, part_mask, "sequence" if terms.shape[1] == 1 else kind, norm)
                     self.policy.backward(loss * scale)
                     self.policy.step()
@@ -439,10 +414,7 @@ class PpoRecipe:
         result = {name: sums[name] / max(sums[f"{name}_of"], 1.0) for name in sums
                   if f"{name}_of" in sums}
         result |= {name: sums[name] / rl.epochs for name in ("policy_loss", "value_loss") if name in sums}
-        result |= {"clip_fraction": result.pop("clip"), "kl": float(kl.sum(1).mean()),
-                   "advantage_mean": float(masked_mean(advantages, rollout.response_mask))}
-        if "is_truncated" in result:
-            result["is_truncated_share"] = result.pop("is_truncated")
+        result |= {"kl": float(kl.sum(1).mean()), "advantage_mean": float(masked_mean(advantages, rollout.response_mask))}
         if self.value is None:  # how much the groups tell apart: 0 where every sample of a prompt scores the same
             return {**result, "group_reward_std": float(rollout.scores.view(-1, self.group).std(1).mean())}
         return {**result, "explained_variance": explained_variance(rollout.values, returns, rollout.response_mask)}

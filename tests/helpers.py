@@ -31,6 +31,11 @@ TINY_TRAINING = dict(learning_rate=1e-2, lora_r=8, lora_alpha=16, lora_dropout=0
                      lr_schedule="constant", warmup_ratio=0.0)  # runs of different lengths share their first steps
 
 
+def cluster_with(**values: object) -> Cluster:
+    """params.yaml's `cluster` with `values` (executor, log_dir)."""
+    return DEFAULTS.cluster.model_copy(update=values)
+
+
 def resources(**values: object) -> Resources:
     """`cluster.defaults` of params.yaml with `values`, validated."""
     return Resources(**{**DEFAULTS.cluster.defaults.model_dump(), **values})
@@ -45,6 +50,17 @@ def training_run(**values: object) -> TrainingRun:
 def engine(**values: object) -> Engine:
     """params.yaml's generation backend and `cluster.defaults` engine settings with `values`."""
     return Engine(**{**Engine.of(DEFAULTS.generation, DEFAULTS.cluster.defaults).model_dump(), **values})
+
+
+def merge_into(raw: dict, changes: dict) -> dict:
+    """`raw` (a params mapping) with `changes` laid over it, nested mappings merged key by key: a test names only
+    what it changes, the rest stays params.yaml's."""
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(raw.get(key), dict):
+            merge_into(raw[key], value)
+        else:
+            raw[key] = value
+    return raw
 
 
 def sh(cwd: Path, *cmd: str, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -65,9 +81,7 @@ def new_repo(folder: Path, groups: dict[str, dict]) -> Path:
             shutil.copytree(src, folder / name, ignore=shutil.ignore_patterns("__pycache__"))
         else:
             shutil.copy(src, folder / name)
-    params = yaml.safe_load((folder / "params.yaml").read_text())
-    for group, values in groups.items():
-        params[group].update(values)
+    params = merge_into(yaml.safe_load((folder / "params.yaml").read_text()), groups)
     (folder / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh(folder, "git", "init", "-q")
     sh(folder, "dvc", "init", "-q")
@@ -105,7 +119,7 @@ def kill_tree(pid: int) -> None:
 def inline(fn: functools.partial) -> dict:
     """Run `fn` as one process through the submission layer (it exports RANK/WORLD_SIZE/MASTER_* itself)."""
     spec = JobSpec(stage="train_test", fn=fn, resources=resources(), target=Path("unused"), key={})
-    return submit(spec, DEFAULTS.cluster.model_copy(update={"executor": "inline"}))
+    return submit(spec, cluster_with(executor="inline"))
 
 
 def squeue_jobs(name: str) -> dict[str, str]:

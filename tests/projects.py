@@ -17,7 +17,7 @@ from align.reward import CONFIG_FILE, TEMPLATE_FILE
 from align.training import lora_model
 from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
-from tests.helpers import FAST_EXECUTION, FAST_TRAINING, training_run
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, merge_into, training_run
 
 PROMPTS = ["What is the capital of France?", "Add 1 and 2.", "What colour is the quick fox?",
            "Say something helpful.", "Name a number.", "Write a function that adds two numbers."]
@@ -44,17 +44,15 @@ TINY_RL = {"iterations": 3, "rollout_batch_size": 4, "step_batch_size": 2, "epoc
 TINY_RL_EXECUTION = {"micro_batch_size": 1, "save_every_steps": 1, "score_batch_size": 4}
 
 
-def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None, cluster: dict | None = None,
-                 **groups: dict) -> Path:
-    """A project folder: params.yaml (repo defaults + `groups`, `cluster` over cluster.defaults), assets/,
+def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None = None,
+                 cluster_defaults: dict | None = None, **groups: dict) -> Path:
+    """A project folder: params.yaml (repo defaults + `groups`, `cluster_defaults` over cluster.defaults), assets/,
     models/base from `model`, an empty system_messages out, data/benchmarks from the tests' small files, and, with
     `pairs`, a self_align out holding them."""
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["generation"].update(backend="hf")
     raw["cluster"].update(executor="local", log_dir=str(cwd / "logs"))
-    raw["cluster"]["defaults"].update(cluster or {})
-    for group, values in groups.items():
-        raw[group].update(values)
+    merge_into(raw, {**groups, "cluster": {**groups.get("cluster", {}), "defaults": cluster_defaults or {}}})
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw))
     shutil.copytree(ROOT / "assets", cwd / "assets")
@@ -114,7 +112,7 @@ def rm_project(tmp_path: Path, model: Path, rows: list[dict] | None = None, **gr
     groups = {"training": FAST_TRAINING,
               "rm": {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 2, "eval_share": 0.34},
               **groups}
-    cwd = make_project(tmp_path, model, **{"cluster": {**FAST_EXECUTION, "save_every_steps": 5}, **groups})
+    cwd = make_project(tmp_path, model, **{"cluster_defaults": {**FAST_EXECUTION, "save_every_steps": 5}, **groups})
     with staged_out(cwd / "models/sft", stage="verbose_clone", params={}, inputs={}) as tmp:
         shutil.copytree(model, tmp / "model")
     with staged_out(cwd / "data/preferences", stage="label_preferences", params={}, inputs={}) as tmp:
@@ -136,7 +134,7 @@ def add_policy_outs(cwd: Path, model: Path) -> None:
 
 def ppo_project(tmp_path: Path, model: Path, rm: Path | None = None, **groups: dict) -> Path:
     """A project with models/sft (`model`), models/rm (an untrained RM, or `rm`'s out), prompts and SFT data."""
-    groups = {"training": FAST_TRAINING, "rl": TINY_RL, "cluster": TINY_RL_EXECUTION, **groups}
+    groups = {"training": FAST_TRAINING, "rl": TINY_RL, "cluster_defaults": TINY_RL_EXECUTION, **groups}
     cwd = make_project(tmp_path, model, pairs=[(PROMPTS[0], "Paris.")], **groups)
     add_policy_outs(cwd, model)
     shutil.rmtree(cwd / "models/policy")  # what the stage writes

@@ -15,11 +15,10 @@ import pytest
 import yaml
 
 from align.artifacts import staged_out, verify_artifact
-from align.params import Training
 from align.records import read_jsonl, write_jsonl
 from align.training import lora_model
-from tests.helpers import FAST_TRAINING, stage
-from tests.projects import PROMPTS, SMALL_EVALUATE, TINY_PPO, make_project, preference_rows
+from tests.helpers import FAST_TRAINING, stage, training_run
+from tests.projects import PROMPTS, SMALL_EVALUATE, TINY_RL, TINY_RL_EXECUTION, make_project, preference_rows
 from tests.tiny import PAIRS, make_gemma_model, make_llama_base
 
 PROJECTIONS = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
@@ -35,7 +34,7 @@ def test_all_linear_lora_wraps_every_projection_and_neither_head(arch: str, tmp_
 
     folder = ARCHITECTURES[arch][0](tmp_path / "model")
     for head in ("lm", "reward"):
-        model = lora_model(folder, Training(), head=head)
+        model = lora_model(folder, training_run(), head=head)
         wrapped = {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
         assert {name.rsplit(".", 1)[-1] for name in wrapped} == PROJECTIONS
         assert len(wrapped) == 2 * len(PROJECTIONS)  # both layers
@@ -48,11 +47,11 @@ def test_the_pipeline_runs_on_another_architecture(arch: str, tmp_path: Path) ->
     source = make(tmp_path / "source")
     cwd = make_project(
         tmp_path / "project", source, pairs=PAIRS, cluster={"executor": "inline"},
-        training={**FAST_TRAINING, "micro_batch_size": 2},
-        engrave={"epochs": 1}, rm={"epochs": 1, "subsets_per_pair": 1, "eval_share": 0.34, "batch_size": 4},
+        training={**FAST_TRAINING, "batch_size": 2}, cluster_defaults={**TINY_RL_EXECUTION, "micro_batch_size": 2},
+        engrave={"epochs": 1}, rm={"epochs": 1, "subsets_per_pair": 1, "eval_share": 0.34},
         system_messages={"enabled": True, "composer": "template", "train_prompts": 1, "eval_prompts": 1,
                          "eval_max_new_tokens": 4},
-        ppo={**TINY_PPO, "iterations": 2}, evaluate=SMALL_EVALUATE,
+        rl={**TINY_RL, "iterations": 2}, evaluate=SMALL_EVALUATE,
     )
     raw = yaml.safe_load((cwd / "params.yaml").read_text())
     raw["model"].update(base=str(source), **model_params)  # (make_project's own `model` is the base out's)

@@ -16,9 +16,9 @@ import pytest
 from align import lineage, records
 from align.artifacts import MANIFEST, artifact_id, hash_file, input_id, input_refs, recover, staged_out, verify_artifact
 from align.errors import UserError
-from align.params import Cluster, Resources
 from slurm.submit import JobSpec, submit
 from tests.conftest import ROOT
+from tests.helpers import cluster_with, resources
 
 
 def write_out(target: Path, files: dict[str, str], inputs: dict | None = None, params: dict | None = None) -> str:
@@ -66,8 +66,8 @@ def slow_stage(out: Path) -> None:
 def test_published_metrics_carry_the_wall_time_of_the_job(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     out = tmp_path / "out"
-    spec = JobSpec(stage="test", fn=functools.partial(slow_stage, out), resources=Resources(), target=out, key={})
-    submit(spec, Cluster(executor="inline"))
+    spec = JobSpec(stage="test", fn=functools.partial(slow_stage, out), resources=resources(), target=out, key={})
+    submit(spec, cluster_with(executor="inline"))
     published = json.loads(records.publish_metrics(out, "test").read_text())  # a stage with no figures of its own
     assert set(published) == {"minutes"} and 0.01 <= published["minutes"] < 1  # from the job's start, not the block's
 

@@ -117,6 +117,9 @@ def snapshot(root: Path) -> dict[str, str]:
 # ------------------------------------------------------------------------------------------ mutations
 
 
+UNSET = object()  # `params` deletes a key given this value, as a user deleting its line would
+
+
 def params(changes: dict[str, Any]) -> Mutate:
     """Set dotted keys in params.yaml (a key that does not exist yet is added, as a typo would be)."""
     def mutate(cwd: Path) -> None:
@@ -126,7 +129,10 @@ def params(changes: dict[str, Any]) -> Mutate:
             node = raw
             for key in parents:
                 node = node.setdefault(key, {})
-            node[last] = value
+            if value is UNSET:
+                del node[last]
+            else:
+                node[last] = value
         (cwd / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
     return mutate
 
@@ -190,8 +196,8 @@ PARAMS_ROWS = [
      "params.yaml: cluster.train_rm.gpus_per_node: expected an integer >= 0, got -1"),
     ("zero-nodes", params({"cluster.engrave.nodes": 0}),
      "params.yaml: cluster.engrave.nodes: expected an integer >= 1, got 0"),
-    ("out-of-range", params({"generation.gpu_memory_utilization": 1.5}),
-     "params.yaml: generation.gpu_memory_utilization: expected a number > 0 <= 1, got 1.5"),
+    ("out-of-range", params({"cluster.sample_pairs.gpu_memory_utilization": 1.5}),
+     "params.yaml: cluster.sample_pairs.gpu_memory_utilization: expected a number > 0 <= 1, got 1.5"),
     ("bad-literal", params({"cluster.executor": "pbs"}),
      "params.yaml: cluster.executor: expected one of auto, slurm, local, inline, got 'pbs'"),
     ("partition-semicolon", params({"cluster.import_model.partition": "gpu; rm -rf /"}),
@@ -240,10 +246,11 @@ PARAMS_ROWS = [
     ("log-dir-newline", params({"cluster.log_dir": "logs\nx"}),
      "params.yaml: cluster.log_dir: 'logs\\nx' is not one line; expected a folder path without newline, carriage "
      "return or NUL"),
-    ("ppo-step-not-dividing-rollout", params({"ppo.step_batch_size": 3}),
-     "params.yaml: ppo: step_batch_size (3) must divide rollout_batch_size (8)"),
-    ("ppo-step-bigger-than-rollout", params({"ppo.step_batch_size": 16}),
-     "params.yaml: ppo: step_batch_size (16) must not exceed rollout_batch_size (8)"),
+    ("rl-step-not-dividing-rollout", params({"rl.step_batch_size": 3}),
+     "params.yaml: rl: step_batch_size (3) must divide rollout_batch_size (8)"),
+    ("rl-step-bigger-than-rollout", params({"rl.step_batch_size": 16}),
+     "params.yaml: rl: step_batch_size (16) must not exceed rollout_batch_size (8)"),
+    ("deleted-key", params({"training.lora_r": UNSET}), "params.yaml: training.lora_r: missing required key"),
     ("machine-shots-above-shots", params({"prompts.machine_shots": 9}),
      "params.yaml: prompts: machine_shots (9) must not exceed shots (6)"),
     ("trust-remote-code-not-bool", params({"model.trust_remote_code": "maybe"}),
@@ -423,7 +430,9 @@ def test_the_table_is_spread_over_every_kind_of_input() -> None:
     ("python", ["apptainer", "exec", "--nv", "/shared/img.sif", "python"]), ("sbatch", {"gres-flags": "enforce-binding"}),
 ])
 def test_ordinary_scheduler_names_pass(key: str, value: str) -> None:
-    assert getattr(parse_params({"cluster": {"train_rm": {key: value}}}).cluster.train_rm, key) == value
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["cluster"]["train_rm"][key] = value
+    assert getattr(parse_params(raw).cluster.train_rm, key) == value
 
 
 # ------------------------------------------------------------------------------------------ model code
@@ -432,8 +441,8 @@ LOADERS = {
     "import_model": "from align.models import ModelSource, import_model\n"
                     "import_model(ModelSource('folder', MODEL), OUT, 'float32'{extra})",
     "scorer": "from align.scoring import Scorer\nScorer(MODEL{extra})",
-    "generator_hf": "from align.generation import Generator\nfrom align.params import Generation\n"
-                    "Generator(MODEL, Generation(backend='hf'){extra})",
+    "generator_hf": "from align.generation import Generator\nfrom tests.helpers import engine\n"
+                    "Generator(MODEL, engine(backend='hf'){extra})",
 }
 
 

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from align import params
 from align.generation import Generator, Sampling, chat_prompt
 from align.models import PLAIN_TEMPLATE, prompt_ids
 from align.reward import rm_ids
 from align.scoring import Scorer
 from align.training import tokenize_pair
 from tests.conftest import ROOT
+from tests.helpers import engine
 from tests.tiny import LLAMA3_TEMPLATE, make_llama_base
 
 QUESTIONS = ["What is the capital of France?", "Add 1 and 2."]
@@ -48,7 +48,7 @@ def test_sft_and_the_ppo_query_start_with_one_bos_and_agree(model: Path) -> None
 
 
 def test_hf_generation_scoring_and_the_rm_feed_one_bos(model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    generator = Generator(model, params.Generation(backend="hf"))
+    generator = Generator(model, engine(backend="hf"))
     tokenizer, bos = generator.tokenizer, generator.tokenizer.bos_token_id
     fed = []
     original = generator._impl.base.generate
@@ -82,7 +82,7 @@ def test_hf_generation_scoring_and_the_rm_feed_one_bos(model: Path, monkeypatch:
 @pytest.mark.slow
 def test_vllm_is_given_the_same_ids(model: Path) -> None:
     pytest.importorskip("vllm")
-    with Generator(model, params.Generation(backend="vllm", kv_cache_gb=1)) as generator:
+    with Generator(model, engine(backend="vllm", kv_cache_gb=1)) as generator:
         texts = [chat(generator.tokenizer, q) for q in QUESTIONS]
         llm = generator._impl.llm
         outputs = []

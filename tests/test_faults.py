@@ -33,13 +33,15 @@ import pytest
 import yaml
 
 from align.artifacts import read_manifest, staged_out, verify_artifact
-from align.params import Cluster, Resources, Training
 from align.training import sft_job
 from slurm.submit import JobFailed, JobSpec, submit
 from tests.conftest import ROOT
-from tests.helpers import FAST_TRAINING, SqueueWatch, curve, sh, squeue_jobs, stage, stage_env
+from tests.helpers import (
+    FAST_EXECUTION, FAST_TRAINING, SqueueWatch, cluster_with, curve, resources, sh, squeue_jobs, stage, stage_env,
+    training_run,
+)
 from tests.jobs import RankFault
-from tests.projects import TINY_PPO, make_project, ppo_project, salmon_project, slurm_project
+from tests.projects import TINY_RL, TINY_RL_EXECUTION, make_project, ppo_project, salmon_project, slurm_project
 from tests.slurm_fixture import SCRIPT
 from tests.tiny import PAIRS
 
@@ -47,12 +49,13 @@ pytestmark = pytest.mark.slurm
 
 ON_CPU = {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10}
 REFERENCE_STEPS = 600  # ~20 s of steps on the tiny model: long enough to interrupt
-NO_PERIODIC = 100_000  # save_every beyond the run: a checkpoint only at the end (or at a time-limit signal)
+NO_PERIODIC = 100_000  # save_every_steps beyond the run: a checkpoint only at the end (or at a signal)
 
 
 def engrave_project(cwd: Path, model: Path, steps: int, save_every: int = NO_PERIODIC, **resources: object) -> Path:
     """An engraving project on the SLURM cluster: 4 pairs, one optimizer step per epoch, `steps` steps."""
-    return make_project(cwd, model, pairs=PAIRS, training={**FAST_TRAINING, "save_every": save_every},
+    return make_project(cwd, model, pairs=PAIRS, training=FAST_TRAINING,
+                        cluster_defaults={**FAST_EXECUTION, "save_every_steps": save_every},
                         engrave={"epochs": steps},
                         cluster={"executor": "slurm", "log_dir": str(cwd / "logs"), "engrave": {**ON_CPU, **resources}})
 
@@ -273,7 +276,8 @@ def test_a_preempted_ppo_job_stops_after_an_iteration_and_resumes_there(
     are done: PPO's start-up (two engines, the RM, the generator) takes ~30 s here, about what a 1-minute
     allocation leaves before its signal."""
     iterations = 12
-    cwd = ppo_project(tmp_path, tiny_model, ppo={**TINY_PPO, "iterations": iterations, "save_every": NO_PERIODIC},
+    cwd = ppo_project(tmp_path, tiny_model, rl={**TINY_RL, "iterations": iterations},
+                      cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": NO_PERIODIC},
                       cluster={"executor": "slurm", "log_dir": str(tmp_path / "logs"), "policy": ON_CPU})
     state_file = cwd / "models" / ".policy.job.json"
     started = time.monotonic()
@@ -306,17 +310,17 @@ def test_a_preempted_ppo_job_stops_after_an_iteration_and_resumes_there(
 def test_a_dying_rank_fails_a_deepspeed_job_at_once_naming_the_rank(
         slurm_cluster, tmp_path: Path, tiny_model: Path, how: str, fault_figures_record: dict) -> None:
     time_min = 10
-    training = Training(**{**FAST_TRAINING, "micro_batch_size": 2, "zero_stage": 2, "save_every": 1000})
+    training = training_run(**FAST_TRAINING, micro_batch_size=2, zero_stage=2, save_every_steps=1000)
     spec = JobSpec(
         stage=f"rank_dies_{how}",
         fn=functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt", training, 500,
                              loss_fn=RankFault(rank=1, after=5, how=how), log=None),
-        resources=Resources(partition="cpu", tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=time_min),
+        resources=resources(partition="cpu", tasks_per_node=2, cpus_per_task=1, mem_gb=2, time_min=time_min),
         target=tmp_path / "out", key={"how": how},
     )
     started = time.monotonic()
     with pytest.raises(JobFailed) as failed:
-        submit(spec, Cluster(executor="slurm", log_dir=str(tmp_path / "logs")))
+        submit(spec, cluster_with(executor="slurm", log_dir=str(tmp_path / "logs")))
     seconds = time.monotonic() - started
     report = str(failed.value).splitlines()[0]
     expected = "injected fault in call 6 of the loss" if how == "raise" else "srun: Killed"

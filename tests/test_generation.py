@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from align import params
 from align.errors import UserError
 from align import generation as gen
+from tests.helpers import engine
 from tests.tiny import make_tiny_model
 
 SYSTEM = "An assistant answers questions helpfully, honestly and harmlessly. Principles: be ethical and candid. " * 3
@@ -64,7 +64,7 @@ def adapters(model: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Pat
 
 @pytest.fixture(scope="module")
 def hf(model: Path) -> gen.Generator:
-    return gen.Generator(model, params.Generation(backend="hf", batch_size=3), lora_rank=8)
+    return gen.Generator(model, engine(backend="hf", generate_batch_size=3), lora_rank=8)
 
 
 @pytest.fixture(scope="module")
@@ -173,7 +173,7 @@ def test_adapter_swaps_without_reload(hf: gen.Generator, prompts: list[str], ada
     shutil.copytree(adapters[1], live, dirs_exist_ok=True)
     with_b = hf.generate(prompts, GREEDY, adapter=live)
     assert with_b not in (with_a, base)
-    assert with_b == gen.generate(hf.model, prompts, GREEDY, params.Generation(backend="hf"), adapter=adapters[1])
+    assert with_b == gen.generate(hf.model, prompts, GREEDY, engine(backend="hf"), adapter=adapters[1])
 
 
 @pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow)])
@@ -190,7 +190,7 @@ def test_n_samples_per_prompt_are_the_prompt_repeated_n_times(backend: str, requ
 
 def test_adapter_rank_is_checked(model: Path, adapters: tuple[Path, Path]) -> None:
     with pytest.raises(UserError, match="lora_rank=0"):
-        gen.Generator(model, params.Generation(backend="hf")).generate(["x"], GREEDY, adapter=adapters[0])
+        gen.Generator(model, engine(backend="hf")).generate(["x"], GREEDY, adapter=adapters[0])
 
 
 # --------------------------------------------------------------------------------------------------------- vLLM
@@ -201,7 +201,7 @@ def vllm(model: Path) -> Iterator[gen.Generator]:
     """One engine for every vLLM test (each start costs ~30 s here): LoRA on, so it serves base and adapters."""
     pytest.importorskip("vllm")
     # a fixed 1 GiB KV cache: else vLLM reserves gpu_memory_utilization x RAM on CPU and profiles memory first
-    generator = gen.Generator(model, params.Generation(backend="auto", kv_cache_gb=1), lora_rank=8)
+    generator = gen.Generator(model, engine(backend="auto", kv_cache_gb=1), lora_rank=8)
     yield generator
     generator.close()
 
@@ -292,7 +292,7 @@ def test_vllm_merged_adapters_match_hf(model: Path, hf: gen.Generator, prompts: 
     import shutil
 
     pytest.importorskip("vllm")
-    with gen.Generator(model, params.Generation(backend="vllm", kv_cache_gb=1), merge_adapters=True) as merged:
+    with gen.Generator(model, engine(backend="vllm", kv_cache_gb=1), merge_adapters=True) as merged:
         base = merged.generate(prompts, GREEDY)
         live = tmp_path / "policy"
         shutil.copytree(adapters[0], live)

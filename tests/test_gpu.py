@@ -19,10 +19,9 @@ import torch
 
 from align.artifacts import verify_artifact
 from align.devices import job_device
-from align.params import Training
 from align.training import sft_job
-from tests.helpers import FAST_TRAINING, TINY_TRAINING, curve, inline, stage
-from tests.projects import TINY_PPO, make_project, ppo_project, rm_project
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, TINY_TRAINING, curve, engine, inline, stage, training_run
+from tests.projects import TINY_RL, make_project, ppo_project, rm_project
 from tests.tiny import PAIRS
 
 ON_CPU = os.environ.get("ALIGN_GPU_SUITE_ON_CPU") == "1"
@@ -54,7 +53,7 @@ def bf16_model(roomy_model: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def test_sft_steps_in_bf16_fall_and_resume_on_the_gpu(bf16_model: Path, tmp_path: Path) -> None:
-    training = Training(**{**TINY_TRAINING, "precision": "bf16", "save_every": 3})
+    training = training_run(**{**TINY_TRAINING, "precision": "bf16"}, save_every_steps=3)
     job = functools.partial(sft_job, bf16_model, PAIRS, tmp_path / "ckpt", training, log=None)
     first = inline(functools.partial(job, max_steps=3))
     rest = inline(functools.partial(job, max_steps=12))
@@ -65,7 +64,8 @@ def test_sft_steps_in_bf16_fall_and_resume_on_the_gpu(bf16_model: Path, tmp_path
 
 
 def test_engrave_stage_in_bf16_runs_on_the_gpu(bf16_model: Path, tmp_path: Path) -> None:
-    cwd = make_project(tmp_path, bf16_model, pairs=PAIRS, training=BF16, engrave={"epochs": 6})
+    cwd = make_project(tmp_path, bf16_model, pairs=PAIRS, training=BF16, cluster_defaults=FAST_EXECUTION,
+                       engrave={"epochs": 6})
     proc = stage(cwd, "engrave")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/engraved")
@@ -77,7 +77,7 @@ def test_engrave_stage_in_bf16_runs_on_the_gpu(bf16_model: Path, tmp_path: Path)
 def test_reward_model_and_dpo_steps_in_bf16_on_the_gpu(bf16_model: Path, tmp_path: Path) -> None:
     from align.reward import RewardScorer
 
-    cwd = rm_project(tmp_path / "rm", bf16_model, training={**BF16, "micro_batch_size": 4, "save_every": 5})
+    cwd = rm_project(tmp_path / "rm", bf16_model, training=BF16)
     proc = stage(cwd, "train_rm")
     assert proc.returncode == 0, proc.stderr
     assert ran_here(cwd, "train_rm"), job_log(cwd, "train_rm")
@@ -88,7 +88,7 @@ def test_reward_model_and_dpo_steps_in_bf16_on_the_gpu(bf16_model: Path, tmp_pat
     scores = rm.score(["Name a number."] * 2, ["7", "1 2 3 4 5 6 7 8 9 10 and so on."], [["Be concise."]] * 2)
     assert all(map(torch.isfinite, torch.tensor(scores)))
 
-    cwd = rm_project(tmp_path / "dpo", bf16_model, training={**BF16, "micro_batch_size": 4},
+    cwd = rm_project(tmp_path / "dpo", bf16_model, training=BF16,
                      policy={"algorithm": "dpo"},
                      dpo={"learning_rate": 1e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 4, "beta": 0.5,
                           "negation_prob": 0.0, "subsets_per_pair": 2, "max_prompt_tokens": 256})
@@ -106,8 +106,8 @@ def test_two_ppo_iterations_in_bf16_on_the_gpu(backend: str, bf16_model: Path, t
         pytest.importorskip("vllm", reason="vLLM is not installed here")
         if ON_CPU:
             pytest.skip("vLLM's CPU attention has no kernel for the tiny model's head size (16)")
-    cwd = ppo_project(tmp_path, bf16_model, training={**BF16, "micro_batch_size": 1},
-                      ppo={**TINY_PPO, "iterations": 2}, generation={"backend": backend})
+    cwd = ppo_project(tmp_path, bf16_model, training=BF16, rl={**TINY_RL, "iterations": 2},
+                      generation={"backend": backend})
     proc = stage(cwd, "policy")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/policy")
@@ -122,7 +122,6 @@ def test_two_ppo_iterations_in_bf16_on_the_gpu(backend: str, bf16_model: Path, t
 
 def test_scoring_and_generation_in_bf16_on_the_gpu(bf16_model: Path) -> None:
     from align.generation import Generator, Sampling, chat_prompt
-    from align.params import Generation
     from align.scoring import Scorer
 
     scorer = Scorer(bf16_model, batch_size=4)
@@ -134,7 +133,7 @@ def test_scoring_and_generation_in_bf16_on_the_gpu(bf16_model: Path) -> None:
     alone = scorer.continuation_logprobs(context, [" Paris", " Lyon", " Marseille"])
     assert shared == pytest.approx(alone, abs=0.1)  # the shared prefix computes what each row alone computes
 
-    with Generator(str(bf16_model), Generation(backend="hf", batch_size=4)) as generator:
+    with Generator(str(bf16_model), engine(backend="hf", generate_batch_size=4)) as generator:
         prompts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": q}]) for q in ("Hi?", "Why?")]
         sampling = Sampling(temperature=0.7, top_p=1.0, max_new_tokens=8, seed=5)
         first = generator.generate(prompts, sampling)

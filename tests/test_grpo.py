@@ -15,15 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 from align.artifacts import verify_artifact
 from align.errors import UserError
 from align.params import parse_params
 from align.records import read_jsonl
-from align.rl import group_advantages, k3_kl, leave_one_out_advantages
+from align.rl import group_advantages, leave_one_out_advantages
 from tests.conftest import ROOT
 from tests.helpers import curve, kill_tree, stage
-from tests.projects import TINY_PPO, ppo_project
+from tests.projects import TINY_RL, TINY_RL_EXECUTION, ppo_project
 from tests.tiny import make_tiny_model
 
 
@@ -52,23 +53,16 @@ def test_rloo_advantage_is_the_reward_minus_the_mean_of_the_other_samples() -> N
     assert leave_one_out_advantages(scores, 2).tolist() == pytest.approx([-3, 3, 5, -5, -3, 3])
 
 
-def test_k3_kl_is_zero_at_the_reference_positive_elsewhere_and_masked() -> None:
-    logprobs = torch.tensor([[-1.0, -2.0, -0.5], [-1.0, -1.0, -3.0]])
-    ref = torch.tensor([[-1.0, -1.5, -1.0], [-3.0, -1.0, -1.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])
-    # r = ref - logp: 0 -> 0; 0.5 -> e^0.5 - 1.5 = 0.148721; -0.5 -> e^-0.5 - 0.5 = 0.106531; -2 -> e^-2 + 1 = 1.135335;
-    # the padded last token counts 0 whatever its log-probs
-    assert k3_kl(logprobs, ref, mask).flatten().tolist() == pytest.approx(
-        [0.0, 0.148721, 0.106531, 1.135335, 0.0, 0.0], abs=1e-6)
-
-
 def test_params_take_grpo_and_rloo_and_refuse_a_group_without_a_baseline() -> None:
-    assert parse_params({"policy": {"algorithm": "grpo"}}).rl.group_size == 4  # what `dvc exp run -S` writes
-    assert parse_params({"policy": {"algorithm": "rloo"}, "rl": {"group_size": 2}}).policy.algorithm == "rloo"
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["policy"]["algorithm"] = "grpo"  # what `dvc exp run -S` writes
+    assert parse_params(raw).rl.group_size == 4
+    raw["rl"]["group_size"] = 1
     with pytest.raises(UserError, match=r"^params.yaml: rl.group_size: expected an integer >= 2, got 1$"):
-        parse_params({"policy": {"algorithm": "grpo"}, "rl": {"group_size": 1}})
+        parse_params(raw)
+    raw["rl"]["group_size"], raw["policy"]["algorithm"] = 2, "reinforce"
     with pytest.raises(UserError, match=r"^params.yaml: policy.algorithm: expected one of ppo, dpo, grpo, rloo, got"):
-        parse_params({"policy": {"algorithm": "reinforce"}})
+        parse_params(raw)
 
 
 def policy_curves_and_out(cwd: Path, algorithm: str, iterations: int) -> None:
@@ -94,14 +88,14 @@ def policy_curves_and_out(cwd: Path, algorithm: str, iterations: int) -> None:
 @pytest.mark.parametrize("algorithm, backend", [("rloo", "hf"), ("grpo", "vllm")])
 def test_a_critic_free_run_writes_the_policy_out_from_either_backend(tmp_path: Path, tiny_model: Path,
                                                                      algorithm: str, backend: str) -> None:
-    generation = {"backend": backend}
+    generation, execution = {"backend": backend}, TINY_RL_EXECUTION
     if backend == "vllm":
         pytest.importorskip("vllm")
         # vLLM's CPU attention has no kernel for the tiny model's head_dim 16: the same shape at hidden 128
         tiny_model = make_tiny_model(tmp_path / "wide", hidden=128)
-        generation.update(kv_cache_gb=1)
-    cwd = ppo_project(tmp_path / "project", tiny_model, policy={"algorithm": algorithm}, rl={"group_size": 2},
-                      generation=generation, ppo={**TINY_PPO, "iterations": 2})
+        execution = {**execution, "kv_cache_gb": 1}
+    cwd = ppo_project(tmp_path / "project", tiny_model, policy={"algorithm": algorithm},
+                      rl={**TINY_RL, "group_size": 2, "iterations": 2}, generation=generation, cluster_defaults=execution)
     proc = stage(cwd, "policy")
     assert proc.returncode == 0, proc.stderr
     policy_curves_and_out(cwd, algorithm, 2)
@@ -110,8 +104,9 @@ def test_a_critic_free_run_writes_the_policy_out_from_either_backend(tmp_path: P
 
 @pytest.mark.slow
 def test_a_killed_grpo_job_resumes_from_its_checkpoint(tmp_path: Path, tiny_model: Path) -> None:
-    cwd = ppo_project(tmp_path, tiny_model, policy={"algorithm": "grpo"}, rl={"group_size": 2},
-                      ppo={**TINY_PPO, "iterations": 6, "save_every": 2, "rollout_batch_size": 2})
+    cwd = ppo_project(tmp_path, tiny_model, policy={"algorithm": "grpo"},
+                      rl={**TINY_RL, "group_size": 2, "iterations": 6, "rollout_batch_size": 2},
+                      cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 2 * 4})  # 4 optimizer steps an iteration
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     first = subprocess.Popen([sys.executable, "-m", "stages.policy"], cwd=cwd, env=env, stderr=subprocess.PIPE,
                              text=True)

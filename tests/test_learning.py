@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FAST_TRAINING, curve, stage
-from tests.projects import PRINCIPLES, SHORT_LONG, TINY_PPO, make_project, ppo_project, rm_project
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, curve, engine, stage
+from tests.projects import PRINCIPLES, SHORT_LONG, TINY_RL, TINY_RL_EXECUTION, make_project, ppo_project, rm_project
 from tests.tiny import CORPUS
 
 
@@ -47,7 +47,7 @@ def two_length_policy(tmp_path_factory: pytest.TempPathFactory, roomy_model: Pat
     """The roomy model engraved on a short and a long answer to each of six prompts: it samples both."""
     answers = [(prompt, answer) for prompt, short, long in SHORT_LONG[:6] for answer in (short, long)]
     cwd = make_project(tmp_path_factory.mktemp("learning") / "engrave", roomy_model, pairs=answers,
-                       training=FAST_TRAINING, engrave={"epochs": 20})
+                       training=FAST_TRAINING, cluster_defaults=FAST_EXECUTION, engrave={"epochs": 20})
     proc = stage(cwd, "engrave")
     assert proc.returncode == 0, proc.stderr
     return cwd / "models/engraved/model"
@@ -58,8 +58,8 @@ def length_rm(tmp_path_factory: pytest.TempPathFactory, two_length_policy: Path)
     """The train_rm project after the stage ran on the SFT policy: 48 pairs (12 held out), the two principles only,
     one shown per instance and negated half the time (SALMON's rate), no label noise."""
     cwd = rm_project(tmp_path_factory.mktemp("learning") / "rm", two_length_policy, rows=length_rows(48),
-                     training={**FAST_TRAINING, "micro_batch_size": 8, "warmup_ratio": 0.1, "lr_schedule": "cosine",
-                               "save_every": 1000},
+                     training={**FAST_TRAINING, "batch_size": 8, "warmup_ratio": 0.1, "lr_schedule": "cosine"},
+                     cluster_defaults={**FAST_EXECUTION, "micro_batch_size": 8, "save_every_steps": 1000},
                      rm={"learning_rate": 3e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 4, "eval_share": 0.25,
                          "max_principles": 1, "negation_prob": 0.5, "label_noise": 0.0, "subsets_per_pair": 4,
                          "hhh_principles": ["concise"]})
@@ -84,11 +84,10 @@ def sampled_reward(model: Path, sft: Path, rm: Path, samples: int = 16) -> float
     """The RM's mean reward under Concise of `samples` answers of `model` to each of the six prompts, sampled as PPO
     samples (temperature 0.7, 32 new tokens, the chat template): 96 answers, so the mean moves little by chance."""
     from align.generation import Generator, Sampling, chat_prompt
-    from align.params import Generation
     from align.reward import RewardScorer
 
     prompts = [prompt for prompt, _, _ in SHORT_LONG[:6]]
-    with Generator(model, Generation(backend="hf")) as generator:
+    with Generator(model, engine(backend="hf")) as generator:
         texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p}]) for p in prompts]
         outs = generator.generate(texts, Sampling(temperature=0.7, max_new_tokens=32, seed=1, n=samples))
     rm_scorer = RewardScorer(sft, rm)
@@ -106,10 +105,10 @@ def test_ppo_raises_the_reward_with_its_kl_bounded(tmp_path: Path, two_length_po
     Seen (Dec 2026): reward 4.74 (SFT) -> 5.85, length 16.8 -> 2.8 tokens in the last iteration, KL at most 3.7;
     with the sign of the policy loss flipped on purpose: reward 4.74 -> 4.53, length up to 31, KL up to 40."""
     rm = length_rm / "models/rm"
-    cwd = ppo_project(tmp_path, two_length_policy, rm=rm, ppo={
-        **TINY_PPO, "principles": ["concise"], "num_principles": 1, "guard_principles": [], "iterations": 8,
+    cwd = ppo_project(tmp_path, two_length_policy, rm=rm, rl={
+        **TINY_RL, "principles": ["concise"], "num_principles": 1, "guard_principles": [], "iterations": 8,
         "rollout_batch_size": 8, "step_batch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 32,
-        "stop_penalty": None, "kl_coef": 0.05, "save_every": 100})
+        "stop_penalty": None, "kl_coef": 0.05}, cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 1000})
     (cwd / "assets/ppo_principles.jsonl").write_text(PRINCIPLES["concise"].model_dump_json() + "\n")
     proc = stage(cwd, "policy", timeout=1800)
     assert proc.returncode == 0, proc.stderr
@@ -134,10 +133,11 @@ def test_critic_free_rl_is_steered_by_the_rl_time_principle(tmp_path: Path, two_
     lengths = {}
     for principle in ("concise", "comprehensive"):
         cwd = ppo_project(tmp_path / principle, two_length_policy, rm=length_rm / "models/rm", policy={
-            "algorithm": algorithm}, rl={"group_size": 4}, ppo={
-            **TINY_PPO, "principles": [principle], "num_principles": 1, "guard_principles": [], "iterations": 12,
-            "rollout_batch_size": 8, "step_batch_size": 8, "learning_rate": 3e-3, "max_new_tokens": 32,
-            "stop_penalty": None, "kl_coef": 0.05, "save_every": 100})
+            "algorithm": algorithm}, rl={
+            **TINY_RL, "group_size": 4, "principles": [principle], "num_principles": 1, "guard_principles": [],
+            "iterations": 12, "rollout_batch_size": 8, "step_batch_size": 8, "learning_rate": 3e-3,
+            "max_new_tokens": 32, "stop_penalty": None, "kl_coef": 0.05},
+            cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 1000})
         (cwd / "assets/ppo_principles.jsonl").write_text(PRINCIPLES[principle].model_dump_json() + "\n")
         proc = stage(cwd, "policy", timeout=1800)
         assert proc.returncode == 0, proc.stderr

@@ -11,17 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from align.params import Cluster, Resources, Training
 from align.training import sft_job
 from slurm.submit import JobSpec, submit
-from tests.helpers import FAST_TRAINING, TINY_TRAINING, curve, inline, stage
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, TINY_TRAINING, cluster_with, curve, inline, resources, stage, training_run
 from tests.jobs import node_ranks
 from tests.projects import rm_project
 from tests.tiny import PAIRS
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-TWO_NODES = Resources(partition="cpu", nodes=2, tasks_per_node=1, cpus_per_task=1, mem_gb=2, time_min=10)
+TWO_NODES = resources(partition="cpu", nodes=2, tasks_per_node=1, cpus_per_task=1, mem_gb=2, time_min=10)
 
 
 @pytest.fixture
@@ -33,7 +32,7 @@ def two_nodes(slurm_two_nodes, monkeypatch: pytest.MonkeyPatch):  # noqa: ANN001
 
 def test_a_two_node_job_runs_one_rank_per_node_in_one_gloo_group(two_nodes, tmp_path: Path) -> None:
     spec = JobSpec(stage="two_nodes", fn=node_ranks, resources=TWO_NODES, target=tmp_path / "out", key={})
-    rank, node, hostnames, master, total = submit(spec, Cluster(executor="slurm", log_dir=str(tmp_path / "logs")))
+    rank, node, hostnames, master, total = submit(spec, cluster_with(executor="slurm", log_dir=str(tmp_path / "logs")))
     assert (rank, node, hostnames, total) == (0, "n1", ["n1", "n2"], 3.0)  # 1 + 2 summed across the nodes
     assert master == "127.0.0.1"  # n1 does not resolve: its NodeAddr from scontrol
     logs = sorted((tmp_path / "logs" / "two_nodes").glob("*_log.out"))
@@ -44,14 +43,14 @@ def test_a_two_node_job_runs_one_rank_per_node_in_one_gloo_group(two_nodes, tmp_
 def test_zero_lora_across_two_nodes_matches_one_process(two_nodes, tmp_path: Path, tiny_model: Path,
                                                         zero: int) -> None:
     # the same global batch of 2: 1 rank x 2 accumulation micro-batches, or 2 nodes x 1 rank x 1
-    setup = {**TINY_TRAINING, "lora_dropout": 0.0, "zero_stage": zero, "save_every": 100}
-    single = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1",
-                                       Training(**setup, gradient_accumulation_steps=2), 4,
+    training = training_run(**{**TINY_TRAINING, "lora_dropout": 0.0, "batch_size": 2}, zero_stage=zero,
+                            save_every_steps=100)
+    single = inline(functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt1", training, 4,
                                        adapter_dir=tmp_path / "adapter1", log=None))
     spec = JobSpec(stage=f"zero{zero}_two_nodes", resources=TWO_NODES, target=tmp_path / "adapter2", key={},
-                   fn=functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt2", Training(**setup), 4,
+                   fn=functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt2", training, 4,
                                         adapter_dir=tmp_path / "adapter2"))
-    result = submit(spec, Cluster(executor="slurm", log_dir=str(tmp_path / "logs")))
+    result = submit(spec, cluster_with(executor="slurm", log_dir=str(tmp_path / "logs")))
     assert len(result["losses"]) == 4 and result["losses"] == pytest.approx(single["losses"], rel=1e-6)
     assert (tmp_path / "adapter2" / "adapter_model.safetensors").is_file()
 
@@ -59,13 +58,14 @@ def test_zero_lora_across_two_nodes_matches_one_process(two_nodes, tmp_path: Pat
 def test_train_rm_on_two_nodes_matches_one_node(two_nodes, tmp_path: Path, roomy_model: Path) -> None:
     """Two ranks either way (same global batch): 2 tasks on one node (local executor) vs 1 task on each of the
     two nodes (SLURM); the losses, the trained RM's held-out judgements and its metrics agree."""
-    training = {**FAST_TRAINING, "micro_batch_size": 4, "save_every": 100}
+    training = {**FAST_TRAINING, "batch_size": 8}  # micro-batches of 4 on each of 2 ranks
     rm = {"learning_rate": 3e-3, "lora_r": 8, "lora_alpha": 16, "epochs": 1, "eval_share": 0.34}
     runs = {}
     for name, cluster in (("one_node", {"executor": "local", "train_rm": {"tasks_per_node": 2, "cpus_per_task": 1}}),
                           ("two_nodes", {"executor": "slurm", "train_rm": TWO_NODES.model_dump()})):
         cwd = rm_project(tmp_path / name, roomy_model, training=training, rm=rm,
-                         cluster={**cluster, "log_dir": str(tmp_path / name / "logs")})
+                         cluster={**cluster, "log_dir": str(tmp_path / name / "logs")},
+                         cluster_defaults={**FAST_EXECUTION, "save_every_steps": 100})
         proc = stage(cwd, "train_rm", timeout=1200)
         assert proc.returncode == 0, proc.stderr
         runs[name] = cwd

@@ -19,7 +19,7 @@ SMALL = {
                 "tgrt": {"enabled": True, "topics_per_type": 1, "questions_per_topic": 1}},
     "self_align": {"max_prompts": 64},
     "engrave": {"epochs": 1},
-    "training": {"micro_batch_size": 2, "save_every": 4},
+    "training": {"batch_size": 2},
     "verbose_clone": {"enabled": True, "max_new_tokens": 384, "epochs": 1},
 }
 
@@ -32,7 +32,8 @@ def gpu_site_profile(log_dir: Path) -> dict:
     hide_gpus = ["env", "-u", "SLURM_GPUS_ON_NODE", "-u", "SLURM_JOB_GPUS", sys.executable]
     return {"executor": "slurm", "log_dir": str(log_dir),
             "defaults": {"partition": "gpu", "gpus_per_node": 1, "gpu_type": "placeholder", "cpus_per_task": 2,
-                         "mem_gb": 8, "time_min": 30, "python": hide_gpus},
+                         "mem_gb": 8, "time_min": 30, "python": hide_gpus, "micro_batch_size": 2,
+                         "save_every_steps": 4},
             "import_model": {"partition": "cpu", "gpus_per_node": 0, "gpu_type": None}}
 
 

@@ -21,16 +21,15 @@ from transformers import AutoModelForCausalLM
 
 from align.artifacts import verify_artifact
 from align.errors import UserError
-from align.params import Ppo, parse_params
 from align.records import read_jsonl
 from align.reward import guide_text
-from align.rl import adapt_kl_coef, gae, policy_loss, token_rewards, value_loss
+from align.rl import adapt_kl_coef, gae, token_rewards
 from align.rollout import by_chunks, pack, policy_outputs
 from align.training import tokenize_pair
 from stages.ppo import held_out_summary, hold_out, shaped_scores, without_dropout
 from tests.conftest import ROOT
-from tests.helpers import FAST_TRAINING, curve, kill_tree, stage
-from tests.projects import PRINCIPLES, TINY_PPO, ppo_project, preference_rows, rm_project
+from tests.helpers import DEFAULTS, curve, kill_tree, stage, training_run
+from tests.projects import PRINCIPLES, TINY_RL, TINY_RL_EXECUTION, ppo_project, preference_rows, rm_project
 
 
 def test_gae_with_lambda_one_and_gamma_one_is_the_return_to_go_minus_value() -> None:
@@ -51,14 +50,7 @@ def test_token_rewards_put_the_score_on_the_last_token_and_penalise_kl() -> None
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 3.0], [0.0, -0.2 - 1.0, 0.0]]))
 
 
-def test_clipped_losses_and_kl_controller() -> None:
-    mask = torch.ones(1, 2)
-    old = torch.tensor([[-1.0, -1.0]])
-    new = old + torch.tensor([[0.5, 0.0]])  # ratio e^0.5 > 1.2 on the first token
-    loss, stats = policy_loss(new, old, torch.tensor([[1.0, 1.0]]), mask, clip=0.2)
-    assert loss.item() == pytest.approx(-(1.2 + 1.0) / 2) and stats["clip_fraction"].item() == 0.5
-    assert value_loss(torch.tensor([[2.0, 0.0]]), torch.zeros(1, 2), torch.ones(1, 2), mask, 0.2).item() == \
-        pytest.approx(0.5 * (1.0 + 1.0) / 2)  # clipped to 0.2 the first error would be 0.64: the larger counts
+def test_kl_controller() -> None:
     assert adapt_kl_coef(0.1, kl=10.0, target=1.0, horizon=100, samples=10) == pytest.approx(0.1 * 1.02)
     assert adapt_kl_coef(0.1, kl=0.5, target=1.0, horizon=100, samples=10) == pytest.approx(0.1 * 0.98)
     assert adapt_kl_coef(0.1, kl=0.5, target=None, horizon=100, samples=10) == 0.1
@@ -79,10 +71,9 @@ def test_policy_log_probabilities_read_the_response_tokens_only(tiny_model: Path
 
 
 def test_the_policy_stage_samples_and_updates_without_dropout(tiny_model: Path) -> None:
-    from align.params import Training
     from align.training import lora_model
 
-    model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, lora_dropout=0.5), seed=0)
+    model = lora_model(tiny_model, training_run(lora_r=4, lora_alpha=8, lora_dropout=0.5), seed=0)
     for name, p in model.named_parameters():
         if "lora_B" in name:  # B starts at 0, so the adapter (and its dropout) would not show in the logits
             torch.nn.init.normal_(p, generator=torch.Generator().manual_seed(0))
@@ -113,7 +104,8 @@ def test_micro_batches_cut_to_their_own_widths_give_the_full_width_log_probs(tin
 
 
 def test_no_stop_token_gets_the_penalty_and_length_bonus_is_capped() -> None:
-    cfg = Ppo(max_new_tokens=10, stop_penalty=-6.0, length_bonus=1.0, length_bonus_cap=0.5)
+    cfg = DEFAULTS.rl.model_copy(update=dict(max_new_tokens=10, stop_penalty=-6.0, length_bonus=1.0,
+                                             length_bonus_cap=0.5))
     assert cfg.stop_penalty_mode == "relative"  # SALMON's: added to the RM score
     assert shaped_scores([1.0, 7.0, 1.0], ["stop", "length", "stop"], [2, 10, 9], cfg) == \
         pytest.approx([1.0 + 0.2, 7.0 - 6.0 + 0.5, 1.0 + 0.5])
@@ -144,14 +136,9 @@ def test_held_out_prompts_leave_the_training_pool_and_are_compared_per_prompt() 
     assert -0.2 <= lo < summary["reward_gain"] < hi <= 0.4
 
 
-def test_ppo_top_p_below_one_is_one_params_line() -> None:
-    with pytest.raises(UserError, match=r"^params.yaml: ppo.top_p: must be 1.0, got 0.9: PPO's update takes"):
-        parse_params({"ppo": {"top_p": 0.9}})
-
-
 @pytest.mark.slow
 def test_ppo_kl_starts_at_zero_grows_and_a_killed_run_resumes(tmp_path: Path, roomy_model: Path) -> None:
-    cwd = ppo_project(tmp_path, roomy_model, ppo={**TINY_PPO, "eval_prompts": 2})
+    cwd = ppo_project(tmp_path, roomy_model, rl={**TINY_RL, "eval_prompts": 2})
     proc = stage(cwd, "policy")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "models/policy")
@@ -177,7 +164,7 @@ def test_gradient_checkpointing_leaves_a_ppo_run_unchanged(tmp_path: Path, roomy
     runs = {}
     for recompute in (False, True):  # policy and value both recompute; the curves are the same to float noise
         cwd = ppo_project(tmp_path / str(recompute), roomy_model,
-                          training={**FAST_TRAINING, "micro_batch_size": 1, "gradient_checkpointing": recompute})
+                          cluster_defaults={**TINY_RL_EXECUTION, "gradient_checkpointing": recompute})
         proc = stage(cwd, "policy")
         assert proc.returncode == 0, proc.stderr
         runs[recompute] = {name: [v for _, v in curve(cwd, "policy", name)] for name in ("kl", "value_loss")}
@@ -188,7 +175,8 @@ def test_gradient_checkpointing_leaves_a_ppo_run_unchanged(tmp_path: Path, roomy
 
 @pytest.mark.slow
 def test_a_killed_ppo_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_model: Path) -> None:
-    cwd = ppo_project(tmp_path, roomy_model, ppo={**TINY_PPO, "iterations": 10, "save_every": 2})
+    cwd = ppo_project(tmp_path, roomy_model, rl={**TINY_RL, "iterations": 10},
+                      cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 2 * 4})  # 4 optimizer steps an iteration
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     first = subprocess.Popen([sys.executable, "-m", "stages.ppo"], cwd=cwd, env=env, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -211,23 +199,25 @@ def test_a_killed_ppo_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_mode
     assert sorted({s["iteration"] for s in samples}) == list(range(10))
 
 
-@pytest.mark.parametrize("ppo, message", [
-    ({"rollout_batch_size": 4, "step_batch_size": 3}, "ppo: step_batch_size (3) must divide rollout_batch_size (4)"),
-    ({"rollout_batch_size": 4, "step_batch_size": 8}, "ppo: step_batch_size (8) must not exceed rollout_batch_size"),
-    ({"principles": ["concise", "nope"]}, "ppo.principles: 'concise' is not an id in assets/ppo_principles.jsonl"),
-    ({"guard_principles": ["nope"]}, "ppo.guard_principles: 'nope' is not an id in assets/guard_principles.jsonl"),
-    ({"kl_coef": -0.1}, "ppo.kl_coef: expected a number >= 0, got -0.1"),
+@pytest.mark.parametrize("rl, message", [
+    ({"rollout_batch_size": 4, "step_batch_size": 3}, "rl: step_batch_size (3) must divide rollout_batch_size (4)"),
+    ({"rollout_batch_size": 4, "step_batch_size": 8}, "rl: step_batch_size (8) must not exceed rollout_batch_size"),
+    ({"principles": ["concise", "nope"]}, "rl.principles: 'concise' is not an id in assets/ppo_principles.jsonl"),
+    ({"guard_principles": ["nope"]}, "rl.guard_principles: 'nope' is not an id in assets/guard_principles.jsonl"),
+    ({"kl_coef": -0.1}, "rl.kl_coef: expected a number >= 0, got -0.1"),
+    ({"loss_type": "grpo", "importance_sampling_level": "sequence"},
+     "rl.importance_sampling_level: 'sequence' (GSPO) is GRPO's; ppo takes 'token'"),
 ])
-def test_ppo_bad_params_are_one_line_and_write_nothing(tmp_path: Path, tiny_model: Path, ppo: dict,
+def test_ppo_bad_params_are_one_line_and_write_nothing(tmp_path: Path, tiny_model: Path, rl: dict,
                                                        message: str) -> None:
-    cwd = ppo_project(tmp_path, tiny_model, ppo={**TINY_PPO, **ppo})
+    cwd = ppo_project(tmp_path, tiny_model, rl={**TINY_RL, **rl})
     proc = stage(cwd, "policy")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert message in proc.stderr and not (cwd / "models/policy").exists()
 
 
 def test_ppo_refuses_to_sample_in_one_dtype_and_train_in_another(tmp_path: Path, tiny_model: Path) -> None:
-    cwd = ppo_project(tmp_path, tiny_model, training={**FAST_TRAINING, "micro_batch_size": 1, "precision": "bf16"})
+    cwd = ppo_project(tmp_path, tiny_model, training={**DEFAULTS.training.model_dump(), "precision": "bf16"})
     proc = stage(cwd, "policy")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("params.yaml: training.precision: bf16 but models/sft/model holds float32 weights")

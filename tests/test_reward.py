@@ -19,7 +19,6 @@ from typing import Callable
 import pytest
 
 from align.artifacts import verify_artifact
-from align.params import RewardModel, Subsets
 from align.records import read_jsonl, write_jsonl
 from align.reward import (
     RewardScorer, collate_pairs, dominant_label, label_metrics, majority_label, normalised_scores, pair_batches,
@@ -28,11 +27,12 @@ from align.reward import (
 )
 from align.training import length_grouped_batches
 from stages.train_rm import pmp_pairs, split_transcript
-from tests.helpers import curve, stage
+from tests.helpers import DEFAULTS, curve, stage, training_run
 from tests.projects import PRINCIPLES, SHORT_LONG, add_policy_outs, preference_rows, rm_project
 
 
-OLD_RULE = Subsets(max_principles=8, size_p=0.0, negation_prob=0.5, label_rule="majority", label_noise=0.0)
+OLD_RULE = DEFAULTS.rm.model_copy(update=dict(max_principles=8, size_p=0.0, negation_prob=0.5, label_rule="majority",
+                                              label_noise=0.0))
 
 
 def test_majority_label_with_negation_flipping() -> None:  # the earlier rule, kept as label_rule: majority
@@ -96,7 +96,7 @@ def test_subset_sizes_decay_geometrically_and_negation_is_as_often_as_set() -> N
 
 
 def test_a_share_of_labels_is_flipped_as_noise() -> None:
-    rows, cfg = preference_rows(), Subsets(label_noise=0.1)
+    rows, cfg = preference_rows(), DEFAULTS.rm.model_copy(update={"label_noise": 0.1})
     scales = principle_scales(rows)
     examples = training_examples(rows, PRINCIPLES, per_pair=500, cfg=cfg, scales=scales, seed=1)
     by_id = {r["id"]: r for r in rows}
@@ -115,7 +115,7 @@ def test_a_share_of_labels_is_flipped_as_noise() -> None:
 
 
 def test_label_metrics_on_hand_computed_cases() -> None:
-    rows, cfg = preference_rows(), Subsets()
+    rows, cfg = preference_rows(), DEFAULTS.rm
     metrics = label_metrics(rows, list(PRINCIPLES), 1000, cfg, principle_scales(rows), seed=0)
     assert metrics["rule"] == "dominant" and metrics["subsets"] == 12 * 1000
     assert metrics["one_principle_agreement"] == 1.0
@@ -130,7 +130,7 @@ def test_label_metrics_on_hand_computed_cases() -> None:
     row = {"id": "r", "prompt": "p", "response_a": "A", "response_b": "B", "labels": {"x": "a", "y": "a", "z": "b"},
            "scores": {"x": [1.0, -1.0], "y": [1.0, -1.0], "z": [-3.0, 3.0]}}
     scales = {"x": 1.0, "y": 1.0, "z": 1.0}
-    cfg = Subsets(max_principles=3, size_p=0.0, negation_prob=0.0, label_noise=0.0)
+    cfg = DEFAULTS.rm.model_copy(update=dict(max_principles=3, size_p=0.0, negation_prob=0.0, label_noise=0.0))
     metrics = label_metrics([row], ["x", "y", "z"], 30000, cfg, scales, seed=0)
     # sizes 1, 2, 3 each 1/3; both rules decide every single, {x, y} (1/9) and {x, y, z}; they agree on the first
     # two: (1/3 + 1/9) / (1/3 + 1/9 + 1/3) = 4/7
@@ -166,7 +166,7 @@ def test_training_examples_follow_the_shown_principles_and_drop_ties() -> None: 
     assert negated_decisions > 0
     again = training_examples(list(reversed(rows)), PRINCIPLES, per_pair=8, cfg=OLD_RULE, scales=scales, seed=3)
     assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, examples))  # seeded per pair, order-free
-    dominant = training_examples(rows, PRINCIPLES, per_pair=8, cfg=Subsets(), scales=scales, seed=3)
+    dominant = training_examples(rows, PRINCIPLES, per_pair=8, cfg=DEFAULTS.rm, scales=scales, seed=3)
     assert len(dominant) == 8 * len(SHORT_LONG)  # the default rule: every decided pair gives its instances too
 
 
@@ -194,10 +194,9 @@ def test_hh_transcripts_split_into_prompt_and_replies() -> None:
 def test_the_shared_prefix_runs_once_and_gives_the_rewards_and_gradients_of_whole_rows(tiny_model: Path) -> None:
     import torch
 
-    from align.params import Training
     from align.training import lora_model
 
-    model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, lora_dropout=0.0), seed=0, head="reward")
+    model = lora_model(tiny_model, training_run(lora_r=4, lora_alpha=8, lora_dropout=0.0), seed=0, head="reward")
     pad = model.config.pad_token_id
     pairs = [{"chosen": [5, 6, 7, 8, 9], "rejected": [5, 6, 7, 20]},  # shares 3 tokens
              {"chosen": [30, 31], "rejected": [30, 31, 32, 33]},  # one side is the other's start: 1 token each left
@@ -220,14 +219,13 @@ def test_the_shared_prefix_runs_once_and_gives_the_rewards_and_gradients_of_whol
 def test_under_gradient_checkpointing_pairs_run_whole_with_the_same_rewards_and_gradients(tiny_model: Path) -> None:
     import torch
 
-    from align.params import Training
     from align.training import lora_model, recomputes
 
     pairs = [{"chosen": [5, 6, 7, 8, 9], "rejected": [5, 6, 7, 20]}, {"chosen": [30, 31], "rejected": [30, 31, 32, 33]},
              {"chosen": [40, 41, 42], "rejected": [50, 41]}]
     runs = []
     for recompute in (False, True):  # the same seed: the same fresh adapter and head
-        model = lora_model(tiny_model, Training(lora_r=4, lora_alpha=8, gradient_checkpointing=recompute), seed=0,
+        model = lora_model(tiny_model, training_run(lora_r=4, lora_alpha=8, gradient_checkpointing=recompute), seed=0,
                            head="reward")
         model.train()
         assert recomputes(model) == recompute
@@ -261,7 +259,7 @@ def padded_tokens(batches: Callable[[int], dict], count: int) -> int:
 
 
 def test_length_grouped_pair_batches_pad_less_and_visit_every_pair_once_per_epoch() -> None:
-    pairs, m, group = varied_pairs(98), 4, RewardModel().length_group  # 24.5 micro-batches an epoch
+    pairs, m, group = varied_pairs(98), 4, DEFAULTS.rm.length_group  # 24.5 micro-batches an epoch
     grouped = pair_batches(pairs, m, 5, pad_id=0, length_group=group)
     plain = pair_batches(pairs, m, 5, pad_id=0, length_group=1)
     by_one_width = [length_grouped_batches(pairs, m, 5, functools.partial(collate_pairs, pad_id=0),

@@ -22,7 +22,7 @@ from align.assets import Principle, load_jsonl
 from align.records import write_jsonl
 from align.training import tokenize_pair
 from tests.conftest import ROOT
-from tests.helpers import FAST_TRAINING, curve, kill_tree, sh, stage
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, curve, kill_tree, sh, stage
 from tests.projects import make_project
 from tests.tiny import PAIRS
 
@@ -73,6 +73,7 @@ def test_engrave_loss_falls_and_writes_adapter_model_and_curve(tmp_path: Path, r
     from transformers import AutoModelForCausalLM
 
     cwd = make_project(tmp_path, roomy_model, pairs=[(p, OPENING + a) for p, a in PAIRS], training=FAST_TRAINING,
+                       cluster_defaults=FAST_EXECUTION,
                        engrave={"epochs": 24})
     proc = stage(cwd, "engrave")
     assert proc.returncode == 0, proc.stderr
@@ -98,8 +99,9 @@ def test_engrave_loss_falls_and_writes_adapter_model_and_curve(tmp_path: Path, r
 
 @pytest.mark.slow
 def test_a_killed_engrave_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_model: Path) -> None:
-    training = {**FAST_TRAINING, "save_every": 10, "lr_schedule": "cosine", "warmup_ratio": 0.1}
-    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=training, engrave={"epochs": 240})
+    training = {**FAST_TRAINING, "lr_schedule": "cosine", "warmup_ratio": 0.1}
+    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=training, engrave={"epochs": 240},
+                       cluster_defaults={**FAST_EXECUTION, "save_every_steps": 10})
     env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
     first = subprocess.Popen([sys.executable, "-m", "stages.engrave"], cwd=cwd, env=env, stderr=subprocess.PIPE,
                              text=True)
@@ -131,7 +133,8 @@ def test_a_killed_engrave_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_
 def test_verbose_clone_distils_and_its_flag_toggles(tmp_path: Path, roomy_model: Path) -> None:
     """An engraved tiny model that learned to answer (and stop) is re-asked under the verbose instruction; the
     base model is distilled on those answers. Disabled, models/sft is the engraved model's files, linked."""
-    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=FAST_TRAINING, engrave={"epochs": 60},
+    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=FAST_TRAINING, cluster_defaults=FAST_EXECUTION,
+                       engrave={"epochs": 60},
                        verbose_clone={"enabled": True, "max_new_tokens": 24, "epochs": 2})
     assert stage(cwd, "engrave").returncode == 0
     proc = stage(cwd, "verbose_clone")
@@ -217,7 +220,8 @@ def test_a_commit_while_a_job_runs_keeps_it_and_an_edit_to_its_code_does_not(tmp
     """The job key holds the hash of the files the stage runs, not the git commit: committing (and editing a file
     the stage does not run) while engrave's job runs, then rerunning after the login session died, re-attaches;
     editing a file it runs makes the job stale (cancelled, a new one submitted)."""
-    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=FAST_TRAINING, engrave={"epochs": 150})
+    cwd = make_project(tmp_path, roomy_model, pairs=PAIRS, training=FAST_TRAINING, cluster_defaults=FAST_EXECUTION,
+                       engrave={"epochs": 150})
     for package in ("align", "stages", "slurm"):  # the project's own copy of the code, as in a user's clone
         shutil.copytree(ROOT / package, cwd / package, ignore=shutil.ignore_patterns("__pycache__"))
     sh(cwd, "git", "init", "-q")

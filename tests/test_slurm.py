@@ -19,9 +19,8 @@ import submitit
 import yaml
 
 from align.artifacts import MANIFEST, verify_artifact
-from align.params import Cluster, Resources
 from slurm.submit import JobFailed, JobSpec, _attach, state_path, submit
-from tests.helpers import SqueueWatch, new_repo, squeue_jobs, stage_env
+from tests.helpers import SqueueWatch, cluster_with, new_repo, resources, squeue_jobs, stage_env
 from tests.jobs import all_reduce_rank, device_of_job, fail
 from tests.projects import slurm_project
 
@@ -33,8 +32,8 @@ def job_ids(folder: Path) -> set[str]:
 
 
 def test_two_tasks_on_the_gpu_partition_form_one_gloo_group(slurm_cluster, tmp_path: Path) -> None:
-    cluster = Cluster(executor="slurm", log_dir=str(tmp_path / "logs"))
-    resources = Resources(partition="gpu", gpus_per_node=2, cpus_per_task=1, mem_gb=1, time_min=5)
+    cluster = cluster_with(executor="slurm", log_dir=str(tmp_path / "logs"))
+    resources = resources(partition="gpu", gpus_per_node=2, cpus_per_task=1, mem_gb=1, time_min=5)
     spec = JobSpec(stage="allreduce", fn=all_reduce_rank, resources=resources, target=tmp_path / "out", key={})
 
     rank, world_size, reduced, cuda = submit(spec, cluster)
@@ -51,9 +50,9 @@ def test_two_tasks_on_the_gpu_partition_form_one_gloo_group(slurm_cluster, tmp_p
 
 
 def test_a_failing_job_names_its_id_error_and_log(slurm_cluster, tmp_path: Path) -> None:
-    cluster = Cluster(executor="slurm", log_dir=str(tmp_path / "logs"))
+    cluster = cluster_with(executor="slurm", log_dir=str(tmp_path / "logs"))
     spec = JobSpec(stage="failing", fn=functools.partial(fail, "tokenizer exploded on the cluster"),
-                   resources=Resources(partition="cpu", mem_gb=1, time_min=5), target=tmp_path / "out", key={})
+                   resources=resources(partition="cpu", mem_gb=1, time_min=5), target=tmp_path / "out", key={})
     with pytest.raises(JobFailed) as exc:
         submit(spec, cluster)
     (job_id,) = job_ids(tmp_path / "logs" / "failing")
@@ -66,9 +65,9 @@ def test_a_failing_job_names_its_id_error_and_log(slurm_cluster, tmp_path: Path)
 
 
 def test_a_job_cancelled_before_its_result_fails_instead_of_waiting_forever(slurm_cluster, tmp_path: Path) -> None:
-    cluster = Cluster(executor="slurm", log_dir=str(tmp_path / "logs"))
+    cluster = cluster_with(executor="slurm", log_dir=str(tmp_path / "logs"))
     spec = JobSpec(stage="cancelled", fn=functools.partial(time.sleep, 120),
-                   resources=Resources(partition="cpu", mem_gb=1, time_min=5), target=tmp_path / "out", key={})
+                   resources=resources(partition="cpu", mem_gb=1, time_min=5), target=tmp_path / "out", key={})
     raised: list[BaseException] = []
 
     def run() -> None:
@@ -174,12 +173,12 @@ def test_a_misspelt_partition_stops_in_seconds_naming_the_real_ones(slurm_cluste
 
 def test_a_job_given_gpus_it_cannot_use_fails_at_once(slurm_cluster, tmp_path: Path) -> None:
     """The test cluster's GPUs are files: torch sees no CUDA, as in a job whose venv has a CPU-only torch."""
-    cluster = Cluster(executor="slurm", log_dir=str(tmp_path / "logs"))
-    resources = Resources(partition="gpu", gpus_per_node=1, cpus_per_task=1, mem_gb=1, time_min=5)
+    cluster = cluster_with(executor="slurm", log_dir=str(tmp_path / "logs"))
+    resources = resources(partition="gpu", gpus_per_node=1, cpus_per_task=1, mem_gb=1, time_min=5)
     spec = JobSpec(stage="needs_cuda", fn=device_of_job, resources=resources, target=tmp_path / "out", key={})
     with pytest.raises(JobFailed, match=r"SLURM gave this job GPUs \(\S+\) but torch \S+ cannot use CUDA here"):
         submit(spec, cluster)
-    spec = JobSpec(stage="cpu_only", fn=device_of_job, resources=Resources(partition="cpu", cpus_per_task=1,
+    spec = JobSpec(stage="cpu_only", fn=device_of_job, resources=resources(partition="cpu", cpus_per_task=1,
                    mem_gb=1, time_min=5), target=tmp_path / "cpu_out", key={})
     assert submit(spec, cluster) == "cpu"
 

@@ -14,9 +14,9 @@ import pytest
 
 from align.assets import PreferencePrinciple, load_jsonl
 from tests.conftest import ROOT
-from tests.helpers import FAST_TRAINING, curve, stage
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, curve, stage
 from tests.projects import (
-    PRINCIPLES, SHORT_LONG, TINY_PPO, make_project, ppo_project, preference_rows, rm_project,
+    PRINCIPLES, SHORT_LONG, TINY_RL, TINY_RL_EXECUTION, make_project, ppo_project, preference_rows, rm_project,
 )
 
 PRAISE = " I hope this helps!"
@@ -43,13 +43,13 @@ def steerable(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> tu
     root = tmp_path_factory.mktemp("steerable")
     answers = [(prompt, answer) for prompt, short, long in SHORT_LONG[:6] for answer in (short, long)]
     engrave = make_project(root / "engrave", roomy_model, pairs=answers, training=FAST_TRAINING,
-                           engrave={"epochs": 20})
+                           cluster_defaults=FAST_EXECUTION, engrave={"epochs": 20})
     proc = stage(engrave, "engrave")
     assert proc.returncode == 0, proc.stderr
     sft_model = engrave / "models/engraved/model"
     cwd = rm_project(root / "rm", sft_model, rows=preference_rows() + praise_rows(),
-                     training={**FAST_TRAINING, "micro_batch_size": 8, "warmup_ratio": 0.1, "lr_schedule": "cosine",
-                               "save_every": 1000},
+                     training={**FAST_TRAINING, "batch_size": 8, "warmup_ratio": 0.1, "lr_schedule": "cosine"},
+                     cluster_defaults={**FAST_EXECUTION, "micro_batch_size": 8, "save_every_steps": 1000},
                      rm={"learning_rate": 3e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 8, "eval_share": 0.2,
                          "max_principles": 2, "negation_prob": 0.25, "size_p": 0.0, "label_rule": "majority",
                          "label_noise": 0.0})  # the labels these checks were tuned on (praise_rows has no scores)
@@ -84,15 +84,15 @@ def test_guard_principles_lower_the_reward_of_self_praise(steerable: tuple[Path,
 
 @pytest.mark.slow
 def test_rl_time_principles_steer_the_policy(tmp_path: Path, steerable: tuple[Path, Path]) -> None:
-    """The same SFT policy and RM, two PPO runs that differ only in `ppo.principles`: under Concise the responses
+    """The same SFT policy and RM, two PPO runs that differ only in `rl.principles`: under Concise the responses
     come out shorter than under Comprehensive, from the same start."""
     sft_model, rm_dir = steerable
     lengths = {}
     for principle in ("concise", "comprehensive"):
-        cwd = ppo_project(tmp_path / principle, sft_model, rm=rm_dir, ppo={
-            **TINY_PPO, "principles": [principle], "num_principles": 1, "guard_principles": [], "iterations": 8,
+        cwd = ppo_project(tmp_path / principle, sft_model, rm=rm_dir, rl={
+            **TINY_RL, "principles": [principle], "num_principles": 1, "guard_principles": [], "iterations": 8,
             "rollout_batch_size": 8, "step_batch_size": 4, "learning_rate": 3e-3, "max_new_tokens": 32,
-            "stop_penalty": None, "kl_coef": 0.0, "save_every": 100})
+            "stop_penalty": None, "kl_coef": 0.0}, cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 1000})
         # the RL-time collection holds the texts the RM was trained on
         shutil.copy(cwd / "assets/preference_principles.jsonl", cwd / "assets/ppo_principles.jsonl")
         proc = stage(cwd, "policy", timeout=1800)

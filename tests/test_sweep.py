@@ -14,7 +14,7 @@ import yaml
 
 from tests.conftest import ROOT
 from tests.helpers import SqueueWatch, sh
-from tests.projects import TINY_PPO, ppo_project
+from tests.projects import TINY_RL, ppo_project
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -22,7 +22,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 def sweep_repo(folder: Path, model: Path, logs: Path) -> Path:
     """A git + DVC repository holding the project code, a dvc.yaml of the `policy` stage alone and its inputs
     committed (a queued experiment starts from a commit: untracked inputs would not be in its workspace)."""
-    cwd = ppo_project(folder, model, ppo={**TINY_PPO, "iterations": 2},
+    cwd = ppo_project(folder, model, rl={**TINY_RL, "iterations": 2},
                       cluster={"executor": "slurm", "log_dir": str(logs),
                                "policy": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 3, "time_min": 20}})
     for name in ("stages", "align", "slurm"):
@@ -42,7 +42,7 @@ def sweep_repo(folder: Path, model: Path, logs: Path) -> Path:
 def test_a_queued_sweep_runs_as_parallel_slurm_jobs(slurm_cluster, tmp_path: Path, roomy_model: Path) -> None:
     logs = tmp_path / "logs"  # one log folder for both experiments: each job's files carry its own job id
     repo = sweep_repo(tmp_path / "repo", roomy_model, logs)
-    queued = sh(repo, "dvc", "exp", "run", "--queue", "-S", "ppo.kl_coef=0.01,0.05")
+    queued = sh(repo, "dvc", "exp", "run", "--queue", "-S", "rl.kl_coef=0.01,0.05")
     assert queued.stdout.count("Queued experiment") == 2, queued.stdout
 
     with SqueueWatch("policy") as watch:
@@ -62,7 +62,7 @@ def test_a_queued_sweep_runs_as_parallel_slurm_jobs(slurm_cluster, tmp_path: Pat
 
     shown = json.loads(sh(repo, "dvc", "exp", "show", "--json").stdout)
     exps = [e["data"] for rev in shown for e in rev.get("experiments") or [] for e in e.get("revs", [])]
-    kl = sorted(e["params"]["params.yaml"]["data"]["ppo"]["kl_coef"] for e in exps)
+    kl = sorted(e["params"]["params.yaml"]["data"]["rl"]["kl_coef"] for e in exps)
     assert kl == [0.01, 0.05]
     for exp in exps:
         metrics = exp["metrics"]["metrics/policy.json"]["data"]

@@ -23,7 +23,7 @@ from align.reward import RewardScorer, system_examples
 from align.training import tokenize_pair
 from stages import system_messages as sm
 from tests.conftest import ROOT
-from tests.helpers import FAST_TRAINING, stage
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, stage
 from tests.projects import SMALL_EVALUATE, add_policy_outs, make_project, rm_project
 
 SPACE = sm.load_space(ROOT / "assets/preference_space.jsonl")
@@ -209,7 +209,8 @@ def child_expert_rows() -> list[dict]:
 @pytest.mark.slow
 def test_the_rm_prefers_the_answer_that_fits_the_system_message(tmp_path: Path, roomy_model: Path) -> None:
     cwd = rm_project(tmp_path, roomy_model, rows=child_expert_rows(),
-                     training={**FAST_TRAINING, "micro_batch_size": 8, "warmup_ratio": 0.1, "save_every": 1000},
+                     training={**FAST_TRAINING, "batch_size": 8, "warmup_ratio": 0.1},
+                     cluster_defaults={**FAST_EXECUTION, "micro_batch_size": 8, "save_every_steps": 1000},
                      rm={"learning_rate": 1e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 24, "eval_share": 0.2,
                          "subsets_per_pair": 2})
     proc = stage(cwd, "train_rm", timeout=1800)
