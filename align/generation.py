@@ -34,7 +34,7 @@ from align.errors import UserError
 from align.models import padding_id, prompt_ids
 from align.prefix_cache import PrefixCache, shared_prefix
 from align.progress import progress
-from align.vllm_weights import EXTENSION
+from align.vllm_weights import EXTENSION, check_mergeable
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
@@ -151,7 +151,8 @@ class Generator:
     adapter when it is 0, are refused on both backends so that a config works the same on either.
     `merge_adapters=True` (vLLM; an RL loop whose adapter changes every call) folds an adapter into the engine's
     weights in place instead of serving it as a LoRA request (`align.vllm_weights`): plain matmuls when sampling,
-    and no rank limit; the base model must be a local folder. The hf backend loads adapters as usual.
+    and no rank limit; the base model must be a local safetensors folder and the adapter plain LoRA factors of its
+    modules (`align.vllm_weights.check_mergeable` refuses others). The hf backend loads adapters as usual.
     `prefix_caching=False` recomputes every prompt's prefix (vLLM without prefix caching, hf with plain left
     padding): the baseline the benchmarks compare with. `trust_remote_code` (params model.trust_remote_code) is
     passed to both backends explicitly: Python files a model folder ships run only when it is True.
@@ -249,9 +250,12 @@ class _VLLM:
 
     def _merge(self, adapter: Path | None) -> None:
         """The engine's weights made base + `adapter` (or the base) unless they already are; the prefix cache holds
-        keys and values of the old weights, so it is emptied."""
+        keys and values of the old weights, so it is emptied. An adapter the merge cannot take whole is refused
+        here, before any worker is asked."""
         key = None if adapter is None else adapter_key(adapter)  # the weights depend on the content, not the path
         if key != self.merged:
+            if adapter is not None:
+                check_mergeable(adapter, Path(self.model))
             folder = None if adapter is None else str(adapter.resolve())
             self.llm.collective_rpc("load_merged_adapter", args=(self.model, folder))
             self.llm.reset_prefix_cache()
