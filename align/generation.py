@@ -9,6 +9,9 @@ Semantics shared by both backends (what the tests pin down):
 - generation ends at an eos token or a stop string ("stop") or after max_new_tokens ("length");
   `num_tokens` counts generated tokens up to and including the one that ended it; the text skips special
   tokens and ends before the first stop string;
+- with `logprobs`, each completion carries the log-probability of each of its tokens under the distribution it
+  was sampled from: the logits divided by the temperature (greedy: as they are), log-softmaxed over the tokens
+  top-p kept - the sampling policy's own log-probs, for an RL loop's importance weights;
 - the same seed, prompts and settings give the same samples again (on the same backend: the two backends draw
   different random numbers); a prompt repeated within a call gets independent samples, and so do the `n`
   samples of one prompt (vLLM: one request with `n`, its prefix cache holding the prompt once; hf: the prompt
@@ -20,6 +23,7 @@ vLLM starts its engine in spawned processes, which re-import the calling script:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -47,6 +51,8 @@ class Sampling:
     stop: tuple[str, ...] = ()  # stop strings; the returned text excludes the stop string (vLLM's default)
     seed: int = 0
     n: int = 1  # samples per prompt, returned prompt by prompt (the n of the first prompt, then of the second...)
+    logprobs: bool = False  # return each sampled token's log-probability (Completion.logprobs); costs time (hf: and
+    # memory, every step's scores of a batch until it ends)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Completion:
     num_tokens: int  # generated tokens (up to and including the stop/eos token)
     finish_reason: str  # "stop" (eos or stop string) | "length"
     token_ids: tuple[int, ...] = ()  # the generated ids (num_tokens of them), for scoring what was sampled
+    logprobs: tuple[float, ...] = ()  # with Sampling.logprobs: per generated id, its log-prob under the distribution
+    # it was sampled from (the module's docstring)
 
 
 def vllm_importable() -> bool:
@@ -230,6 +238,9 @@ class _VLLM:
             enable_prefix_caching=prefix_caching,
             seed=0,
             trust_remote_code=trust_remote_code,
+            # a requested log-prob is the sampled distribution's (after temperature and top-p), not the raw logits';
+            # no cost otherwise, and none on CUDA either: seeded requests never take FlashInfer's sampler anyway
+            logprobs_mode="processed_logprobs",
         )
         if current_platform.is_cpu():
             # no chunked prefill on CPU: vLLM rewinds a seeded request's generator after a partly prefilled step,
@@ -287,6 +298,7 @@ class _VLLM:
                 stop=list(sampling.stop),
                 n=sampling.n,
                 seed=sampling.seed + i * sampling.n,
+                logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's alone
             )
             for i in range(len(prompts))
         ]
@@ -301,7 +313,9 @@ class _VLLM:
         for out in outputs:
             for done in sorted(out.outputs, key=lambda o: o.index):
                 reason = "length" if done.finish_reason == "length" else "stop"
-                records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids)))
+                logprobs = () if done.logprobs is None else \
+                    tuple(step[token].logprob for token, step in zip(done.token_ids, done.logprobs))
+                records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids), logprobs))
         return records
 
     def close(self) -> None:
@@ -400,6 +414,8 @@ class _HF:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         if sampling.stop:  # an early exit only; the cut below decides, on the decoded text, as vLLM does
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.logprobs:  # the scores each step sampled from: logits after temperature and top-p
+            kwargs.update(output_scores=True, return_dict_in_generate=True)
         if n:
             kwargs["past_key_values"] = self.prefix.for_batch(model, (adapter, tuple(ids[0][:n])), ids[0][:n],
                                                               len(ids))
@@ -408,7 +424,14 @@ class _HF:
             attention_mask=torch.tensor(mask, device=self.device),
             **kwargs,
         )
-        return [self._record(row, new.tolist(), sampling.stop) for row, new in zip(ids, out[:, n + width :])]
+        new = (out.sequences if sampling.logprobs else out)[:, n + width :]
+        records = [self._record(row, generated.tolist(), sampling.stop) for row, generated in zip(ids, new)]
+        if not sampling.logprobs:
+            return records
+        # log p(token) = its score - logsumexp(scores) at its step; generate kept every step's [B, V] scores till now
+        logprobs = torch.stack([s.log_softmax(-1).gather(-1, new[:, k : k + 1]).squeeze(-1)
+                                for k, s in enumerate(out.scores)], dim=1).tolist()
+        return [dataclasses.replace(r, logprobs=tuple(lp[: r.num_tokens])) for r, lp in zip(records, logprobs)]
 
     def _record(self, prompt: list[int], new: list[int], stop: tuple[str, ...]) -> Completion:
         """Finish reason, token count and text of one row of generated ids, detokenized as vLLM does: token by

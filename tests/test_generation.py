@@ -352,3 +352,55 @@ def test_vllm_merge_refuses_what_it_would_drop(merged: gen.Generator, hf: gen.Ge
             merged.generate(prompts, GREEDY, adapter=adapter)
         assert "\n" not in str(refused.value)
     assert merged.generate(prompts, GREEDY) == hf.generate(prompts, GREEDY)
+
+
+def teacher_forced(model: Path, adapter: Path | None, tokenizer: Any, prompts: list[str],
+                   completions: list[gen.Completion], sampling: gen.Sampling) -> list[list[float]]:
+    """Per completion, each token's log-probability from one forward pass over prompt + completion, in float32, at
+    the sampling temperature (greedy: 1), with `adapter` (PEFT's LoRA) on the weights or not."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.models import prompt_ids
+
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    lm = (lm if adapter is None else PeftModel.from_pretrained(lm, str(adapter))).eval()
+    out = []
+    with torch.inference_mode():
+        for k, completion in enumerate(completions):
+            query = prompt_ids(tokenizer, prompts[k // sampling.n])
+            logits = lm(torch.tensor([query + list(completion.token_ids)])).logits[0, len(query) - 1 : -1]
+            logprobs = (logits / (sampling.temperature or 1.0)).log_softmax(-1)
+            out.append(logprobs.gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1).tolist())
+    return out
+
+
+LOGPROB_SAMPLINGS = {"greedy": gen.Sampling(max_new_tokens=12, logprobs=True),
+                     "sampled": gen.Sampling(temperature=0.7, max_new_tokens=12, seed=11, n=2, logprobs=True)}
+
+
+@pytest.mark.parametrize("sampled", ["greedy", "sampled"])
+@pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow),
+                                     pytest.param("merged", marks=pytest.mark.slow)])
+def test_logprobs_are_the_sampling_distribution(backend: str, with_adapter: bool, sampled: str,
+                                                request: pytest.FixtureRequest, model: Path, prompts: list[str],
+                                                adapters: tuple[Path, Path]) -> None:
+    """`Sampling.logprobs`: each generated token's log-probability as the engine sampled it (vLLM: its processed
+    log-probs, the adapter served as a LoRA request or merged; hf: generate's scores), equal to a teacher-forced
+    forward of the same weights at the same temperature: the RL loop's importance weights rest on it. Asking for
+    them changes no sample; without the flag there are none."""
+    import math
+
+    generator = request.getfixturevalue(backend)
+    adapter = adapters[0] if with_adapter else None
+    sampling = LOGPROB_SAMPLINGS[sampled]
+    got = generator.generate(prompts, sampling, adapter=adapter)
+    expected = teacher_forced(model, adapter, generator.tokenizer, prompts, got, sampling)
+    for completion, reference in zip(got, expected, strict=True):
+        assert len(completion.logprobs) == completion.num_tokens
+        assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(completion.logprobs, reference)), \
+            (completion.logprobs, reference)
+    plain = dataclasses.replace(sampling, logprobs=False)
+    assert generator.generate(prompts, plain, adapter=adapter) == [dataclasses.replace(c, logprobs=()) for c in got]
