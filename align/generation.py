@@ -9,6 +9,9 @@ Semantics shared by both backends (what the tests pin down):
 - generation ends at an eos token or a stop string ("stop") or after max_new_tokens ("length");
   `num_tokens` counts generated tokens up to and including the one that ended it; the text skips special
   tokens and ends before the first stop string;
+- with `logprobs`, each completion carries the log-probability of each of its tokens under the distribution it
+  was sampled from: the logits divided by the temperature (greedy: as they are), log-softmaxed over the tokens
+  top-p kept - the sampling policy's own log-probs, for an RL loop's importance weights;
 - the same seed, prompts and settings give the same samples again (on the same backend: the two backends draw
   different random numbers); a prompt repeated within a call gets independent samples, and so do the `n`
   samples of one prompt (vLLM: one request with `n`, its prefix cache holding the prompt once; hf: the prompt
@@ -20,6 +23,7 @@ vLLM starts its engine in spawned processes, which re-import the calling script:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import os
@@ -34,7 +38,7 @@ from align.errors import UserError
 from align.models import padding_id, prompt_ids
 from align.prefix_cache import PrefixCache, shared_prefix
 from align.progress import progress
-from align.vllm_weights import EXTENSION
+from align.vllm_weights import EXTENSION, check_mergeable
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 
@@ -47,6 +51,8 @@ class Sampling:
     stop: tuple[str, ...] = ()  # stop strings; the returned text excludes the stop string (vLLM's default)
     seed: int = 0
     n: int = 1  # samples per prompt, returned prompt by prompt (the n of the first prompt, then of the second...)
+    logprobs: bool = False  # return each sampled token's log-probability (Completion.logprobs); costs time (hf: and
+    # memory, every step's scores of a batch until it ends)
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,8 @@ class Completion:
     num_tokens: int  # generated tokens (up to and including the stop/eos token)
     finish_reason: str  # "stop" (eos or stop string) | "length"
     token_ids: tuple[int, ...] = ()  # the generated ids (num_tokens of them), for scoring what was sampled
+    logprobs: tuple[float, ...] = ()  # with Sampling.logprobs: per generated id, its log-prob under the distribution
+    # it was sampled from (the module's docstring)
 
 
 def vllm_importable() -> bool:
@@ -151,7 +159,8 @@ class Generator:
     adapter when it is 0, are refused on both backends so that a config works the same on either.
     `merge_adapters=True` (vLLM; an RL loop whose adapter changes every call) folds an adapter into the engine's
     weights in place instead of serving it as a LoRA request (`align.vllm_weights`): plain matmuls when sampling,
-    and no rank limit; the base model must be a local folder. The hf backend loads adapters as usual.
+    and no rank limit; the base model must be a local safetensors folder and the adapter plain LoRA factors of its
+    modules (`align.vllm_weights.check_mergeable` refuses others). The hf backend loads adapters as usual.
     `prefix_caching=False` recomputes every prompt's prefix (vLLM without prefix caching, hf with plain left
     padding): the baseline the benchmarks compare with. `trust_remote_code` (params model.trust_remote_code) is
     passed to both backends explicitly: Python files a model folder ships run only when it is True.
@@ -229,6 +238,9 @@ class _VLLM:
             enable_prefix_caching=prefix_caching,
             seed=0,
             trust_remote_code=trust_remote_code,
+            # a requested log-prob is the sampled distribution's (after temperature and top-p), not the raw logits';
+            # no cost otherwise, and none on CUDA either: seeded requests never take FlashInfer's sampler anyway
+            logprobs_mode="processed_logprobs",
         )
         if current_platform.is_cpu():
             # no chunked prefill on CPU: vLLM rewinds a seeded request's generator after a partly prefilled step,
@@ -249,9 +261,12 @@ class _VLLM:
 
     def _merge(self, adapter: Path | None) -> None:
         """The engine's weights made base + `adapter` (or the base) unless they already are; the prefix cache holds
-        keys and values of the old weights, so it is emptied."""
+        keys and values of the old weights, so it is emptied. An adapter the merge cannot take whole is refused
+        here, before any worker is asked."""
         key = None if adapter is None else adapter_key(adapter)  # the weights depend on the content, not the path
         if key != self.merged:
+            if adapter is not None:
+                check_mergeable(adapter, Path(self.model))
             folder = None if adapter is None else str(adapter.resolve())
             self.llm.collective_rpc("load_merged_adapter", args=(self.model, folder))
             self.llm.reset_prefix_cache()
@@ -283,6 +298,7 @@ class _VLLM:
                 stop=list(sampling.stop),
                 n=sampling.n,
                 seed=sampling.seed + i * sampling.n,
+                logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's alone
             )
             for i in range(len(prompts))
         ]
@@ -297,7 +313,9 @@ class _VLLM:
         for out in outputs:
             for done in sorted(out.outputs, key=lambda o: o.index):
                 reason = "length" if done.finish_reason == "length" else "stop"
-                records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids)))
+                logprobs = () if done.logprobs is None else \
+                    tuple(step[token].logprob for token, step in zip(done.token_ids, done.logprobs))
+                records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids), logprobs))
         return records
 
     def close(self) -> None:
@@ -396,6 +414,8 @@ class _HF:
             kwargs.update(temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
         if sampling.stop:  # an early exit only; the cut below decides, on the decoded text, as vLLM does
             kwargs.update(stop_strings=list(sampling.stop), tokenizer=self.tokenizer)
+        if sampling.logprobs:  # the scores each step sampled from: logits after temperature and top-p
+            kwargs.update(output_scores=True, return_dict_in_generate=True)
         if n:
             kwargs["past_key_values"] = self.prefix.for_batch(model, (adapter, tuple(ids[0][:n])), ids[0][:n],
                                                               len(ids))
@@ -404,7 +424,14 @@ class _HF:
             attention_mask=torch.tensor(mask, device=self.device),
             **kwargs,
         )
-        return [self._record(row, new.tolist(), sampling.stop) for row, new in zip(ids, out[:, n + width :])]
+        new = (out.sequences if sampling.logprobs else out)[:, n + width :]
+        records = [self._record(row, generated.tolist(), sampling.stop) for row, generated in zip(ids, new)]
+        if not sampling.logprobs:
+            return records
+        # log p(token) = its score - logsumexp(scores) at its step; generate kept every step's [B, V] scores till now
+        logprobs = torch.stack([s.log_softmax(-1).gather(-1, new[:, k : k + 1]).squeeze(-1)
+                                for k, s in enumerate(out.scores)], dim=1).tolist()
+        return [dataclasses.replace(r, logprobs=tuple(lp[: r.num_tokens])) for r, lp in zip(records, logprobs)]
 
     def _record(self, prompt: list[int], new: list[int], stop: tuple[str, ...]) -> Completion:
         """Finish reason, token count and text of one row of generated ids, detokenized as vLLM does: token by

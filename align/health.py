@@ -10,7 +10,7 @@ widens every run's table. The stages therefore share one small vocabulary, which
 - loss: training loss at the end (last step; mean of the last 10 where the stage logs that)
 - acc: preference accuracy, held out (train_rm) or over the last 10 steps (DPO)
 - reward: PPO (GRPO, RLOO): the RM reward the trained policy gains over the SFT policy on held-out prompts (> 0: RL
-  raised what it optimised; the last iteration's raw reward where `ppo.eval_prompts` is 0)
+  raised what it optimised; the last iteration's raw reward where `rl.eval_prompts` is 0)
 - kl: PPO's KL to the SFT policy in the last iteration
 Figures are rounded to 3 decimals (minutes to 2): the table is for reading; the out keeps the exact values.
 """

@@ -12,6 +12,7 @@ import dataclasses
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -41,18 +42,31 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-def make_adapter(model: Path, out: Path, seed: int) -> Path:
-    """A rank-8 LoRA on every projection with non-zero B (PEFT's default B = 0 would change nothing)."""
+ALL_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def make_adapter(model: Path, out: Path, seed: int, targets: tuple[str, ...] = ALL_PROJECTIONS, **config: Any
+                 ) -> Path:
+    """A rank-8 LoRA on `targets` with non-zero B (PEFT's default B = 0 would change nothing); `config`: other
+    LoraConfig fields."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    config = LoraConfig(
-        r=8, lora_alpha=16, init_lora_weights=False,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-    )
-    get_peft_model(AutoModelForCausalLM.from_pretrained(model), config).save_pretrained(out)
+    lora = LoraConfig(r=8, lora_alpha=16, init_lora_weights=False, target_modules=list(targets), **config)
+    get_peft_model(AutoModelForCausalLM.from_pretrained(model), lora).save_pretrained(out)
+    return out
+
+
+def merge_and_unload(model: Path, adapter: Path, out: Path) -> Path:
+    """The HF folder of `model` with `adapter` merged by PEFT itself (`merge_and_unload`), tokenizer included."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), str(adapter)).merge_and_unload() \
+        .save_pretrained(out)
+    AutoTokenizer.from_pretrained(model).save_pretrained(out)
     return out
 
 
@@ -284,19 +298,109 @@ def test_merged_weights_are_peft_merge_and_unload(model: Path, adapters: tuple[P
     assert set(restored) == set(merged) and all(torch.equal(w, base[n]) for n, w in restored.items())
 
 
+@pytest.fixture(scope="module")
+def merged(model: Path) -> Iterator[gen.Generator]:
+    """One engine for every `merge_adapters` test: adapters folded into its weights in place."""
+    pytest.importorskip("vllm")
+    generator = gen.Generator(model, engine(backend="vllm", kv_cache_gb=1), merge_adapters=True)
+    yield generator
+    generator.close()
+
+
 @pytest.mark.slow
-def test_vllm_merged_adapters_match_hf(model: Path, hf: gen.Generator, prompts: list[str],
+def test_vllm_merged_adapters_match_hf(merged: gen.Generator, hf: gen.Generator, prompts: list[str],
                                        adapters: tuple[Path, Path], tmp_path: Path) -> None:
     """`merge_adapters`: the adapter folded into the engine's weights samples what HF does with the adapter, follows
     the folder when it changes (an RL loop's policy), and the base comes back without one."""
     import shutil
 
-    pytest.importorskip("vllm")
-    with gen.Generator(model, engine(backend="vllm", kv_cache_gb=1), merge_adapters=True) as merged:
-        base = merged.generate(prompts, GREEDY)
-        live = tmp_path / "policy"
-        shutil.copytree(adapters[0], live)
-        assert merged.generate(prompts, GREEDY, adapter=live) == hf.generate(prompts, GREEDY, adapter=adapters[0])
-        shutil.copytree(adapters[1], live, dirs_exist_ok=True)
-        assert merged.generate(prompts, GREEDY, adapter=live) == hf.generate(prompts, GREEDY, adapter=adapters[1])
-        assert merged.generate(prompts, GREEDY) == base == hf.generate(prompts, GREEDY)
+    base = merged.generate(prompts, GREEDY)
+    live = tmp_path / "policy"
+    shutil.copytree(adapters[0], live)
+    assert merged.generate(prompts, GREEDY, adapter=live) == hf.generate(prompts, GREEDY, adapter=adapters[0])
+    shutil.copytree(adapters[1], live, dirs_exist_ok=True)
+    assert merged.generate(prompts, GREEDY, adapter=live) == hf.generate(prompts, GREEDY, adapter=adapters[1])
+    assert merged.generate(prompts, GREEDY) == base == hf.generate(prompts, GREEDY)
+
+
+@pytest.mark.slow
+def test_vllm_merges_part_of_a_packed_group(merged: gen.Generator, model: Path, prompts: list[str],
+                                           tmp_path: Path) -> None:
+    """vLLM packs q/k/v into one qkv_proj and gate/up into gate_up_proj: a LoRA on q_proj and v_proj alone (PEFT's
+    Llama default) must leave k_proj as it was, not reloaded as uninitialised memory. Greedy samples equal those of
+    PEFT's own merge, for such an adapter, then one on other members of both groups, then the base again."""
+    first = make_adapter(model, tmp_path / "qv", 3, ("q_proj", "v_proj"))
+    second = make_adapter(model, tmp_path / "ku", 4, ("k_proj", "up_proj"))
+    hf_backend = engine(backend="hf")
+    for adapter in (first, second):
+        expected = gen.generate(merge_and_unload(model, adapter, tmp_path / f"{adapter.name}-merged"), prompts,
+                                GREEDY, hf_backend)
+        assert merged.generate(prompts, GREEDY, adapter=adapter) == expected
+    assert merged.generate(prompts, GREEDY) == gen.generate(model, prompts, GREEDY, hf_backend)
+
+
+@pytest.mark.slow
+def test_vllm_merge_refuses_what_it_would_drop(merged: gen.Generator, hf: gen.Generator, model: Path,
+                                               prompts: list[str], tmp_path: Path) -> None:
+    """An adapter the merge cannot take whole (DoRA, a LoRA on the embeddings) is refused in the calling process
+    with one line naming the file and the key, before any worker is asked; the engine goes on serving."""
+    dora = make_adapter(model, tmp_path / "dora", 5, ("q_proj", "v_proj"), use_dora=True)
+    embedding = make_adapter(model, tmp_path / "embedding", 6, ("embed_tokens", "q_proj"))
+    for adapter, where, key in ((dora, "adapter_config.json", "use_dora"),
+                                (embedding, "adapter_model.safetensors", "embed_tokens")):
+        with pytest.raises(UserError, match=rf"^{adapter / where}: .*{key}.*rl.rollout_adapter: lora$") as refused:
+            merged.generate(prompts, GREEDY, adapter=adapter)
+        assert "\n" not in str(refused.value)
+    assert merged.generate(prompts, GREEDY) == hf.generate(prompts, GREEDY)
+
+
+def teacher_forced(model: Path, adapter: Path | None, tokenizer: Any, prompts: list[str],
+                   completions: list[gen.Completion], sampling: gen.Sampling) -> list[list[float]]:
+    """Per completion, each token's log-probability from one forward pass over prompt + completion, in float32, at
+    the sampling temperature (greedy: 1), with `adapter` (PEFT's LoRA) on the weights or not."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from align.models import prompt_ids
+
+    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32)
+    lm = (lm if adapter is None else PeftModel.from_pretrained(lm, str(adapter))).eval()
+    out = []
+    with torch.inference_mode():
+        for k, completion in enumerate(completions):
+            query = prompt_ids(tokenizer, prompts[k // sampling.n])
+            logits = lm(torch.tensor([query + list(completion.token_ids)])).logits[0, len(query) - 1 : -1]
+            logprobs = (logits / (sampling.temperature or 1.0)).log_softmax(-1)
+            out.append(logprobs.gather(-1, torch.tensor(completion.token_ids)[:, None]).squeeze(-1).tolist())
+    return out
+
+
+LOGPROB_SAMPLINGS = {"greedy": gen.Sampling(max_new_tokens=12, logprobs=True),
+                     "sampled": gen.Sampling(temperature=0.7, max_new_tokens=12, seed=11, n=2, logprobs=True)}
+
+
+@pytest.mark.parametrize("sampled", ["greedy", "sampled"])
+@pytest.mark.parametrize("with_adapter", [False, True], ids=["base", "adapter"])
+@pytest.mark.parametrize("backend", ["hf", pytest.param("vllm", marks=pytest.mark.slow),
+                                     pytest.param("merged", marks=pytest.mark.slow)])
+def test_logprobs_are_the_sampling_distribution(backend: str, with_adapter: bool, sampled: str,
+                                                request: pytest.FixtureRequest, model: Path, prompts: list[str],
+                                                adapters: tuple[Path, Path]) -> None:
+    """`Sampling.logprobs`: each generated token's log-probability as the engine sampled it (vLLM: its processed
+    log-probs, the adapter served as a LoRA request or merged; hf: generate's scores), equal to a teacher-forced
+    forward of the same weights at the same temperature: the RL loop's importance weights rest on it. Asking for
+    them changes no sample; without the flag there are none."""
+    import math
+
+    generator = request.getfixturevalue(backend)
+    adapter = adapters[0] if with_adapter else None
+    sampling = LOGPROB_SAMPLINGS[sampled]
+    got = generator.generate(prompts, sampling, adapter=adapter)
+    expected = teacher_forced(model, adapter, generator.tokenizer, prompts, got, sampling)
+    for completion, reference in zip(got, expected, strict=True):
+        assert len(completion.logprobs) == completion.num_tokens
+        assert all(math.isclose(a, b, abs_tol=1e-3) for a, b in zip(completion.logprobs, reference)), \
+            (completion.logprobs, reference)
+    plain = dataclasses.replace(sampling, logprobs=False)
+    assert generator.generate(prompts, plain, adapter=adapter) == [dataclasses.replace(c, logprobs=()) for c in got]

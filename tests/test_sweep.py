@@ -1,4 +1,4 @@
-"""A parameter sweep as parallel SLURM jobs: `dvc exp run --queue -S ppo.kl_coef=0.01,0.05` queues two
+"""A parameter sweep as parallel SLURM jobs: `dvc exp run --queue -S rl.kl_coef=0.01,0.05` queues two
 experiments, `dvc queue start -j 2` runs them in their own temporary workspaces at once, each submitting its PPO
 job to the one-node test cluster, and `dvc exp show` lists both with their params and metrics."""
 
