@@ -22,8 +22,9 @@ from align.errors import UserError
 from align.params import parse_params
 from align.records import read_jsonl
 from align.rl import group_advantages, leave_one_out_advantages
+from stages.ppo import guide_for, iteration_prompts
 from tests.conftest import ROOT
-from tests.helpers import curve, kill_tree, stage
+from tests.helpers import DEFAULTS, curve, kill_tree, stage
 from tests.projects import TINY_RL, TINY_RL_EXECUTION, ppo_project
 from tests.tiny import make_tiny_model
 
@@ -63,6 +64,26 @@ def test_params_take_grpo_and_rloo_and_refuse_a_group_without_a_baseline() -> No
     raw["rl"]["group_size"], raw["policy"]["algorithm"] = 2, "reinforce"
     with pytest.raises(UserError, match=r"^params.yaml: policy.algorithm: expected one of ppo, dpo, grpo, rloo, got"):
         parse_params(raw)
+
+
+def test_prompts_principles_and_seeds_follow_a_prompts_place_not_the_rank_layout() -> None:
+    """A prompt's place in the iteration decides which prompt it is, the principles drawn for it and its samples'
+    seeds: on 1, 2 or 4 ranks the same places get the same (prompt, principles), each rank a contiguous block (a
+    strided split with the principle draws keyed by rank x share + k, as before, gave other draws on 2 ranks)."""
+    from align.assets import PreferencePrinciple, load_jsonl
+
+    collection = load_jsonl(ROOT / "assets/ppo_principles.jsonl", PreferencePrinciple)
+    pool = [{"id": f"p{i}", "text": str(i)} for i in range(11)]
+    rl = DEFAULTS.rl.model_copy(update={"rollout_batch_size": 8})
+    layouts = {}
+    for world in (1, 2, 4):
+        places = {}
+        for rank in range(world):
+            first, picked = iteration_prompts(pool, rl, seed=0, iteration=3, rank=rank, world=world)
+            for k, index in enumerate(picked):
+                places[first + k] = (index, guide_for(rl, collection, [], 0, 3, first + k)[0])
+        layouts[world] = places
+    assert sorted(layouts[1]) == list(range(8)) and layouts[1] == layouts[2] == layouts[4]
 
 
 def policy_curves_and_out(cwd: Path, algorithm: str, iterations: int) -> None:
@@ -127,3 +148,4 @@ def test_a_killed_grpo_job_resumes_from_its_checkpoint(tmp_path: Path, tiny_mode
     assert f"at iteration {saved}" in logs
     assert [s for s, _ in curve(cwd, "policy", "kl")] == list(range(6))  # one continuous curve, none twice
     policy_curves_and_out(cwd, "grpo", 6)
+

@@ -145,3 +145,25 @@ def test_critic_free_rl_is_steered_by_the_rl_time_principle(tmp_path: Path, two_
     assert lengths["concise"][0] == lengths["comprehensive"][0]  # the same start
     concise, comprehensive = (statistics.fmean(lengths[p][1:]) for p in ("concise", "comprehensive"))
     assert concise < comprehensive - 2, lengths
+
+
+@pytest.mark.slow
+def test_the_policy_loss_does_not_change_with_the_micro_batch(tmp_path: Path, two_length_policy: Path) -> None:
+    """The micro-batch is a memory setting (cluster.policy.micro_batch_size): GRPO's optimizer steps of 4 samples
+    taken as micro-batches of 1 or of 2 give the same losses and KL. The policy answers both briefly and at length,
+    so the samples of a step differ in length: a token mean inside each micro-batch (the earlier loss) would weigh
+    a token by its neighbours' lengths, and the two runs would part."""
+    curves = {}
+    for micro in (1, 2):
+        cwd = ppo_project(tmp_path / str(micro), two_length_policy, policy={"algorithm": "grpo"},
+                          rl={**TINY_RL, "group_size": 2, "iterations": 2, "step_batch_size": 4, "max_new_tokens": 32,
+                              "loss_type": "bnpo"},
+                          cluster_defaults={**TINY_RL_EXECUTION, "micro_batch_size": micro})
+        proc = stage(cwd, "policy")
+        assert proc.returncode == 0, proc.stderr
+        curves[micro] = {name: [v for _, v in curve(cwd, "policy", name)]
+                         for name in ("policy_loss", "kl", "response_length", "no_stop_share")}
+    assert any(0 < share < 1 for share in curves[1]["no_stop_share"])  # stopped and cut-off samples: lengths differ
+    assert abs(curves[1]["kl"][-1]) > 1e-6  # the second iteration's policy moved
+    for name, values in curves[1].items():
+        assert curves[2][name] == pytest.approx(values, rel=2e-3, abs=1e-6), name  # padding: seen 4e-4
