@@ -41,6 +41,7 @@ from align.progress import progress
 from align.vllm_weights import EXTENSION, check_mergeable
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
+UNKNOWN = "unknown"  # _VLLM.merged while a merge is under way: matches no adapter key, nor None (the base)
 
 
 @dataclass(frozen=True)
@@ -267,10 +268,21 @@ class _VLLM:
         if key != self.merged:
             if adapter is not None:
                 check_mergeable(adapter, Path(self.model))
+            self.merged = UNKNOWN  # until the reload and the cache reset both succeed
             folder = None if adapter is None else str(adapter.resolve())
             self.llm.collective_rpc("load_merged_adapter", args=(self.model, folder))
-            self.llm.reset_prefix_cache()
+            if not self.llm.reset_prefix_cache():  # vLLM resets only while no request holds KV blocks
+                raise RuntimeError("vLLM could not empty its prefix cache after new weights were loaded (requests "
+                                   "still hold KV blocks): prompts would reuse keys and values of the old weights")
             self.merged = key
+
+    def _drop_leftovers(self) -> None:
+        """Abort the requests an interrupted earlier call left in the engine (its caller is gone): while vLLM's
+        engine process still runs them they hold KV blocks, so the prefix cache could not be emptied after a merge,
+        and their outputs would come back with the next call's."""
+        engine = self.llm.llm_engine
+        if engine.has_unfinished_requests():
+            engine.abort_request(list(engine.output_processor.request_states), internal=True)
 
     def _lora(self, adapter: Path | None) -> Any:
         """The same request (so vLLM's cached weights) while the folder is unchanged; a new id once it changes."""
@@ -304,6 +316,7 @@ class _VLLM:
         ]
         # token ids, not text: vLLM adds special tokens to a text prompt, a second BOS after a template's own
         tokens = [TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p)) for p in prompts]
+        self._drop_leftovers()
         if self.merge_adapters:
             self._merge(adapter)
         lora = None if self.merge_adapters else self._lora(adapter)

@@ -354,6 +354,36 @@ def test_vllm_merge_refuses_what_it_would_drop(merged: gen.Generator, hf: gen.Ge
     assert merged.generate(prompts, GREEDY) == hf.generate(prompts, GREEDY)
 
 
+@pytest.mark.slow
+def test_vllm_merge_after_an_interrupted_call(merged: gen.Generator, hf: gen.Generator, prompts: list[str],
+                                              adapters: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A call interrupted mid-way (Ctrl-C, an error while it reports progress) leaves its other requests in the
+    engine: vLLM's engine process may still be running them, holding KV blocks (so it could not empty its prefix
+    cache after a merge), and their outputs would come back with the next call's. The next call drops them first;
+    its merged weights answer from a cache of their own, with its own samples only."""
+    from align.progress import progress
+
+    class Interrupted(Exception):
+        pass
+
+    def interrupt(n: int = 1) -> None:
+        raise Interrupted
+
+    def interrupting(*args: Any, **kwargs: Any) -> Any:
+        bar = progress(*args, **kwargs)
+        bar.update = interrupt  # called as the first request finishes
+        return bar
+
+    merged.generate(prompts, GREEDY)  # the base, its prompts' prefixes cached
+    early = gen.Sampling(max_new_tokens=24, stop=(stop_string(hf.generate(prompts[:1], GREEDY)[0].text),))
+    monkeypatch.setattr(gen, "progress", interrupting)
+    with pytest.raises(Interrupted):
+        merged.generate(prompts, early)  # the first prompt stops early, before the others
+    monkeypatch.undo()
+    assert merged._impl.llm.llm_engine.has_unfinished_requests()
+    assert merged.generate(prompts, GREEDY, adapter=adapters[0]) == hf.generate(prompts, GREEDY, adapter=adapters[0])
+
+
 def teacher_forced(model: Path, adapter: Path | None, tokenizer: Any, prompts: list[str],
                    completions: list[gen.Completion], sampling: gen.Sampling) -> list[list[float]]:
     """Per completion, each token's log-probability from one forward pass over prompt + completion, in float32, at
