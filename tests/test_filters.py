@@ -10,7 +10,7 @@ from align import filters, templates
 from align.assets import Principle
 from align.filters import RougePool, answer_problem, distinct_n, prompt_problem, repeated_ngram_share
 from align.generation import Completion
-from align.params import SelfAlign
+from tests.helpers import DEFAULTS
 
 KEPT = [
     "Write a short poem about the sea at night.",
@@ -106,7 +106,7 @@ def test_thoughts_are_stripped_from_the_answer() -> None:
 ])
 def test_answer_problems(text: str, finish: str, reason: str | None) -> None:
     _, answer = templates.split_thoughts(text)
-    assert answer_problem(Completion(text, 10, finish), answer, PRINCIPLES, SelfAlign()) == reason
+    assert answer_problem(Completion(text, 10, finish), answer, PRINCIPLES, DEFAULTS.self_align) == reason
 
 
 def test_a_cut_off_text_is_trimmed_to_its_last_complete_paragraph_or_sentence() -> None:

@@ -17,13 +17,12 @@ import pytest
 from align.artifacts import staged_out, verify_artifact
 from align.errors import UserError
 from align.generation import chat_prompt, has_system_role
-from align.params import SystemMessages
 from align.records import read_jsonl, write_jsonl
 from align.reward import RewardScorer, system_examples
 from align.training import tokenize_pair
 from stages import system_messages as sm
 from tests.conftest import ROOT
-from tests.helpers import FAST_EXECUTION, FAST_TRAINING, stage
+from tests.helpers import DEFAULTS, FAST_EXECUTION, FAST_TRAINING, stage
 from tests.projects import SMALL_EVALUATE, add_policy_outs, make_project, rm_project
 
 SPACE = sm.load_space(ROOT / "assets/preference_space.jsonl")
@@ -60,7 +59,7 @@ def test_held_out_combinations_are_a_seeded_share_of_the_space_split_by_combinat
     assert held != [c for c in combos if sm.is_held_out(c, 0.2, seed=1)]  # and another split for another seed
 
     prompts = [{"id": f"p{i}", "text": f"Question {i}?"} for i in range(40)]
-    train, evals = sm.plan(prompts, SPACE, SystemMessages(train_prompts=30, eval_prompts=10), seed=0)
+    train, evals = sm.plan(prompts, SPACE, DEFAULTS.system_messages.model_copy(update={"train_prompts": 30, "eval_prompts": 10}), seed=0)
     assert len(train) == 30 and len(evals) == 10
     assert not {r["id"] for r in train} & {r["id"] for r in evals}
     assert not any(sm.is_held_out(r[k]["combination"] if k else r["combination"], 0.2, 0)
