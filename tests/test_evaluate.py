@@ -36,8 +36,9 @@ from tests.projects import PRINCIPLES, SHORT_LONG, SMALL_EVALUATE, add_policy_ou
 
 def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, tiny_model: Path) -> None:
     """lm-evaluation-harness's truthfulqa_mc1/mc2 on a small CSV: the paper's QA primer, then "Q: {question}\nA:",
-    each answer after exactly one space; here each answer's log-likelihood comes from a plain forward pass over
-    context + answer tokens, MC1 and MC2 from their definitions, and the stage's scores must match."""
+    each answer closed with a period (the CSV leaves them open; the paper's code and the harness's data close them)
+    after exactly one space; here each answer's log-likelihood comes from a plain forward pass over context +
+    answer tokens, MC1 and MC2 from their definitions, and the stage's scores must match."""
     (tmp_path / "truthfulqa.csv").write_text(truthfulqa_csv())
     items = load_truthfulqa_csv(tmp_path / "truthfulqa.csv")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -45,7 +46,7 @@ def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, 
 
     def loglik(context: str, answer: str) -> float:
         head = tokenizer(context)["input_ids"]
-        tail = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        tail = tokenizer(" " + answer.removesuffix(".") + ".", add_special_tokens=False)["input_ids"]  # closed once
         with torch.no_grad():
             logprobs = torch.log_softmax(model(torch.tensor([head + tail])).logits[0].float(), dim=-1)
         return sum(logprobs[len(head) - 1 + k, token].item() for k, token in enumerate(tail))
