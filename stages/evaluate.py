@@ -10,7 +10,9 @@ data/evaluation/metrics.json (`sft.hhh.acc`, `sft.truthfulqa_csv.category.health
   model's answer to the same turn by two judges:
   - `judge` (the headline): an independent judge, trained in no stage of the run (`evaluate.judge_model`: the base
     model by default, or a local HF folder or hub id), as `label_preferences` judges: a/b in both orders under
-    each of `evaluate.judge_principles`; win rate (ties count half) and position bias (`judge_outcomes`);
+    each of `evaluate.judge_principles`; a win only where both orders prefer the answer, a loss only where both
+    prefer the reference, a tie otherwise, as MT-Bench's pairwise judge with position swap (align/judge.py
+    `verdict`); win rate (ties count half) and position bias (`judge_outcomes`);
   - `target_rm`: the instructable RM the policy was optimised against, under the same principles (win / tie / loss
     by reward difference beyond `evaluate.tie_margin`; it scores each answer on its own, so order cannot bias it):
     inflated by construction for the PPO policy, kept to show by how much.
@@ -48,7 +50,7 @@ from align.benchmarks import (
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.intervals import Bootstrap
-from align.judge import PLACEHOLDERS, criteria_of, judge, preference
+from align.judge import PLACEHOLDERS, criteria_of, judge, verdict
 from align.models import HUB_ID, hub_snapshot
 from align.params import Evaluate, Generation, SystemMessages
 from align.paths import MODEL
@@ -206,17 +208,24 @@ def rm_judgement(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[s
     return result
 
 
+WIN_VALUE = {"win": 1.0, "tie": 0.5, "loss": 0.0}  # a tie counts half
+
+
+def judge_values(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """Per pair judged with the answer under test as a and the reference as b (align/judge.py `verdict`): the
+    answer's win (1), tie (0.5) or loss (0), and 1 where the judge picked the same position in both orders."""
+    verdicts = [verdict(row) for row in rows]
+    return [WIN_VALUE[outcome] for outcome, _ in verdicts], [float(same) for _, same in verdicts]
+
+
 def judge_outcomes(rows: list[dict], boot: Bootstrap) -> dict:
-    """The independent judge's verdict over pairs judged with the answer under test as a and the reference as b
-    (align/judge.py `preference`), each with its interval:
-    - win_rate: the share of items where the judge prefers the answer, averaged over both orders; a tie (equal
-      preference) counts half, so an answer set judged against itself scores exactly 0.5;
+    """The independent judge's verdict over pairs judged in both orders (`judge_values`), each with its interval:
+    - win_rate: the share of items the answer wins in both orders, a tie (the orders disagree) counting half: an
+      answer set judged against itself, or by a judge that follows the position only, scores exactly 0.5;
     - position_bias: the share of items where the judge picks the same position (a, or b) in both orders: 0 for a
       judge whose verdict follows the answers only, 1 for one that follows the position only (0.5: a coin)."""
-    prefs = [preference(row) for row in rows]
-    wins = [1.0 if p > 0 else 0.0 if p < 0 else 0.5 for p, _ in prefs]
-    return {**boot.mean("win_rate", wins), **boot.mean("position_bias", [float(same) for _, same in prefs]),
-            "items": len(rows)}
+    won, same = judge_values(rows)
+    return {**boot.mean("win_rate", won), **boot.mean("position_bias", same), "items": len(rows)}
 
 
 def model_judgement(scorer: Scorer, answers: dict[str, list[dict]], system_answers: dict[str, list[dict]],

@@ -65,13 +65,14 @@ def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, 
     assert 0 < np.mean(mc2) < 1 and scored["category"]["science"]["mc1"] == mc1[1]
 
 
-def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is_reported(tiny_model: Path) -> None:
-    """The independent judge's win rate of answers against references, by hand from the judge's next-token logits:
-    per item the a-minus-b logit (mean over the principles) with the answer shown first, and again with it shown
-    second; the preference is their half difference (a win above 0, a loss below, a tie counts half). Judged against
-    itself an answer set scores 0.5 exactly and the judge picks the same position in both orders every time; the two
-    directions of one comparison add up to 1. A judge that skipped the swap or flipped the sign would score 0.5 or
-    1 - hand below (the hand win rate is checked not to be 0.5)."""
+def test_the_judge_decides_per_order_and_a_judge_bound_to_a_position_ties(tiny_model: Path) -> None:
+    """The independent judge's outcomes by hand from the judge's next-token logits: per item the a-minus-b logit
+    (mean over the principles) with the answer shown first, and again with it shown second; a win where the first
+    favours a and the second b (the answer both times), a loss the other way round, a tie otherwise, counting half
+    (MT-Bench's rule). The tiny model's judge picks b in both orders every time: bound to the position, it ties
+    every item, so it scores 0.5 with position bias 1, where averaging its margins over the two orders (the rule
+    before) let how far it leans decide (checked not to give 0.5 here). Judged against itself an answer set
+    scores 0.5 too; the two directions of one comparison add up to 1."""
     scorer = Scorer(tiny_model, batch_size=4)
     template = load_template(ROOT / JUDGE_PROMPT, PLACEHOLDERS)
     choices = (scorer.token_id("a"), scorer.token_id("b"))
@@ -89,16 +90,17 @@ def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is
         logits = scorer.next_token_logits(texts, list(choices))
         return float((logits[:, 0] - logits[:, 1]).mean())
 
-    wins, same = [], []
+    wins, same, averaged = [], [], []
     for prompt, answer, reference in items:
         shown_first, shown_second = a_minus_b(prompt, answer, reference), a_minus_b(prompt, reference, answer)
-        pref = shown_first - shown_second
-        wins.append(1.0 if pref > 0 else 0.0 if pref < 0 else 0.5)
-        same.append(float((shown_first > 0) == (shown_second > 0)))
+        wins.append(1.0 if shown_first > 0 > shown_second else 0.0 if shown_first < 0 < shown_second else 0.5)
+        same.append(float(shown_first > 0 and shown_second > 0 or shown_first < 0 and shown_second < 0))
+        averaged.append(float(shown_first - shown_second > 0))
     judged = outcomes(items)
-    assert np.mean(wins) != 0.5  # else a judge that ignored the order would pass
     assert judged["win_rate"] == pytest.approx(np.mean(wins)) and judged["items"] == 8
     assert judged["position_bias"] == pytest.approx(np.mean(same))
+    assert (judged["win_rate"], judged["position_bias"]) == (0.5, 1.0)  # bound to b: every item a tie
+    assert np.mean(averaged) != 0.5  # the averaged margins would have read a preference into the position
     lo, hi = json.loads(judged["win_rate_ci95"])
     assert lo <= judged["win_rate"] <= hi
     swapped = outcomes([(p, reference, answer) for p, answer, reference in items])
@@ -109,17 +111,30 @@ def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is
 
 def test_judge_outcomes_on_constructed_scores_with_a_known_answer() -> None:
     """Scores as `judge` writes them: per criterion [a-minus-b logit with the answer shown first, with it shown
-    second]. The tiny model's judge picks b in both orders every time, so the position bias is checked here, on
-    items where the judge follows the answer (1, 4), the position (2, 3, 5), and where the preference is exactly 0.
-    A sign slip in the average over orders gives 0.6, a judge that ignores the swap 0.5."""
+    second]; per order the verdict is the sign of the mean over the criteria. Expected numbers derived by hand,
+    row by row (below): a win only where the answer is preferred in both orders, a loss only where the reference
+    is, a tie (half a win) otherwise, a margin of exactly 0 picking no position. The rule before (the margins
+    averaged over the orders) gives 4.5 / 7 wins and 4 / 7 same-position here."""
     rows = [{"scores": {"p": [0.3, -0.2], "q": [0.1, 0.0]}},  # means 0.2, -0.1: the answer in both orders: a win
-            {"scores": {"p": [0.1, 0.3]}},  # a in both orders, more so with the reference as a: a loss
-            {"scores": {"p": [-0.2, -0.4]}},  # b in both orders, more so with the answer as b: a win
+            {"scores": {"p": [0.1, 0.3]}},  # a in both orders (the reference when it is a): a tie, same position
+            {"scores": {"p": [-0.2, -0.4]}},  # b in both orders: a tie, same position
             {"scores": {"p": [0.2, -0.3]}},  # the answer in both orders: a win
-            {"scores": {"p": [0.2, 0.2]}}]  # a in both orders, equally: a tie, half a win
+            {"scores": {"p": [0.2, 0.2]}},  # a in both orders, equally: a tie, same position
+            {"scores": {"p": [-0.1, 0.4]}},  # the reference in both orders: a loss
+            {"scores": {"p": [0.0, -0.3]}}]  # no verdict shown first, the answer shown second: a tie, no position
     judged = judge_outcomes(rows, Bootstrap(0, 200))
-    assert judged["win_rate"] == pytest.approx((1 + 0 + 1 + 1 + 0.5) / 5)
-    assert judged["position_bias"] == pytest.approx(3 / 5) and judged["items"] == 5
+    assert judged["win_rate"] == pytest.approx((1 + 0.5 + 0.5 + 1 + 0.5 + 0 + 0.5) / 7)  # 4 / 7
+    assert judged["position_bias"] == pytest.approx(3 / 7) and judged["items"] == 7
+
+
+def test_a_judge_bound_to_position_a_wins_half_and_has_position_bias_one() -> None:
+    """A judge that answers "a" whatever it is shown, leaning further when the answer under test is a: averaging
+    its margins over both orders counted every item a win (win rate 1); by the per-order rule each is a tie."""
+    rows = [{"scores": {"p": [0.9, 0.2], "q": [0.7, 0.1]}}, {"scores": {"p": [0.5, 0.4]}},
+            {"scores": {"p": [2.0, 0.1]}}, {"scores": {"p": [0.3, 0.2]}}]
+    judged = judge_outcomes(rows, Bootstrap(0, 200))
+    assert (judged["win_rate"], judged["position_bias"]) == (0.5, 1.0)
+    assert judged["win_rate_ci95"] == "[0.500, 0.500]"
 
 
 def test_the_judge_model_is_the_base_model_a_folder_or_a_hub_snapshot_from_the_login_node(tmp_path: Path,
