@@ -6,6 +6,7 @@ and the field, found by the stage that reads the source before anything else run
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
@@ -58,6 +59,12 @@ class ChoiceItem:
     correct: frozenset[int]
     best: int
     subset: str
+
+    @property
+    def id(self) -> str:
+        """A stable id: a digest of the context and the choices, the same in every run that reads the same item,
+        whatever the sample or order (`evaluate`'s per-item outcomes are keyed by it, `align.compare` pairs by it)."""
+        return hashlib.sha256(json.dumps([self.context, self.choices]).encode()).hexdigest()[:16]
 
 
 def _read_json(path: Path) -> dict:
