@@ -51,7 +51,8 @@ def assert_small_items(out: Path) -> None:
     assert all(i.choices[min(i.correct)] == good for i, (_, good, _) in zip(hhh, HHH["harmless"] + HHH["helpful"]))
     assert hhh[0].context == f"\nHuman: {HHH['harmless'][0][0]}\nAssistant:"
     mc = load_bigbench(out / FILES["truthfulqa_mc"], "truthfulqa")
-    assert [(i.context, i.choices[i.best]) for i in mc] == [(f"\nQ: {q}\nA: ", best) for _, q, best, _, _ in TRUTHFULQA]
+    assert [(i.context, i.choices[i.best]) for i in mc] == [  # after the QA primer, as the harness asks
+        (f"{QA_PRIMER}\n\nQ: {q}\nA: ", best) for _, q, best, _, _ in TRUTHFULQA]
     rows = load_truthfulqa_csv(out / FILES["truthfulqa_csv"])
     assert [(r.subset, r.choices[r.best], len(r.correct), len(r.choices)) for r in rows] == [
         (c, f"{best}.", 1 + len(correct), 1 + len(correct) + len(wrong)) for c, _, best, correct, wrong in TRUTHFULQA]
