@@ -28,7 +28,7 @@ WORKSPACE = "workspace"
 COLUMNS = ("policy", "score", "item", "cluster", "value")
 
 
-def read_text(rev: str) -> str:
+def outcomes_text(rev: str) -> str:
     """outcomes.jsonl as it is in the workspace, or as DVC recorded it at `rev`; one line where it cannot be read."""
     if rev == WORKSPACE:
         if not OUTCOMES.is_file():
@@ -56,7 +56,7 @@ def read_outcomes(rev: str) -> pd.DataFrame:
     """One row per (policy, score, item): its cluster and value; every line checked."""
     where = f"{OUTCOMES}" if rev == WORKSPACE else f"{OUTCOMES} at {rev}"
     rows = []
-    for number, line in enumerate(read_text(rev).splitlines(), start=1):
+    for number, line in enumerate(outcomes_text(rev).splitlines(), start=1):
         if not line.strip():
             continue
         try:

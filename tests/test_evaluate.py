@@ -1,8 +1,10 @@
 """The `evaluate` stage on the tiny model: TruthfulQA CSV's MC1/MC2 after the QA primer against a computation by hand;
-flat per-policy metrics from data/benchmarks (the tests' small files), each with its interval, MT-Bench answers for
-both turns judged by the RM and by a judge model in both orders (two identical policies tie on everything), bad
-benchmark input as one line; and the experiment workflow: two `dvc exp run -S` experiments that `dvc exp show` and
-`dvc metrics diff` tell apart where their params differ, the intervals in `dvc metrics show` and the bar chart."""
+flat per-policy metrics from data/benchmarks (the tests' small files), each with its interval (MT-Bench's resampled
+by question), MT-Bench answers for both turns judged by the RM and by a judge model in both orders (a win only
+where both orders agree; two identical policies tie on everything), per-item outcomes whose means are the headline
+scores, bad benchmark input as one line; and the experiment workflow: two `dvc exp run -S` experiments that `dvc exp
+show`, `dvc metrics diff` and `align.compare` tell apart where their params differ, the intervals in `dvc metrics
+show` and the bar chart."""
 
 from __future__ import annotations
 
