@@ -2,7 +2,7 @@
 Output (b), one principle) ending where the next token is the choice, and the score is logit("a") - logit("b")
 there. Each pair is judged in both orders; a label is the preferred response only where both orders agree, a tie
 otherwise, which cancels the judge's position bias. Used by `label_preferences` (the SFT model labels pairs) and
-by `evaluate` (an independent judge compares each policy's answer with a reference answer: `preference`)."""
+by `evaluate` (an independent judge compares each policy's answer with a reference answer: `verdict`)."""
 
 from __future__ import annotations
 
@@ -67,10 +67,17 @@ def judge(scorer: Scorer, template: str, pairs: list[dict], criteria: list[list[
     return rows
 
 
-def preference(row: dict) -> tuple[float, bool]:
+OUTCOMES = {"a": "win", "b": "loss", "tie": "tie"}  # `label` of a pair with the answer as a, as the answer's outcome
+
+
+def verdict(row: dict) -> tuple[str, bool]:
     """For a pair `judge` scored with the answer under test as response_a and the reference as response_b: the
-    judge's preference for the answer, averaged over the two orders and the criteria (> 0: the answer, < 0: the
-    reference, 0: a tie), and whether the judge picked the same position (a, or b) in both orders."""
+    answer's outcome (win, loss or tie) and whether the judge picked the same position (a, or b) in both orders.
+    Per order the judge's verdict is its margin, the mean logit(a) - logit(b) over the criteria shown; the answer
+    wins only where both orders prefer it, loses only where both prefer the reference, and ties otherwise, as
+    `label` and MT-Bench's pairwise comparison with position swap (Zheng et al. 2023) decide: a judge bound to a
+    position ties every pair, however far it leans. A margin of exactly 0 picks no position."""
     shown_first = statistics.fmean(both[0] for both in row["scores"].values())  # > 0 favours the answer (it is a)
     shown_second = statistics.fmean(both[1] for both in row["scores"].values())  # swapped: > 0 favours the reference
-    return (shown_first - shown_second) / 2, (shown_first > 0) == (shown_second > 0)
+    same = (shown_first > 0 and shown_second > 0) or (shown_first < 0 and shown_second < 0)
+    return OUTCOMES[label(shown_first, shown_second)], same

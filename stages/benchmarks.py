@@ -23,7 +23,9 @@ from typing import Any, Callable
 
 from align import runner
 from align.artifacts import input_refs, staged_out, verify_artifact
-from align.benchmarks import DATA, FILES, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv
+from align.benchmarks import (
+    DATA, FILES, QA_PRIMER, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv,
+)
 from align.errors import UserError
 from align.params import HUB_SOURCE
 from align.records import write_json
@@ -124,9 +126,9 @@ def rows(snapshot: Path, split: str, **where: str) -> list[dict[str, Any]]:
         return datasets.load_dataset(str(snapshot), split=split, cache_dir=cache, **where).to_list()
 
 
-def bigbench_task(examples: list[tuple[str, list[str], list[int]]], before: str, after: str) -> str:
-    """A BIG-bench multiple-choice task: each (input, choices, labels) as `target_scores`."""
-    return json.dumps({"example_input_prefix": before, "example_output_prefix": after,
+def bigbench_task(examples: list[tuple[str, list[str], list[int]]], before: str, after: str, head: str = "") -> str:
+    """A BIG-bench multiple-choice task: each (input, choices, labels) as `target_scores`, `head` its task prefix."""
+    return json.dumps({"task_prefix": head, "example_input_prefix": before, "example_output_prefix": after,
                        "examples": [{"input": text, "target_scores": dict(zip(choices, labels))}
                                     for text, choices, labels in examples]}, ensure_ascii=False, indent=1)
 
@@ -143,10 +145,12 @@ def convert_hhh(snapshot: Path) -> dict[str, str]:
 
 
 def convert_truthfulqa_mc(snapshot: Path) -> dict[str, str]:
-    """MC1 targets (one true answer among the choices) as BIG-bench's task_mc.json holds them."""
+    """MC1 targets (one true answer among the choices) as BIG-bench's task_mc.json holds them: after the paper's QA
+    primer as its task prefix, so each question is asked as lm-evaluation-harness's truthfulqa_mc1 asks it."""
     found = rows(snapshot, "validation", name="multiple_choice")
     return {FILES["truthfulqa_mc"]: bigbench_task(
-        [(r["question"], r["mc1_targets"]["choices"], r["mc1_targets"]["labels"]) for r in found], "\nQ: ", "\nA: ")}
+        [(r["question"], r["mc1_targets"]["choices"], r["mc1_targets"]["labels"]) for r in found], "\nQ: ", "\nA: ",
+        head=QA_PRIMER + "\n")}
 
 
 def convert_truthfulqa_csv(snapshot: Path) -> dict[str, str]:

@@ -10,7 +10,9 @@ data/evaluation/metrics.json (`sft.hhh.acc`, `sft.truthfulqa_csv.category.health
   model's answer to the same turn by two judges:
   - `judge` (the headline): an independent judge, trained in no stage of the run (`evaluate.judge_model`: the base
     model by default, or a local HF folder or hub id), as `label_preferences` judges: a/b in both orders under
-    each of `evaluate.judge_principles`; win rate (ties count half) and position bias (`judge_outcomes`);
+    each of `evaluate.judge_principles`; a win only where both orders prefer the answer, a loss only where both
+    prefer the reference, a tie otherwise, as MT-Bench's pairwise judge with position swap (align/judge.py
+    `verdict`); win rate (ties count half) and position bias (`judge_outcomes`);
   - `target_rm`: the instructable RM the policy was optimised against, under the same principles (win / tie / loss
     by reward difference beyond `evaluate.tie_margin`; it scores each answer on its own, so order cannot bias it):
     inflated by construction for the PPO policy, kept to show by how much.
@@ -21,10 +23,13 @@ data/evaluation/metrics.json (`sft.hhh.acc`, `sft.truthfulqa_csv.category.health
   message: the win rate of matched over mismatched says whether the policy follows preferences it never saw.
 
 Every score is a mean over items (questions, turns, rows) and carries its 95% percentile-bootstrap interval beside it
-(`sft.hhh.acc_ci95: "[0.467, 0.733]"`; `evaluate.bootstrap_resamples` draws, seeded by `seed`; align/intervals.py).
+(`sft.hhh.acc_ci95: "[0.467, 0.733]"`; `evaluate.bootstrap_resamples` draws, seeded by `seed`; align/intervals.py);
+every MT-Bench score is resampled by question, its two turns together (a cluster bootstrap).
 
 Out (data/evaluation): answers/<policy>.jsonl (+ <policy>.system_messages.jsonl), metrics.json, plot.json (one row
-per policy and headline score with its interval as lo/hi, for the bar chart in dvc.yaml).
+per policy and headline score with its interval as lo/hi, for the bar chart in dvc.yaml), outcomes.jsonl (per
+policy, headline score and item: a stable item id, its cluster and its value, whose mean is the score; what
+`python -m align.compare A B` pairs between two runs).
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from align.benchmarks import (
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.intervals import Bootstrap
-from align.judge import PLACEHOLDERS, criteria_of, judge, preference
+from align.judge import PLACEHOLDERS, criteria_of, judge, verdict
 from align.models import HUB_ID, hub_snapshot
 from align.params import Engine, Evaluate, SystemMessages
 from align.paths import MODEL
@@ -67,6 +72,7 @@ SYSTEM = paths.SYSTEM_MESSAGES
 SPACE = paths.PREFERENCE_SPACE
 JUDGE_TEMPLATE = paths.JUDGE_PROMPT
 PLOT = "plot.json"
+OUTCOMES = "outcomes.jsonl"  # per (policy, headline score, item): what `python -m align.compare` pairs
 JUDGE = "judge"  # the independent judge's verdicts: the headline win rates
 TARGET_RM = "target_rm"  # the verdicts of the RM the policy was optimised against: inflated by construction
 
@@ -95,13 +101,18 @@ def slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
-def multiple_choice(scorer: Scorer, items: list[ChoiceItem], normalise: bool, by_subset: str | None,
+def choice_scores(scorer: Scorer, items: list[ChoiceItem], normalise: bool) -> list[dict[str, float]]:
+    """Per item its mc1 and mc2 (`mc_scores`) by the policy's log-likelihood of each choice."""
+    return [mc_scores(choice_logprobs(scorer, item, normalise), item)
+            for item in progress(items, desc="Multiple-choice items", unit="item")]
+
+
+def multiple_choice(items: list[ChoiceItem], scores: list[dict[str, float]], by_subset: str | None,
                     boot: Bootstrap, mass: str = "mc2") -> dict:
-    """mc1 (accuracy) and the normalised probability mass on the correct choices over `items` (named `mass`: mc2
-    where items have several true answers, as TruthfulQA's CSV; p_true where each has one, as BIG-bench's
-    TruthfulQA), each with its interval, and per subset under the key `by_subset` when given."""
-    scores = [mc_scores(choice_logprobs(scorer, item, normalise), item)
-              for item in progress(items, desc="Multiple-choice items", unit="item")]
+    """mc1 (accuracy) and the normalised probability mass on the correct choices over `items` (their
+    `choice_scores`; the mass named `mass`: mc2 where items have several true answers, as TruthfulQA's CSV; p_true
+    where each has one, as BIG-bench's TruthfulQA), each with its interval, and per subset under the key
+    `by_subset` when given."""
     result = {**boot.mean("mc1", [s["mc1"] for s in scores]), **boot.mean(mass, [s["mc2"] for s in scores]),
               "items": len(items)}
     if by_subset:
@@ -113,9 +124,9 @@ def multiple_choice(scorer: Scorer, items: list[ChoiceItem], normalise: bool, by
     return result
 
 
-def hhh_metrics(scorer: Scorer, items: list[ChoiceItem], normalise: bool, boot: Bootstrap) -> dict:
+def hhh_metrics(items: list[ChoiceItem], scores: list[dict[str, float]], boot: Bootstrap) -> dict:
     """Accuracy: the better reply more likely than the other; overall and per subset folder."""
-    mc = multiple_choice(scorer, items, normalise, "subsets", boot)
+    mc = multiple_choice(items, scores, "subsets", boot)
     return {"acc": mc["mc1"], "acc_ci95": mc["mc1_ci95"], "items": mc["items"],
             **{name: {"acc": group["mc1"], "acc_ci95": group["mc1_ci95"], "items": group["items"]}
                for name, group in mc["subsets"].items()}}
@@ -154,21 +165,35 @@ def answer_system_messages(generator: Generator, rows: list[dict], max_new_token
              "mismatched": next(outs).text.strip()} for row in rows]
 
 
-def system_message_judgement(rm: RewardScorer, rows: list[dict], answers: list[dict], descriptions: dict[str, str],
-                             margin: float, boot: Bootstrap) -> dict:
-    """The RM's verdict on answers under the matched vs the mismatched system message: per dimension, scored
-    under the description of the row's value for it; and overall, under the whole system message. Win: the
-    matched answer's reward exceeds the mismatched one's by more than `margin`."""
+def system_message_diffs(rm: RewardScorer, rows: list[dict], answers: list[dict],
+                         descriptions: dict[str, str]) -> dict[str, list[float]]:
+    """Per guide, per held-out row: the RM's reward of the answer under the matched system message minus that of
+    the answer under the mismatched one; each dimension scored under the description of the row's value for it,
+    `overall` under the whole system message."""
     prompts = [row["prompt"] for row in rows]
     guides: dict[str, list] = {d: [[descriptions[row["values"][d]]] for row in rows] for d in DIMENSIONS}
     guides["overall"] = [row["system"] for row in rows]
-    result: dict = {"prompts": len(rows)}
+    diffs = {}
     for name, guide in guides.items():
         matched = rm.score(prompts, [a["matched"] for a in answers], guide)
         mismatched = rm.score(prompts, [a["mismatched"] for a in answers], guide)
-        diffs = [m - x for m, x in zip(matched, mismatched)]
-        result[name] = {**boot.mean("win_rate", [d > margin for d in diffs]),
-                        **boot.mean("loss_rate", [d < -margin for d in diffs]), **boot.mean("margin", diffs)}
+        diffs[name] = [m - x for m, x in zip(matched, mismatched)]
+    return diffs
+
+
+def wins(diffs: list[float], margin: float) -> list[float]:
+    """1 where a reward difference exceeds `margin` (a win by the RM), else 0."""
+    return [float(d > margin) for d in diffs]
+
+
+def system_message_judgement(diffs: dict[str, list[float]], margin: float, boot: Bootstrap) -> dict:
+    """The RM's verdict on answers under the matched vs the mismatched system message (`system_message_diffs`), per
+    guide: win rate (the matched answer's reward beyond the mismatched one's by more than `margin`), loss rate and
+    the mean margin."""
+    result: dict = {"prompts": len(diffs["overall"])}
+    for name, found in diffs.items():
+        result[name] = {**boot.mean("win_rate", wins(found, margin)),
+                        **boot.mean("loss_rate", [d < -margin for d in found]), **boot.mean("margin", found)}
     return result
 
 
@@ -183,48 +208,66 @@ def turns_of(rows: list[dict]) -> list[tuple[dict, int]]:
     return [(row, t) for row in rows for t in range(len(row["answers"]))]
 
 
-def outcomes(diffs: list[float], margin: float, boot: Bootstrap) -> dict:
+def turn_ids(rows: list[dict]) -> tuple[list[str], list[str]]:
+    """Per answered turn (`turns_of` order): its stable id, "<question_id>/<turn from 1>", and its question's id, the
+    cluster every MT-Bench interval resamples by: a question's two turns are not independent items."""
+    turns = turns_of(rows)
+    return [f"{r['question_id']}/{t + 1}" for r, t in turns], [str(r["question_id"]) for r, _ in turns]
+
+
+def outcomes(diffs: list[float], margin: float, boot: Bootstrap, clusters: list[str]) -> dict:
     """Win, loss and tie rates against the base model over the judged turns, each with its interval."""
-    return {**boot.mean("win_rate_vs_base", [d > margin for d in diffs]),
-            **boot.mean("loss_rate_vs_base", [d < -margin for d in diffs]),
-            **boot.mean("tie_rate_vs_base", [abs(d) <= margin for d in diffs]), "turns": len(diffs)}
+    return {**boot.mean("win_rate_vs_base", wins(diffs, margin), clusters),
+            **boot.mean("loss_rate_vs_base", [d < -margin for d in diffs], clusters),
+            **boot.mean("tie_rate_vs_base", [abs(d) <= margin for d in diffs], clusters), "turns": len(diffs)}
 
 
-def rm_judgement(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[str], margin: float,
-                 boot: Bootstrap) -> dict:
-    """Per policy: mean reward of its answers and, against the base model's answer to the same turn, win/tie/loss."""
+def rm_rewards(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[str]) -> dict[str, list[float]]:
+    """Per policy: the RM's reward of each of its MT-Bench answers under `guide`, in `turns_of` order."""
     rewards = {}
     for policy, rows in answers.items():
         turns = turns_of(rows)
         rewards[policy] = rm.score([conversation(r, t) for r, t in turns], [r["answers"][t] for r, t in turns],
                                    [guide] * len(turns))
-    result = {}
-    for policy, values in rewards.items():
-        result[policy] = boot.mean("mean_reward", values)
-        if policy != "base" and "base" in rewards:
-            result[policy].update(outcomes([v - b for v, b in zip(values, rewards["base"])], margin, boot))
-    return result
+    return rewards
 
 
-def judge_outcomes(rows: list[dict], boot: Bootstrap) -> dict:
-    """The independent judge's verdict over pairs judged with the answer under test as a and the reference as b
-    (align/judge.py `preference`), each with its interval:
-    - win_rate: the share of items where the judge prefers the answer, averaged over both orders; a tie (equal
-      preference) counts half, so an answer set judged against itself scores exactly 0.5;
+def versus_base(rewards: dict[str, list[float]], policy: str) -> list[float] | None:
+    """A policy's reward minus the base model's on the same turn (both answered the same questions in the same
+    order); None for the base model itself, or where base was not evaluated."""
+    if policy == "base" or "base" not in rewards:
+        return None
+    return [v - b for v, b in zip(rewards[policy], rewards["base"])]
+
+
+WIN_VALUE = {"win": 1.0, "tie": 0.5, "loss": 0.0}  # a tie counts half
+
+
+def judge_values(rows: list[dict]) -> tuple[list[float], list[float]]:
+    """Per pair judged with the answer under test as a and the reference as b (align/judge.py `verdict`): the
+    answer's win (1), tie (0.5) or loss (0), and 1 where the judge picked the same position in both orders."""
+    verdicts = [verdict(row) for row in rows]
+    return [WIN_VALUE[outcome] for outcome, _ in verdicts], [float(same) for _, same in verdicts]
+
+
+def judge_outcomes(rows: list[dict], boot: Bootstrap, clusters: list[str] | None = None) -> dict:
+    """The independent judge's verdict over pairs judged in both orders (`judge_values`), each with its interval
+    (resampled by `clusters` where given: MT-Bench's questions):
+    - win_rate: the share of items the answer wins in both orders, a tie (the orders disagree) counting half: an
+      answer set judged against itself, or by a judge that follows the position only, scores exactly 0.5;
     - position_bias: the share of items where the judge picks the same position (a, or b) in both orders: 0 for a
       judge whose verdict follows the answers only, 1 for one that follows the position only (0.5: a coin)."""
-    prefs = [preference(row) for row in rows]
-    wins = [1.0 if p > 0 else 0.0 if p < 0 else 0.5 for p, _ in prefs]
-    return {**boot.mean("win_rate", wins), **boot.mean("position_bias", [float(same) for _, same in prefs]),
-            "items": len(rows)}
+    won, same = judge_values(rows)
+    return {**boot.mean("win_rate", won, clusters), **boot.mean("position_bias", same, clusters), "items": len(rows)}
 
 
 def model_judgement(scorer: Scorer, answers: dict[str, list[dict]], system_answers: dict[str, list[dict]],
-                    held_out: list[dict], principles: list[PreferencePrinciple], boot: Bootstrap) -> dict:
+                    held_out: list[dict], principles: list[PreferencePrinciple]) -> dict[str, dict[str, list[dict]]]:
     """The independent judge (`evaluate.judge_model`, the base model by default: trained in no stage of the run) as
-    `label_preferences` judges, a/b in both orders. MT-Bench: each policy's answer against the base model's answer
-    to the same turn, under each of `principles`; system messages: each policy's answer under the row's own message
-    against its answer under the mismatched one, under the row's message."""
+    `label_preferences` judges, a/b in both orders; per policy the judged pairs (align/judge.py `judge`) of
+    "mtbench": each of its answers against the base model's answer to the same turn, under each of `principles`;
+    and of "system_messages": its answer under the row's own message against its answer under the mismatched one,
+    under the row's message."""
     template = load_template(JUDGE_TEMPLATE, PLACEHOLDERS)
     choices = (scorer.token_id("a"), scorer.token_id("b"))
     base = {r["question_id"]: r for r in answers.get("base", [])}
@@ -233,13 +276,13 @@ def model_judgement(scorer: Scorer, answers: dict[str, list[dict]], system_answe
         if policy != "base" and base:
             pairs = [{"prompt": conversation(r, t), "response_a": r["answers"][t],
                       "response_b": base[r["question_id"]]["answers"][t]} for r, t in turns_of(rows)]
-            judged = judge(scorer, template, pairs, [criteria_of(principles)] * len(pairs), choices)
-            result[policy]["mtbench"] = judge_outcomes(judged, boot)
+            result[policy]["mtbench"] = judge(scorer, template, pairs, [criteria_of(principles)] * len(pairs),
+                                              choices)
         if held_out:
             pairs = [{"prompt": row["prompt"], "response_a": a["matched"], "response_b": a["mismatched"]}
                      for row, a in zip(held_out, system_answers[policy])]
-            judged = judge(scorer, template, pairs, [[("system", row["system"])] for row in held_out], choices)
-            result[policy]["system_messages"] = judge_outcomes(judged, boot)
+            result[policy]["system_messages"] = judge(scorer, template, pairs,
+                                                      [[("system", row["system"])] for row in held_out], choices)
     return result
 
 
@@ -325,47 +368,115 @@ class EvaluateJob:
 
 
 def score_and_answer(args: EvaluateJob) -> tuple[dict[str, dict], dict[str, list[dict]], dict[str, list[dict]]]:
-    """Per policy: its multiple-choice results, its MT-Bench answers, its answers under the held-out system
-    messages; one policy's model in memory at a time."""
-    results: dict[str, dict] = {}
+    """Per policy: its `choice_scores` per multiple-choice benchmark, its MT-Bench answers, its answers under the
+    held-out system messages; one policy's model in memory at a time."""
+    choices: dict[str, dict] = {}
     answers: dict[str, list[dict]] = {}
     system_answers: dict[str, list[dict]] = {}
-    bench, cfg, boot = args.benchmarks, args.cfg, args.bootstrap()
+    bench, cfg = args.benchmarks, args.cfg
     for name, model in args.policies.items():
         scorer = Scorer(model, batch_size=args.engine.score_batch_size)
-        results[name] = {
-            "hhh": hhh_metrics(scorer, bench["hhh"], cfg.normalise, boot),
-            "truthfulqa": multiple_choice(scorer, bench["truthfulqa"], cfg.normalise, None, boot, mass="p_true"),
-            "truthfulqa_csv": multiple_choice(scorer, bench["truthfulqa_csv"], cfg.normalise, "category", boot),
-        }
+        choices[name] = {key: choice_scores(scorer, bench[key], cfg.normalise) for key in MULTIPLE_CHOICE}
         del scorer
         gc.collect()
         with Generator(model, args.engine) as generator:
             answers[name] = answer_mt_bench(generator, bench["mt_bench"], cfg.max_new_tokens, args.seed)
             system_answers[name] = answer_system_messages(generator, bench["system_messages"],
                                                           args.system.eval_max_new_tokens, args.seed)
-    return results, answers, system_answers
+    return choices, answers, system_answers
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What one policy's scores are computed from, item by item, before any mean: `policy_metrics` and
+    `item_outcomes` both read it, so each headline score is the mean of the per-item outcomes the out keeps."""
+    choices: dict[str, list[dict[str, float]]]  # multiple-choice benchmark -> `choice_scores` of its items
+    answers: list[dict]  # MT-Bench (`answer_mt_bench`)
+    rewards: list[float]  # the target RM's reward per MT-Bench turn (`rm_rewards`)
+    vs_base: list[float] | None  # those minus the base model's (`versus_base`)
+    system_diffs: dict[str, list[float]]  # `system_message_diffs`; empty without system messages
+    judged: dict[str, list[dict]]  # the independent judge's pairs per benchmark (`model_judgement`)
+
+
+MULTIPLE_CHOICE = ("hhh", "truthfulqa", "truthfulqa_csv")
+# Headline scores that are a multiple-choice value per item: name -> (benchmark, `mc_scores` key)
+CHOICE_SCORES = {"hhh_acc": ("hhh", "mc1"), "truthfulqa_mc1": ("truthfulqa", "mc1"),
+                 "truthfulqa_p_true": ("truthfulqa", "mc2"), "truthfulqa_csv_mc1": ("truthfulqa_csv", "mc1"),
+                 "truthfulqa_csv_mc2": ("truthfulqa_csv", "mc2")}
+
+
+def policy_metrics(ev: Evidence, bench: dict, margin: float, boot: Bootstrap) -> dict:
+    """A policy's metrics: multiple choice, MT-Bench by the target RM (against the base model's answers, with the
+    mean reward) and by the independent judge, the share of turns cut off, the system messages where evaluated;
+    every MT-Bench interval resampled by question."""
+    _, clusters = turn_ids(ev.answers)
+    target = boot.mean("mean_reward", ev.rewards, clusters)
+    if ev.vs_base is not None:
+        target.update(outcomes(ev.vs_base, margin, boot, clusters))
+    finishes = [f for row in ev.answers for f in row["finish"]]
+    result: dict = {
+        "hhh": hhh_metrics(bench["hhh"], ev.choices["hhh"], boot),
+        "truthfulqa": multiple_choice(bench["truthfulqa"], ev.choices["truthfulqa"], None, boot, mass="p_true"),
+        "truthfulqa_csv": multiple_choice(bench["truthfulqa_csv"], ev.choices["truthfulqa_csv"], "category", boot),
+        "mtbench": {TARGET_RM: target, **boot.mean("cut_off_share", [f == "length" for f in finishes], clusters)},
+    }
+    if "mtbench" in ev.judged:
+        result["mtbench"][JUDGE] = judge_outcomes(ev.judged["mtbench"], boot, clusters)
+    if ev.system_diffs:
+        result["system_messages"] = {TARGET_RM: system_message_judgement(ev.system_diffs, margin, boot)}
+        result["system_messages"][JUDGE] = judge_outcomes(ev.judged["system_messages"], boot)
+    return result
+
+
+def item_outcomes(ev: Evidence, bench: dict, margin: float) -> dict[str, tuple[list[str], list[str], list[float]]]:
+    """Per headline score (`SCORES`' names) the policy has: (item ids, their clusters, values), the mean of the
+    values being the score. Ids are stable across runs (`ChoiceItem.id`; an MT-Bench turn "<question_id>/<turn>",
+    its cluster the question; a held-out system-message row's id), so `align.compare` pairs two runs item by item."""
+    found = {}
+    for name, (key, value) in CHOICE_SCORES.items():
+        ids = [item.id for item in bench[key]]
+        found[name] = (ids, ids, [s[value] for s in ev.choices[key]])
+    turns, clusters = turn_ids(ev.answers)
+    if "mtbench" in ev.judged:
+        won, same = judge_values(ev.judged["mtbench"])
+        found["mtbench_judge"], found["mtbench_position_bias"] = (turns, clusters, won), (turns, clusters, same)
+    if ev.vs_base is not None:
+        found["mtbench_target_rm"] = (turns, clusters, wins(ev.vs_base, margin))
+    if ev.system_diffs:
+        rows = [str(row["id"]) for row in bench["system_messages"]]
+        won, same = judge_values(ev.judged["system_messages"])
+        found["sysmsg_judge"], found["sysmsg_position_bias"] = (rows, rows, won), (rows, rows, same)
+        found["sysmsg_target_rm"] = (rows, rows, wins(ev.system_diffs["overall"], margin))
+    return found
+
+
+def outcome_rows(evidence: dict[str, Evidence], bench: dict, margin: float) -> list[dict]:
+    """outcomes.jsonl: one row per (policy, headline score, item): its id, cluster and value."""
+    return [{"policy": policy, "score": score, "item": item, "cluster": cluster, "value": float(value)}
+            for policy, ev in evidence.items()
+            for score, (ids, clusters, values) in item_outcomes(ev, bench, margin).items()
+            for item, cluster, value in zip(ids, clusters, values)]
 
 
 def job(args: EvaluateJob) -> str:
     """Runs inside the allocation: score, generate and judge every policy; write the out."""
-    results, answers, system_answers = score_and_answer(args)
-    held_out, boot = args.benchmarks["system_messages"], args.bootstrap()
+    choices, answers, system_answers = score_and_answer(args)
+    bench, held_out, margin, boot = args.benchmarks, args.benchmarks["system_messages"], args.cfg.tie_margin, \
+        args.bootstrap()
     rm = RewardScorer(RM_BASE, RM, batch_size=args.engine.score_batch_size)
-    for name, judged in rm_judgement(rm, answers, args.guide, args.cfg.tie_margin, boot).items():
-        finishes = [f for row in answers[name] for f in row["finish"]]
-        results[name]["mtbench"] = {TARGET_RM: judged, **boot.mean("cut_off_share", [f == "length" for f in finishes])}
-        if held_out:
-            results[name]["system_messages"] = {TARGET_RM: system_message_judgement(
-                rm, held_out, system_answers[name], args.descriptions, args.cfg.tie_margin, boot)}
+    rewards = rm_rewards(rm, answers, args.guide)
+    system_diffs = {name: system_message_diffs(rm, held_out, system_answers[name], args.descriptions) if held_out
+                    else {} for name in answers}
     del rm
     gc.collect()
     scorer = Scorer(args.judge, batch_size=args.engine.score_batch_size, trust_remote_code=args.trust_remote_code)
-    for name, judged in model_judgement(scorer, answers, system_answers, held_out, args.judge_principles,
-                                        boot).items():
-        for bench, verdict in judged.items():
-            results[name][bench][JUDGE] = verdict
-    metrics = {"scoring": "per_token" if args.cfg.normalise else "sum", **results}
+    judged = model_judgement(scorer, answers, system_answers, held_out, args.judge_principles)
+    del scorer
+    gc.collect()
+    evidence = {name: Evidence(choices[name], answers[name], rewards[name], versus_base(rewards, name),
+                               system_diffs[name], judged[name]) for name in answers}
+    metrics = {"scoring": "per_token" if args.cfg.normalise else "sum",
+               **{name: policy_metrics(ev, bench, margin, boot) for name, ev in evidence.items()}}
     with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
         for name, rows in answers.items():
             (tmp / "answers").mkdir(exist_ok=True)
@@ -373,6 +484,7 @@ def job(args: EvaluateJob) -> str:
             if held_out:
                 write_jsonl(tmp / "answers" / f"{name}.system_messages.jsonl", system_answers[name])
         write_json(tmp / "metrics.json", metrics)
+        write_jsonl(tmp / OUTCOMES, outcome_rows(evidence, bench, margin))
         (tmp / PLOT).write_text(json.dumps(plot_rows(metrics), indent=1) + "\n")
     return verify_artifact(OUT)
 

@@ -51,10 +51,11 @@ def assert_small_items(out: Path) -> None:
     assert all(i.choices[min(i.correct)] == good for i, (_, good, _) in zip(hhh, HHH["harmless"] + HHH["helpful"]))
     assert hhh[0].context == f"\nHuman: {HHH['harmless'][0][0]}\nAssistant:"
     mc = load_bigbench(out / FILES["truthfulqa_mc"], "truthfulqa")
-    assert [(i.context, i.choices[i.best]) for i in mc] == [(f"\nQ: {q}\nA: ", best) for _, q, best, _, _ in TRUTHFULQA]
+    assert [(i.context, i.choices[i.best]) for i in mc] == [  # after the QA primer, as the harness asks
+        (f"{QA_PRIMER}\n\nQ: {q}\nA: ", best) for _, q, best, _, _ in TRUTHFULQA]
     rows = load_truthfulqa_csv(out / FILES["truthfulqa_csv"])
     assert [(r.subset, r.choices[r.best], len(r.correct), len(r.choices)) for r in rows] == [
-        (c, best, 1 + len(correct), 1 + len(correct) + len(wrong)) for c, _, best, correct, wrong in TRUTHFULQA]
+        (c, f"{best}.", 1 + len(correct), 1 + len(correct) + len(wrong)) for c, _, best, correct, wrong in TRUTHFULQA]
     assert [(q["question_id"], q["turns"]) for q in load_mt_bench(out / FILES["mt_bench"])] == [
         (i, t) for i, _, t in MT_BENCH]
 
@@ -124,10 +125,24 @@ def test_loaders_read_every_item() -> None:
     mc = load_bigbench(SHARED / "truthfulqa" / "task_mc.json", "truthfulqa")
     assert len(mc) == 299 and mc[0].context.startswith("Q: What is human life expectancy")
     rows = load_truthfulqa_csv(SHARED / "truthfulqa" / "TruthfulQA_part1.csv")
-    assert len(rows) == 400 and rows[0].choices[rows[0].best] == "The watermelon seeds pass through your digestive system"
+    assert len(rows) == 400
+    assert rows[0].choices[rows[0].best] == "The watermelon seeds pass through your digestive system."
     assert all(r.best in r.correct and len(r.correct) < len(r.choices) for r in rows)
+    assert all(c.endswith(".") and not c.endswith("..") for r in rows for c in r.choices)
     # both TruthfulQA sources are asked after the paper's QA primer: BIG-bench's task prefix is the same text
     assert mc[0].context.startswith(QA_PRIMER + "\n\nQ: ") and rows[0].context.startswith(QA_PRIMER + "\n\nQ: ")
+
+
+def test_truthfulqa_csv_answers_are_closed_with_a_period(tmp_path: Path) -> None:
+    """As the TruthfulQA paper's code closes every reference answer before scoring it (and lm-evaluation-harness's
+    multiple_choice data has them): "." appended where an answer does not end in one, never doubled; the best
+    answer matched among the correct ones after closing, so "Blue" and "Blue." are one choice."""
+    csv_path = tmp_path / "truthfulqa.csv"
+    csv_path.write_text("Type,Category,Question,Best Answer,Correct Answers,Incorrect Answers,Source\n"
+                        "Adversarial,Science,What colour is the sky?,Blue,Blue.; It looks blue,Green; Red.,x\n")
+    [item] = load_truthfulqa_csv(csv_path)
+    assert item.choices == ("Blue.", "It looks blue.", "Green.", "Red.")
+    assert (item.best, item.correct) == (0, frozenset({0, 1}))
 
 
 def test_malformed_bigbench_task_is_one_line(tmp_path: Path) -> None:

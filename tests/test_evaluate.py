@@ -1,8 +1,10 @@
 """The `evaluate` stage on the tiny model: TruthfulQA CSV's MC1/MC2 after the QA primer against a computation by hand;
-flat per-policy metrics from data/benchmarks (the tests' small files), each with its interval, MT-Bench answers for
-both turns judged by the RM and by a judge model in both orders (two identical policies tie on everything), bad
-benchmark input as one line; and the experiment workflow: two `dvc exp run -S` experiments that `dvc exp show` and
-`dvc metrics diff` tell apart where their params differ, the intervals in `dvc metrics show` and the bar chart."""
+flat per-policy metrics from data/benchmarks (the tests' small files), each with its interval (MT-Bench's resampled
+by question), MT-Bench answers for both turns judged by the RM and by a judge model in both orders (a win only
+where both orders agree; two identical policies tie on everything), per-item outcomes whose means are the headline
+scores, bad benchmark input as one line; and the experiment workflow: two `dvc exp run -S` experiments that `dvc exp
+show`, `dvc metrics diff` and `align.compare` tell apart where their params differ, the intervals in `dvc metrics
+show` and the bar chart."""
 
 from __future__ import annotations
 
@@ -21,13 +23,16 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from align.artifacts import staged_out, verify_artifact
 from align.assets import load_template
-from align.benchmarks import QA_PRIMER, load_truthfulqa_csv
+from align.benchmarks import QA_PRIMER, ChoiceItem, load_truthfulqa_csv
 from align.intervals import Bootstrap
 from align.judge import PLACEHOLDERS, criteria_of, judge
 from align.paths import JUDGE_PROMPT
 from align.records import read_jsonl, write_jsonl
 from align.scoring import Scorer
-from stages.evaluate import judge_outcomes, multiple_choice
+from stages.evaluate import (
+    CHOICE_SCORES, SCORES, Evidence, choice_scores, judge_outcomes, multiple_choice, outcome_rows, policy_metrics,
+    score_files,
+)
 from tests.benchmark_files import TRUTHFULQA, add_benchmarks_out, truthfulqa_csv
 from tests.conftest import ROOT
 from tests.helpers import new_repo, sh, stage
@@ -36,8 +41,9 @@ from tests.projects import PRINCIPLES, SHORT_LONG, SMALL_EVALUATE, add_policy_ou
 
 def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, tiny_model: Path) -> None:
     """lm-evaluation-harness's truthfulqa_mc1/mc2 on a small CSV: the paper's QA primer, then "Q: {question}\nA:",
-    each answer after exactly one space; here each answer's log-likelihood comes from a plain forward pass over
-    context + answer tokens, MC1 and MC2 from their definitions, and the stage's scores must match."""
+    each answer closed with a period (the CSV leaves them open; the paper's code and the harness's data close them)
+    after exactly one space; here each answer's log-likelihood comes from a plain forward pass over context +
+    answer tokens, MC1 and MC2 from their definitions, and the stage's scores must match."""
     (tmp_path / "truthfulqa.csv").write_text(truthfulqa_csv())
     items = load_truthfulqa_csv(tmp_path / "truthfulqa.csv")
     tokenizer = AutoTokenizer.from_pretrained(tiny_model)
@@ -45,7 +51,7 @@ def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, 
 
     def loglik(context: str, answer: str) -> float:
         head = tokenizer(context)["input_ids"]
-        tail = tokenizer(" " + answer, add_special_tokens=False)["input_ids"]
+        tail = tokenizer(" " + answer.removesuffix(".") + ".", add_special_tokens=False)["input_ids"]  # closed once
         with torch.no_grad():
             logprobs = torch.log_softmax(model(torch.tensor([head + tail])).logits[0].float(), dim=-1)
         return sum(logprobs[len(head) - 1 + k, token].item() for k, token in enumerate(tail))
@@ -58,19 +64,20 @@ def test_truthfulqa_csv_mc1_and_mc2_by_hand_after_the_qa_primer(tmp_path: Path, 
         false = np.array([loglik(context, a) for a in wrong])
         mc1.append(float(true[0] >= false.max()))
         mc2.append(np.exp(true).sum() / (np.exp(true).sum() + np.exp(false).sum()))
-    scored = multiple_choice(Scorer(tiny_model), items, False, "category", Bootstrap(0, 1000))
+    scored = multiple_choice(items, choice_scores(Scorer(tiny_model), items, False), "category", Bootstrap(0, 1000))
     assert (scored["items"], scored["mc1"]) == (3, np.mean(mc1))
     assert scored["mc2"] == pytest.approx(np.mean(mc2), rel=1e-4)
     assert 0 < np.mean(mc2) < 1 and scored["category"]["science"]["mc1"] == mc1[1]
 
 
-def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is_reported(tiny_model: Path) -> None:
-    """The independent judge's win rate of answers against references, by hand from the judge's next-token logits:
-    per item the a-minus-b logit (mean over the principles) with the answer shown first, and again with it shown
-    second; the preference is their half difference (a win above 0, a loss below, a tie counts half). Judged against
-    itself an answer set scores 0.5 exactly and the judge picks the same position in both orders every time; the two
-    directions of one comparison add up to 1. A judge that skipped the swap or flipped the sign would score 0.5 or
-    1 - hand below (the hand win rate is checked not to be 0.5)."""
+def test_the_judge_decides_per_order_and_a_judge_bound_to_a_position_ties(tiny_model: Path) -> None:
+    """The independent judge's outcomes by hand from the judge's next-token logits: per item the a-minus-b logit
+    (mean over the principles) with the answer shown first, and again with it shown second; a win where the first
+    favours a and the second b (the answer both times), a loss the other way round, a tie otherwise, counting half
+    (MT-Bench's rule). The tiny model's judge picks b in both orders every time: bound to the position, it ties
+    every item, so it scores 0.5 with position bias 1, where averaging its margins over the two orders (the rule
+    before) let how far it leans decide (checked not to give 0.5 here). Judged against itself an answer set
+    scores 0.5 too; the two directions of one comparison add up to 1."""
     scorer = Scorer(tiny_model, batch_size=4)
     template = load_template(ROOT / JUDGE_PROMPT, PLACEHOLDERS)
     choices = (scorer.token_id("a"), scorer.token_id("b"))
@@ -88,16 +95,17 @@ def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is
         logits = scorer.next_token_logits(texts, list(choices))
         return float((logits[:, 0] - logits[:, 1]).mean())
 
-    wins, same = [], []
+    wins, same, averaged = [], [], []
     for prompt, answer, reference in items:
         shown_first, shown_second = a_minus_b(prompt, answer, reference), a_minus_b(prompt, reference, answer)
-        pref = shown_first - shown_second
-        wins.append(1.0 if pref > 0 else 0.0 if pref < 0 else 0.5)
-        same.append(float((shown_first > 0) == (shown_second > 0)))
+        wins.append(1.0 if shown_first > 0 > shown_second else 0.0 if shown_first < 0 < shown_second else 0.5)
+        same.append(float(shown_first > 0 and shown_second > 0 or shown_first < 0 and shown_second < 0))
+        averaged.append(float(shown_first - shown_second > 0))
     judged = outcomes(items)
-    assert np.mean(wins) != 0.5  # else a judge that ignored the order would pass
     assert judged["win_rate"] == pytest.approx(np.mean(wins)) and judged["items"] == 8
     assert judged["position_bias"] == pytest.approx(np.mean(same))
+    assert (judged["win_rate"], judged["position_bias"]) == (0.5, 1.0)  # bound to b: every item a tie
+    assert np.mean(averaged) != 0.5  # the averaged margins would have read a preference into the position
     lo, hi = json.loads(judged["win_rate_ci95"])
     assert lo <= judged["win_rate"] <= hi
     swapped = outcomes([(p, reference, answer) for p, answer, reference in items])
@@ -108,17 +116,90 @@ def test_the_judge_averages_both_orders_ties_count_half_and_its_position_bias_is
 
 def test_judge_outcomes_on_constructed_scores_with_a_known_answer() -> None:
     """Scores as `judge` writes them: per criterion [a-minus-b logit with the answer shown first, with it shown
-    second]. The tiny model's judge picks b in both orders every time, so the position bias is checked here, on
-    items where the judge follows the answer (1, 4), the position (2, 3, 5), and where the preference is exactly 0.
-    A sign slip in the average over orders gives 0.6, a judge that ignores the swap 0.5."""
+    second]; per order the verdict is the sign of the mean over the criteria. Expected numbers derived by hand,
+    row by row (below): a win only where the answer is preferred in both orders, a loss only where the reference
+    is, a tie (half a win) otherwise, a margin of exactly 0 picking no position. The rule before (the margins
+    averaged over the orders) gives 4.5 / 7 wins and 4 / 7 same-position here."""
     rows = [{"scores": {"p": [0.3, -0.2], "q": [0.1, 0.0]}},  # means 0.2, -0.1: the answer in both orders: a win
-            {"scores": {"p": [0.1, 0.3]}},  # a in both orders, more so with the reference as a: a loss
-            {"scores": {"p": [-0.2, -0.4]}},  # b in both orders, more so with the answer as b: a win
+            {"scores": {"p": [0.1, 0.3]}},  # a in both orders (the reference when it is a): a tie, same position
+            {"scores": {"p": [-0.2, -0.4]}},  # b in both orders: a tie, same position
             {"scores": {"p": [0.2, -0.3]}},  # the answer in both orders: a win
-            {"scores": {"p": [0.2, 0.2]}}]  # a in both orders, equally: a tie, half a win
+            {"scores": {"p": [0.2, 0.2]}},  # a in both orders, equally: a tie, same position
+            {"scores": {"p": [-0.1, 0.4]}},  # the reference in both orders: a loss
+            {"scores": {"p": [0.0, -0.3]}}]  # no verdict shown first, the answer shown second: a tie, no position
     judged = judge_outcomes(rows, Bootstrap(0, 200))
-    assert judged["win_rate"] == pytest.approx((1 + 0 + 1 + 1 + 0.5) / 5)
-    assert judged["position_bias"] == pytest.approx(3 / 5) and judged["items"] == 5
+    assert judged["win_rate"] == pytest.approx((1 + 0.5 + 0.5 + 1 + 0.5 + 0 + 0.5) / 7)  # 4 / 7
+    assert judged["position_bias"] == pytest.approx(3 / 7) and judged["items"] == 7
+
+
+def test_a_judge_bound_to_position_a_wins_half_and_has_position_bias_one() -> None:
+    """A judge that answers "a" whatever it is shown, leaning further when the answer under test is a: averaging
+    its margins over both orders counted every item a win (win rate 1); by the per-order rule each is a tie."""
+    rows = [{"scores": {"p": [0.9, 0.2], "q": [0.7, 0.1]}}, {"scores": {"p": [0.5, 0.4]}},
+            {"scores": {"p": [2.0, 0.1]}}, {"scores": {"p": [0.3, 0.2]}}]
+    judged = judge_outcomes(rows, Bootstrap(0, 200))
+    assert (judged["win_rate"], judged["position_bias"]) == (0.5, 1.0)
+    assert judged["win_rate_ci95"] == "[0.500, 0.500]"
+
+
+def constructed_evidence(questions: int = 20) -> tuple[Evidence, dict]:
+    """A policy's evidence built by hand, no model: one item per multiple-choice benchmark, and `questions` MT-Bench
+    questions whose two turns score alike (correlated turns): the first half won twice by both judges, with a higher
+    reward and cut off, the second half lost twice."""
+    item = ChoiceItem("Q: ?\nA:", ("yes.", "no."), frozenset({0}), 0, "t")
+    bench = {"hhh": [item], "truthfulqa": [item], "truthfulqa_csv": [item], "system_messages": []}
+    answers = [{"question_id": 100 + q, "answers": ["x", "y"], "finish": ["length" if q % 2 else "stop"] * 2}
+               for q in range(questions)]
+    won = [q % 2 == 1 for q in range(questions) for _ in range(2)]
+    judged = [{"scores": {"p": [0.4, -0.2] if w else [-0.3, 0.5]}} for w in won]  # a win / a loss in both orders
+    ev = Evidence(choices={k: [{"mc1": 1.0, "mc2": 0.75}] for k in ("hhh", "truthfulqa", "truthfulqa_csv")},
+                  answers=answers, rewards=[1.0 if w else -1.0 for w in won],
+                  vs_base=[0.5 if w else -0.5 for w in won], system_diffs={}, judged={"mtbench": judged})
+    return ev, bench
+
+
+def test_every_mtbench_interval_resamples_by_question() -> None:
+    """Each MT-Bench score's interval is the cluster bootstrap over questions (align/intervals.py), not the per-turn
+    one: on turns that move together it is wider, as 20 questions are fewer items than 40 turns."""
+    ev, bench = constructed_evidence()
+    boot = Bootstrap(0, 1000)
+    metrics = policy_metrics(ev, bench, margin=0.1, boot=boot)
+    questions = [str(100 + q) for q in range(20) for _ in range(2)]
+    won = [float(q % 2 == 1) for q in range(20) for _ in range(2)]
+    mtbench = metrics["mtbench"]
+    checked = {"cut_off_share": mtbench, "mean_reward": mtbench["target_rm"], "win_rate_vs_base": mtbench["target_rm"],
+               "loss_rate_vs_base": mtbench["target_rm"], "tie_rate_vs_base": mtbench["target_rm"],
+               "win_rate": mtbench["judge"], "position_bias": mtbench["judge"]}
+    values = {"cut_off_share": won, "mean_reward": [2 * w - 1 for w in won], "win_rate_vs_base": won,
+              "loss_rate_vs_base": [1 - w for w in won], "tie_rate_vs_base": [0.0] * 40, "win_rate": won,
+              "position_bias": [0.0] * 40}
+    for name, where in checked.items():
+        assert where[f"{name}_ci95"] == boot.mean(name, values[name], questions)[f"{name}_ci95"], name
+    lo, hi = json.loads(mtbench["judge"]["win_rate_ci95"])
+    turn_lo, turn_hi = json.loads(boot.mean("w", won)["w_ci95"])
+    assert hi - lo > 1.2 * (turn_hi - turn_lo)
+
+
+def test_item_outcomes_average_to_the_headline_scores() -> None:
+    """The per-item outcomes the out keeps (outcomes.jsonl) are the values each headline score is the mean of, keyed
+    by stable ids: a multiple-choice item by its digest, an MT-Bench turn by "<question_id>/<turn>" in its
+    question's cluster."""
+    ev, bench = constructed_evidence(questions=3)
+    metrics = {"sft": policy_metrics(ev, bench, margin=0.1, boot=Bootstrap(0, 100))}
+    rows = outcome_rows({"sft": ev}, bench, margin=0.1)
+    headline = {name: values["sft"] for name, values in score_files(metrics).items() if not name.endswith("_ci95.json")}
+    found = {f"{r['score']}.json" for r in rows}
+    assert found == set(headline) == {f"{n}.json" for n in (*CHOICE_SCORES, "mtbench_judge", "mtbench_position_bias",
+                                                             "mtbench_target_rm")}
+    for name, value in headline.items():
+        assert np.mean([r["value"] for r in rows if f"{r['score']}.json" == name]) == pytest.approx(value), name
+    turns = [(r["item"], r["cluster"]) for r in rows if r["score"] == "mtbench_judge"]
+    assert turns == [("100/1", "100"), ("100/2", "100"), ("101/1", "101"), ("101/2", "101"), ("102/1", "102"),
+                     ("102/2", "102")]
+    item = bench["hhh"][0]
+    assert next(r for r in rows if r["score"] == "hhh_acc") == {"policy": "sft", "score": "hhh_acc", "item": item.id,
+                                                                "cluster": item.id, "value": 1.0}
+    assert item.id == ChoiceItem(item.context, item.choices, frozenset({1}), 1, "other").id  # context and choices
 
 
 def test_the_judge_model_is_the_base_model_a_folder_or_a_hub_snapshot_from_the_login_node(tmp_path: Path,
@@ -182,6 +263,15 @@ def test_evaluate_scores_every_policy_and_identical_policies_tie(tmp_path: Path,
     assert json.loads((scores / "hhh_acc_ci95.json").read_text())["sft"] == base["hhh"]["acc_ci95"]
     assert not (scores / "sysmsg_judge.json").exists()  # system messages are off
     assert set(json.loads((cwd / "metrics/evaluate.json").read_text())) == {"minutes"}
+    outcomes = read_jsonl(cwd / "data/evaluation/outcomes.jsonl")  # per item: each headline score is their mean
+    for name in (n for n, _ in SCORES if (scores / f"{n}.json").exists()):
+        for policy, value in json.loads((scores / f"{name}.json").read_text()).items():
+            values = [r["value"] for r in outcomes if (r["policy"], r["score"]) == (policy, name)]
+            assert np.mean(values) == pytest.approx(value) and len(values) == (4 if "mtbench" in name else 6 if
+                                                                                 name == "hhh_acc" else 3), name
+    proc = subprocess.run([sys.executable, "-m", "align.compare", "workspace", "workspace"], cwd=cwd, text=True,
+                          capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert proc.returncode == 0 and "mtbench_position_bias" in proc.stdout and "B > A" not in proc.stdout, proc.stderr
     answers = read_jsonl(cwd / "data/evaluation/answers/sft.jsonl")
     assert len(answers) == 2 and all(len(a["answers"]) == 2 == len(a["turns"]) for a in answers)
     plot = json.loads((cwd / "metrics/evaluate_plot.json").read_text())
@@ -234,6 +324,14 @@ def test_two_experiments_compare_in_exp_show_and_metrics_diff(tmp_path: Path, ti
     assert "metrics/evaluate/truthfulqa_p_true_ci95.json" in shown  # the interval, in the row under its score
     for table in (shown, sh(repo, "dvc", "metrics", "diff", "summed", "per-token").stdout):  # a 160-column terminal
         assert max(len(line) for line in table.splitlines()) <= 160, table
+    # per item, paired: the same questions scored by summed and by per-token log-likelihood, the out read through DVC
+    # at each experiment; generation and judging do not depend on it: no MT-Bench difference
+    compared = subprocess.run([sys.executable, "-m", "align.compare", "summed", "per-token"], cwd=repo, text=True,
+                              capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300)
+    assert compared.returncode == 0, compared.stderr
+    assert max(len(line) for line in compared.stdout.splitlines()) <= 160, compared.stdout
+    judged = next(line.split() for line in compared.stdout.splitlines() if line.split()[:2] == ["mtbench_judge", "sft"])
+    assert judged[2:] == ["4", "4", "4", "+0.0000", "[+0.0000,", "+0.0000]"]
     plots = json.loads(sh(repo, "dvc", "plots", "show", "--json").stdout)["data"]["Benchmarks per policy"][0]
     layers = [layer["mark"]["type"] for layer in plots["content"]["layer"]]
     assert layers == ["bar", "rule"]  # the bar, and its interval over it

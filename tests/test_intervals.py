@@ -44,3 +44,29 @@ def test_the_interval_text_reads_back_as_numbers() -> None:
     assert score["win_rate"] == 0.75
     lo, hi = json.loads(score["win_rate_ci95"])
     assert 0.0 <= lo <= 0.75 <= hi == 1.0
+
+
+def test_values_of_one_cluster_are_drawn_together() -> None:
+    """40 questions, both turns of a question scored alike (correlated turns): 20 won twice, 20 lost twice. Drawn
+    by question, 40 independent items: half-width near 1.96 * sqrt(0.25 / 40) = 0.155; drawn by turn, as if the 80
+    turns were independent: 1.96 * sqrt(0.25 / 80) = 0.110, too narrow. The cluster draw is the percentiles of
+    (sum of the drawn questions' sums) / (their turns), checked against numpy with the same generator."""
+    values = [1.0, 1.0] * 20 + [0.0, 0.0] * 20
+    questions = [f"q{i}" for i in range(40) for _ in range(2)]
+    lo, hi = bootstrap_ci(values, seed=0, resamples=2000, clusters=questions)
+    per_turn = bootstrap_ci(values, seed=0, resamples=2000)
+    assert (hi - lo) / 2 == pytest.approx(1.96 * math.sqrt(0.25 / 40), abs=0.012)
+    assert hi - lo > 1.25 * (per_turn[1] - per_turn[0])
+    drawn = np.random.default_rng(5).integers(0, 40, size=(300, 40))
+    sums = np.array([values[2 * q] + values[2 * q + 1] for q in range(40)])
+    assert bootstrap_ci(values, seed=5, resamples=300, clusters=questions) == tuple(
+        np.percentile(sums[drawn].sum(axis=1) / (2 * 40), [2.5, 97.5]))
+
+
+def test_one_value_per_cluster_is_the_plain_bootstrap_and_clusters_of_any_size_mix() -> None:
+    values = [0.0, 1.0, 1.0, 0.0, 1.0, 0.25]
+    assert bootstrap_ci(values, 7, 200, clusters=list(range(6))) == pytest.approx(bootstrap_ci(values, 7, 200))
+    # a question with one turn beside questions with two: each draw's mean is over the turns it brought
+    lo, hi = bootstrap_ci([1.0, 1.0, 0.0], 0, 1000, clusters=[101, 101, 102])
+    assert (lo, hi) == (0.0, 1.0)
+    assert Bootstrap(0, 500).mean("win_rate", [1.0, 1.0, 0.0], [101, 101, 102])["win_rate"] == pytest.approx(2 / 3)
