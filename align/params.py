@@ -102,6 +102,7 @@ class Resources(TrainingExecution, EngineExecution):
     nodes: int = Field(ge=1)
     gpus_per_node: int = Field(ge=0)
     gpu_type: str | None  # typed GPUs, e.g. a100: --gpus-per-node=a100:4
+    gpu_memory_gb: float | None = Field(gt=0)  # one GPU's memory where align/plan.py's table lacks gpu_type
     tasks_per_node: int | None = Field(ge=1)
     cpus_per_task: int = Field(ge=1)
     mem_gb: int | None = Field(ge=0)  # --mem per node (null: the site default; 0: all of a node's memory)
