@@ -187,7 +187,9 @@ def _cancel_stale(state: dict) -> None:
     if state.get("executor") == "slurm":
         submitit.SlurmJob(folder=Path(state["folder"]), job_id=str(state["job_id"])).cancel(check=False)
     elif state.get("executor") == "local" and _pid_alive(int(state["job_id"])):
-        os.kill(int(state["job_id"]), signal.SIGTERM)
+        # as submitit's LocalJob.cancel: SIGINT ends its controller, which kills the tasks (SIGTERM is forwarded to
+        # them, and a task ignores it once submitit's handlers are in place)
+        os.kill(int(state["job_id"]), signal.SIGINT)
     print(f"cancelled stale {state.get('executor')} job {state.get('job_id')} (its inputs or params changed)", file=sys.stderr)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from slurm.submit import JobSpec, submit
 from align import runner
 from align.artifacts import staged_out
-from align.params import Cluster, Resources
+from tests.helpers import cluster_with, resources
 
 OUT = Path("out")
 
@@ -31,9 +31,9 @@ def main() -> None:
     partition = sys.argv[4] if len(sys.argv) > 4 else "cpu"
     spec = JobSpec(
         stage="sleep", fn=functools.partial(sleepy_job, seconds),
-        resources=Resources(partition=partition, mem_gb=1, time_min=5), target=OUT, key={"seconds": seconds},
+        resources=resources(partition=partition, mem_gb=1, time_min=5), target=OUT, key={"seconds": seconds},
     )
-    print(f"result: {submit(spec, Cluster(executor=executor, log_dir=log_dir))}", flush=True)
+    print(f"result: {submit(spec, cluster_with(executor=executor, log_dir=log_dir))}", flush=True)
 
 
 if __name__ == "__main__":

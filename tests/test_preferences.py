@@ -42,7 +42,8 @@ def test_sample_pairs_leaves_out_sft_prompts_and_samples_two_responses(tmp_path:
 
 
 def test_label_preferences_scores_both_orders_and_labels_only_agreement(tmp_path: Path, tiny_model: Path) -> None:
-    cwd = salmon_project(tmp_path, tiny_model, label_preferences={"principles": PRINCIPLE_IDS, "batch_size": 2})
+    cwd = salmon_project(tmp_path, tiny_model, label_preferences={"principles": PRINCIPLE_IDS},
+                         cluster={"label_preferences": {"score_batch_size": 2}})
     proc = stage(cwd, "label_preferences")
     assert proc.returncode == 0, proc.stderr
     verify_artifact(cwd / "data/preferences")

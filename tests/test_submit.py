@@ -16,12 +16,14 @@ import pytest
 
 from align.artifacts import verify_artifact
 from align.errors import UserError
-from align.params import Cluster, Resources
+from align.params import Resources
 from align.progress import progress
 from slurm import submit as submit_module
 from slurm.submit import JobFailed, JobSpec, job_name, state_path, submit
 from align import progress as progress_module
+from tests import helpers
 from tests.conftest import ROOT
+from tests.helpers import cluster_with, resources
 
 
 def dist_env() -> dict:
@@ -54,22 +56,22 @@ def counting_job(steps: int) -> int:
 
 
 def spec(fn, tmp_path: Path, **resources) -> JobSpec:
-    return JobSpec(stage="t", fn=fn, resources=Resources(time_min=5, **resources), target=tmp_path / "out", key={})
+    return JobSpec(stage="t", fn=fn, resources=helpers.resources(time_min=5, **resources), target=tmp_path / "out", key={})
 
 
 def test_inline_runs_in_process_with_a_single_rank_env(tmp_path: Path) -> None:
-    env = submit(spec(dist_env, tmp_path), Cluster(executor="inline", log_dir=str(tmp_path / "logs")))
+    env = submit(spec(dist_env, tmp_path), cluster_with(executor="inline", log_dir=str(tmp_path / "logs")))
     assert env["RANK"] == "0" and env["WORLD_SIZE"] == "1" and env["LOCAL_RANK"] == "0"
     assert not (tmp_path / "logs").exists()
 
 
 def test_inline_refuses_more_than_one_task(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cluster.t: the inline executor runs one task"):
-        submit(spec(dist_env, tmp_path, tasks_per_node=2), Cluster(executor="inline"))
+        submit(spec(dist_env, tmp_path, tasks_per_node=2), cluster_with(executor="inline"))
 
 
 def test_local_two_tasks_form_one_torch_distributed_group(tmp_path: Path) -> None:
-    cluster = Cluster(executor="local", log_dir=str(tmp_path / "logs"))
+    cluster = cluster_with(executor="local", log_dir=str(tmp_path / "logs"))
     rank, world, total = submit(spec(all_reduce_ranks, tmp_path, tasks_per_node=2), cluster)
     assert (rank, world, total) == (0, 2, 3.0)
     logs = sorted(p.name for p in (tmp_path / "logs" / "t").iterdir())
@@ -78,7 +80,7 @@ def test_local_two_tasks_form_one_torch_distributed_group(tmp_path: Path) -> Non
 
 
 def test_local_failure_names_job_error_and_log(tmp_path: Path) -> None:
-    cluster = Cluster(executor="local", log_dir=str(tmp_path / "logs"))
+    cluster = cluster_with(executor="local", log_dir=str(tmp_path / "logs"))
     with pytest.raises(JobFailed) as exc:
         submit(spec(functools.partial(fail, "tokenizer exploded"), tmp_path), cluster)
     message = str(exc.value)
@@ -93,7 +95,7 @@ def test_local_failure_names_job_error_and_log(tmp_path: Path) -> None:
 def test_a_waiting_submitter_names_the_log_once_and_shows_the_job_s_progress(
         tmp_path: Path, capfd: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(submit_module, "PROGRESS_EVERY", 0.5)
-    cluster = Cluster(executor="local", log_dir=str(tmp_path / "logs"))
+    cluster = cluster_with(executor="local", log_dir=str(tmp_path / "logs"))
     assert submit(spec(functools.partial(counting_job, 30), tmp_path), cluster) == 30
     err = capfd.readouterr().err.splitlines()
     log = next((tmp_path / "logs" / "t").glob("*_0_log.err"))
@@ -106,7 +108,7 @@ def test_a_waiting_submitter_names_the_log_once_and_shows_the_job_s_progress(
 
 def test_local_nodes_above_one_is_a_params_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match=r"cluster.t.nodes: the local executor runs on one node, got 2"):
-        submit(spec(dist_env, tmp_path, nodes=2), Cluster(executor="local", log_dir=str(tmp_path / "logs")))
+        submit(spec(dist_env, tmp_path, nodes=2), cluster_with(executor="local", log_dir=str(tmp_path / "logs")))
 
 
 def test_local_job_survives_the_submitter_and_is_re_attached(tmp_path: Path) -> None:
@@ -145,7 +147,7 @@ def test_a_changed_submission_is_not_re_attached(tmp_path: Path) -> None:
     assert second.returncode == 0, second.stderr
     assert f"cancelled stale local job {stale_pid}" in second.stderr
     assert "submitted local job" in second.stderr and "re-attached" not in second.stderr
-    deadline = time.monotonic() + 15  # SIGTERM was sent; on a loaded machine the job takes a moment to exit
+    deadline = time.monotonic() + 15  # SIGINT was sent; on a loaded machine the job takes a moment to exit
     while time.monotonic() < deadline:
         try:
             os.kill(stale_pid, 0)
@@ -169,7 +171,7 @@ def test_site_options_reach_the_job_script(tmp_path: Path) -> None:
 
     from slurm.submit import sbatch_parameters
 
-    res = Resources(partition="gpu", gpus_per_node=4, gpu_type="a100", mem_per_gpu_gb=80, exclusive=True,
+    res = resources(partition="gpu", gpus_per_node=4, gpu_type="a100", mem_gb=None, mem_per_gpu_gb=80, exclusive=True,
                     reservation="maint", sbatch={"gres-flags": "enforce-binding", "requeue": True},
                     srun_args=["--mpi=pmix"], python=["apptainer", "exec", "--nv", "/shared/img.sif", "python"])
     executor = submitit.SlurmExecutor(folder=tmp_path, python=" ".join(res.python))
@@ -181,8 +183,8 @@ def test_site_options_reach_the_job_script(tmp_path: Path) -> None:
         assert line in script.splitlines(), line
     assert "--wckey" not in script and "--mem=" not in script and "--account" not in script
     assert "--kill-on-bad-exit=1 --mpi=pmix apptainer exec --nv /shared/img.sif python -u -m submitit" in script
-    assert "#SBATCH --mem=0" in submitit_script(tmp_path, Resources(mem_gb=0))  # all of the node's memory
-    assert "--partition" not in submitit_script(tmp_path, Resources())  # the cluster's default partition
+    assert "#SBATCH --mem=0" in submitit_script(tmp_path, resources(mem_gb=0))  # all of the node's memory
+    assert "--partition" not in submitit_script(tmp_path, resources(mem_gb=None))  # the cluster's default partition
 
 
 def submitit_script(folder: Path, res: Resources) -> str:
