@@ -110,6 +110,7 @@ class Resources(TrainingExecution, EngineExecution):
     time_min: int = Field(ge=1)
     signal_delay_s: int = Field(ge=1)  # SIGUSR2 this long before the time limit: checkpoint and requeue
     max_requeues: int = Field(ge=0)  # time-limit requeues before the job is failed (preemptions do not count)
+    collective_timeout_min: int = Field(ge=1)  # a rank waiting this long in a collective (NCCL, gloo) fails the job
     account: str | None
     qos: str | None
     constraint: str | None

@@ -31,6 +31,7 @@ import os
 import random
 import re
 import shutil
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,7 +48,7 @@ from align.params import TrainingRun
 from align.paths import MODEL
 from align.records import write_json
 from slurm import preemption
-from slurm.submit import free_port
+from slurm.submit import COLLECTIVE_TIMEOUT, free_port
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # as config.json names them
@@ -108,7 +109,9 @@ def init_distributed() -> tuple[int, int]:
     """Join the process group described by the environment (1 process where none is set); returns (rank, world).
 
     On a machine without CUDA, DeepSpeed must be told to use its CPU accelerator before it first looks
-    (DS_ACCELERATOR), and the backend is gloo; on CUDA each task uses the GPU of its local rank, with nccl.
+    (DS_ACCELERATOR), and the backend is gloo; on CUDA each task uses the GPU of its local rank, with nccl. A
+    collective that waits longer than the job's `collective_timeout_min` (exported by the submission layer; else
+    DeepSpeed's 10 minutes) fails the job instead of hanging it.
     """
     cuda = torch.cuda.is_available()
     if not cuda:
@@ -122,7 +125,9 @@ def init_distributed() -> tuple[int, int]:
     if cuda:
         torch.cuda.set_device(job_device())
     backend = "nccl" if cuda else "gloo"
-    deepspeed.init_distributed(dist_backend=backend)
+    timeout = os.environ.get(COLLECTIVE_TIMEOUT)
+    deepspeed.init_distributed(dist_backend=backend, **({"timeout": timedelta(minutes=float(timeout))} if timeout
+                                                        else {}))
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     print(f"rank {rank} of {world} on {job_device()} ({backend})", flush=True)  # each task's log says where it ran
     return rank, world

@@ -2,9 +2,10 @@
 inline, as local subprocesses, or as a SLURM job through submitit, and returns rank 0's result.
 
 One task per GPU; inside every task the torch.distributed environment (master address/port, rank, world size,
-local rank) is exported from submitit's JobEnvironment, so the same function runs as 1 CPU process, N local
-processes or N SLURM tasks on M nodes. A job-state file beside the stage's target records the job id and the
-digest of what was submitted; a rerun with the same digest re-attaches to that job instead of submitting again.
+local rank, the collective timeout) is exported from submitit's JobEnvironment, so the same function runs as 1 CPU
+process, N local processes or N SLURM tasks on M nodes. A job-state file beside the stage's target records the job
+id and the digest of what was submitted; a rerun with the same digest re-attaches to that job instead of submitting
+again.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import zlib
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +38,11 @@ from align.progress import latest_progress
 from slurm.watcher import GONE, SLURM_FAILED, SlurmJob
 
 STDERR_TAIL_LINES = 20
+COLLECTIVE_TIMEOUT = "ALIGN_COLLECTIVE_TIMEOUT_MIN"  # cluster.<stage>.collective_timeout_min, for init_distributed
+# Rendezvous ports: below Linux's ephemeral range (32768-60999 unless net.ipv4.ip_local_port_range says otherwise),
+# where any outgoing connection on the node may hold the port the job is about to listen on. Not read from the node:
+# every task of a job must pick the same port without asking the others.
+MASTER_PORTS = range(20000, 32768)
 PROGRESS_EVERY = 30.0  # seconds between looks at the job log's progress while waiting (the polling stays fast)
 
 
@@ -55,16 +62,21 @@ class JobSpec:
 class _Task:
     """What runs inside each task: export the torch.distributed environment, then call the stage's function."""
 
-    def __init__(self, fn: Callable[[], Any], one_gpu_per_task: bool, job_key: str) -> None:
+    def __init__(self, fn: Callable[[], Any], one_gpu_per_task: bool, job_key: str,
+                 collective_timeout_min: int) -> None:
         self.fn = fn
         self.one_gpu_per_task = one_gpu_per_task
         self.job_key = job_key  # recorded in the out's manifest (align/artifacts.py JOB_KEY)
+        self.collective_timeout_min = collective_timeout_min
 
     def __call__(self) -> Any:
-        submitit.helpers.TorchDistributedEnvironment().export(
-            set_cuda_visible_devices=self.one_gpu_per_task, overwrite=True
-        )
+        env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
+        os.environ["MASTER_PORT"] = str(master_port(submitit.JobEnvironment().job_id))
+        if self.one_gpu_per_task:
+            os.environ["CUDA_VISIBLE_DEVICES"] = task_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), env.local_rank,
+                                                              env.local_world_size)
+        os.environ[COLLECTIVE_TIMEOUT] = str(self.collective_timeout_min)
         os.environ[JOB_STARTED] = str(time.time())
         os.environ[JOB_KEY] = self.job_key
         sys.stdout.reconfigure(line_buffering=True)  # progress lines reach the job log as they are printed
@@ -74,6 +86,25 @@ class _Task:
         """submitit calls this on the time-limit (or preemption) signal before it requeues the job: the next
         allocation runs the same task, and training stages resume from their newest checkpoint."""
         return submitit.helpers.DelayedSubmission(self)
+
+
+def master_port(job_id: str) -> int:
+    """The job's rendezvous port, the same in every task and every allocation of a requeued job (drawn from the job
+    id), below the ephemeral ports (MASTER_PORTS). submitit's own draw (20000-60000) lands in the ephemeral range
+    two times in three."""
+    return MASTER_PORTS[zlib.crc32(job_id.encode()) % len(MASTER_PORTS)]
+
+
+def task_devices(visible: str | None, local_rank: int, local_tasks: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a task that drives one GPU (its DeepSpeed engine, and the vLLM engine inside it,
+    which takes the first visible device). Where SLURM named the devices it keeps its names: a task given its own
+    (`--gpus-per-task`, `--gpu-bind`) keeps it; a task shown the job's GPUs on the node takes its local rank's entry
+    of that list - physical indices where no cgroup renumbers devices (4,5,6,7: task 1 takes 5, not the node's GPU
+    1, another job's). Only where nothing names them does the local rank (the node's numbering) choose."""
+    if not visible:
+        return str(local_rank)
+    devices = visible.split(",")
+    return devices[local_rank] if len(devices) == local_tasks else visible
 
 
 def node_address(node: str) -> str:
@@ -327,7 +358,9 @@ def _environ(**values: str | None) -> Iterator[None]:
 def _run_inline(spec: JobSpec) -> Any:
     """One rank in this process, its distributed variables set for the call only."""
     with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
-                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1", **{JOB_STARTED: str(time.time()), JOB_KEY: digest(spec.key)}):
+                  LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                  **{JOB_STARTED: str(time.time()), JOB_KEY: digest(spec.key),
+                     COLLECTIVE_TIMEOUT: str(spec.resources.collective_timeout_min)}):
         return spec.fn()
 
 
@@ -353,7 +386,8 @@ def start(spec: JobSpec, cluster: Cluster) -> submitit.Job:
     one_gpu_per_task = spec.resources.gpus_per_node > 0 and spec.resources.tasks == spec.resources.gpus_per_node
     try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
         with _environ(**dict.fromkeys(DIST_VARS)):
-            job = executor.submit(_Task(spec.fn, one_gpu_per_task, digest(spec.key)))
+            job = executor.submit(_Task(spec.fn, one_gpu_per_task, digest(spec.key),
+                                          spec.resources.collective_timeout_min))
     except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller
         lines = [line for line in str(exc).splitlines() if line.strip()]
         raise JobFailed(f"{spec.stage}: {kind} refused the job: {lines[-1] if lines else exc}") from None

@@ -1,6 +1,6 @@
 """The submission layer with the executors that run here without a cluster: inline and local (real
 subprocesses through submitit), multi-task distributed environment, failures, and re-attach after the
-submitting process dies."""
+submitting process dies; what a SLURM task exports (rendezvous port, its GPU, the collective timeout)."""
 
 from __future__ import annotations
 
@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from align.artifacts import verify_artifact
+from align.artifacts import JOB_KEY, JOB_STARTED, verify_artifact
 from align.errors import UserError
 from align.params import Resources
 from align.progress import progress
 from slurm import submit as submit_module
-from slurm.submit import JobFailed, JobSpec, job_name, state_path, submit
+from slurm.submit import COLLECTIVE_TIMEOUT, JobFailed, JobSpec, _Task, job_name, state_path, submit
 from align import progress as progress_module
 from tests import helpers
 from tests.conftest import ROOT
@@ -195,3 +195,79 @@ def submitit_script(folder: Path, res: Resources) -> str:
     executor = submitit.SlurmExecutor(folder=folder)
     executor.update_parameters(**sbatch_parameters("stage", res))
     return executor._make_submission_file_text(executor._submitit_command_str, "uid")
+
+
+SLURM_TASK = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_NTASKS": "4", "SLURM_JOB_NUM_NODES": "1", "SLURM_NODEID": "0",
+              "SLURM_JOB_NODELIST": "localhost"}  # one of 4 tasks of a one-node SLURM job, as srun starts it
+TASK_EXPORTS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE",
+                "CUDA_VISIBLE_DEVICES", COLLECTIVE_TIMEOUT, JOB_STARTED, JOB_KEY)
+
+
+def task_environment() -> dict[str, str | None]:
+    return {key: os.environ.get(key) for key in TASK_EXPORTS}
+
+
+def in_slurm_task(monkeypatch: pytest.MonkeyPatch, job_id: str, rank: int, one_gpu_per_task: bool = True,
+                  **env: str | None) -> dict[str, str | None]:
+    """What the submission layer's task exports in task `rank` of SLURM job `job_id` (SLURM's variables set as srun
+    sets them, and `env`), read by the task's function; the test's environment is restored afterwards."""
+    for key in TASK_EXPORTS:  # monkeypatch restores whatever the task sets
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**SLURM_TASK, "SLURM_JOB_ID": job_id, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank),
+                       **env}.items():
+        if value is None:
+            monkeypatch.delenv(key, raising=False)
+        else:
+            monkeypatch.setenv(key, value)
+    return _Task(task_environment, one_gpu_per_task, "key", 30)()
+
+
+def test_the_rendezvous_port_is_below_the_ephemeral_range_and_the_same_in_every_task(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """submitit drew MASTER_PORT from 20000-60000 (seeded by the job id): two jobs in three listened on a port of
+    Linux's ephemeral range, where any outgoing connection on the node may already hold it."""
+    ephemeral = Path("/proc/sys/net/ipv4/ip_local_port_range")
+    low = int(ephemeral.read_text().split()[0]) if ephemeral.is_file() else 32768
+    ports = {}
+    for job_id in map(str, range(1000, 1100)):
+        ranks = {in_slurm_task(monkeypatch, job_id, rank)["MASTER_PORT"] for rank in (0, 3)}
+        assert len(ranks) == 1, (job_id, ranks)  # every task of the job finds the same rendezvous
+        ports[job_id] = int(ranks.pop())
+    assert all(1024 <= port < min(low, 32768) for port in ports.values()), sorted(ports.values())[-5:]
+    assert len(set(ports.values())) > 90  # jobs sharing a node rarely share a port
+
+
+@pytest.mark.parametrize("slurm_sets, rank, expected", [
+    ("4,5,6,7", 1, "5"),  # the job's GPUs on the node, not renumbered (no cgroup): task 1 takes the second of them
+    ("0,1,2,3", 2, "2"),  # renumbered by a cgroup: the same as the local rank
+    ("GPU-aa,GPU-bb,GPU-cc,GPU-dd", 3, "GPU-dd"),  # UUIDs
+    ("6", 2, "6"),  # one GPU per task already (--gpus-per-task=1, --gpu-bind): SLURM's choice stays
+    (None, 2, "2"),  # nothing set: the local rank, in the node's numbering
+])
+def test_each_task_drives_the_gpu_slurm_gave_it(monkeypatch: pytest.MonkeyPatch, slurm_sets: str | None, rank: int,
+                                                  expected: str) -> None:
+    assert in_slurm_task(monkeypatch, "77", rank, CUDA_VISIBLE_DEVICES=slurm_sets)["CUDA_VISIBLE_DEVICES"] == expected
+
+
+def test_a_task_that_uses_the_node_s_gpus_keeps_them_all(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A generation job (one task, vLLM over every GPU it was given) sees what SLURM set."""
+    exported = in_slurm_task(monkeypatch, "78", 0, one_gpu_per_task=False, CUDA_VISIBLE_DEVICES="4,5,6,7")
+    assert exported["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
+
+
+def collective_timeout() -> float:
+    """The default process group's timeout in minutes, as `init_distributed` sets it up in a job."""
+    import torch
+    import torch.distributed as dist
+
+    from align.training import init_distributed
+
+    init_distributed()
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    return backend.options._timeout.total_seconds() / 60
+
+
+def test_collectives_time_out_after_the_stage_s_setting(tmp_path: Path) -> None:
+    """DeepSpeed's 10 minutes applied whatever the stage's job needed (a rank waiting on another's long start-up)."""
+    cluster = cluster_with(executor="local", log_dir=str(tmp_path / "logs"))
+    assert submit(spec(collective_timeout, tmp_path, collective_timeout_min=45), cluster) == 45
