@@ -11,8 +11,9 @@ The loop is generic: a stage supplies `batches(i)`, the i-th micro-batch of one 
 Checkpoints are DeepSpeed's (`save_checkpoint`, trainable parameters and optimizer state only) in
 `ckpt_dir/step_XXXXXXXX`; the `latest` file naming the newest one is written by rank 0 with write-then-rename only
 after every rank has finished writing, so whatever `latest` names is complete. A rerun resumes from it with the
-same step count, data position, RNG states and loss curve. The signal SLURM sends before a time limit stops the
-loop at the end of the step with a checkpoint, and the job is requeued (`slurm.preemption`).
+same step count, data position, RNG states and loss curve. The signal SLURM sends before a time limit or at a
+preemption stops the loop at the end of the step (or at a safe point inside it) with a checkpoint, and the job is
+requeued (`slurm.preemption`).
 
 Typical use, inside the job function a stage hands to `slurm.submit.submit`:
 
@@ -31,6 +32,8 @@ import os
 import random
 import re
 import shutil
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -53,7 +56,7 @@ from slurm.submit import COLLECTIVE_TIMEOUT, free_port
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # as config.json names them
 LATEST = "latest"
-TAG = re.compile(r"^step_(\d{8})$")
+TAG = re.compile(r"^step_(\d{8})(_[a-z]+)?$")  # a step's end, or a safe point inside it
 
 Batch = dict[str, torch.Tensor]
 Batches = Callable[[int], Batch]  # global micro-batch index -> micro-batch
@@ -248,10 +251,14 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save_checkpoint(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, others: dict | None = None) -> None:
+def save_checkpoint(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, others: dict | None = None,
+                    phase: str | None = None, own: Any = None) -> None:
     """Save engine + `state` (+ every rank's RNG state) as `step_<step>`, then point `latest` at it, then drop
     all but the newest `keep` (collective: every rank calls it). `others` ({name: engine}, e.g. PPO's value
-    model) are saved first under `ckpt_dir/<name>/step_<step>`, so whatever `latest` names has all of them.
+    model) are saved first under `ckpt_dir/<name>/step_<step>`, so whatever `latest` names has all of them. A
+    checkpoint inside step `state["step"]` after `phase` (a safe point: `end_of_step`) is `step_<step>_<phase>` and
+    also holds every rank's `own`, its part of the unfinished step (gathered to rank 0 as the RNG states are: a
+    rollout is small beside the model).
 
     DeepSpeed's own `latest` is written by rank 0 as soon as rank 0's files are written, before the closing
     barrier, so it may name a checkpoint whose other-rank shards are still being written; it is switched off
@@ -260,16 +267,17 @@ def save_checkpoint(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, o
     import torch.distributed as dist
 
     ckpt_dir = Path(ckpt_dir)
-    tag = f"step_{state['step']:08d}"
-    rngs: list = [None] * dist.get_world_size()
-    dist.all_gather_object(rngs, _rng_state())
+    tag = f"step_{state['step']:08d}" + (f"_{phase}" if phase else "")
+    ranks: list = [None] * dist.get_world_size()
+    dist.all_gather_object(ranks, (_rng_state(), own))
+    loop = {**state, "rng": [rng for rng, _ in ranks], **({"own": [mine for _, mine in ranks]} if phase else {})}
     folders = [ckpt_dir / name for name in others or {}] + [ckpt_dir]
     if dist.get_rank() == 0:  # a folder of this name can only be a crashed attempt's: start it clean
         for folder in folders:  # (the others wait in save_checkpoint's first barrier)
             shutil.rmtree(folder / tag, ignore_errors=True)
     for name, other in (others or {}).items():
         other.save_checkpoint(str(ckpt_dir / name), tag=tag, save_latest=False, exclude_frozen_parameters=True)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": {**state, "rng": rngs}}, save_latest=False,
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"loop": loop}, save_latest=False,
                            exclude_frozen_parameters=True)
     if dist.get_rank() == 0:
         tmp = ckpt_dir / f".{LATEST}.tmp"
@@ -286,7 +294,8 @@ def save_checkpoint(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, o
 def load_checkpoint(engine: Any, ckpt_dir: Path | str, others: dict | None = None) -> dict | None:
     """Restore engine (and `others`, as saved by `save_checkpoint`), optimizer and this rank's RNG from the newest
     complete checkpoint; its client state or None where there is none. Frozen base weights are not in
-    checkpoints (they come from the model folder)."""
+    checkpoints (they come from the model folder). A checkpoint saved inside a step gives this rank's part of that
+    step as `own`, where the job has as many ranks as the one that saved it (else the step starts over)."""
     import torch.distributed as dist
 
     tag = latest_checkpoint(ckpt_dir)
@@ -299,24 +308,39 @@ def load_checkpoint(engine: Any, ckpt_dir: Path | str, others: dict | None = Non
     if path is None:
         raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
     state = client_state["loop"]  # the rest of client_state is DeepSpeed's own metadata
-    rngs = state.pop("rng")
+    rngs, owns = state.pop("rng"), state.pop("own", None)
     if len(rngs) == dist.get_world_size():
         _set_rng_state(rngs[dist.get_rank()])
+        if owns is not None:
+            state["own"] = owns[dist.get_rank()]
     return state
 
 
 def end_of_step(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, every: int, last: int,
-                others: dict | None = None, say: Callable[[str], None] | None = None, unit: str = "step") -> None:
-    """After step `state["step"]` (PPO: an iteration), on every rank: checkpoint every `every` steps, at `last`,
-    and when a time-limit or preemption signal reached any rank (`slurm.preemption`) - then requeue the job, whose
-    next allocation resumes here."""
+                others: dict | None = None, say: Callable[[str], None] | None = None, unit: str = "step",
+                phase: str | None = None, own: Any = None) -> None:
+    """After step `state["step"]` (PPO: an iteration) - or, with `phase`, at a safe point inside that step after
+    `phase`, with `own` this rank's part of the unfinished step - on every rank: checkpoint every `every` steps, at
+    `last`, and whenever a time-limit or preemption signal reached any rank (`slurm.preemption`; inside a step only
+    then); after a signal, requeue the job (unless the run is complete), whose next allocation resumes here. A
+    safe point inside a step must come before the step's first optimizer step: resumed on another number of ranks,
+    the step starts over. The checkpoint's duration is kept in `state["seconds"]["checkpoint"]`."""
+    import torch.distributed as dist
+
     signalled = preemption.stop_requested(engine.device)
-    if signalled or state["step"] % every == 0 or state["step"] == last:
-        save_checkpoint(engine, ckpt_dir, state, keep, others=others)
-    if signalled and state["step"] < last:
-        if say:
-            say(f"signalled at {unit} {state['step']}: checkpoint saved, requeueing")
-        preemption.requeue()
+    if signalled or (phase is None and (state["step"] % every == 0 or state["step"] == last)):
+        started = time.perf_counter()
+        save_checkpoint(engine, ckpt_dir, state, keep, others=others, phase=phase, own=own)
+        state.setdefault("seconds", {})["checkpoint"] = time.perf_counter() - started  # saved with the next one
+    if not signalled or (phase is None and state["step"] >= last):
+        return
+    refused = preemption.requeue_refused(signalled) if dist.get_rank() == 0 else None
+    if say:
+        where = f"{unit} {state['step']}" + (f" after its {phase}" if phase else "")
+        say(f"signalled at {where}: checkpoint saved, " + (f"not requeued: {refused}" if refused else "requeueing"))
+    if refused or dist.get_rank() != 0:  # rank 0 alone requeues; the others end with no result (not a failure)
+        sys.exit(0)
+    preemption.requeue(signalled)
 
 
 # ------------------------------------------------------------------------------------------------------- loop
@@ -328,16 +352,19 @@ def resumed_steps(engine: Any, ckpt_dir: Path | str, state: dict, last: int, *, 
     """The loop protocol every training job shares (`fit`, PPO), as a generator of step numbers. `state` is the
     caller's loop state, fresh ("step": 0, "curves": [], anything else picklable); it is first updated in place
     from the newest checkpoint in `ckpt_dir` (with every rank's RNG), the resumed curve is replayed to `on_step`,
-    and a time-limit signal is deferred. Then, for each step until `state["step"]` reaches `last`, the caller does
-    the step, appends its row to `state["curves"]` and increments `state["step"]`; after it, `on_step` sees the row
-    (rank 0) and `end_of_step` checkpoints and honours a signal (requeue)."""
+    and time-limit and preemption signals are deferred. Where that checkpoint was saved at a safe point inside a
+    step, `state["own"]` holds this rank's part of that step (`end_of_step`), for the caller to take (pop) before
+    it goes on with the step. Then, for each step until `state["step"]` reaches `last`, the caller does the step
+    (calling `end_of_step` with its `phase` at the step's safe points), appends its row to `state["curves"]` and
+    increments `state["step"]`; after it, `on_step` sees the row (rank 0) and `end_of_step` checkpoints and
+    honours a signal (requeue)."""
     import torch.distributed as dist
 
     rank = dist.get_rank()
     state.update(load_checkpoint(engine, ckpt_dir, others=others) or {})
     if log and rank == 0 and state["step"]:
         log(f"resumed from {ckpt_dir}/{latest_checkpoint(ckpt_dir)} at {unit} {state['step']}")
-    preemption.defer()  # a time-limit signal from here on stops at the end of a step, with a checkpoint
+    preemption.defer()  # a time-limit or preemption signal from here on stops at a safe point, with a checkpoint
     if on_step and rank == 0:
         for step, row in enumerate(state["curves"]):
             on_step(step, row)

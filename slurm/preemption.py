@@ -1,68 +1,102 @@
 """Time limits and preemption for training loops.
 
-SLURM sends SIGUSR2 `signal_delay_s` before a job's time limit (`--signal`, set by the submission layer) or when
-it preempts it. submitit's handler for it requeues the job at once (the task's `checkpoint` resubmits the same
-function) and exits, which throws away everything since the last periodic checkpoint. A training loop that can
-stop cleanly between steps calls `defer()` first: the signal is then only recorded; at the end of the step every
-rank learns of it through `stop_requested` (one all_reduce, so all ranks stop at the same step), the loop saves a
-checkpoint, and `requeue()` hands the signal back to submitit, which requeues the job. The next allocation runs
-the same function, which resumes from that checkpoint: a time limit costs no steps.
+SLURM warns a job before it ends it. Before the time limit it sends SIGUSR2 (`--signal=USR2@signal_delay_s`, set
+by the submission layer). When it preempts a job it sends SIGTERM and, the partition's GraceTime later, SIGKILL
+(SIGUSR2 instead of SIGTERM only where the site sets `PreemptParameters=send_user_signal`). submitit's handler for
+SIGUSR2 requeues the job at once and exits, which throws away everything since the last periodic checkpoint; its
+handler for SIGTERM only logs it, so a preempted job ran on until SIGKILL and, unless the site requeues preempted
+jobs itself, was gone.
+
+A training loop that can stop cleanly at safe points (between steps; inside a PPO iteration between its rollout,
+scoring and update) calls `defer()` first: both signals are then only recorded. At the next safe point every rank
+learns of them through `stop_requested` (one all_reduce, so all ranks stop at the same point), the loop saves a
+checkpoint, and `requeue()` hands the signal to submitit, which requeues the job. The next allocation runs the
+same function, which resumes from that checkpoint: neither a time limit nor a preemption costs work.
+
+SIGTERM is also what `scancel` and the time limit itself send. It is taken for preemption only while SLURM still
+lists the job RUNNING (a preempted job keeps running through its grace time; a cancelled one or one out of time
+is at once COMPLETING): otherwise the loop stops after its checkpoint without requeueing (`requeue_refused`).
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 from typing import Any, Callable, NoReturn
 
 import torch
 
-_received: list[int] = []  # SIGUSR2s recorded while deferred
-_submitit_handler: Callable[[int, Any], Any] | None = None
+SIGNALS = (signal.SIGUSR2, signal.SIGTERM)  # the order `stop_requested` prefers them in
+_received: set[int] = set()  # signals recorded while deferred
+_previous: dict[int, Any] = {}  # each deferred signal's handler before `defer`, put back by `release`
 
 
 def _record(signum: int, frame: Any) -> None:
-    _received.append(signum)
+    _received.add(signum)
+
+
+def _submitit_requeue() -> Callable[[int, Any], Any] | None:
+    """submitit's checkpoint-and-requeue handler (SIGUSR2's before `defer`), None outside a submitit job."""
+    handler = _previous.get(signal.SIGUSR2)
+    return handler if callable(handler) else None
 
 
 def defer() -> None:
-    """Record SIGUSR2 instead of acting on it, where submitit handles it (a job, not an in-process call)."""
-    global _submitit_handler
-    if _submitit_handler is not None:
-        return
-    current = signal.getsignal(signal.SIGUSR2)
-    if not callable(current):  # not under submitit: the signal keeps its default meaning
-        return
+    """Record SIGUSR2 and SIGTERM instead of acting on them, where submitit handles them (a job, not an in-process
+    call)."""
+    if _previous or not callable(signal.getsignal(signal.SIGUSR2)):  # deferred already, or not under submitit:
+        return  # the signals keep their meaning
     try:
-        signal.signal(signal.SIGUSR2, _record)
-    except ValueError:  # not the main thread: submitit's handler stays
-        return
-    _submitit_handler = current
+        for signum in SIGNALS:
+            _previous[signum] = signal.signal(signum, _record)
+    except ValueError:  # not the main thread: submitit's handlers stay
+        _previous.clear()
 
 
 def release() -> None:
-    """Give SIGUSR2 back to submitit (the loop is over: what follows cannot stop at a step boundary)."""
-    global _submitit_handler
-    if _submitit_handler is not None:
-        signal.signal(signal.SIGUSR2, _submitit_handler)
-        _submitit_handler = None
+    """Give the signals back to submitit (the loop is over: what follows cannot stop at a safe point)."""
+    for signum, handler in _previous.items():
+        signal.signal(signum, handler)
+    _previous.clear()
     _received.clear()
 
 
-def stop_requested(device: torch.device | str = "cpu") -> bool:
-    """Whether any rank has received the signal; collective (every rank calls it at the same point)."""
+def stop_requested(device: torch.device | str = "cpu") -> int:
+    """The signal any rank has received (SIGUSR2 before SIGTERM), 0 for none; collective (every rank calls it at
+    the same point)."""
     import torch.distributed as dist
 
-    flag = torch.tensor([float(bool(_received))], device=device)
+    flags = torch.tensor([float(s in _received) for s in SIGNALS], device=device)
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(flag)
-    return flag.item() > 0
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return next((int(s) for s, flag in zip(SIGNALS, flags.tolist()) if flag), 0)
 
 
-def requeue() -> NoReturn:
+def requeue_refused(signum: int) -> str | None:
+    """Why a job stopped by `signum` must not be requeued, None where it must be: SIGUSR2 always requeues; SIGTERM
+    only while SLURM still lists the job RUNNING (preemption), not once it is COMPLETING (`scancel`, or its time
+    limit). Asks slurmctld; a local job (no SLURM) is always requeued."""
+    import submitit
+
+    environment = submitit.JobEnvironment()
+    if signum != signal.SIGTERM or environment.cluster != "slurm":
+        return None
+    try:
+        state = subprocess.run(["squeue", "-h", "-j", environment.job_id, "-o", "%T"], capture_output=True,
+                               text=True, timeout=60).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # slurmctld unreachable: preemption is the case SIGTERM before the end must be read as
+    if state in ("RUNNING", ""):
+        return None
+    return f"SIGTERM while SLURM lists the job {state} (cancelled, or at its time limit)"
+
+
+def requeue(signum: int) -> NoReturn:
     """After the checkpoint: submitit's handler requeues the job and exits on rank 0; the other ranks (where it
     does nothing) exit cleanly, with no result, so that neither srun nor submitit takes the job for failed."""
-    if _submitit_handler is None:
+    handler = _submitit_requeue()
+    if handler is None:
         raise RuntimeError("requeue() without a deferred signal")
-    _submitit_handler(signal.SIGUSR2, None)  # rank 0: requeues, then sys.exit; or raises when out of requeues
+    handler(signum, None)  # rank 0: requeues, then sys.exit; or raises when out of requeues
     sys.exit(0)
