@@ -216,7 +216,7 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     from align.generation import chat_prompt
     from align.models import prompt_ids
     from align.training import lora_config, reward_trunk
-    from stages.ppo import value_model
+    from align.roles import value_model
 
     cfg, training, model_dir = ppo_config(spec), training_config(spec), spec["model"]
     # TRL treats every token equal to the pad id as padding, also inside the queries; this tokenizer pads with its

@@ -2,17 +2,17 @@
 reward model, with RL-time principles, by PPO or by a critic-free method (GRPO, RLOO). What each algorithm takes
 for each part of the loop is one table, align/rl.py ALGORITHMS; the losses are align/losses.py.
 
-Models, all in each task of the job: the policy = the SFT model + a trainable LoRA adapter; the reference = the
-same model with the adapter disabled (no second copy); PPO's value model = the RM (its trunk with the RM adapter
-folded in, and its scalar head) + its own LoRA, read at every response token; the RM itself, frozen, through
-`RewardScorer.score`. Policy and value train as two DeepSpeed engines of the training base, data-parallel over
-the job's ranks.
+Models (align/roles.py, which builds them all in each task of the job): the policy = the SFT model + a trainable
+LoRA adapter; the reference = the same model with the adapter disabled (no second copy); PPO's value model = the RM
+(its trunk with the RM adapter folded in, and its scalar head) + its own LoRA, read at every response token; the RM
+itself, frozen, through `RewardScorer.score`; the generation engine. Policy and value train as two DeepSpeed
+engines of the training base, data-parallel over the job's ranks.
 
-One iteration (`rollout`, then `update`): `rl.rollout_batch_size` prompts (each rank a contiguous block of them)
-are answered through the generation interface with the current adapter, `rl.group_size` samples each for GRPO and
-RLOO; each response is scored by the RM under every guard principle and `num_principles` principles drawn per
-prompt from the PPO collection (seeded by the prompt's place in the iteration, so the draws and vLLM's samples do
-not depend on the GPU count), or, for a system-message prompt, under its system message; the score is shaped
+One iteration (`rollout`, `score`, then `update`): `rl.rollout_batch_size` prompts (each rank a contiguous block of
+them) are answered through the generation interface with the current adapter, `rl.group_size` samples each for
+GRPO and RLOO; each response is scored by the RM under every guard principle and `num_principles` principles drawn
+per prompt from the PPO collection (seeded by the prompt's place in the iteration, so the draws and vLLM's samples
+do not depend on the GPU count), or, for a system-message prompt, under its system message; the score is shaped
 (a stop-token penalty, an optional length bonus); the algorithm's estimator turns scores (and PPO's values) into
 advantages; `rl.epochs` passes of clipped policy steps (and PPO's value steps) in optimizer steps of
 `rl.step_batch_size` samples follow, each step's loss normalised over the step's whole batch by `rl.loss_type`.
@@ -21,17 +21,24 @@ probability of the sampled token. Curves go to dvclive every iteration, sample r
 engines, RNG, iteration, KL coefficient, curves) at iteration ends every `cluster.policy.save_every_steps`
 optimizer steps.
 
+Time limits and preemption: the rollout and the scoring each end at a safe point. A signal (slurm/preemption.py)
+that arrives during a phase stops the job at the end of that phase, with a checkpoint holding what the phase made
+(each rank's samples, or its scored rollout), and the requeued job goes on from there: SLURM's warning has to
+outlast one phase and a checkpoint, not a whole iteration. Each phase's longest time and the last checkpoint's are
+kept with the checkpoint; where they add up to more than `cluster.policy.signal_delay_s` the job log says so.
+
 Out (models/policy, the contract `dpo` shares): adapter/, model/ (merged), samples.jsonl, metrics.json.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import random
 import statistics
 import sys
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -41,22 +48,22 @@ from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, pick_principles
 from align.devices import config_dtype
 from align.errors import UserError
-from align.generation import Generator, Sampling, chat_prompt
+from align.generation import Completion, Sampling, chat_prompt
 from align.intervals import bootstrap_ci
 from align.models import padding_id, prompt_ids
 from align.losses import StepNorm, aggregate, policy_terms, value_loss
 from align.params import Engine, Params, Ppo, Rl, TrainingRun
 from align.paths import MODEL
 from align.records import read_jsonl, unused_prompts, write_jsonl
-from align.reward import RewardScorer
 from align.rl import (
     ALGORITHMS, adapt_kl_coef, check_settings, entropy, explained_variance, loss_type, masked_mean, token_rewards,
     whiten,
 )
+from align.roles import RoleSpec, build_roles
 from align.rollout import Rollout, by_chunks, pack, policy_outputs, token_values
 from align.training import (
-    DTYPE_NAMES, DTYPES, LiveCurve, checkpoint_dir, checkpointed, finish_training, init_distributed, lora_config,
-    lora_model, make_engine, resumed_steps, reward_trunk, save_adapter,
+    DTYPE_NAMES, LiveCurve, checkpoint_dir, end_of_step, finish_training, init_distributed, resumed_steps,
+    save_adapter,
 )
 
 STAGE = "policy"  # the DVC stage that runs this module or stages/dpo.py (policy.algorithm)
@@ -69,29 +76,6 @@ SYSTEM = paths.SYSTEM_MESSAGES
 COLLECTION = Path("assets/ppo_principles.jsonl")
 GUARDS = Path("assets/guard_principles.jsonl")
 LIVE = Path("dvclive/policy")
-
-
-# ------------------------------------------------------------------------------------------------------ models
-
-
-def value_model(sft_dir: Path, rm_dir: Path, training: TrainingRun, seed: int) -> torch.nn.Module:
-    """The RM with its adapter folded into the trunk, plus a fresh LoRA of its own; its head trains too."""
-    from peft import PeftModel, get_peft_model
-
-    rm = PeftModel.from_pretrained(reward_trunk(sft_dir, DTYPES[training.precision]), str(rm_dir / "adapter"))
-    torch.manual_seed(seed + 1)
-    return get_peft_model(checkpointed(rm.merge_and_unload(), training), lora_config(training, "SEQ_CLS"))
-
-
-def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
-    """`model` with every dropout module in eval mode (the model comes from `from_pretrained` in it, but PEFT makes
-    its LoRA dropouts in training mode): a sample's log-probabilities before the update, the reference's and the
-    update's must come from one function, or the ratio and the KL measure dropout noise. TRL's PPOTrainer turns
-    dropout off in its models for the same reason."""
-    for module in model.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.eval()
-    return model
 
 
 # --------------------------------------------------------------------------------------------- what a job reads
@@ -173,26 +157,42 @@ def all_mean(values: dict[str, float], world: int, device: torch.device) -> dict
     return {n: t / world for n, t in zip(names, totals.tolist())}
 
 
+def on_device(rollout: Rollout, device: torch.device | str) -> Rollout:
+    """`rollout` with every tensor on `device` (a safe point keeps it on the CPU, for the checkpoint)."""
+    return replace(rollout, **{f.name: getattr(rollout, f.name).to(device) for f in fields(rollout)
+                               if isinstance(getattr(rollout, f.name), torch.Tensor)})
+
+
 @dataclass(frozen=True)
 class PpoJob:
     """What a PPO (GRPO, RLOO) job reads, built on the login node and pickled into the job."""
 
-    sft_dir: Path
-    rm_dir: Path
+    roles: RoleSpec  # the models, the engine and their settings (training: rl's learning rate, LoRA, schedule and
+    # step batch, with cluster.policy's execution settings)
     pool: list[dict]  # prompts: {"id", "text"} and system-message rows with "system", "combination"
     collection: list[PreferencePrinciple]  # RL-time principles, `num_principles` drawn per prompt
     guards: list[PreferencePrinciple]  # shown with every prompt
     algorithm: str  # ppo | grpo | rloo: its row of align/rl.py ALGORITHMS
     rl: Rl
     ppo: Ppo
-    training: TrainingRun  # rl's learning rate, LoRA, schedule and step batch, with cluster.policy's execution
-    engine: Engine
-    score_batch_size: int  # RM rows per forward pass
     seed: int
     ckpt_dir: Path
+    signal_delay_s: int  # cluster.policy's: how long SLURM's warning comes before the time limit
     params: dict
     inputs: dict
     held_out: list[dict] = field(default_factory=list)  # prompts kept out of `pool` for `PpoRecipe.held_out`
+
+
+@dataclass(frozen=True)
+class Samples:
+    """One rank's rollout phase: its prompts (the first one's place in the iteration, the rows, their chat texts)
+    and what the engine sampled for them (`group` consecutive completions per prompt)."""
+
+    first: int
+    prompts: list[dict]
+    texts: list[str]
+    outs: list[Completion]
+    seconds: float
 
 
 def job(args: PpoJob) -> str | None:
@@ -204,47 +204,80 @@ def job(args: PpoJob) -> str | None:
 
 
 class PpoRecipe:
-    """One rank's PPO (or GRPO, RLOO) run: the models in `__init__`, then per iteration `rollout` -> `update` ->
-    `record`, with resume, curve replay, checkpoints and the preemption protocol from `training.resumed_steps`."""
+    """One rank's PPO (or GRPO, RLOO) run: the roles built in `__init__` (align/roles.py), then per iteration
+    `rollout` -> `score` -> `update` -> `record`, the first two each ending at a safe point, with resume, curve
+    replay, checkpoints and the preemption protocol from `training.resumed_steps`."""
 
     def __init__(self, job: PpoJob):
         from transformers import AutoTokenizer
 
         self.job, rl = job, job.rl
+        self.training = job.roles.training
         self.algorithm = ALGORITHMS[job.algorithm]
         self.rank, self.world = init_distributed()
         self.group = rl.group_size if self.algorithm.grouped else 1  # samples per prompt
         self.steps_per_iteration = rl.epochs * (rl.rollout_batch_size * self.group // rl.step_batch_size)
-        updates = rl.iterations * self.steps_per_iteration
-        self.policy = make_engine(without_dropout(lora_model(job.sft_dir, job.training, job.seed)), job.training,
-                                  self.world, total_steps=updates)
-        self.value = None if not self.algorithm.value_model else \
-            make_engine(without_dropout(value_model(job.sft_dir, job.rm_dir, job.training, job.seed)),
-                        job.training, self.world, total_steps=updates)
-        self.reward = RewardScorer(job.sft_dir, job.rm_dir, batch_size=job.score_batch_size,
-                                   precision=job.training.precision)
-        self.pad_id = padding_id(AutoTokenizer.from_pretrained(job.sft_dir))
+        self.roles = build_roles(job.roles, job.seed, self.world, total_steps=rl.iterations * self.steps_per_iteration)
+        self.others = {"value": self.roles.value} if self.roles.value else {}  # saved with the policy
+        self.every = -(-self.training.save_every_steps // self.steps_per_iteration)  # iterations: the first end
+        # after `save_every_steps` optimizer steps
+        self.pad_id = padding_id(AutoTokenizer.from_pretrained(job.roles.sft_dir))
         self.rollout_adapter = job.ckpt_dir / "rollout_adapter"  # the current policy, for the generation backend
+        self.say = functools.partial(print, flush=True) if self.rank == 0 else None
+        self.warned = False  # the signal delay is too short for a phase: said once per allocation
 
     def run(self) -> str | None:
         job, rl = self.job, self.job.rl
-        state = {"step": 0, "kl_coef": rl.kl_coef, "curves": [], "samples": []}
-        every = -(-job.training.save_every_steps // self.steps_per_iteration)  # iterations: the first end after
-        with Generator(job.sft_dir, job.engine, lora_rank=job.training.lora_r,
-                       merge_adapters=rl.rollout_adapter == "merged") as generator:
-            for iteration in resumed_steps(self.policy, job.ckpt_dir, state, rl.iterations,
-                                           keep=job.training.keep_checkpoints, every=every,
-                                           others={"value": self.value} if self.value else {},
+        state = {"step": 0, "kl_coef": rl.kl_coef, "curves": [], "samples": [], "seconds": {}}
+        with self.roles:
+            for iteration in resumed_steps(self.roles.policy, job.ckpt_dir, state, rl.iterations,
+                                           keep=self.training.keep_checkpoints, every=self.every, others=self.others,
                                            log=functools.partial(print, flush=True), on_step=LiveCurve(LIVE),
                                            unit="iteration"):
-                started = time.perf_counter()
-                rollout = self.rollout(generator, iteration)
-                stats = self.update(rollout, state["kl_coef"], iteration)
-                scored = started + rollout.stats["seconds_rollout"] + rollout.stats["seconds_reward"]
-                self.record(state, rollout, {**stats, "seconds_update": time.perf_counter() - scored})
-            state["held_out"] = self.held_out(generator)
-        save_adapter(self.policy, job.ckpt_dir / "adapter")
+                self.one_iteration(state, iteration, state.pop("own", None))
+            state["held_out"] = self.held_out()
+        save_adapter(self.roles.policy, job.ckpt_dir / "adapter")
         return self.finish(state)
+
+    def one_iteration(self, state: dict, iteration: int, resumed: Samples | Rollout | None) -> None:
+        """rollout, safe point, scoring, safe point, update, record; from where the safe point a requeued job
+        stopped at left it (`resumed`: what the phase before it made)."""
+        rollout = on_device(resumed, self.roles.policy.device) if isinstance(resumed, Rollout) else None
+        if rollout is None:
+            samples = resumed if isinstance(resumed, Samples) else None
+            if samples is None:
+                samples = self.rollout(iteration)
+                self.measured(state, "rollout", samples.seconds)
+                self.safe_point(state, "rollout", samples)
+            rollout = self.score(samples, iteration)
+            self.measured(state, "scoring", rollout.stats["seconds_reward"])
+            self.safe_point(state, "scoring", on_device(rollout, "cpu"))
+        started = time.perf_counter()
+        stats = self.update(rollout, state["kl_coef"], iteration)
+        stats["seconds_update"] = time.perf_counter() - started
+        self.measured(state, "update", stats["seconds_update"])
+        self.record(state, rollout, stats)
+
+    def safe_point(self, state: dict, phase: str, made: Samples | Rollout) -> None:
+        """After `phase` of the iteration, before any optimizer step: where a time-limit or preemption signal reached
+        any rank, a checkpoint with what the phase `made` on each rank, and the job requeued
+        (`training.end_of_step`)."""
+        end_of_step(self.roles.policy, self.job.ckpt_dir, state, self.training.keep_checkpoints, self.every,
+                    self.job.rl.iterations, others=self.others, say=self.say, unit="iteration", phase=phase,
+                    own=made)
+
+    def measured(self, state: dict, phase: str, seconds: float) -> None:
+        """Keep the phase's longest time with the checkpoints; say once when it and a checkpoint outlast the warning
+        SLURM gives before the time limit (the phase would not reach its safe point in time)."""
+        times = state["seconds"]
+        times[phase] = max(times.get(phase, 0.0), seconds)
+        checkpoint = times.get("checkpoint", 0.0)  # measured by `end_of_step` once one was written
+        if times[phase] + checkpoint > self.job.signal_delay_s and not self.warned and self.say:
+            self.say(f"warning: the {phase} took {times[phase]:.0f} s and a checkpoint {checkpoint:.0f} s, more than "
+                     f"cluster.policy.signal_delay_s ({self.job.signal_delay_s} s): a time limit would end the job "
+                     f"before its next safe point; set signal_delay_s to "
+                     f"{math.ceil(1.5 * (times[phase] + checkpoint))} or more")
+            self.warned = True
 
     def guide(self, prompt: dict, iteration: int, index: int) -> tuple[list[str], list[str] | str]:
         """(ids, what the RM reads) for a prompt: its system message for a system-message row, else principles."""
@@ -253,16 +286,16 @@ class PpoRecipe:
         job = self.job
         return guide_for(job.rl, job.collection, job.guards, job.seed, iteration, index)
 
-    def held_out(self, generator: Generator) -> dict | None:
+    def held_out(self) -> dict | None:
         """The trained policy against the SFT policy (adapter off) on the held-out prompts: one sample each with
         one seed, raw RM scores under the same principles. The per-iteration reward curve answers new prompts every
         time, so on a small rollout it mostly shows the prompts' own spread; this compares like with like."""
         import torch.distributed as dist
 
-        job, rl = self.job, self.job.rl
+        job, rl, generator = self.job, self.job.rl, self.roles.generator
         if not job.held_out:
             return None
-        save_adapter(self.policy, self.rollout_adapter)
+        save_adapter(self.roles.policy, self.rollout_adapter)
         mine = list(range(len(job.held_out)))[self.rank::self.world]
         rows = []
         if mine:
@@ -274,7 +307,7 @@ class PpoRecipe:
             scored = []
             for adapter in (None, self.rollout_adapter):
                 outs = generator.generate(texts, sampling, adapter=adapter)
-                raw = self.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
+                raw = self.roles.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
                 finishes = [o.finish_reason for o in outs]
                 shaped = shaped_scores(raw, finishes, [len(o.token_ids) for o in outs], rl)
                 scored.append(list(zip(raw, shaped, [f == "length" for f in finishes])))
@@ -284,11 +317,9 @@ class PpoRecipe:
         rows = [row for part in gathered for row in part]
         return held_out_summary([r[0] for r in rows], [r[1] for r in rows], job.seed) if rows else None
 
-    def rollout(self, generator: Generator, iteration: int) -> Rollout:
-        """This rank's prompts answered by the current policy (`group` samples each, consecutive rows), scored by
-        the RM under each prompt's principles (or its system message) and shaped; with the engine's log-probs of
-        the sampled tokens, the trainer's and the reference's, and (PPO) the values, all before the first update."""
-        job, rl = self.job, self.job.rl
+    def rollout(self, iteration: int) -> Samples:
+        """This rank's prompts answered by the current policy (`group` samples each, consecutive)."""
+        job, rl, generator = self.job, self.job.rl, self.roles.generator
         started = time.perf_counter()
         # 1. the prompts: a contiguous block of the iteration's, seeds and principle draws keyed by their place
         first, picked = iteration_prompts(job.pool, rl, job.seed, iteration, self.rank, self.world)
@@ -296,40 +327,52 @@ class PpoRecipe:
         texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
                  for p in prompts]
         # 2. the samples, from the adapter as it is now (vLLM seeds prompt k of a call with seed + k x n)
-        save_adapter(self.policy, self.rollout_adapter)
+        save_adapter(self.roles.policy, self.rollout_adapter)
         sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, n=self.group, logprobs=rl.vllm_is_correction,
                             seed=(job.seed * 1_000_003 + iteration * 7_919) * 104_729 + first * self.group)
         outs = generator.generate(texts, sampling, adapter=self.rollout_adapter)
-        rolled = time.perf_counter()
-        # 3. the RM's scores under each prompt's guide, shaped
-        guides = [self.guide(p, iteration, first + k) for k, p in enumerate(prompts)]
-        queries = [prompt_ids(generator.tokenizer, t) for t in texts for _ in range(self.group)]
-        prompts, guides = ([x for x in xs for _ in range(self.group)] for xs in (prompts, guides))
-        responses = [list(o.token_ids) or [self.pad_id] for o in outs]
-        raw = self.reward.score([p["text"] for p in prompts], [o.text for o in outs], [g[1] for g in guides])
-        scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], rl)
-        samples = [{"iteration": iteration, "prompt": p["text"], "response": o.text, "principles": g[0],
-                    "reward_raw": r, "reward_shaped": s, "finish": o.finish_reason}
-                   for p, o, g, r, s in zip(prompts, outs, guides, raw, scores)]
-        stats = {"seconds_rollout": rolled - started, "seconds_reward": time.perf_counter() - rolled}
-        engine_logprobs = [list(o.logprobs) for o in outs] if rl.vllm_is_correction else None
-        rollout = pack(queries, responses, self.pad_id, scores, device=self.policy.device, samples=samples,
-                       truncated=[o.finish_reason == "length" for o in outs], engine_logprobs=engine_logprobs)
+        return Samples(first, prompts, texts, outs, time.perf_counter() - started)
 
-        # 4. the trainer's and the reference's log-probs (and the values) of what was sampled, before any step
-        def before_update(part: Rollout) -> list[torch.Tensor]:
-            logprobs, logits = policy_outputs(self.policy, part, rl.temperature)
-            with self.policy.module.disable_adapter():
-                ref_logprobs, _ = policy_outputs(self.policy, part, rl.temperature)
-            return [logprobs, ref_logprobs, entropy(logits)] + ([] if self.value is None else
-                                                               [token_values(self.value, part)])
+    def score(self, samples: Samples, iteration: int) -> Rollout:
+        """This rank's samples scored by the RM under each prompt's principles (or its system message), shaped, and
+        packed with the engine's log-probs of the sampled tokens as the update reads them."""
+        job, rl = self.job, self.job.rl
+        started = time.perf_counter()
+        # 1. each response's prompt and guide, keyed by the prompt's place in the iteration
+        guides = [self.guide(p, iteration, samples.first + k) for k, p in enumerate(samples.prompts)]
+        queries = [prompt_ids(self.roles.generator.tokenizer, t) for t in samples.texts for _ in range(self.group)]
+        prompts, guides = ([x for x in xs for _ in range(self.group)] for xs in (samples.prompts, guides))
+        outs = samples.outs
+        responses = [list(o.token_ids) or [self.pad_id] for o in outs]
+        # 2. the RM's scores under each guide, shaped
+        raw = self.roles.reward.score([p["text"] for p in prompts], [o.text for o in outs], [g[1] for g in guides])
+        scores = shaped_scores(raw, [o.finish_reason for o in outs], [len(r) for r in responses], rl)
+        rows = [{"iteration": iteration, "prompt": p["text"], "response": o.text, "principles": g[0],
+                 "reward_raw": r, "reward_shaped": s, "finish": o.finish_reason}
+                for p, o, g, r, s in zip(prompts, outs, guides, raw, scores)]
+        # 3. packed as the update reads it
+        engine_logprobs = [list(o.logprobs) for o in outs] if rl.vllm_is_correction else None
+        rollout = pack(queries, responses, self.pad_id, scores, device=self.roles.policy.device, samples=rows,
+                       truncated=[o.finish_reason == "length" for o in outs], engine_logprobs=engine_logprobs)
+        return replace(rollout, stats={"seconds_rollout": samples.seconds,
+                                       "seconds_reward": time.perf_counter() - started})
+
+    def before_update(self, rollout: Rollout) -> tuple[Rollout, float]:
+        """(the rollout with the trainer's and the reference's log-probs of what was sampled (and PPO's values), the
+        policy's mean entropy over the response tokens), by the policy as it was sampled from: before any step."""
+        rl, policy, value = self.job.rl, self.roles.policy, self.roles.value
+
+        def forward(part: Rollout) -> list[torch.Tensor]:
+            logprobs, logits = policy_outputs(policy, part, rl.temperature)
+            with self.roles.reference():
+                ref_logprobs, _ = policy_outputs(policy, part, rl.temperature)
+            return [logprobs, ref_logprobs, entropy(logits)] + ([] if value is None else [token_values(value, part)])
 
         with torch.no_grad():
-            logprobs, ref_logprobs, entropies, *values = by_chunks(rollout, job.training.micro_batch_size,
-                                                                   before_update)
-        stats["entropy"] = float(masked_mean(entropies, rollout.response_mask))
-        return replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs,
-                       values=values[0] * rollout.response_mask if values else None, stats=stats)
+            logprobs, ref_logprobs, entropies, *values = by_chunks(rollout, self.training.micro_batch_size, forward)
+        return (replace(rollout, logprobs=logprobs, ref_logprobs=ref_logprobs,
+                        values=values[0] * rollout.response_mask if values else None),
+                float(masked_mean(entropies, rollout.response_mask)))
 
     def advantages(self, rollout: Rollout, kl_coef: float) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """(advantages, returns (PPO only), per-token KL log pi - log pi_ref) by the algorithm's estimator; PPO's
@@ -371,51 +414,54 @@ class PpoRecipe:
     def update(self, rollout: Rollout, kl_coef: float, iteration: int) -> dict[str, float]:
         """`rl.epochs` passes over the rollout in optimizer steps of `step_batch_size` samples (over all ranks),
         each cut into micro-batches; the means of the losses and statistics."""
-        job, rl = self.job, self.job.rl
-        # 1. advantages (PPO: and returns) of the whole rollout, before any step
+        job, rl, policy, value_model = self.job, self.job.rl, self.roles.policy, self.roles.value
+        # 1. the log-probs (policy, reference) and PPO's values of the whole rollout, before any step
+        rollout, entropy_mean = self.before_update(rollout)
+        # 2. advantages (PPO: and returns) of the whole rollout
         with torch.no_grad():
             advantages, returns, kl = self.advantages(rollout, kl_coef)
         mask, kind = self.loss_mask(rollout), loss_type(job.algorithm, rl)
         ratio = "sequence" if rl.importance_sampling_level == "sequence" else self.algorithm.ratio
         epsilon_high = rl.epsilon if rl.epsilon_high is None else rl.epsilon_high
-        micro, local = job.training.micro_batch_size, rl.step_batch_size // self.world
+        micro, local = self.training.micro_batch_size, rl.step_batch_size // self.world
         scale = local // micro * self.world  # DeepSpeed averages over accumulation steps and ranks: undone here
         sums: dict[str, float] = {}
         for epoch in range(rl.epochs):
-            # 2. this epoch's order of the rank's rows, and each optimizer step's normalisers over every rank
+            # 3. this epoch's order of the rank's rows, and each optimizer step's normalisers over every rank
             seed = ((job.seed * 7_919 + iteration) * 104_729 + epoch) * 1_009 + self.rank
             order = torch.randperm(len(rollout), generator=torch.Generator().manual_seed(seed)).to(mask.device)
             norms = self.step_norms(rollout, mask, order)
             for step, norm in enumerate(norms):
                 for start in range(step * local, (step + 1) * local, micro):
-                    # 3. a micro-batch's share of the step's policy loss (and PPO's value loss): backward, step
+                    # 4. a micro-batch's share of the step's policy loss (and PPO's value loss): backward, step
                     index = order[start : start + micro]
                     part = rollout.rows(index)
                     part_mask = part.response_width(mask[index])
-                    logprobs, _ = policy_outputs(self.policy, part, rl.temperature)
+                    logprobs, _ = policy_outputs(policy, part, rl.temperature)
                     terms, stats = policy_terms(
                         logprobs, part.logprobs, part.response_width(advantages[index]), part_mask, ratio, rl.epsilon,
                         epsilon_high, part.engine_logprobs, rl.vllm_is_cap,
                         part.ref_logprobs if self.algorithm.kl_in_loss else None, kl_coef)
                     loss = aggregate(terms, part_mask, "sequence" if terms.shape[1] == 1 else kind, norm)
-                    self.policy.backward(loss * scale)
-                    self.policy.step()
+                    policy.backward(loss * scale)
+                    policy.step()
                     stats["policy_loss"] = loss.detach() * self.world / len(norms)
-                    if self.value is not None:
-                        per_token = value_loss(token_values(self.value, part), part.values,
+                    if value_model is not None:
+                        per_token = value_loss(token_values(value_model, part), part.values,
                                                part.response_width(returns[index]), job.ppo.cliprange_value)
                         value = aggregate(per_token, part_mask, "bnpo", norm)
-                        self.value.backward(value * scale)
-                        self.value.step()
+                        value_model.backward(value * scale)
+                        value_model.step()
                         stats["value_loss"] = value.detach() * self.world / len(norms)
                     for name, x in stats.items():
                         sums[name] = sums.get(name, 0.0) + float(x)
-        # 4. the iteration's statistics: token means over this rank, step losses averaged over the epochs
+        # 5. the iteration's statistics: token means over this rank, step losses averaged over the epochs
         result = {name: sums[name] / max(sums[f"{name}_of"], 1.0) for name in sums
                   if f"{name}_of" in sums}
         result |= {name: sums[name] / rl.epochs for name in ("policy_loss", "value_loss") if name in sums}
-        result |= {"kl": float(kl.sum(1).mean()), "advantage_mean": float(masked_mean(advantages, rollout.response_mask))}
-        if self.value is None:  # how much the groups tell apart: 0 where every sample of a prompt scores the same
+        result |= {"kl": float(kl.sum(1).mean()), "advantage_mean": float(masked_mean(advantages, rollout.response_mask)),
+                   "entropy": entropy_mean}
+        if value_model is None:  # how much the groups tell apart: 0 where every sample of a prompt scores the same
             return {**result, "group_reward_std": float(rollout.scores.view(-1, self.group).std(1).mean())}
         return {**result, "explained_variance": explained_variance(rollout.values, returns, rollout.response_mask)}
 
@@ -430,7 +476,7 @@ class PpoRecipe:
                           "reward_shaped": statistics.fmean(s["reward_shaped"] for s in samples),
                           "response_length": float(rollout.response_mask.sum(1).mean()),
                           "no_stop_share": sum(s["finish"] == "length" for s in samples) / len(samples)},
-                         self.world, self.policy.device)
+                         self.world, self.roles.policy.device)
         stats["kl_coef"] = state["kl_coef"]
         state["kl_coef"] = adapt_kl_coef(state["kl_coef"], stats["kl"], rl.kl_target, rl.kl_horizon,
                                          len(samples) * self.world)
@@ -456,7 +502,7 @@ class PpoRecipe:
                     "held_out": state.get("held_out")}
 
         return finish_training(OUT, stage=STAGE, params=job.params, inputs=job.inputs, adapter=job.ckpt_dir / "adapter",
-                               ckpt_dir=job.ckpt_dir, base=job.sft_dir, write=write)
+                               ckpt_dir=job.ckpt_dir, base=job.roles.sft_dir, write=write)
 
 
 # ------------------------------------------------------------------------------------------------------ main
@@ -510,12 +556,10 @@ def prompt_pool(cfg: Rl, seed: int) -> list[dict]:
     return pool
 
 
-def main() -> None:
-    params = runner.stage_params()
+def build_job(params: Params) -> PpoJob:
+    """What the job reads, from params.yaml and the inputs, checked before any job."""
     rl, algorithm = params.rl, params.policy.algorithm
     training = check_layout(params)
-    runner.warn_unread(STAGE, {"seed", "training", "policy", "rl", "generation"} |
-                       ({"ppo"} if ALGORITHMS[algorithm].value_model else set()), f"policy.algorithm {algorithm}")
     collection = pick_principles(load_jsonl(COLLECTION, PreferencePrinciple), rl.principles, "rl.principles",
                                  COLLECTION)
     guards = pick_principles(load_jsonl(GUARDS, PreferencePrinciple), rl.guard_principles, "rl.guard_principles",
@@ -527,14 +571,24 @@ def main() -> None:
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "rl": rl.model_dump(), "generation": params.generation.model_dump(),
               **({"ppo": params.ppo.model_dump()} if ALGORITHMS[algorithm].value_model else {})}
-    ckpt_dir = checkpoint_dir(algorithm, {"params": subset, "inputs": inputs})
     resources = params.cluster.policy
-    fn = functools.partial(job, PpoJob(
-        sft_dir=SFT / MODEL, rm_dir=RM, pool=pool, collection=collection, guards=guards, algorithm=algorithm, rl=rl,
-        ppo=params.ppo, training=training, engine=Engine.of(params.generation, resources),
-        score_batch_size=resources.score_batch_size, seed=params.seed, ckpt_dir=ckpt_dir, params=subset,
-        inputs=inputs, held_out=held_out))
-    runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
+    roles = RoleSpec(sft_dir=SFT / MODEL, rm_dir=RM, training=training, engine=Engine.of(params.generation, resources),
+                     score_batch_size=resources.score_batch_size, value_model=ALGORITHMS[algorithm].value_model,
+                     merge_adapters=rl.rollout_adapter == "merged")
+    ckpt_dir = checkpoint_dir(algorithm, {"params": subset, "inputs": inputs})
+    return PpoJob(roles=roles, pool=pool, collection=collection, guards=guards, algorithm=algorithm, rl=rl,
+                  ppo=params.ppo, seed=params.seed, ckpt_dir=ckpt_dir, signal_delay_s=resources.signal_delay_s,
+                  params=subset, inputs=inputs, held_out=held_out)
+
+
+def main() -> None:
+    params = runner.stage_params()
+    ppo_job = build_job(params)
+    algorithm = params.policy.algorithm
+    runner.warn_unread(STAGE, {"seed", "training", "policy", "rl", "generation"} |
+                       ({"ppo"} if ALGORITHMS[algorithm].value_model else set()), f"policy.algorithm {algorithm}")
+    runner.submit_stage(STAGE, OUT, functools.partial(job, ppo_job), params.cluster.policy, params.cluster,
+                        ppo_job.params, ppo_job.inputs)
 
 
 if __name__ == "__main__":

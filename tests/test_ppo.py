@@ -1,14 +1,17 @@
 """PPO against the instructable RM on the tiny model: the arithmetic (GAE, clipped losses, KL controller), the
 reward shaping (the stop-token penalty, the length bonus) and the stage itself: KL 0 at the first iteration and
-growing after, curves in dvclive, a resumed run continuing from its checkpoint, and bad batch sizes or principle
-names as one line before any job; DPO on the labelled pairs with the principles as the system message,
+growing after, curves in dvclive, a resumed run continuing from its checkpoint, a preemption inside an iteration
+stopping at the next safe point and resuming there with the curves of an unsignalled run, and bad batch sizes or
+principle names as one line before any job; DPO on the labelled pairs with the principles as the system message,
 raising the implicit reward margin of held-out pairs."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -21,12 +24,15 @@ from transformers import AutoModelForCausalLM
 
 from align.artifacts import verify_artifact
 from align.errors import UserError
+from align.params import load_params
 from align.records import read_jsonl
 from align.reward import guide_text
 from align.rl import adapt_kl_coef, gae, token_rewards
+from align.roles import without_dropout
 from align.rollout import by_chunks, pack, policy_outputs
 from align.training import tokenize_pair
-from stages.ppo import held_out_summary, hold_out, shaped_scores, without_dropout
+from slurm.submit import JobSpec, submit
+from stages.ppo import PpoJob, PpoRecipe, Samples, build_job, held_out_summary, hold_out, shaped_scores
 from tests.conftest import ROOT
 from tests.helpers import DEFAULTS, curve, kill_tree, stage, training_run
 from tests.projects import PRINCIPLES, TINY_RL, TINY_RL_EXECUTION, ppo_project, preference_rows, rm_project
@@ -197,6 +203,63 @@ def test_a_killed_ppo_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_mode
     assert [s for s, _ in curve(cwd, "policy", "kl")] == list(range(10))  # one continuous curve, none twice
     samples = read_jsonl(cwd / "models/policy/samples.jsonl")
     assert sorted({s["iteration"] for s in samples}) == list(range(10))
+
+
+class SignalledInRollout(PpoRecipe):
+    """The policy stage's recipe, except that SIGTERM - what SLURM sends a job it preempts - reaches this process as
+    its rollout of iteration `at` begins, in the job's first allocation only (a file in the working folder says it
+    was sent)."""
+
+    def __init__(self, job: PpoJob, at: int):
+        super().__init__(job)
+        self.at = at
+
+    def rollout(self, iteration: int) -> Samples:
+        sent = Path("sigterm_sent")
+        if iteration == self.at and not sent.exists():
+            sent.touch()
+            os.kill(os.getpid(), signal.SIGTERM)
+        return super().rollout(iteration)
+
+
+def signalled_job(job: PpoJob, at: int) -> str | None:
+    return SignalledInRollout(job, at).run()
+
+
+@pytest.mark.slow
+def test_a_preemption_during_a_rollout_stops_after_it_and_the_resumed_run_ends_as_an_unsignalled_one(
+        tmp_path: Path, roomy_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM during the rollout of iteration 1 of 3 (0-based): the job checkpoints at the end of that rollout, its
+    samples in the checkpoint, and requeues (the local executor starts it again); the next allocation resumes with
+    the scoring of iteration 1 and ends with the curves and the out of a run nobody signalled."""
+    groups = dict(rl={**TINY_RL, "iterations": 3},
+                  cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 1000})  # no periodic checkpoint
+    reference = ppo_project(tmp_path / "reference", roomy_model, **groups)
+    proc = stage(reference, "policy")
+    assert proc.returncode == 0, proc.stderr
+
+    cwd = ppo_project(tmp_path / "signalled", roomy_model, **groups)
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job imports this module
+    params = load_params()
+    spec = JobSpec(stage="policy", fn=functools.partial(signalled_job, build_job(params), 1),
+                   resources=params.cluster.policy, target=cwd / "models/policy", key={})
+    assert submit(spec, params.cluster) == verify_artifact(cwd / "models/policy")
+    log = "".join(p.read_text() for p in sorted((cwd / "logs/policy").glob("*_0_log.out")))
+    assert "signalled at iteration 1 after its rollout: checkpoint saved, requeueing" in log, log[-3000:]
+    assert "/step_00000001_rollout at iteration 1" in log  # the next allocation began there ("resumed from ...")
+    assert log.count("iteration 1/3 ") == 1  # iteration 0 was not done again
+    names = [p.stem for p in (reference / "dvclive/policy/plots/metrics").glob("*.tsv")
+             if not p.stem.startswith("seconds_")]
+    assert {"reward_raw", "kl", "value_loss", "entropy", "clip_fraction"} <= set(names)
+    for name in names:
+        assert curve(cwd, "policy", name) == pytest.approx(curve(reference, "policy", name), rel=1e-5, abs=1e-6), name
+    signalled, unsignalled = (json.loads((folder / "models/policy/metrics.json").read_text())
+                              for folder in (cwd, reference))
+    assert signalled.keys() == unsignalled.keys()
+    for name, value in unsignalled.items():
+        assert signalled[name] == (pytest.approx(value, rel=1e-5, abs=1e-6) if isinstance(value, float) else value)
+    assert read_jsonl(cwd / "models/policy/samples.jsonl") == read_jsonl(reference / "models/policy/samples.jsonl")
 
 
 @pytest.mark.parametrize("rl, message", [

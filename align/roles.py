@@ -1,0 +1,97 @@
+"""The models of an RL job, built in one place.
+
+Roles: the policy (the SFT model + a trainable LoRA adapter, a DeepSpeed engine); the reference (the same model with
+the adapter disabled: no second copy); PPO's value model (the RM's trunk with the RM adapter folded in, and its
+scalar head, + a LoRA of its own: a second engine); the reward model (frozen, `RewardScorer`); the engine the
+rollouts sample from (`Generator`: vLLM, or transformers). A recipe (stages/ppo.py) reads them from `Roles` and never
+builds one itself.
+
+Today every role lives in every rank of the job, on the rank's device (colocated), the policy and the value model
+data-parallel over the ranks. `build_roles` is the one place that decides so: a placement that puts the engine or
+the reward model on GPUs of their own changes it, not the recipe.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from align.generation import Generator
+from align.params import Engine, TrainingRun
+from align.reward import RewardScorer
+from align.training import DTYPES, checkpointed, lora_config, lora_model, make_engine, reward_trunk
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """What the roles are built from (picklable: made on the login node, read in every rank)."""
+
+    sft_dir: Path  # the SFT model: the policy's and the reference's base, the generation engine's weights
+    rm_dir: Path  # the reward model's out: its adapter and template (and the value model's start)
+    training: TrainingRun  # LoRA, learning rate, schedule and the job's execution settings for both engines
+    engine: Engine  # the generation backend and its settings
+    score_batch_size: int  # RM rows per forward pass
+    value_model: bool  # PPO's critic, trained beside the policy
+    merge_adapters: bool  # the engine folds the current adapter into its weights (rl.rollout_adapter: merged)
+
+
+@dataclass
+class Roles:
+    """The roles of one rank, built by `build_roles`; closing it stops the generation engine."""
+
+    policy: Any  # DeepSpeed engine over the SFT model + LoRA
+    value: Any | None  # DeepSpeed engine over the value model, None without a critic
+    reward: RewardScorer
+    generator: Generator
+
+    def reference(self) -> AbstractContextManager:
+        """The reference policy for a block: the policy with its adapter disabled."""
+        return self.policy.module.disable_adapter()
+
+    def close(self) -> None:
+        self.generator.close()
+
+    def __enter__(self) -> Roles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def build_roles(spec: RoleSpec, seed: int, world: int, total_steps: int) -> Roles:
+    """Every role, colocated in this rank (call `training.init_distributed` first): the policy and value engines over
+    `world` ranks with their learning rate scheduled over `total_steps` optimizer steps, their LoRA initialised from
+    `seed` (the same on every rank and every rerun); then the reward model; then the generation engine, which
+    takes its share of the memory the others left."""
+    training = spec.training
+    policy = make_engine(without_dropout(lora_model(spec.sft_dir, training, seed)), training, world,
+                         total_steps=total_steps)
+    value = make_engine(without_dropout(value_model(spec.sft_dir, spec.rm_dir, training, seed)), training, world,
+                        total_steps=total_steps) if spec.value_model else None
+    reward = RewardScorer(spec.sft_dir, spec.rm_dir, batch_size=spec.score_batch_size, precision=training.precision)
+    generator = Generator(spec.sft_dir, spec.engine, lora_rank=training.lora_r, merge_adapters=spec.merge_adapters)
+    return Roles(policy=policy, value=value, reward=reward, generator=generator)
+
+
+def value_model(sft_dir: Path, rm_dir: Path, training: TrainingRun, seed: int) -> torch.nn.Module:
+    """The RM with its adapter folded into the trunk, plus a fresh LoRA of its own; its head trains too."""
+    from peft import PeftModel, get_peft_model
+
+    rm = PeftModel.from_pretrained(reward_trunk(sft_dir, DTYPES[training.precision]), str(rm_dir / "adapter"))
+    torch.manual_seed(seed + 1)
+    return get_peft_model(checkpointed(rm.merge_and_unload(), training), lora_config(training, "SEQ_CLS"))
+
+
+def without_dropout(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every dropout module in eval mode (the model comes from `from_pretrained` in it, but PEFT makes
+    its LoRA dropouts in training mode): a sample's log-probabilities before the update, the reference's and the
+    update's must come from one function, or the ratio and the KL measure dropout noise. TRL's PPOTrainer turns
+    dropout off in its models for the same reason."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.eval()
+    return model
