@@ -1,7 +1,8 @@
 """The fault suite's figures: runs tests/test_faults.py (the eight scenarios on the one-node SLURM test cluster,
 started by the tests themselves; root needed) and the bad-input table of tests/test_bad_input.py, then prints what
-survived, the steps lost per resume, the bad inputs answered with one line, and the artifacts lost and duplicate
-jobs (both must be 0).
+survived, the steps lost per resume, the time-limit and preemption signals (SIGUSR2, SIGTERM) after which the job
+resumed where it stopped, the bad inputs answered with one line, and the artifacts lost and duplicate jobs (both
+must be 0).
 
     python bench/faults.py [--out bench/results/faults.json] [-k EXPR]
 
@@ -37,11 +38,14 @@ def main() -> int:
     figures = json.loads(out.read_text())
     print(f"\n{'scenario':<95} {'survived':>8}  figures")
     for name, record in figures["scenarios"].items():
-        shown = {k: v for k, v in record.items() if k in ("steps_lost", "allocations", "seconds_to_failure",
-                                                         "jobs", "outcome", "adapter_max_abs_diff", "seconds")}
+        shown = {k: v for k, v in record.items() if k in ("signal", "stopped_after", "steps_lost", "allocations",
+                                                         "seconds_to_failure", "jobs", "outcome",
+                                                         "adapter_max_abs_diff", "seconds")}
         print(f"{name:<95} {str(record['survived']):>8}  {json.dumps(shown)}")
     print(f"\nscenarios survived        {figures['scenarios_survived']}/{figures['scenarios_run']}")
     print(f"steps lost per resume     {figures['steps_lost_per_resume']}")
+    print(f"signals resumed in place  {figures['signals_resumed_where_stopped']}/{len(figures['signals_sent'])} "
+          f"({', '.join(figures['signals_sent'])})")
     print(f"bad inputs, one line      {figures['bad_inputs_answered_with_one_line']}/{figures['bad_inputs_tried']}")
     print(f"artifacts lost            {figures['artifacts_lost']}")
     print(f"duplicate jobs            {figures['duplicate_jobs']}")

@@ -1,7 +1,8 @@
 """The figures of the fault suite, collected while it runs and written as JSON at the end of the session.
 
-Each test in tests/test_faults.py fills its own record (steps lost per resume, jobs seen, artifacts lost, seconds)
-through the `fault_figures` fixture; whether it survived is its pytest outcome. Every row of the bad-input table
+Each test in tests/test_faults.py fills its own record (steps lost per resume, jobs seen, artifacts lost, seconds;
+for a time-limit or preemption signal, which one, where the job stopped and whether it resumed there) through the
+`fault_figures` fixture; whether it survived is its pytest outcome. Every row of the bad-input table
 (tests/test_bad_input.py) counts as one bad input tried, answered with one line when the row passed. The file goes
 to $FAULTS_JSON, else bench/results/faults.json; bench/faults.py runs both suites and prints the table.
 """
@@ -45,6 +46,10 @@ def summary() -> dict:
         "steps_lost_per_resume": [lost for r in ran.values() for lost in r.get("steps_lost", [])],
         "artifacts_lost": sum(r.get("artifacts_lost", 0) for r in ran.values()),
         "duplicate_jobs": sum(r.get("duplicate_jobs", 0) for r in ran.values()),
+        # time-limit and preemption signals: the job stopped at its next safe point and resumed there
+        "signals_sent": [r["signal"] for r in ran.values() if "signal" in r],
+        "signals_resumed_where_stopped": sum(r["survived"] and r.get("resumed_where_stopped", False)
+                                             for r in ran.values()),
         "bad_inputs_tried": len(bad_inputs),
         "bad_inputs_answered_with_one_line": sum(bad_inputs.values()),
         "scenarios": ran,

@@ -5,7 +5,8 @@ checkpoint interval (none at a time limit), every failure a report naming the jo
 1. the login node's `dvc repro` killed mid-job: the job runs on, the next `dvc repro` re-attaches to it;
 2. `scancel` of a training job: exit 1 naming job and log, previous out intact, the rerun resumes;
 3. a time limit shorter than the work: SIGUSR2 before the limit, checkpoint, requeue, done over several
-   allocations with one continuous loss curve; and PPO preempted (the same signal) mid-run;
+   allocations with one continuous loss curve; and PPO preempted mid-run, by SIGTERM (SLURM's default) or SIGUSR2
+   (send_user_signal): stopped at the next safe point inside its iteration, resumed there;
 4. one rank of a 2-task DeepSpeed job dies: the job fails at once, naming that rank and its error;
 5. the node dies under a running job: the stage reports it; the job (requeued) or the rerun completes once the
    node is back;
@@ -218,7 +219,8 @@ def test_a_cancelled_training_job_fails_with_its_id_and_log_and_the_rerun_resume
     assert log_path.is_file() and log_path.name.startswith(f"{job_id}_")
     assert read_manifest(cwd / "models/engraved")["files"] == earlier  # the earlier out, untouched
     verify_artifact(cwd / "models/engraved")
-    reached = last_step(job_log(cwd, "engrave"))
+    first_log = job_log(cwd, "engrave")
+    reached = last_step(first_log)
     (latest,) = cwd.glob("checkpoints/engrave/*/latest")
     saved = int(latest.read_text().removeprefix("step_"))
 
@@ -229,9 +231,11 @@ def test_a_cancelled_training_job_fails_with_its_id_and_log_and_the_rerun_resume
     assert [s for s, _ in losses] == list(range(steps))  # one continuous curve, no step twice
     assert same_start(losses, reference["loss"])
     lost = reached - saved
-    assert 0 <= lost <= every
+    assert 0 <= lost <= every  # 0 where the job's checkpoint on scancel's SIGTERM beat SIGKILL (KillWait: 2 s here)
+    assert "requeueing" not in first_log  # a cancelled job is not requeued
     fault_figures_record.update(steps_lost=[lost], checkpoint_every=every, cancelled_at_step=reached,
-                                resumed_at_step=saved, artifacts_lost=0, duplicate_jobs=0)
+                                resumed_at_step=saved, checkpoint_on_cancel="not requeued: SIGTERM" in first_log,
+                                artifacts_lost=0, duplicate_jobs=0)
 
 
 # ------------------------------------------------------------------------------------------------ 3. time limit
@@ -263,18 +267,38 @@ def test_a_time_limit_checkpoints_requeues_and_completes_over_several_allocation
     assert [s for s, _ in losses] == list(range(steps))
     assert same_start(losses, reference["loss"])
     verify_artifact(cwd / "models/engraved")
-    fault_figures_record.update(allocations=len(spans), steps_lost=lost, steps_per_allocation=spans, jobs=len(jobs),
-                                duplicate_jobs=len(jobs) - 1,
-                                artifacts_lost=0, seconds=round(time.monotonic() - started, 1))
+    fault_figures_record.update(signal="SIGUSR2", resumed_where_stopped=lost == [0] * len(lost),
+                                allocations=len(spans), steps_lost=lost, steps_per_allocation=spans, jobs=len(jobs),
+                                duplicate_jobs=len(jobs) - 1, artifacts_lost=0,
+                                seconds=round(time.monotonic() - started, 1))
+
+
+SAFE_POINTS = ("rollout", "scoring", "end")  # where a PPO iteration can stop, in order
+
+
+def stop_and_resume(log: str) -> tuple[tuple[int, int], str, str]:
+    """From a requeued PPO job's log: where the signal stopped it (iteration index, place in SAFE_POINTS), the
+    checkpoint it wrote there and the one the next allocation resumed from (their tags)."""
+    stop = re.search(r"^signalled at iteration (\d+)(?: after its (\w+))?: checkpoint saved, requeueing$", log, re.M)
+    resumed = re.search(r"^resumed from \S+/(step_\S+) at iteration \d+$", log, re.M)
+    assert stop and resumed, log[-3000:]
+    iteration, phase = int(stop[1]), stop[2]
+    place = (iteration, SAFE_POINTS.index(phase)) if phase else (iteration - 1, SAFE_POINTS.index("end"))
+    return place, f"step_{iteration:08d}" + (f"_{phase}" if phase else ""), resumed[1]
 
 
 @pytest.mark.slow
-def test_a_preempted_ppo_job_stops_after_an_iteration_and_resumes_there(
-        slurm_cluster, tmp_path: Path, tiny_model: Path, fault_figures_record: dict) -> None:
-    """Preemption (SLURM signals the job, as at a time limit): PPO's checkpoint holds two engines (policy and value),
-    the KL coefficient and the curves. The signal is sent by hand, `scancel --signal=USR2`, once a few iterations
-    are done: PPO's start-up (two engines, the RM, the generator) takes ~30 s here, about what a 1-minute
-    allocation leaves before its signal."""
+@pytest.mark.parametrize("signal_name", ["USR2", "TERM"])
+def test_a_preempted_ppo_job_stops_at_its_next_safe_point_and_resumes_there(
+        slurm_cluster, tmp_path: Path, tiny_model: Path, signal_name: str, fault_figures_record: dict) -> None:
+    """Preemption: SLURM sends SIGTERM (and SIGKILL once the partition's GraceTime is over), or SIGUSR2 where the
+    site sets PreemptParameters=send_user_signal (as before a time limit). Sent by hand with `scancel --signal`
+    (the job stays RUNNING, as through a preemption's grace time) once a few iterations are done: the job stops at
+    the first safe point after it (the end of the iteration's rollout, of its scoring, or of the iteration), with a
+    checkpoint of two engines (policy and value), the KL coefficient, the curves and what the phase made, requeues
+    itself, and the next allocation resumes at that safe point: nothing is done twice, one job, one curve. PPO's
+    start-up (two engines, the RM, the generator) takes ~30 s here, about what a 1-minute allocation leaves before
+    its signal, hence the signal by hand."""
     iterations = 12
     cwd = ppo_project(tmp_path, tiny_model, rl={**TINY_RL, "iterations": iterations},
                       cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": NO_PERIODIC},
@@ -286,20 +310,31 @@ def test_a_preempted_ppo_job_stops_after_an_iteration_and_resumes_there(
                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         job_id = wait_for(lambda: alive(first) and running_job(state_file, "policy"), "the PPO job to run")
         wait_for(lambda: alive(first) and last_step(job_log(cwd, "policy"), "iteration") >= 3, "PPO iterations")
-        subprocess.run(["scancel", "--signal=USR2", job_id], check=True, timeout=30)
+        done_before = last_step(job_log(cwd, "policy"), "iteration")
+        subprocess.run(["scancel", f"--signal={signal_name}", job_id], check=True, timeout=30)
+        done_after = last_step(job_log(cwd, "policy"), "iteration")
         out, err = first.communicate(timeout=900)
     assert first.returncode == 0, err
     log = job_log(cwd, "policy")
     spans = allocations(log, "iteration")
     assert len(spans) == 2 and spans[-1][1] == iterations, log[-3000:]
     lost = [end - next_start for (_, end), (next_start, _) in zip(spans, spans[1:])]
-    assert lost == [0] and f"signalled at iteration {spans[0][1]}: checkpoint saved" in log
-    assert "preempted" in log  # submitit's word: a signal before the time limit, not counted against max_requeues
+    assert lost == [0]
+    place, written, resumed = stop_and_resume(log)
+    # the first safe point after the signal: inside the iteration that ran while it was sent (one may have ended
+    # between reading the log and the signal's arrival)
+    assert (done_before, 0) <= place <= (done_after, SAFE_POINTS.index("end")), (done_before, place, done_after)
+    assert resumed == written  # the next allocation began where the signal's checkpoint was written
+    assert f"Caught signal SIG{signal_name}" in log and "preempted" in log  # submitit's words: requeued, a signal
+    # before the time limit, not counted against max_requeues
     assert json.loads((cwd / "models/policy/metrics.json").read_text())["iterations"] == iterations
     verify_artifact(cwd / "models/policy")
     assert len(set().union(*watch.snapshots)) >= 1 and max_alive(watch, set()) == 1
-    fault_figures_record.update(allocations=len(spans), steps_lost=lost, iterations_per_allocation=spans,
-                                duplicate_jobs=0, artifacts_lost=0, seconds=round(time.monotonic() - started, 1))
+    fault_figures_record.update(signal=f"SIG{signal_name}",
+                                stopped_after=f"iteration {place[0]}'s {SAFE_POINTS[place[1]]}",
+                                resumed_where_stopped=resumed == written, allocations=len(spans), steps_lost=lost,
+                                iterations_per_allocation=spans, duplicate_jobs=0, artifacts_lost=0,
+                                seconds=round(time.monotonic() - started, 1))
 
 
 # ------------------------------------------------------------------------------------------------ 4. rank death
