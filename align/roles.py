@@ -24,6 +24,7 @@ from align.generation import Generator
 from align.params import Engine, TrainingRun
 from align.reward import RewardScorer
 from align.training import DTYPES, checkpointed, lora_config, lora_model, make_engine, reward_trunk
+from slurm import preemption
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ def build_roles(spec: RoleSpec, seed: int, world: int, total_steps: int) -> Role
     value = make_engine(without_dropout(value_model(spec.sft_dir, spec.rm_dir, training, seed)), training, world,
                         total_steps=total_steps) if spec.value_model else None
     reward = RewardScorer(spec.sft_dir, spec.rm_dir, batch_size=spec.score_batch_size, precision=training.precision)
-    generator = Generator(spec.sft_dir, spec.engine, lora_rank=training.lora_r, merge_adapters=spec.merge_adapters)
+    with preemption.shielded():  # vLLM's engine process would die of SLURM's signals before the next safe point
+        generator = Generator(spec.sft_dir, spec.engine, lora_rank=training.lora_r,
+                              merge_adapters=spec.merge_adapters)
     return Roles(policy=policy, value=value, reward=reward, generator=generator)
 
 

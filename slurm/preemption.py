@@ -23,7 +23,8 @@ from __future__ import annotations
 import signal
 import subprocess
 import sys
-from typing import Any, Callable, NoReturn
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, NoReturn
 
 import torch
 
@@ -60,6 +61,28 @@ def release() -> None:
         signal.signal(signum, handler)
     _previous.clear()
     _received.clear()
+
+
+@contextmanager
+def shielded() -> Iterator[None]:
+    """Processes started in the block never see SIGUSR2 or SIGTERM: they start with both blocked (a blocked signal
+    stays blocked across fork and exec, whatever handler the process installs). SLURM signals every process of a
+    job step; a helper process the job started - vLLM's engine and its workers - would otherwise die of the
+    time-limit warning (no SIGUSR2 handler) or shut down on a preemption's SIGTERM while the job's own process goes
+    on to its next safe point and needs it. They end with the job (SIGKILL), or when the job closes them (vLLM:
+    its SIGTERM unheard, SIGKILL after its 5 s grace). A signal that reaches this process during the block is held
+    and handled right after it."""
+    from multiprocessing import resource_tracker
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+    try:
+        # multiprocessing starts its resource tracker with the first process it spawns, and unblocks SIGTERM here
+        # after: started now (shielded too), then the signals blocked again
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, SIGNALS)
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
 
 
 def stop_requested(device: torch.device | str = "cpu") -> int:

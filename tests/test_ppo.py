@@ -36,6 +36,7 @@ from stages.ppo import PpoJob, PpoRecipe, Samples, build_job, held_out_summary, 
 from tests.conftest import ROOT
 from tests.helpers import DEFAULTS, curve, kill_tree, stage, training_run
 from tests.projects import PRINCIPLES, TINY_RL, TINY_RL_EXECUTION, ppo_project, preference_rows, rm_project
+from tests.tiny import make_tiny_model
 
 
 def test_gae_with_lambda_one_and_gamma_one_is_the_return_to_go_minus_value() -> None:
@@ -205,10 +206,15 @@ def test_a_killed_ppo_job_resumes_from_its_checkpoint(tmp_path: Path, roomy_mode
     assert sorted({s["iteration"] for s in samples}) == list(range(10))
 
 
+def with_descendants(pid: int) -> list[int]:
+    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True).stdout.split()
+    return [pid] + [found for child in children for found in with_descendants(int(child))]
+
+
 class SignalledInRollout(PpoRecipe):
-    """The policy stage's recipe, except that SIGTERM - what SLURM sends a job it preempts - reaches this process as
-    its rollout of iteration `at` begins, in the job's first allocation only (a file in the working folder says it
-    was sent)."""
+    """The policy stage's recipe, except that SIGTERM - what SLURM sends a job it preempts, to every process of the
+    job step - reaches this process and the processes it started as its rollout of iteration `at` begins, in the
+    job's first allocation only (a file in the working folder says it was sent)."""
 
     def __init__(self, job: PpoJob, at: int):
         super().__init__(job)
@@ -218,7 +224,8 @@ class SignalledInRollout(PpoRecipe):
         sent = Path("sigterm_sent")
         if iteration == self.at and not sent.exists():
             sent.touch()
-            os.kill(os.getpid(), signal.SIGTERM)
+            for pid in with_descendants(os.getpid()):
+                os.kill(pid, signal.SIGTERM)
         return super().rollout(iteration)
 
 
@@ -227,18 +234,26 @@ def signalled_job(job: PpoJob, at: int) -> str | None:
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("backend", ["hf", "vllm"])
 def test_a_preemption_during_a_rollout_stops_after_it_and_the_resumed_run_ends_as_an_unsignalled_one(
-        tmp_path: Path, roomy_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, roomy_model: Path, monkeypatch: pytest.MonkeyPatch, backend: str) -> None:
     """SIGTERM during the rollout of iteration 1 of 3 (0-based): the job checkpoints at the end of that rollout, its
     samples in the checkpoint, and requeues (the local executor starts it again); the next allocation resumes with
-    the scoring of iteration 1 and ends with the curves and the out of a run nobody signalled."""
-    groups = dict(rl={**TINY_RL, "iterations": 3},
-                  cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 1000})  # no periodic checkpoint
-    reference = ppo_project(tmp_path / "reference", roomy_model, **groups)
+    the scoring of iteration 1 and ends with the curves and the out of a run nobody signalled. With vLLM the
+    engine survives the signal (its own engine process would shut down on it)."""
+    model, execution = roomy_model, TINY_RL_EXECUTION
+    if backend == "vllm":
+        pytest.importorskip("vllm")
+        # vLLM's CPU attention has no kernel for the tiny model's head_dim 16: the same shape at hidden 128
+        model, execution = make_tiny_model(tmp_path / "wide", hidden=128), {**execution, "kv_cache_gb": 1}
+    groups = dict(generation={"backend": backend}, rl={**TINY_RL, "iterations": 3},
+                  cluster_defaults={**execution, "save_every_steps": 1000},  # no periodic checkpoint
+                  cluster={"policy": {"time_min": 10}})  # an engine killed by the signal hangs the job until then
+    reference = ppo_project(tmp_path / "reference", model, **groups)
     proc = stage(reference, "policy")
     assert proc.returncode == 0, proc.stderr
 
-    cwd = ppo_project(tmp_path / "signalled", roomy_model, **groups)
+    cwd = ppo_project(tmp_path / "signalled", model, **groups)
     monkeypatch.chdir(cwd)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))  # the job imports this module
     params = load_params()

@@ -4,6 +4,7 @@ submitting process dies; what a SLURM task exports (rendezvous port, its GPU, th
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -271,3 +272,35 @@ def test_collectives_time_out_after_the_stage_s_setting(tmp_path: Path) -> None:
     """DeepSpeed's 10 minutes applied whatever the stage's job needed (a rank waiting on another's long start-up)."""
     cluster = cluster_with(executor="local", log_dir=str(tmp_path / "logs"))
     assert submit(spec(collective_timeout, tmp_path, collective_timeout_min=45), cluster) == 45
+
+
+def wait_for_signals(ready) -> None:  # noqa: ANN001 - a multiprocessing Event
+    """A helper process: says it is up, then lives 60 s unless a signal ends it."""
+    ready.set()
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("shield", [True, False])
+def test_a_helper_process_started_shielded_outlives_slurm_s_signals(shield: bool) -> None:
+    """SLURM signals every process of a job step. A helper started in `preemption.shielded()` (vLLM's engine) lives
+    on through SIGUSR2 and SIGTERM, which the job's own process acts on at its next safe point; one started outside
+    dies of them. Started by multiprocessing's spawn, as vLLM starts its engine (the first spawn also starts
+    multiprocessing's resource tracker, which unblocks SIGTERM)."""
+    import multiprocessing
+
+    from slurm import preemption
+
+    context = multiprocessing.get_context("spawn")
+    ready = context.Event()
+    helper = context.Process(target=wait_for_signals, args=(ready,))
+    with preemption.shielded() if shield else contextlib.nullcontext():
+        helper.start()
+    try:
+        assert ready.wait(60)
+        for signum in preemption.SIGNALS:
+            os.kill(helper.pid, signum)
+        helper.join(3)  # a signal that ends it does so at once; a blocked one never does
+        assert helper.is_alive() == shield, helper.exitcode
+    finally:
+        helper.kill()
+        helper.join()
