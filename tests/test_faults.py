@@ -300,9 +300,12 @@ def test_a_preempted_ppo_job_stops_at_its_next_safe_point_and_resumes_there(
     start-up (two engines, the RM, the generator) takes ~30 s here, about what a 1-minute allocation leaves before
     its signal, hence the signal by hand."""
     iterations = 12
+    # 30 minutes: submitit counts a signal after min(80%, all but 10 minutes) of the time limit as the time limit's,
+    # against max_requeues, not as a preemption - every signal, in a 10-minute job
     cwd = ppo_project(tmp_path, tiny_model, rl={**TINY_RL, "iterations": iterations},
                       cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": NO_PERIODIC},
-                      cluster={"executor": "slurm", "log_dir": str(tmp_path / "logs"), "policy": ON_CPU})
+                      cluster={"executor": "slurm", "log_dir": str(tmp_path / "logs"),
+                               "policy": {**ON_CPU, "time_min": 30}})
     state_file = cwd / "models" / ".policy.job.json"
     started = time.monotonic()
     with SqueueWatch("policy") as watch:
@@ -325,8 +328,8 @@ def test_a_preempted_ppo_job_stops_at_its_next_safe_point_and_resumes_there(
     # between reading the log and the signal's arrival)
     assert (done_before, 0) <= place <= (done_after, SAFE_POINTS.index("end")), (done_before, place, done_after)
     assert resumed == written  # the next allocation began where the signal's checkpoint was written
-    assert f"Caught signal SIG{signal_name}" in log and "preempted" in log  # submitit's words: requeued, a signal
-    # before the time limit, not counted against max_requeues
+    # submitit's words: requeued, as a preemption, not counted against max_requeues
+    assert f"Caught signal SIG{signal_name} on " in log and "this job is preempted" in log
     assert json.loads((cwd / "models/policy/metrics.json").read_text())["iterations"] == iterations
     verify_artifact(cwd / "models/policy")
     assert len(set().union(*watch.snapshots)) >= 1 and max_alive(watch, set()) == 1
