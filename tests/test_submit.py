@@ -291,9 +291,9 @@ def test_a_helper_process_started_shielded_outlives_slurm_s_signals(shield: bool
     from slurm import preemption
 
     context = multiprocessing.get_context("spawn")
-    ready = context.Event()
-    helper = context.Process(target=wait_for_signals, args=(ready,))
     with preemption.shielded() if shield else contextlib.nullcontext():
+        ready = context.Event()  # in this process's first use of multiprocessing, as vLLM's may be
+        helper = context.Process(target=wait_for_signals, args=(ready,))
         helper.start()
     try:
         assert ready.wait(60)
