@@ -322,9 +322,10 @@ def end_of_step(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, every
     """After step `state["step"]` (PPO: an iteration) - or, with `phase`, at a safe point inside that step after
     `phase`, with `own` this rank's part of the unfinished step - on every rank: checkpoint every `every` steps, at
     `last`, and whenever a time-limit or preemption signal reached any rank (`slurm.preemption`; inside a step only
-    then); after a signal, requeue the job (unless the run is complete), whose next allocation resumes here. A
-    safe point inside a step must come before the step's first optimizer step: resumed on another number of ranks,
-    the step starts over. The checkpoint's duration is kept in `state["seconds"]["checkpoint"]`."""
+    then); after a signal, requeue the job, whose next allocation resumes here - unless the run is complete, or the
+    signal was the SIGTERM of `scancel` or of the time limit itself (`preemption.requeue_refused`): the job then
+    ends. A safe point inside a step must come before the step's first optimizer step: resumed on another number of
+    ranks, the step starts over. The checkpoint's duration is kept in `state["seconds"]["checkpoint"]`."""
     import torch.distributed as dist
 
     signalled = preemption.stop_requested(engine.device)

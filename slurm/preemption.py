@@ -24,7 +24,7 @@ import signal
 import subprocess
 import sys
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NoReturn
+from typing import Any, Iterator, NoReturn
 
 import torch
 
@@ -35,12 +35,6 @@ _previous: dict[int, Any] = {}  # each deferred signal's handler before `defer`,
 
 def _record(signum: int, frame: Any) -> None:
     _received.add(signum)
-
-
-def _submitit_requeue() -> Callable[[int, Any], Any] | None:
-    """submitit's checkpoint-and-requeue handler (SIGUSR2's before `defer`), None outside a submitit job."""
-    handler = _previous.get(signal.SIGUSR2)
-    return handler if callable(handler) else None
 
 
 def defer() -> None:
@@ -109,17 +103,17 @@ def requeue_refused(signum: int) -> str | None:
         state = subprocess.run(["squeue", "-h", "-j", environment.job_id, "-o", "%T"], capture_output=True,
                                text=True, timeout=60).stdout.strip()
     except (OSError, subprocess.TimeoutExpired):
-        return None  # slurmctld unreachable: preemption is the case SIGTERM before the end must be read as
-    if state in ("RUNNING", ""):
+        state = ""
+    if state in ("RUNNING", ""):  # slurmctld silent: read as the preemption a SIGTERM to a live job is
         return None
     return f"SIGTERM while SLURM lists the job {state} (cancelled, or at its time limit)"
 
 
 def requeue(signum: int) -> NoReturn:
-    """After the checkpoint: submitit's handler requeues the job and exits on rank 0; the other ranks (where it
-    does nothing) exit cleanly, with no result, so that neither srun nor submitit takes the job for failed."""
-    handler = _submitit_requeue()
-    if handler is None:
+    """After the checkpoint, on rank 0 (the other ranks end with no result, which neither srun nor submitit takes for
+    a failure): submitit's handler requeues the job and exits, or raises when it is out of requeues."""
+    handler = _previous.get(signal.SIGUSR2)  # submitit's checkpoint-and-requeue handler
+    if not callable(handler):
         raise RuntimeError("requeue() without a deferred signal")
-    handler(signum, None)  # rank 0: requeues, then sys.exit; or raises when out of requeues
-    sys.exit(0)
+    handler(signum, None)
+    sys.exit(0)  # where submitit's handler returns: a task it does not take for rank 0 ends cleanly too
