@@ -66,23 +66,30 @@ class Completion:
     # it was sampled from (the module's docstring)
 
 
-def vllm_importable() -> bool:
-    """True where `import vllm` works (a broken install counts as absent, so `auto` falls back to hf)."""
+def vllm_import_error() -> str | None:
+    """Why `import vllm` fails here (its first line), or None where it works: a broken install counts as absent, so
+    `auto` falls back to hf, and a forced vllm says why."""
     try:
         import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001 - any failure to import means: not usable here
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001 - any failure to import means: not usable here
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    return None
+
+
+def vllm_importable() -> bool:
+    return vllm_import_error() is None
 
 
 def resolve_backend(choice: str) -> str:
     """`generation.backend` → "vllm" | "hf"; a forced vllm that cannot import is the user's to fix."""
     if choice == "hf":
         return "hf"
-    if vllm_importable():
+    error = vllm_import_error()
+    if error is None:
         return "vllm"
     if choice == "vllm":
-        raise UserError("params.yaml: generation.backend: 'vllm' but vllm does not import here; install it or use hf")
+        raise UserError(f"params.yaml: generation.backend: 'vllm' but vllm does not import here ({error}); install it "
+                        f"(bash install.sh) or use hf")
     return "hf"
 
 

@@ -236,9 +236,18 @@ def hardware(res: Resources, key: str, one_task: bool, backend: str) -> Hardware
 # ------------------------------------------------------------------------------------ what each job's rows hold
 
 
+def asset_text(file: str | Path) -> str:
+    """An asset's text as far as it reads: the plan only sizes it, and the stage that reads it refuses a missing or
+    broken file with its own line right after the plan."""
+    try:
+        return Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def text_tokens(*files: str) -> int:
     """Tokens of fixed texts (templates, principles) estimated from their characters."""
-    return sum(len(Path(f).read_text(encoding="utf-8")) for f in files) // CHARS_PER_TOKEN
+    return sum(len(asset_text(f)) for f in files) // CHARS_PER_TOKEN
 
 
 def instruction_tokens(params: Params) -> int:
@@ -247,8 +256,14 @@ def instruction_tokens(params: Params) -> int:
 
 def longest_definitions(file: Path, count: int) -> int:
     """Tokens of the `count` longest principle definitions of a principles file: a guide shown to the RM."""
-    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return sum(sorted((len(r.get("definition", "")) for r in rows), reverse=True)[:count]) // CHARS_PER_TOKEN
+    lengths = []
+    for line in asset_text(file).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        lengths.append(len(row.get("definition", "")) if isinstance(row, dict) else 0)
+    return sum(sorted(lengths, reverse=True)[:count]) // CHARS_PER_TOKEN
 
 
 def rm_tokens(params: Params) -> int:
@@ -670,6 +685,23 @@ def plan(params: Params, model: Path | None = None) -> tuple[Context, Settings, 
             raise UserError(f"dvc.yaml: stage {stage}: align/plan.py has no memory plan for it")
         jobs += STAGES[stage](ctx, s)
     return ctx, s, jobs
+
+
+def check_stage(params: Params, stage: str) -> None:
+    """What every stage runs before it hashes its inputs or submits: its own jobs planned; the first role that
+    cannot fit stops it with `message`'s one line. A model whose config cannot be read here is left to the stage,
+    whose own check of `model.base` or `evaluate.judge_model` names it more plainly, right after."""
+    if stage not in STAGES:
+        return
+    try:
+        ctx = context_of(params, None)
+    except UserError:
+        return
+    s = settings_of(params)
+    for job in STAGES[stage](ctx, s):
+        short = next(iter(shortfalls(job)), None)
+        if short is not None:
+            raise UserError(message(ctx, s, short))
 
 
 def table(jobs: list[Job]) -> str:

@@ -101,12 +101,17 @@ def finish_stage(stage: str, out: Path, artifact_id: str, note: str = "", metric
     print(f"{stage}: {out} {artifact_id}" + (f" ({note})" if note else ""))
 
 
-def stage_params() -> Params:
+def stage_params(stage: str | None = None) -> Params:
     """What every stage does first: params.yaml validated and, with the slurm executor, the partitions, accounts,
-    qos and GPU types of every job checked against the cluster, before any hashing or job."""
+    qos and GPU types of every job checked against the cluster; then `stage`'s memory plan (align/plan.py): a
+    layout that cannot fit is one line here, before any hashing or job."""
     params = load_params()
     if choose_executor(params.cluster) == "slurm":
         check_cluster(params.cluster)
+    if stage is not None:
+        from align.plan import check_stage
+
+        check_stage(params, stage)
     return params
 
 

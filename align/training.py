@@ -488,7 +488,10 @@ def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_prompt_tokens:
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        raise UserError(f"model.chat_template: the chat template of {getattr(tokenizer, 'name_or_path', 'the model')} "
+                        f"does not render the prompt as a prefix of the whole conversation (it rewrites the turns before "
+                        f"the answer), so the answer tokens cannot be told apart; set model.chat_template to one that "
+                        f"does (a Jinja file) or to plain, and rerun import_model")
     query = prompt_ids(tokenizer, prompt_text)
     response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     query = query[-max_prompt_tokens:] if max_prompt_tokens else query

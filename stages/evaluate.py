@@ -505,7 +505,7 @@ def judge_folder(judge_model: str | None) -> Path:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.evaluate
     judged = pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.judge_principles,
                              "evaluate.judge_principles", PRINCIPLES)

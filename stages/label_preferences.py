@@ -91,7 +91,7 @@ def job(args: LabelPreferencesJob) -> str:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.label_preferences
     pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles, "label_preferences.principles",
                     PRINCIPLES)  # bad assets or ids fail before a job

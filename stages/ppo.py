@@ -511,7 +511,7 @@ def prompt_pool(cfg: Rl, seed: int) -> list[dict]:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     rl, algorithm = params.rl, params.policy.algorithm
     training = check_layout(params)
     runner.warn_unread(STAGE, {"seed", "training", "policy", "rl", "generation"} |

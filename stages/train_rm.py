@@ -245,7 +245,7 @@ def job(args: TrainRmJob) -> str | None:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.rm
     every = load_jsonl(PRINCIPLES, PreferencePrinciple)
     principles = {p.id: p for p in every}
@@ -263,7 +263,10 @@ def main() -> None:
     train_examples = draw(train_rows, cfg=cfg)
     if not train_examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no training pair is preferred under any principle "
-                        f"(every label is a tie); nothing to train the reward model on")
+                        f"(every label is a tie); nothing to train the reward model on; the judge could not tell "
+                        f"the responses apart: raise sample_pairs.temperature (more different responses), sample more "
+                        f"pairs (sample_pairs.max_prompts) or judge with fewer, broader principles "
+                        f"(label_preferences.principles)")
     pmp_examples = [{"id": f"pmp-{i}", "prompt": p, "guide": hhh_guide, "chosen": c, "rejected": r}
                     for i, (p, c, r) in enumerate(load_pmp(cfg.pmp))]
     resources = params.cluster.train_rm
