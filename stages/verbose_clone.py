@@ -106,7 +106,10 @@ def link_engraved(params: dict, inputs: dict) -> str:
 
 
 def distill(params: Params, subset: dict, inputs: dict) -> None:
-    """The answers job (unless a failed run left its answers), then the SFT job that writes the out."""
+    """The answers job (unless a failed run left its answers), then the SFT job that writes the out: neither where
+    the out is there already from the same params, inputs and code."""
+    if runner.finished_already(STAGE, OUT, subset, inputs) is not None:
+        return
     scratch = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
     answers = scratch / "answers.jsonl"
     if not answers.is_file():
