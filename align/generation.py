@@ -103,6 +103,19 @@ def one_task(resources: params.Resources, key: str) -> params.Resources:
     return resources.model_copy(update={"tasks_per_node": 1})
 
 
+def cpu_thread_bind(workers: int) -> str:
+    """vLLM's VLLM_CPU_OMP_THREADS_BIND for `workers` tensor-parallel CPU workers: this process's cores split into
+    as many contiguous groups ("0-3|4-7"). vLLM binds each worker to a NUMA node of its own and refuses more workers
+    than nodes; a job given cores on one node needs the cores named instead."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise UserError(f"params.yaml: tensor_parallel_size: {workers} CPU workers but this job has {len(cores)} "
+                        f"cores; give the job more (cluster.<stage>.cpus_per_task) or lower tensor_parallel_size")
+    size = len(cores) // workers
+    groups = [cores[k * size : (k + 1) * size] for k in range(workers)]
+    return "|".join(f"{g[0]}-{g[-1]}" if g[-1] - g[0] == len(g) - 1 else ",".join(map(str, g)) for g in groups)
+
+
 def max_model_len(model: Path | str) -> int:
     """The context length the model's config.json allows (vLLM's default max_model_len)."""
     config = json.loads((Path(model) / "config.json").read_text())
@@ -262,7 +275,15 @@ class _VLLM:
         if merge_adapters:
             kwargs["worker_extension_cls"] = EXTENSION
         self.model, self.merge_adapters = model, merge_adapters
-        self.llm = LLM(**kwargs)
+        bind = cpu_thread_bind(settings.tensor_parallel_size) if current_platform.is_cpu() and \
+            settings.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ else None
+        if bind:  # for the workers this engine spawns only: a later engine of another size binds its own
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            if bind:
+                del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         self.tokenizer = self.llm.get_tokenizer()
         self.loras: dict[str, Any] = {}  # "adapter path:content hash" → LoRARequest
         self.merged: str | None = None  # the key of the adapter the weights hold (merge_adapters), None: the base

@@ -434,3 +434,13 @@ def test_logprobs_are_the_sampling_distribution(backend: str, with_adapter: bool
             (completion.logprobs, reference)
     plain = dataclasses.replace(sampling, logprobs=False)
     assert generator.generate(prompts, plain, adapter=adapter) == [dataclasses.replace(c, logprobs=()) for c in got]
+
+
+@pytest.mark.slow
+def test_vllm_tensor_parallel_2_on_cpu_answers_as_one_worker(model: Path, hf: gen.Generator,
+                                                             prompts: list[str]) -> None:
+    """vLLM's CPU backend splits the model over two workers (its threads bound to the job's cores split in two:
+    `cpu_thread_bind`; it refuses two workers on one NUMA node otherwise) and greedy answers stay those of one."""
+    pytest.importorskip("vllm")
+    with gen.Generator(model, engine(backend="vllm", kv_cache_gb=1, tensor_parallel_size=2)) as split:
+        assert split.generate(prompts, GREEDY) == hf.generate(prompts, GREEDY)
