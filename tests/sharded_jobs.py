@@ -56,3 +56,22 @@ def train_both_heads(model_dir: Path, training: Any, ckpt_dir: Path, steps: int)
         result = fit(engine, batches, loss_fn, ckpt_dir / head, training, steps, log=None)
         found[head] = {"loaded": every_rank(loaded), "built": every_rank(built), "losses": result["losses"]}
     return found
+
+
+def score_over_ranks(base: Path, rm_dir: Path, own_rows: list[list[tuple]], shared_rows: list[tuple]) -> dict:
+    """The RM spread over the job's ranks (`RewardScorer(shard=True)`): rank r scores `own_rows[r]` (ranks with
+    different numbers of rows, or none), then every rank the same `shared_rows`, a share each
+    (`rows_over_ranks`). Every rank's rewards, its share of the RM's elements once loaded, and whether it reuses
+    prefixes."""
+    from align.reward import RewardScorer
+    from align.sharding import rows_over_ranks
+    from align.training import init_distributed
+
+    rank, _ = init_distributed()
+    rm = RewardScorer(base, rm_dir, batch_size=2, shard=True)
+    held = held_share(list(rm.model.model.parameters()))  # before a forward pass gathers the small persistent ones
+    mine = own_rows[rank]
+    own = rm.score([p for p, _, _ in mine], [r for _, r, _ in mine], [g for _, _, g in mine])
+    shared = rows_over_ranks(rm.score)(*(list(column) for column in zip(*shared_rows)))
+    return {"own": every_rank(own), "shared": shared, "held": every_rank(held),
+            "reuse_prefix": rm.reuse_prefix}
