@@ -117,8 +117,9 @@ def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     training = training_run(**{**TINY_TRAINING, "batch_size": 2}, zero_stage=2, save_every_steps=100)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what init_distributed exports is removed after the test:
+        monkeypatch.delenv(name)  # a later test's subprocess would inherit this process group's port, in use
     assert init_distributed() == (0, 1)  # no environment: one process on a free local port
     model = lora_model(roomy_model, training, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
