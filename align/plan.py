@@ -462,7 +462,8 @@ def plan_label_preferences(ctx: Context, s: Settings) -> list[Job]:
 
 def plan_train_rm(ctx: Context, s: Settings) -> list[Job]:
     """LoRA and the scalar head on the SFT trunk, both sides of a pair per row of the micro-batch; then rank 0
-    scores through RewardScorer (the trunk with the adapter folded in, in training.precision)."""
+    scores through RewardScorer (the trunk with the adapter folded in, in training.precision), or with
+    shard_scorers every rank, the RM spread over them (`frozen_role`)."""
     hw, p, tokens = s.hardware["train_rm"], ctx.params, rm_tokens(ctx.params)
     t = trained(ctx, s, hw, rank=p.rm.lora_r, rows=2, tokens=tokens, logit_tokens=0, head="reward")
     score = Frozen(DTYPE_BYTES[p.training.precision] if hw.on_gpu else 4, hw.score_batch, tokens, head="reward")
