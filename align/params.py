@@ -91,6 +91,7 @@ class EngineExecution(Strict):
     enforce_eager: bool  # no CUDA graphs / torch.compile warm-up
     generate_batch_size: int = Field(ge=1)  # hf backend: prompts per generate() call
     score_batch_size: int = Field(ge=1)  # rows per forward pass of a scorer (judge, reward model, multiple choice)
+    shard_scorers: bool  # a scorer spread over the job's GPUs (ZeRO-3 over its ranks, else a device map)
 
 
 class Resources(TrainingExecution, EngineExecution):
@@ -176,6 +177,9 @@ class Resources(TrainingExecution, EngineExecution):
             raise ValueError("mem_gb and mem_per_gpu_gb are both set; sbatch takes one: set mem_gb: null")
         if self.mem_per_gpu_gb is not None and not self.gpus_per_node:
             raise ValueError("mem_per_gpu_gb needs gpus_per_node > 0")
+        if self.shard_scorers and max(self.gpus_per_node, self.tasks) * self.nodes < 2:
+            raise ValueError("shard_scorers: true spreads a scorer over the job's GPUs (or ranks), and this job has one "
+                             "device; set gpus_per_node: 2 or more, or shard_scorers: false")
         return self
 
     @property

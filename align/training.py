@@ -2,6 +2,7 @@
 
 LoRA adapters (PEFT) on a model loaded from an HF folder, trained by a DeepSpeed engine whose config comes from
 `params.training`, in 1 process or N (the submission layer exports MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK).
+At ZeRO-3 the model is partitioned over the ranks while it loads (align/sharding.py).
 
 The loop is generic: a stage supplies `batches(i)`, the i-th micro-batch of one global deterministic stream, and
 `loss_fn(engine, batch)`. At step s, rank r, accumulation micro-step a, the loop takes micro-batch
@@ -46,6 +47,7 @@ from align.models import padding_id, prompt_ids
 from align.params import TrainingRun
 from align.paths import MODEL
 from align.records import write_json
+from align.sharding import partitioned, world_size
 from slurm import preemption
 from slurm.submit import free_port
 
@@ -149,18 +151,23 @@ def lora_model(model_dir: Path | str, training: TrainingRun, seed: int = 0, head
     head "lm": the causal LM. head "reward": the same trunk with a fresh scalar head read at the last non-pad
     token (transformers' sequence-classification model, 1 label); PEFT trains and saves that head with the
     adapter (`modules_to_save`), so the adapter folder alone turns the base model into the reward model.
+
+    Where the job trains at ZeRO-3 (`deepspeed_config`: several ranks, or offload), the model is partitioned as it
+    loads (`align.sharding.partitioned`): no rank holds it whole, on the host or its GPU, at any time; the adapters
+    PEFT adds are small and whole until `make_engine` partitions them too.
     """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     dtype = DTYPES[training.precision]
-    if head == "reward":
-        model = reward_trunk(model_dir, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return get_peft_model(checkpointed(model, training), lora_config(training, "SEQ_CLS" if head == "reward" else
-                                                                      "CAUSAL_LM"))
+    with partitioned(deepspeed_config(training, world_size())):  # ZeRO-3: each rank loads its shard alone
+        if head == "reward":
+            model = reward_trunk(model_dir, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        return get_peft_model(checkpointed(model, training), lora_config(training, "SEQ_CLS" if head == "reward"
+                                                                          else "CAUSAL_LM"))
 
 
 def checkpointed(model: torch.nn.Module, training: TrainingRun) -> torch.nn.Module:
