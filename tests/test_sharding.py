@@ -226,7 +226,7 @@ def test_shard_scorers_on_a_job_of_one_device_is_one_line_before_any_job(tiny_mo
     cwd = make_project(tmp_path, tiny_model, cluster={"label_preferences": {"shard_scorers": True}})
     proc = stage(cwd, "label_preferences")
     assert proc.returncode == 2 and proc.stderr.splitlines() == [
-        "params.yaml: cluster.label_preferences: shard_scorers: true spreads a scorer over the job's GPUs (or ranks), "
+        "params.yaml: cluster: label_preferences: shard_scorers: true spreads a scorer over the job's GPUs (or ranks), "
         "and this job has one device; set gpus_per_node: 2 or more, or shard_scorers: false"]
     assert not (cwd / "logs").exists()  # no job was submitted
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
