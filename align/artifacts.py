@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import blake3
+import yaml
 
 from align.errors import UserError
 from align.hash_cache import remembered
@@ -67,12 +68,32 @@ def hash_tree(folder: Path, cached: bool = True) -> dict[str, dict[str, Any]]:
     return files
 
 
+def producer(folder: Path) -> str | None:
+    """The dvc.yaml stage whose out `folder` is (or lies in), for the fix a message names; None outside a project."""
+    try:
+        stages = yaml.safe_load(Path("dvc.yaml").read_text()).get("stages", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    target = Path(folder)
+    for name, stage in stages.items():
+        for out in stage.get("outs", []):
+            out = Path(next(iter(out)) if isinstance(out, dict) else out)
+            if target == out or out in target.parents:
+                return name
+    return None
+
+
+def rebuild_hint(folder: Path) -> str:
+    stage = producer(folder)
+    return f"run `dvc repro {stage}`" if stage else "rerun the stage that writes it"
+
+
 def read_manifest(folder: Path) -> dict[str, Any]:
     path = Path(folder) / MANIFEST
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
-        raise UserError(f"{path}: missing; {folder} is not a finished artifact (rerun the stage that writes it)") from None
+        raise UserError(f"{path}: missing; {folder} is not a finished artifact ({rebuild_hint(folder)})") from None
     except json.JSONDecodeError as exc:
         raise UserError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
 
@@ -90,7 +111,9 @@ def verify_artifact(folder: Path, cached: bool = True) -> str:
         if not path.is_file():
             raise UserError(f"{path}: listed in {folder / MANIFEST} but missing")
         if path.stat().st_size != entry["size"] or file_hash(path, cached) != entry["blake3"]:
-            raise UserError(f"{path}: content does not match {folder / MANIFEST} (altered after it was written)")
+            stage = producer(folder)
+            fix = f": `dvc checkout {folder}` restores it, `dvc repro -f {stage}` rebuilds it" if stage else ""
+            raise UserError(f"{path}: content does not match {folder / MANIFEST} (altered after it was written){fix}")
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):
         rel = path.relative_to(folder).as_posix()
         if rel != MANIFEST and rel not in expected:

@@ -4,6 +4,9 @@ imports inside functions too, since they run as well), and a digest of those fil
 A job's key holds this digest rather than the git commit: committing, or editing a file the stage does not run,
 while a multi-hour job runs leaves the key as it was, so a rerun re-attaches to the job; editing a file it runs
 makes the job stale. tests/test_structure.py checks dvc.yaml's deps against the same closure.
+
+The memory plan (`UNRESULTING`) runs in every stage but decides only whether a job is submitted, never what it
+computes: it is left out of the closure, so an edit to it (or to an asset it sizes) reruns no stage.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from pathlib import Path
 import blake3
 
 PACKAGES = ("align", "stages", "slurm")
+UNRESULTING = frozenset({"align.plan"})  # run by every stage before its job, read nothing of what a job computes
 
 
 @cache
@@ -42,7 +46,7 @@ def imports(name: str) -> frozenset[str]:
             found |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
             found |= {node.module} | {f"{node.module}.{a.name}" for a in node.names}
-    return frozenset(m for m in found if module_file(m) and m != name)
+    return frozenset(m for m in found if module_file(m) and m != name and m not in UNRESULTING)
 
 
 def closure(name: str) -> set[str]:

@@ -114,6 +114,25 @@ def counts_text(counts: Counter[str]) -> str:
     return ", ".join(f"{reason} {count}" for reason, count in counts.most_common())
 
 
+# What helps where every answer was rejected, by the most frequent reason (`group`: the params group that
+# generated them: self_align or verbose_clone)
+REMEDIES = {
+    "cut_off": "raise {group}.max_new_tokens (answers ran out of tokens)",
+    "no_answer": "raise {group}.max_new_tokens (the thoughts used every token) or use a stronger base model",
+    "empty": "use a stronger base model (it answered nothing)",
+    "repetitive": "raise self_align.max_repeated_ngram_share (now {cfg.max_repeated_ngram_share})",
+    "echoes_principles": "raise self_align.echo_threshold (now {cfg.echo_threshold})",
+}
+
+
+def all_rejected(stage: str, what: str, count: int, rejected: Counter[str], group: str, cfg: object) -> str:
+    """The line a stage stops with when none of its `count` answers passed the filters: the reasons and, for the
+    most frequent, the setting that helps."""
+    top = rejected.most_common(1)[0][0] if rejected else ""
+    remedy = REMEDIES.get(top, "look at the answers in the job's log").format(group=group, cfg=cfg)
+    return f"{stage}: all {count} {what} were rejected ({counts_text(rejected)}); nothing written; {remedy}"
+
+
 def repeated_ngram_share(text: str, n: int = 4) -> float:
     """Share of the word n-grams of `text` that repeat an earlier one (0 for texts shorter than 2n words)."""
     words = text.lower().split()

@@ -27,10 +27,11 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from align import params
 from align.devices import config_dtype, load_causal_lm
@@ -38,7 +39,8 @@ from align.errors import UserError
 from align.models import padding_id, prompt_ids
 from align.prefix_cache import PrefixCache, shared_prefix
 from align.progress import progress
-from align.vllm_weights import EXTENSION, check_mergeable
+from align.vllm_weights import EXTENSION, check_mergeable, host_copy
+from align.weight_sync import Received
 
 VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
 UNKNOWN = "unknown"  # _VLLM.merged while a merge is under way: matches no adapter key, nor None (the base)
@@ -66,23 +68,30 @@ class Completion:
     # it was sampled from (the module's docstring)
 
 
-def vllm_importable() -> bool:
-    """True where `import vllm` works (a broken install counts as absent, so `auto` falls back to hf)."""
+def vllm_import_error() -> str | None:
+    """Why `import vllm` fails here (its first line), or None where it works: a broken install counts as absent, so
+    `auto` falls back to hf, and a forced vllm says why."""
     try:
         import vllm  # noqa: F401
-    except Exception:  # noqa: BLE001 - any failure to import means: not usable here
-        return False
-    return True
+    except Exception as exc:  # noqa: BLE001 - any failure to import means: not usable here
+        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+    return None
+
+
+def vllm_importable() -> bool:
+    return vllm_import_error() is None
 
 
 def resolve_backend(choice: str) -> str:
     """`generation.backend` → "vllm" | "hf"; a forced vllm that cannot import is the user's to fix."""
     if choice == "hf":
         return "hf"
-    if vllm_importable():
+    error = vllm_import_error()
+    if error is None:
         return "vllm"
     if choice == "vllm":
-        raise UserError("params.yaml: generation.backend: 'vllm' but vllm does not import here; install it or use hf")
+        raise UserError(f"params.yaml: generation.backend: 'vllm' but vllm does not import here ({error}); install it "
+                        f"(bash install.sh) or use hf")
     return "hf"
 
 
@@ -94,6 +103,19 @@ def one_task(resources: params.Resources, key: str) -> params.Resources:
         raise UserError(f"params.yaml: cluster.{key}: a generation job runs as one task on one node (vLLM uses "
                         f"the node's GPUs through generation.tensor_parallel_size); set nodes: 1, tasks_per_node: 1")
     return resources.model_copy(update={"tasks_per_node": 1})
+
+
+def cpu_thread_bind(workers: int) -> str:
+    """vLLM's VLLM_CPU_OMP_THREADS_BIND for `workers` tensor-parallel CPU workers: this process's cores split into
+    as many contiguous groups ("0-3|4-7"). vLLM binds each worker to a NUMA node of its own and refuses more workers
+    than nodes; a job given cores on one node needs the cores named instead."""
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) < workers:
+        raise UserError(f"params.yaml: tensor_parallel_size: {workers} CPU workers but this job has {len(cores)} "
+                        f"cores; give the job more (cluster.<stage>.cpus_per_task) or lower tensor_parallel_size")
+    size = len(cores) // workers
+    groups = [cores[k * size : (k + 1) * size] for k in range(workers)]
+    return "|".join(f"{g[0]}-{g[-1]}" if g[-1] - g[0] == len(g) - 1 else ",".join(map(str, g)) for g in groups)
 
 
 def max_model_len(model: Path | str) -> int:
@@ -185,10 +207,27 @@ class Generator:
     def tokenizer(self) -> Any:
         return self._impl.tokenizer
 
-    def generate(self, prompts: list[str], sampling: Sampling, *, adapter: Path | None = None) -> list[Completion]:
-        if adapter is not None and not self.merge_adapters and (rank := adapter_rank(adapter)) > self.lora_rank:
+    def generate(self, prompts: list[str], sampling: Sampling, *, adapter: Path | Received | None = None
+                 ) -> list[Completion]:
+        """Completions of `prompts` under the base model or `adapter`: a PEFT folder, or (merged vLLM engines) the
+        adapter last sent over the engine's adapter group."""
+        if isinstance(adapter, Path) and not self.merge_adapters and (rank := adapter_rank(adapter)) > self.lora_rank:
             raise UserError(f"{adapter}: LoRA rank {rank} but the generator was started with lora_rank={self.lora_rank}")
-        return self._impl.generate(list(prompts), sampling, None if adapter is None else Path(adapter))
+        return self._impl.generate(list(prompts), sampling, adapter if adapter is None or isinstance(adapter, Received)
+                                   else Path(adapter))
+
+    def join_adapter_group(self, host: str, port: int, world: int, first: int, timeout_min: float = 30) -> None:
+        """The engine's workers join the group a trainer sends LoRA factors over (`merge_adapters` on vLLM only)."""
+        self._merging("join_adapter_group").join_adapter_group(host, port, world, first, timeout_min)
+
+    def receive_adapter(self, spec: list | None, scale: float, key: str | None) -> None:
+        """The workers take the factors the trainer broadcasts and hold `Received(key)` (None: the base again)."""
+        self._merging("receive_adapter").receive_adapter(spec, scale, key)
+
+    def _merging(self, what: str) -> _VLLM:
+        if not self.merge_adapters:
+            raise ValueError(f"{what}: a Generator started with merge_adapters on the vllm backend only")
+        return self._impl  # type: ignore[return-value]
 
     def close(self) -> None:
         """Stop vLLM's engine processes now rather than at interpreter exit."""
@@ -255,26 +294,57 @@ class _VLLM:
         if merge_adapters:
             kwargs["worker_extension_cls"] = EXTENSION
         self.model, self.merge_adapters = model, merge_adapters
-        self.llm = LLM(**kwargs)
+        # merges read base weights from a node-local copy made once here, never from the shared filesystem again
+        self.base = host_copy(Path(model)) if merge_adapters else Path(model)
+        bind = cpu_thread_bind(settings.tensor_parallel_size) if current_platform.is_cpu() and \
+            settings.tensor_parallel_size > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ else None
+        if bind:  # for the workers this engine spawns only: a later engine of another size binds its own
+            os.environ["VLLM_CPU_OMP_THREADS_BIND"] = bind
+        try:
+            self.llm = LLM(**kwargs)
+        finally:
+            if bind:
+                del os.environ["VLLM_CPU_OMP_THREADS_BIND"]
         self.tokenizer = self.llm.get_tokenizer()
         self.loras: dict[str, Any] = {}  # "adapter path:content hash" → LoRARequest
         self.merged: str | None = None  # the key of the adapter the weights hold (merge_adapters), None: the base
 
-    def _merge(self, adapter: Path | None) -> None:
+    def _merge(self, adapter: Path | Received | None) -> None:
         """The engine's weights made base + `adapter` (or the base) unless they already are; the prefix cache holds
         keys and values of the old weights, so it is emptied. An adapter the merge cannot take whole is refused
-        here, before any worker is asked."""
+        here, before any worker is asked. A `Received` adapter must be the one the workers hold."""
+        if isinstance(adapter, Received):
+            if adapter.key != self.merged:
+                raise RuntimeError("the engine does not hold the adapter asked for: receive it over the adapter "
+                                   "group first (receive_adapter)")
+            return
         key = None if adapter is None else adapter_key(adapter)  # the weights depend on the content, not the path
         if key != self.merged:
             if adapter is not None:
                 check_mergeable(adapter, Path(self.model))
-            self.merged = UNKNOWN  # until the reload and the cache reset both succeed
             folder = None if adapter is None else str(adapter.resolve())
-            self.llm.collective_rpc("load_merged_adapter", args=(self.model, folder))
-            if not self.llm.reset_prefix_cache():  # vLLM resets only while no request holds KV blocks
-                raise RuntimeError("vLLM could not empty its prefix cache after new weights were loaded (requests "
-                                   "still hold KV blocks): prompts would reuse keys and values of the old weights")
-            self.merged = key
+            self._loaded(key, lambda: self.llm.collective_rpc("load_merged_adapter", args=(str(self.base), folder)))
+
+    def _loaded(self, key: str | None, load: Callable[[], Any]) -> None:
+        """Run `load` (new weights into the workers), then empty the prefix cache; the weights are `key`'s once both
+        succeeded."""
+        self.merged = UNKNOWN
+        load()
+        if not self.llm.reset_prefix_cache():  # vLLM resets only while no request holds KV blocks
+            raise RuntimeError("vLLM could not empty its prefix cache after new weights were loaded (requests still "
+                               "hold KV blocks): prompts would reuse keys and values of the old weights")
+        self.merged = key
+
+    def join_adapter_group(self, host: str, port: int, world: int, first: int, timeout_min: float) -> None:
+        """The workers join a group a trainer sends LoRA factors over (align/weight_sync.py), ranks `first`..."""
+        self.llm.collective_rpc("join_adapter_group", args=(host, port, world, first, timeout_min))
+
+    def receive_adapter(self, spec: list | None, scale: float, key: str | None) -> None:
+        """The workers take the factors the trainer broadcasts (`spec`; None: the base) and merge them; the engine
+        then holds `Received(key)` (None: the base)."""
+        self._drop_leftovers()
+        self._loaded(key, lambda: self.llm.collective_rpc("receive_merged_adapter",
+                                                          args=(str(self.base), spec, scale)))
 
     def _drop_leftovers(self) -> None:
         """Abort the requests an interrupted earlier call left in the engine (its caller is gone): while vLLM's
@@ -337,6 +407,8 @@ class _VLLM:
         if core is not None:
             core.shutdown()
         self.llm = None
+        if getattr(self, "merge_adapters", False) and self.base != Path(self.model):
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ transformers

@@ -4,11 +4,13 @@ cluster profile to these layouts and adds the roles of each job up).
 
 The counts follow what the pipeline's code holds:
 - training (align/training.py): LoRA adapters on a frozen base under DeepSpeed ZeRO, each trained parameter's
-  bytes counted as DeepSpeed's own estimators count them (tests/test_memory.py checks the two agree); the whole
-  model each rank loads on the host and moves to its GPU before ZeRO-3 shards it (the engine is built without
-  zero.Init); the activations autograd keeps for a micro-batch, with or without gradient checkpointing;
+  bytes counted as DeepSpeed's own estimators count them (tests/test_memory.py checks the two agree); at ZeRO-3 the
+  model partitioned as it loads (zero.Init, align/sharding.py: no rank holds it whole, on its GPU or its host), at
+  the other stages loaded whole by every rank; the activations autograd keeps for a micro-batch, with or without
+  gradient checkpointing;
 - a frozen model scoring or generating with transformers (align/scoring.py, align/reward.py, the hf backend):
-  whole on one device, with its KV cache, one layer's working tensors and the logits read;
+  whole on one device, or spread over several (`shard_scorers`: a device map, or ZeRO-3 over the ranks), with its
+  KV cache, one layer's working tensors and the logits read;
 - vLLM (align/generation.py): its weights per tensor-parallel rank, its KV cache, one scheduled batch's
   activations and its sampler's logits.
 A figure is live bytes: allocator slack on a GPU is not in it (the plan's table shows how full each GPU gets).
@@ -103,6 +105,7 @@ class Zero:
     nodes: int = 1
     offload_optimizer: bool = False  # only at stage >= 1
     offload_params: bool = False  # only at stage 3
+    zero_init: bool = False  # stage 3 partitions the model as it loads (zero.Init): no rank loads it whole
 
     @property
     def ranks(self) -> int:
@@ -135,7 +138,8 @@ def model_states(trainable: int, frozen: int, largest: int, z: Zero) -> States:
     ZeRO-3 the weights too, gathering one module's weights and gradients at a time (2w x largest). A frozen
     parameter takes w, sharded at ZeRO-3 only. Offload moves the optimizer's share to the host (and, at ZeRO-3,
     the sharded weights); the w gradient then goes there directly (none stays on the GPU past stage 1).
-    Host per node: every rank loads the whole model there first (load bytes each), the offloaded shares later.
+    Host per node: every rank loads the whole model there first (load bytes each), the offloaded shares later;
+    with `zero_init` (stage 3) a rank loads one module at a time (the largest: DeepSpeed's zero_init=1 figure).
     """
     w, n, stage = z.weight_bytes, z.ranks, z.stage
     grad = w if stage < 3 else 0
@@ -158,7 +162,8 @@ def model_states(trainable: int, frozen: int, largest: int, z: Zero) -> States:
             gpu += weights // n
     else:
         gpu += weights
-    return States(gpu=gpu, host_load=z.ranks_per_node * (trainable + frozen) * z.load_bytes, host_held=held)
+    loaded = largest if z.zero_init and stage == 3 else trainable + frozen
+    return States(gpu=gpu, host_load=z.ranks_per_node * loaded * z.load_bytes, host_held=held)
 
 
 def activations(shape: Shape, rows: int, tokens: int, w: int, *, checkpointing: bool, lora_rank: int,
@@ -201,10 +206,10 @@ class Trained:
 
 
 def training(shape: Shape, t: Trained) -> Need:
-    """A rank's trained model: model states and activations on its GPU, where it first holds the whole model
-    (no zero.Init: ZeRO-3 shards only after the engine moved the model there); on the host each rank's loaded
-    copy, then the offloaded states. On a CPU-only job the device is the host: one copy, the ranks' side by
-    side. The process itself (CUDA context, interpreter) is the job's, counted once (align/plan.py)."""
+    """A rank's trained model: model states and activations on its GPU (at ZeRO-3 never more of the model than
+    its shard and the module gathered: it is partitioned as it loads); on the host what each rank loads, then
+    the offloaded states. On a CPU-only job the device is the host: one copy, the ranks' side by side. The
+    process itself (CUDA context, interpreter) is the job's, counted once (align/plan.py)."""
     params = shape.params if t.head == "lm" else shape.trunk
     # a reward head trains whole: PEFT trains a copy of it (modules_to_save), the original stays in `params`, frozen
     trainable = shape.lora(t.lora_rank) + (shape.hidden if t.head == "reward" else 0)
@@ -213,25 +218,25 @@ def training(shape: Shape, t: Trained) -> Need:
                        lora_rank=t.lora_rank, logit_tokens=t.logit_tokens)
     if not t.on_gpu:
         return Need(host=t.zero.ranks_per_node * (states.gpu + acts) + states.host_held)
-    whole = (params + trainable) * t.zero.weight_bytes
-    return Need(gpu=states.gpu + acts, host=int(states.host_held * HOST_BUFFER), gpu_peak=whole, host_peak=states.host)
+    return Need(gpu=states.gpu + acts, host=int(states.host_held * HOST_BUFFER), host_peak=states.host)
 
 
 # ----------------------------------------------------------------------------------------------------- inference
 
 
-def forward_activations(shape: Shape, rows: int, tokens: int, w: int, keep: int) -> int:
-    """One forward pass without gradients over `rows` x `tokens`: the KV cache it builds, one layer's working
-    tensors at a time (w x (4 hidden + q, k, v + 3 intermediate) per token) and, per row, the logits of `keep`
-    positions with their fp32 copy and log-softmax ((w + 8) x vocab each)."""
+def forward_activations(shape: Shape, rows: int, tokens: int, w: int, keep: int) -> tuple[int, int, int]:
+    """One forward pass without gradients over `rows` x `tokens`: (the KV cache it builds, one layer's working
+    tensors at a time (w x (4 hidden + q, k, v + 3 intermediate) per token), per row the logits of `keep`
+    positions with their fp32 copy and log-softmax ((w + 8) x vocab each))."""
     working = w * (4 * shape.hidden + (shape.heads + 2 * shape.kv_heads) * shape.head_dim + 3 * shape.intermediate)
-    return rows * tokens * (shape.kv_per_token(w) + working) + rows * keep * (w + 8) * shape.vocab
+    return rows * tokens * shape.kv_per_token(w), rows * tokens * working, rows * keep * (w + 8) * shape.vocab
 
 
 @dataclass(frozen=True)
 class Frozen:
-    """A frozen model loaded whole on one device (transformers), run on `rows` x `tokens` at a time: the causal
-    LM reading `keep` logit positions per row, or the reward trunk (head "reward", no logits)."""
+    """A frozen model (transformers) run on `rows` x `tokens` at a time: the causal LM reading `keep` logit
+    positions per row, or the reward trunk (head "reward", no logits); whole on one device, or spread over
+    `devices` GPUs: by a device map in one process, or with `over_ranks` by ZeRO-3 over that many ranks."""
 
     weight_bytes: int
     rows: int
@@ -239,17 +244,30 @@ class Frozen:
     keep: int = 1
     head: str = "lm"
     on_gpu: bool = True
-    ranks_per_node: int = 1  # ranks each holding one (PPO's reward model)
+    ranks_per_node: int = 1  # ranks each holding one (PPO's reward model), or a shard of one (`over_ranks`)
+    devices: int = 1
+    over_ranks: bool = False
 
 
 def frozen(shape: Shape, f: Frozen) -> Need:
-    """Loaded on the host, then moved to the device whole."""
+    """Per GPU:
+      whole: the weights and the forward pass (`forward_activations`), loaded on the host first;
+      device map: the weights and the KV cache of 1/devices of the layers each (`align.devices.device_map` splits
+        them evenly), one layer's working tensors, the logits (on the last GPU); loaded whole on the host first;
+      ZeRO-3 (`over_ranks`): a 1/devices shard of the weights and the module being gathered (2 w x the largest),
+        and the rank's own whole forward pass; loaded one module at a time (align/sharding.py)."""
     params = shape.params if f.head == "lm" else shape.trunk
-    weights = params * f.weight_bytes
-    acts = forward_activations(shape, f.rows, f.tokens, f.weight_bytes, f.keep if f.head == "lm" else 0)
+    w = f.weight_bytes
+    weights = params * w
+    kv, working, logits = forward_activations(shape, f.rows, f.tokens, w, f.keep if f.head == "lm" else 0)
     if not f.on_gpu:
-        return Need(host=f.ranks_per_node * (weights + acts))
-    return Need(gpu=weights + acts, host_peak=f.ranks_per_node * weights)
+        return Need(host=f.ranks_per_node * (weights + kv + working + logits))
+    if f.over_ranks:
+        return Need(gpu=weights // f.devices + 2 * w * shape.largest + kv + working + logits,
+                    host_peak=f.ranks_per_node * shape.largest * w)
+    if f.devices > 1:
+        return Need(gpu=(weights + kv) // f.devices + working + logits, host_peak=weights)
+    return Need(gpu=weights + kv + working + logits, host_peak=f.ranks_per_node * weights)
 
 
 def generation(shape: Shape, f: Frozen, new_tokens: int) -> Need:

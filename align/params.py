@@ -91,6 +91,7 @@ class EngineExecution(Strict):
     enforce_eager: bool  # no CUDA graphs / torch.compile warm-up
     generate_batch_size: int = Field(ge=1)  # hf backend: prompts per generate() call
     score_batch_size: int = Field(ge=1)  # rows per forward pass of a scorer (judge, reward model, multiple choice)
+    shard_scorers: bool  # a scorer spread over the job's GPUs (ZeRO-3 over its ranks, else a device map)
 
 
 class Resources(TrainingExecution, EngineExecution):
@@ -191,6 +192,7 @@ class VerboseCloneResources(Strict):
     train: Resources
 
 
+SCORING_STAGES = ("label_preferences", "train_rm", "policy", "evaluate")  # jobs that hold a frozen scorer
 STAGE_RESOURCES = ("import_model", "prompts", "self_align", "engrave", "verbose_clone", "system_messages",
                    "sample_pairs", "label_preferences", "train_rm", "policy", "evaluate", "repro")
 
@@ -251,6 +253,17 @@ class Cluster(Strict):
             raise ValueError(f"{value!r} is not one line; expected a folder path without newline, carriage return "
                              f"or NUL")
         return value
+
+    @model_validator(mode="after")
+    def _scorers_spread(self) -> Cluster:
+        """A scorer spread (`shard_scorers`) over a job of one device: in the jobs that score only, since the
+        setting is usually written once under `defaults` and means nothing to the others."""
+        for stage in SCORING_STAGES:
+            res = getattr(self, stage)
+            if res.shard_scorers and max(res.gpus_per_node, res.tasks) * res.nodes < 2:
+                raise ValueError(f"{stage}: shard_scorers: true spreads a scorer over the job's GPUs (or ranks), and "
+                                 f"this job has one device; set gpus_per_node: 2 or more, or shard_scorers: false")
+        return self
 
     def jobs(self) -> dict[str, Resources]:
         """Every job's resources by the key that configures it (`verbose_clone.generate`, …)."""

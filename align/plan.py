@@ -205,6 +205,7 @@ class Hardware:
     training: TrainingSettings
     generation: GenerationSettings
     score_batch: int  # rows per forward pass of a frozen scorer
+    shard_scorers: bool  # frozen scorers spread over the job's GPUs (ZeRO-3 over its ranks, else a device map)
 
     @property
     def on_gpu(self) -> bool:
@@ -213,6 +214,10 @@ class Hardware:
     @property
     def ranks_per_gpu(self) -> int:
         return -(-self.ranks_per_node // self.gpus_per_node) if self.gpus_per_node else 1
+
+    @property
+    def ranks(self) -> int:
+        return self.ranks_per_node * self.nodes
 
 
 def hardware(res: Resources, key: str, one_task: bool, backend: str) -> Hardware:
@@ -230,15 +235,24 @@ def hardware(res: Resources, key: str, one_task: bool, backend: str) -> Hardware
                                      res.offload == "cpu"),
                     GenerationSettings(backend == "vllm" or (backend == "auto" and installed), res.tensor_parallel_size,
                                        res.gpu_memory_utilization, res.kv_cache_gb, res.generate_batch_size),
-                    res.score_batch_size)
+                    res.score_batch_size, res.shard_scorers)
 
 
 # ------------------------------------------------------------------------------------ what each job's rows hold
 
 
+def asset_text(file: str | Path) -> str:
+    """An asset's text as far as it reads: the plan only sizes it, and the stage that reads it refuses a missing or
+    broken file with its own line right after the plan."""
+    try:
+        return Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return ""
+
+
 def text_tokens(*files: str) -> int:
     """Tokens of fixed texts (templates, principles) estimated from their characters."""
-    return sum(len(Path(f).read_text(encoding="utf-8")) for f in files) // CHARS_PER_TOKEN
+    return sum(len(asset_text(f)) for f in files) // CHARS_PER_TOKEN
 
 
 def instruction_tokens(params: Params) -> int:
@@ -247,8 +261,14 @@ def instruction_tokens(params: Params) -> int:
 
 def longest_definitions(file: Path, count: int) -> int:
     """Tokens of the `count` longest principle definitions of a principles file: a guide shown to the RM."""
-    rows = [json.loads(line) for line in file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    return sum(sorted((len(r.get("definition", "")) for r in rows), reverse=True)[:count]) // CHARS_PER_TOKEN
+    lengths = []
+    for line in asset_text(file).splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        lengths.append(len(row.get("definition", "")) if isinstance(row, dict) else 0)
+    return sum(sorted(lengths, reverse=True)[:count]) // CHARS_PER_TOKEN
 
 
 def rm_tokens(params: Params) -> int:
@@ -326,9 +346,9 @@ def trained(ctx: Context, s: Settings, hw: Hardware, *, rank: int, rows: int, to
     """A trained model's layout: DeepSpeed runs stage 0 on one rank without offload (align/training.py)."""
     t, w = hw.training, DTYPE_BYTES[ctx.params.training.precision]
     offload = t.offload and t.zero_stage > 0
-    stage = t.zero_stage if hw.ranks_per_node * hw.nodes > 1 or offload else 0
+    stage = t.zero_stage if hw.ranks > 1 or offload else 0
     zero = Zero(stage, w, w, hw.ranks_per_node, hw.nodes, offload_optimizer=offload,
-                offload_params=offload and stage == 3)
+                offload_params=offload and stage == 3, zero_init=stage == 3)
     return Trained(zero, rank, rows * t.micro_batch_size, tokens, logit_tokens, t.gradient_checkpointing, head,
                    hw.on_gpu)
 
@@ -340,9 +360,17 @@ def train_role(ctx: Context, name: str, t: Trained) -> Role:
     return Role(name, detail, training(ctx.shape, t))
 
 
-def frozen_role(ctx: Context, hw: Hardware, name: str, f: Frozen, shape: Shape | None = None) -> Role:
-    f = replace(f, on_gpu=hw.on_gpu)
-    return Role(name, f"{'fp32' if f.weight_bytes == 4 else '16-bit'} whole, {f.rows}x{f.tokens} tok",
+def frozen_role(ctx: Context, hw: Hardware, name: str, f: Frozen, shape: Shape | None = None,
+                spreads: bool = True) -> Role:
+    """A frozen scorer of a job: whole, or with `shard_scorers` spread (where it `spreads`: the code spreads it) over
+    the job's ranks by ZeRO-3 where the job has a rank per GPU, else over its one process's GPUs by a device map."""
+    over_ranks = hw.ranks > 1
+    devices = (hw.ranks if over_ranks else hw.gpus_per_node) if spreads and hw.shard_scorers and hw.on_gpu else 1
+    f = replace(f, on_gpu=hw.on_gpu, devices=devices, over_ranks=over_ranks and devices > 1)
+    if f.over_ranks:
+        f = replace(f, ranks_per_node=hw.ranks_per_node)  # each rank of a node loads its shard
+    layout = "whole" if devices == 1 else f"ZeRO-3 over {devices}" if f.over_ranks else f"over {devices} GPUs"
+    return Role(name, f"{'fp32' if f.weight_bytes == 4 else '16-bit'} {layout}, {f.rows}x{f.tokens} tok",
                 frozen(shape or ctx.shape, f))
 
 
@@ -449,7 +477,8 @@ def plan_label_preferences(ctx: Context, s: Settings) -> list[Job]:
 
 def plan_train_rm(ctx: Context, s: Settings) -> list[Job]:
     """LoRA and the scalar head on the SFT trunk, both sides of a pair per row of the micro-batch; then rank 0
-    scores through RewardScorer (the trunk with the adapter folded in, in training.precision)."""
+    scores through RewardScorer (the trunk with the adapter folded in, in training.precision), or with
+    shard_scorers every rank, the RM spread over them (`frozen_role`)."""
     hw, p, tokens = s.hardware["train_rm"], ctx.params, rm_tokens(ctx.params)
     t = trained(ctx, s, hw, rank=p.rm.lora_r, rows=2, tokens=tokens, logit_tokens=0, head="reward")
     score = Frozen(DTYPE_BYTES[p.training.precision] if hw.on_gpu else 4, hw.score_batch, tokens, head="reward")
@@ -474,7 +503,7 @@ def plan_policy(ctx: Context, s: Settings) -> list[Job]:
                                                             logit_tokens=0, head="reward")))
     w, ranks = DTYPE_BYTES[p.training.precision] if hw.on_gpu else 4, hw.ranks_per_node
     roles.append(frozen_role(ctx, hw, "reward", Frozen(w, hw.score_batch, rm_tokens(p), head="reward",
-                                                       ranks_per_node=ranks)))
+                                                       ranks_per_node=ranks), spreads=False))  # stages/ppo.py: whole
     engine = engine_role(ctx, s, hw, cfg.max_query_tokens, cfg.max_new_tokens, ranks, gpus=1)  # on its rank's GPU
     loaded = [replace(r, need=Need(r.need.gpu, r.need.host)) for r in roles]  # held (activations: an upper bound)
     return [Job("policy", hw, [roles + [engine], loaded + [merge_role(ctx)]])]  # the engine closes before the merge
@@ -589,6 +618,8 @@ def changes(s: Settings, job: Job) -> list[tuple[str, Any, Settings]]:
             add("tensor_parallel_size", tp, tensor_parallel_size=tp)
     if hw.score_batch > 1:
         found.append((setting_key("score_batch_size", hw.key), 1, with_hardware(score_batch=1)))
+    if not hw.shard_scorers and (hw.ranks if hw.key in RANKED else hw.gpus_per_node) > 1:
+        found.append((setting_key("shard_scorers", hw.key), "true", with_hardware(shard_scorers=True)))
     if hw.key in RANKED:
         for nodes in (2, 4, 8, 16):
             if nodes > hw.nodes:
@@ -612,10 +643,7 @@ def advice(ctx: Context, s: Settings, short: Shortfall) -> str:
         if after < short.needed:
             tried.append((after, key, value))
     if not tried:
-        held = max(t.gpu for t in job.totals()) * hw.ranks_per_gpu
-        why = (" (each rank moves the whole model to its GPU before ZeRO-3 shards it: the engine is built without "
-               "zero.Init)" if held <= short.available else "")
-        return f"no setting of the job shrinks it{why}: a GPU with more memory ({hw.gpu_source})"
+        return f"no setting of the job shrinks it: a GPU with more memory ({hw.gpu_source})"
     after, key, value = min(tried, key=lambda x: x[0])
     if after <= short.available:
         return f"set {key}: {value} ({gb(after)})"
@@ -670,6 +698,23 @@ def plan(params: Params, model: Path | None = None) -> tuple[Context, Settings, 
             raise UserError(f"dvc.yaml: stage {stage}: align/plan.py has no memory plan for it")
         jobs += STAGES[stage](ctx, s)
     return ctx, s, jobs
+
+
+def check_stage(params: Params, stage: str) -> None:
+    """What every stage runs before it hashes its inputs or submits: its own jobs planned; the first role that
+    cannot fit stops it with `message`'s one line. A model whose config cannot be read here is left to the stage,
+    whose own check of `model.base` or `evaluate.judge_model` names it more plainly, right after."""
+    if stage not in STAGES:
+        return
+    try:
+        ctx = context_of(params, None)
+    except UserError:
+        return
+    s = settings_of(params)
+    for job in STAGES[stage](ctx, s):
+        short = next(iter(shortfalls(job)), None)
+        if short is not None:
+            raise UserError(message(ctx, s, short))
 
 
 def table(jobs: list[Job]) -> str:

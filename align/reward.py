@@ -16,6 +16,7 @@ only the LoRA adapter with the head, the prompt template and the truncation limi
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import itertools
 import json
@@ -28,13 +29,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from align.assets import PreferencePrinciple
-from align.devices import job_device
+from align.devices import job_device, placed
 from align.errors import UserError
 from align.losses import bradley_terry
 from align.models import prompt_ids
 from align.params import Subsets
 from align.prefix_cache import PrefixCache, shared_prefix, suffix_block
 from align.progress import progress
+from align.sharding import Lockstep, inference_config, merge_lora, partitioned, world_size, zero3_inference
 from align.training import DTYPES, Batch, Batches, length_grouped_batches, recomputes, reward_trunk
 
 PLACEHOLDERS = ("principles", "instruction", "response")
@@ -373,25 +375,46 @@ def bt_loss(model: Any, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Ten
 # ----------------------------------------------------------------------------------------------------- scoring
 
 
-class RewardScorer:
-    """A trained RM loaded for scoring: the base model folder it was trained on plus its out folder."""
+def merged_reward_model(base: Path | str, adapter: Path, dtype: torch.dtype) -> torch.nn.Module:
+    """The reward trunk of `base` with the RM's adapter (LoRA and scalar head) folded in: plain matmuls when
+    scoring. Loaded under `align.sharding.partitioned`, it is partitioned as it loads and stays so, merged layer by
+    layer (`merge_lora`)."""
+    from peft import PeftModel
 
-    def __init__(self, base: Path | str, rm_dir: Path | str, *, batch_size: int = 8, precision: str = "fp32"):
-        from peft import PeftModel
+    return merge_lora(PeftModel.from_pretrained(reward_trunk(base, dtype), str(adapter)))
+
+
+class RewardScorer:
+    """A trained RM loaded for scoring: the base model folder it was trained on plus its out folder.
+
+    With `shard` it is spread: where the job has several ranks, over them with ZeRO-3 (align/sharding.py; each rank
+    holds 1/N of it), and then `score` is collective: every rank calls it as often as the others, each with rows of
+    its own (possibly none); in a job of one process, over the GPUs it sees (`align.devices.placed`)."""
+
+    def __init__(self, base: Path | str, rm_dir: Path | str, *, batch_size: int = 8, precision: str = "fp32",
+                 shard: bool = False):
         from transformers import AutoTokenizer
 
         rm_dir = Path(rm_dir)
-        self.device = job_device()
         self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # the trunk: align/training.py
-        trunk = reward_trunk(base, DTYPES[precision])
-        adapted = PeftModel.from_pretrained(trunk, str(rm_dir / "adapter"))
-        self.model = adapted.merge_and_unload().to(self.device).eval()  # LoRA folded in: plain matmuls when scoring
+        self.ranks = shard and world_size() > 1
+        dtype = DTYPES[precision]
+        with partitioned(inference_config(dtype)) if self.ranks else contextlib.nullcontext():
+            model = merged_reward_model(base, rm_dir / "adapter", dtype).eval()
+        self.pad_id = model.config.pad_token_id
+        self.trunk = model.base_model  # the transformer without the scalar head: what a prefix's cache needs
+        if self.ranks:
+            self.device = job_device()
+            self.model: Any = Lockstep(zero3_inference(model), self.device, self.pad_id)
+        else:
+            self.model, self.device = placed(model, shard)
         self.template = (rm_dir / TEMPLATE_FILE).read_text(encoding="utf-8")
         limits = json.loads((rm_dir / CONFIG_FILE).read_text())
         self.max_prompt_tokens, self.max_response_tokens = limits["max_prompt_tokens"], limits["max_response_tokens"]
-        self.pad_id = trunk.config.pad_token_id
         self.batch_size = batch_size
-        self.trunk = self.model.base_model  # the transformer without the scalar head: what a prefix's cache needs
+        # over ranks, a forward pass on the trunk alone (a prefix) on one rank while another runs the whole model would
+        # pair different modules' weight gathers: every row runs whole instead (the same rewards)
+        self.reuse_prefix = not self.ranks
         self.prefix = PrefixCache()  # keyed by the prefix's tokens
 
     @torch.inference_mode()
@@ -416,12 +439,14 @@ class RewardScorer:
         for chunk in progress(batches, desc="Reward model", unit="batch"):
             for i, value in zip(chunk, self._forward([ids[i] for i in chunk])):
                 rewards[i] = value
+        if self.ranks:
+            self.model.finish()  # until every rank has run its rows
         return rewards
 
     def _forward(self, ids: list[list[int]]) -> list[float]:
         """The rewards of rows: their shared prefix through the trunk once (kept while the next batch shares it),
         the rest left-padded on top, so every row's score is read at the last column."""
-        n = shared_prefix(ids)
+        n = shared_prefix(ids) if self.reuse_prefix else 0
         tokens, mask, positions = suffix_block(ids, n, self.pad_id)
         cache = self.prefix.for_batch(self.trunk, tuple(ids[0][:n]), ids[0][:n], len(ids)) if n else None
         tensors = {name: torch.tensor(x, device=self.device) for name, x in

@@ -147,7 +147,10 @@ ALGORITHMS = {
 
 
 def loss_type(algorithm: str, rl: Rl) -> str:
-    """The aggregation the algorithm runs with: `rl.loss_type`, or its own where that is null."""
+    """The aggregation the algorithm runs with: `rl.loss_type`, or its own where that is null (GSPO's, a mean over
+    responses, where GRPO takes one ratio per response: a token sum would weigh a response by its length)."""
+    if rl.loss_type is None and rl.importance_sampling_level == "sequence":
+        return "grpo"
     return rl.loss_type or ALGORITHMS[algorithm].loss_types[0]
 
 

@@ -45,14 +45,22 @@ def up_to_date(out: Path, key: dict) -> str | None:
         return None
 
 
-def submit_stage(stage: str, out: Path, fn: Callable[[], Any], resources: Resources, cluster: Cluster,
-                 params: dict, inputs: dict, key_extra: dict | None = None, metrics: bool = True) -> str:
-    """Run the job that writes a stage's out (`submit_job`), unless the out is `up_to_date`; then end the stage
-    (`finish_stage`)."""
+def finished_already(stage: str, out: Path, params: dict, inputs: dict, key_extra: dict | None = None,
+                     metrics: bool = True) -> str | None:
+    """The out's id, the stage ended, where it is `up_to_date` for this key: nothing to run."""
     found = up_to_date(out, job_key(stage, params, inputs, key_extra))
     if found is not None:
         finish_stage(stage, out, found, note=f"up to date: made from these params, inputs and code; no job (delete "
                                              f"{out} to recompute it)", metrics=metrics)
+    return found
+
+
+def submit_stage(stage: str, out: Path, fn: Callable[[], Any], resources: Resources, cluster: Cluster,
+                 params: dict, inputs: dict, key_extra: dict | None = None, metrics: bool = True) -> str:
+    """Run the job that writes a stage's out (`submit_job`), unless it is `finished_already`; then end the stage
+    (`finish_stage`)."""
+    found = finished_already(stage, out, params, inputs, key_extra, metrics)
+    if found is not None:
         return found
     artifact_id = submit_job(stage, out, fn, resources, cluster, params, inputs, key_extra)
     finish_stage(stage, out, artifact_id, metrics=metrics)
@@ -74,7 +82,7 @@ def warn_unread(stage: str, read: set[str], why: str) -> None:
             continue
         before, after = recorded[key], _dotted(now, key)
         for name, (old, new) in _differences(key, before, after).items():
-            print(f"{stage}: warning: {name} changed ({old!r} -> {new!r}) but {why} does not read it", file=sys.stderr)
+            print(f"{stage}: warning: {name} changed ({old} -> {new}) but {why} does not read it", file=sys.stderr)
 
 
 def _dotted(tree: dict, key: str) -> Any:
@@ -90,7 +98,18 @@ def _differences(name: str, before: Any, after: Any) -> dict[str, tuple[Any, Any
         for key in sorted(set(before) | set(after)):
             found |= _differences(f"{name}.{key}", before.get(key), after.get(key))
         return found
-    return {} if before == after else {name: (before, after)}
+    return {} if _same(before, after) else {name: (before, after)}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Equal as params: DVC's YAML reader records some numbers as text (5e-06 as '5e-06'), PyYAML reads them back
+    as floats."""
+    if a == b:
+        return True
+    try:
+        return isinstance(a, (str, int, float)) and isinstance(b, (str, int, float)) and float(a) == float(b)
+    except ValueError:
+        return False
 
 
 def finish_stage(stage: str, out: Path, artifact_id: str, note: str = "", metrics: bool = True) -> None:
@@ -101,12 +120,17 @@ def finish_stage(stage: str, out: Path, artifact_id: str, note: str = "", metric
     print(f"{stage}: {out} {artifact_id}" + (f" ({note})" if note else ""))
 
 
-def stage_params() -> Params:
+def stage_params(stage: str | None = None) -> Params:
     """What every stage does first: params.yaml validated and, with the slurm executor, the partitions, accounts,
-    qos and GPU types of every job checked against the cluster, before any hashing or job."""
+    qos and GPU types of every job checked against the cluster; then `stage`'s memory plan (align/plan.py): a
+    layout that cannot fit is one line here, before any hashing or job."""
     params = load_params()
     if choose_executor(params.cluster) == "slurm":
         check_cluster(params.cluster)
+    if stage is not None:
+        from align.plan import check_stage
+
+        check_stage(params, stage)
     return params
 
 

@@ -34,16 +34,14 @@ def choice_token_id(tokenizer: Any, text: str, what: str) -> int:
 
 
 class Scorer:
-    """A causal LM loaded for scoring (optionally with a LoRA adapter applied)."""
+    """A causal LM loaded for scoring (optionally with a LoRA adapter applied): on the job's device, or with `shard`
+    spread over the GPUs of this process (`align.devices.placed`; the prefix cache works across them too)."""
 
     def __init__(self, model: Path | str, *, batch_size: int = 16, adapter: Path | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, shard: bool = False):
         self.name = str(model)
-        self.tokenizer, self.model, self.device = load_causal_lm(model, trust_remote_code=trust_remote_code)
-        if adapter is not None:
-            from peft import PeftModel
-
-            self.model = PeftModel.from_pretrained(self.model, str(adapter)).eval()
+        self.tokenizer, self.model, self.device = load_causal_lm(model, trust_remote_code=trust_remote_code,
+                                                                 shard=shard, adapter=adapter)
         self.batch_size = batch_size
         self.reuse_prefix = True  # switch for tests and benchmarks: False = every row computes its own prefix
         self.pad_id = padding_id(self.tokenizer)

@@ -2,6 +2,7 @@
 
 LoRA adapters (PEFT) on a model loaded from an HF folder, trained by a DeepSpeed engine whose config comes from
 `params.training`, in 1 process or N (the submission layer exports MASTER_ADDR/PORT, RANK, WORLD_SIZE, LOCAL_RANK).
+At ZeRO-3 the model is partitioned over the ranks while it loads (align/sharding.py).
 
 The loop is generic: a stage supplies `batches(i)`, the i-th micro-batch of one global deterministic stream, and
 `loss_fn(engine, batch)`. At step s, rank r, accumulation micro-step a, the loop takes micro-batch
@@ -50,6 +51,7 @@ from align.models import padding_id, prompt_ids
 from align.params import TrainingRun
 from align.paths import MODEL
 from align.records import write_json
+from align.sharding import partitioned, world_size
 from slurm import preemption
 from slurm.submit import COLLECTIVE_TIMEOUT, free_port
 
@@ -157,18 +159,23 @@ def lora_model(model_dir: Path | str, training: TrainingRun, seed: int = 0, head
     head "lm": the causal LM. head "reward": the same trunk with a fresh scalar head read at the last non-pad
     token (transformers' sequence-classification model, 1 label); PEFT trains and saves that head with the
     adapter (`modules_to_save`), so the adapter folder alone turns the base model into the reward model.
+
+    Where the job trains at ZeRO-3 (`deepspeed_config`: several ranks, or offload), the model is partitioned as it
+    loads (`align.sharding.partitioned`): no rank holds it whole, on the host or its GPU, at any time; the adapters
+    PEFT adds are small and whole until `make_engine` partitions them too.
     """
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
     dtype = DTYPES[training.precision]
-    if head == "reward":
-        model = reward_trunk(model_dir, dtype)
-    else:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
-    return get_peft_model(checkpointed(model, training), lora_config(training, "SEQ_CLS" if head == "reward" else
-                                                                      "CAUSAL_LM"))
+    with partitioned(deepspeed_config(training, world_size())):  # ZeRO-3: each rank loads its shard alone
+        if head == "reward":
+            model = reward_trunk(model_dir, dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+        return get_peft_model(checkpointed(model, training), lora_config(training, "SEQ_CLS" if head == "reward"
+                                                                          else "CAUSAL_LM"))
 
 
 def checkpointed(model: torch.nn.Module, training: TrainingRun) -> torch.nn.Module:
@@ -521,7 +528,10 @@ def tokenize_pair(tokenizer: Any, prompt: str, response: str, max_prompt_tokens:
     prompt_text = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full_text = tokenizer.apply_chat_template(user + [{"role": "assistant", "content": response}], tokenize=False)
     if not full_text.startswith(prompt_text):
-        raise ValueError("the chat template does not render the prompt as a prefix of the conversation")
+        raise UserError(f"model.chat_template: the chat template of {getattr(tokenizer, 'name_or_path', 'the model')} "
+                        f"does not render the prompt as a prefix of the whole conversation (it rewrites the turns before "
+                        f"the answer), so the answer tokens cannot be told apart; set model.chat_template to one that "
+                        f"does (a Jinja file) or to plain, and rerun import_model")
     query = prompt_ids(tokenizer, prompt_text)
     response_ids = tokenizer(full_text[len(prompt_text):], add_special_tokens=False)["input_ids"]
     query = query[-max_prompt_tokens:] if max_prompt_tokens else query

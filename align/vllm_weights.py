@@ -18,7 +18,8 @@ and refuses (one line, naming the file and key) an adapter with anything else in
 biases, embedding LoRA, saved whole modules, a module the base checkpoint lacks or of another shape.
 
 `MergedAdapter` is mixed into vLLM's workers (`LLM(worker_extension_cls=...)`) and called through
-`LLM.collective_rpc("load_merged_adapter", ...)`.
+`LLM.collective_rpc`: `load_merged_adapter` takes an adapter folder; `receive_merged_adapter` takes the factors a
+trainer broadcasts over a process group the workers joined (`join_adapter_group`, align/weight_sync.py).
 """
 
 from __future__ import annotations
@@ -94,6 +95,20 @@ def lora_updates(adapter: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, f
             for key, a in tensors.items() if key.endswith(FACTORS[0])}
 
 
+def host_copy(folder: Path) -> Path:
+    """The safetensors checkpoint of a model folder (its weights and index only) copied into a new folder of this
+    node's temporary space (the job's TMPDIR): what an engine's merges read their base weights from, so the shared
+    filesystem holding the model is read once, at start, not at every merge."""
+    import shutil
+    import tempfile
+
+    copy = Path(tempfile.mkdtemp(prefix="align-base-"))
+    for file in checkpoint_files(folder) + [folder / "model.safetensors.index.json"]:
+        if file.is_file():
+            shutil.copy2(file, copy / file.name)
+    return copy
+
+
 def checkpoint_files(folder: Path) -> list[Path]:
     """The safetensors files of a checkpoint folder (one file or an index of shards)."""
     index = folder / "model.safetensors.index.json"
@@ -155,11 +170,36 @@ class MergedAdapter:
     packed groups' other members."""
 
     def load_merged_adapter(self, base: str, adapter: str | None) -> None:
+        self.load_updates(base, lora_updates(Path(adapter)) if adapter is not None else {})
+
+    def load_updates(self, base: str, updates: dict[str, tuple[torch.Tensor, torch.Tensor, float]]) -> None:
+        """The worker's model made base + each update (B, A, scale by checkpoint module; none: the base)."""
         # a partial reload is the point: vLLM's warning listing every layer not reloaded would flood the job's log
         logging.getLogger("vllm.model_executor.model_loader.reload.inplace").setLevel(logging.ERROR)
-        updates = lora_updates(Path(adapter)) if adapter is not None else {}
         packed = getattr(self.get_model(), "packed_modules_mapping", {})  # vLLM's Worker.get_model
         modules = with_packed_groups(set(updates) | getattr(self, "_adapted_modules", set()), packed)
         weights = merged_weights(Path(base), updates, modules)  # streamed
         self.reload_weights(weights_iterator=weights, is_checkpoint_format=True)  # vLLM's Worker.reload_weights
         self._adapted_modules = set(updates)
+
+    def join_adapter_group(self, host: str, port: int, world: int, first: int, timeout_min: float) -> None:
+        """This worker joins the group a trainer sends LoRA factors over (align/weight_sync.py), as rank `first` +
+        its own rank in the engine (its tensor-parallel rank)."""
+        from align.weight_sync import adapter_group
+
+        self._adapter_group = adapter_group(host, port, world, first + self.rank, self._adapter_device(),
+                                            timeout_min)
+
+    def receive_merged_adapter(self, base: str, spec: list | None, scale: float) -> None:
+        """The factors the trainer broadcasts over the group (`spec`: what it sends, in order; None: back to the
+        base) folded into the model as `load_merged_adapter` folds a folder's."""
+        from align.weight_sync import receive
+
+        factors = {} if spec is None else receive(self._adapter_group, spec, self._adapter_device())
+        self.load_updates(base, {module: (b.cpu(), a.cpu(), scale) for module, (b, a) in factors.items()})
+
+    def _adapter_device(self) -> torch.device:
+        import torch
+
+        return torch.device(f"cuda:{torch.cuda.current_device()}") if torch.cuda.is_available() else \
+            torch.device("cpu")

@@ -61,7 +61,10 @@ def main() -> None:
 
         model = make_tiny_model(Path(tmp.name) / "model", hidden=args.hidden, layers=args.layers)
     sampling = gen.Sampling(max_new_tokens=args.new)
-    hf = gen.Generator(model, params.Generation(backend="hf", batch_size=args.prompts))
+    defaults = params.load_params(Path(__file__).resolve().parents[1] / "params.yaml")
+    hf = gen.Generator(model, params.Engine.of(defaults.generation.model_copy(update={"backend": "hf"}),
+                                               defaults.cluster.defaults.model_copy(
+                                                   update={"generate_batch_size": args.prompts})))
     prompts = make_prompts(hf.tokenizer, args.prompts, args.prefix_tokens)
     lengths = [len(ids) for ids in hf.tokenizer(prompts)["input_ids"]]
 
@@ -76,7 +79,9 @@ def main() -> None:
         results[f"hf, prefix reuse {'on' if reuse else 'off'}"] = best_of(run, args.repeats)
     if args.vllm:
         start = time.perf_counter()
-        engine = gen.Generator(model, params.Generation(backend="vllm", kv_cache_gb=1))
+        engine = gen.Generator(model, params.Engine.of(defaults.generation.model_copy(update={"backend": "vllm"}),
+                                                       defaults.cluster.defaults.model_copy(
+                                                           update={"kv_cache_gb": 1})))
         results["vllm, engine start"] = time.perf_counter() - start
         results["vllm, generate (automatic prefix caching)"] = best_of(lambda: engine.generate(prompts, sampling),
                                                                        args.repeats)

@@ -28,11 +28,14 @@ def one_side(model_dir: Path, recompute: bool, batch: int, tokens: int, steps: i
     """Seconds per step (after one warm-up) and peak memory of LoRA steps on random tokens."""
     import torch
 
-    from align.params import Training
+    from align.params import TrainingRun, load_params
     from align.training import lora_model
 
     cuda = torch.cuda.is_available()
-    model = lora_model(model_dir, Training(gradient_checkpointing=recompute), seed=0)
+    defaults = load_params(ROOT / "params.yaml")
+    training = TrainingRun.of(defaults.training, defaults.cluster.defaults.model_copy(
+        update={"gradient_checkpointing": recompute}), "defaults")
+    model = lora_model(model_dir, training, seed=0)
     model = model.to("cuda" if cuda else "cpu").train()
     ids = torch.randint(0, model.config.vocab_size, (batch, tokens), generator=torch.Generator().manual_seed(0))
     ids = ids.to(model.device)

@@ -58,7 +58,7 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from align.params import Training, load_params  # noqa: E402
+from align.params import TrainingRun, load_params  # noqa: E402
 from align.records import write_json  # noqa: E402
 from bench.common import absolute, run_worker  # noqa: E402
 
@@ -131,7 +131,7 @@ def train_ours(spec: dict, scratch: Path) -> dict:
 
     ends: list[tuple[float, float]] = []
     batches = pair_batches(spec["train"], spec["batch"], spec["seed"], spec["pad_id"], spec["length_group"])
-    training = Training.model_validate(spec["training"])
+    training = TrainingRun.model_validate(spec["training"])
     result = train(spec["model"], batches, bt_loss, scratch / "ckpt", training, spec["steps"],
                    adapter_dir=scratch / "adapter", seed=spec["seed"], head="reward", log=None,
                    on_step=lambda step, _: ends.append(clock()))
@@ -169,7 +169,7 @@ def train_trl(spec: dict, scratch: Path) -> dict:
 
     from align.training import lora_config
 
-    training = Training.model_validate(spec["training"])
+    training = TrainingRun.model_validate(spec["training"])
     ends: list[tuple[float, float]] = []
 
     class Clock(TrainerCallback):
@@ -249,13 +249,16 @@ def worker(name: str, spec_path: Path, result_path: Path) -> None:
 # ----------------------------------------------------------------------------------------------------- parent
 
 
-def training_config(args: argparse.Namespace, steps: int) -> Training:
-    """params.yaml's `training` with the benchmark's batch, learning rate and LoRA rank, fp32, a constant rate
-    without warm-up, and no intermediate checkpoint. Read once here and handed to both workers."""
-    return load_params(ROOT / "params.yaml").training.model_copy(update={
-        "micro_batch_size": args.batch, "gradient_accumulation_steps": 1, "learning_rate": args.lr,
-        "lora_r": args.lora_r, "precision": "fp32", "lr_schedule": "constant", "warmup_ratio": 0.0,
-        "save_every": steps + 1})
+def training_config(args: argparse.Namespace, steps: int) -> TrainingRun:
+    """params.yaml's `training` and `cluster.defaults` with the benchmark's batch (one micro-batch a step), learning
+    rate and LoRA rank, fp32, a constant rate without warm-up, and no intermediate checkpoint. Read once here and
+    handed to both workers."""
+    params = load_params(ROOT / "params.yaml")
+    training = params.training.model_copy(update={
+        "batch_size": args.batch, "learning_rate": args.lr, "lora_r": args.lora_r, "precision": "fp32",
+        "lr_schedule": "constant", "warmup_ratio": 0.0})
+    return TrainingRun.of(training, params.cluster.defaults.model_copy(update={
+        "micro_batch_size": args.batch, "save_every_steps": steps + 1}), "defaults")
 
 
 def summarize(runs: list[dict]) -> dict:

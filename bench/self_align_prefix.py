@@ -44,13 +44,15 @@ def main() -> None:
     queries = [s.text for s in load_jsonl(assets / "seed_prompts.jsonl", SeedPrompt)[: args.prompts]]
     prompts = [templates.self_align_prompt(prefix, q) for q in queries]
     sampling = Sampling(max_new_tokens=args.new, stop=templates.SELF_ALIGN_STOP)
-    settings = params.Generation(batch_size=args.batch, kv_cache_gb=2)
+    defaults = params.load_params(ROOT / "params.yaml")
+    execution = defaults.cluster.defaults.model_copy(update={"generate_batch_size": args.batch, "kv_cache_gb": 2})
 
     rows, texts = {}, {}
     for backend in args.backends.split(","):
         for caching in (False, True):
             name = f"{backend}, {'prefix reused' if caching else 'naive (prefix per prompt)'}"
-            with Generator(args.model, settings.model_copy(update={"backend": backend}),
+            with Generator(args.model, params.Engine.of(defaults.generation.model_copy(update={"backend": backend}),
+                                                        execution),
                            prefix_caching=caching) as generator:
                 generator.generate(["Hello"], Sampling(max_new_tokens=2))  # warm-up, shares nothing with prompts
                 start = time.perf_counter()

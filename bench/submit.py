@@ -32,8 +32,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from align.params import Cluster, Resources  # noqa: E402
+from align.params import load_params  # noqa: E402
 from slurm.submit import JobSpec, submit  # noqa: E402
+
+DEFAULTS = load_params(ROOT / "params.yaml")  # what every run of the bench starts from
 
 TESTCLUSTER = ROOT / "slurm" / "testcluster.sh"
 TARGET_S = 2.0
@@ -79,10 +81,11 @@ def stop_test_cluster() -> None:
 
 def run_once(kind: str, workdir: Path, partition: str, index: int) -> dict:
     spec = JobSpec(
-        stage=f"bench_{kind}", fn=nothing, resources=Resources(partition=partition, mem_gb=1, time_min=5),
+        stage=f"bench_{kind}", fn=nothing,
+        resources=DEFAULTS.cluster.defaults.model_copy(update={"partition": partition, "mem_gb": 1, "time_min": 5}),
         target=workdir / f"out-{kind}-{index}", key={"nonce": uuid.uuid4().hex},
     )
-    cluster = Cluster(executor=kind, log_dir=str(workdir / "logs"))
+    cluster = DEFAULTS.cluster.model_copy(update={"executor": kind, "log_dir": str(workdir / "logs")})
     with contextlib.redirect_stderr(io.StringIO()):  # "submitted ... job N" on every run
         start = time.time()
         ran = submit(spec, cluster)

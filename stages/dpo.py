@@ -111,7 +111,7 @@ def job(args: DpoJob) -> str | None:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.dpo
     principles = {p.id: p for p in load_jsonl(PRINCIPLES, PreferencePrinciple)}
     descriptions = value_descriptions(SPACE)  # bad assets fail before the inputs are hashed

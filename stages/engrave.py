@@ -28,7 +28,7 @@ def pairs(data: Path) -> list[tuple[str, str]]:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     inputs = input_refs({"model": BASE, "data": DATA})
     subset = {"seed": params.seed, "training": params.training.model_dump(), "engrave": params.engrave.model_dump()}
     ckpt_dir = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})

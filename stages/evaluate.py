@@ -35,7 +35,6 @@ policy, headline score and item: a stable item id, its cluster and its value, wh
 from __future__ import annotations
 
 import functools
-import gc
 import json
 import re
 import shutil
@@ -50,6 +49,7 @@ from align.benchmarks import DATA as BENCHMARKS
 from align.benchmarks import (
     ChoiceItem, bench_path, choice_logprobs, load_bigbench, load_hhh, load_mt_bench, load_truthfulqa_csv, mc_scores,
 )
+from align.devices import release_memory
 from align.errors import UserError
 from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.intervals import Bootstrap
@@ -375,14 +375,16 @@ def score_and_answer(args: EvaluateJob) -> tuple[dict[str, dict], dict[str, list
     system_answers: dict[str, list[dict]] = {}
     bench, cfg = args.benchmarks, args.cfg
     for name, model in args.policies.items():
-        scorer = Scorer(model, batch_size=args.engine.score_batch_size)
+        scorer = Scorer(model, batch_size=args.engine.score_batch_size, shard=args.engine.shard_scorers)
         choices[name] = {key: choice_scores(scorer, bench[key], cfg.normalise) for key in MULTIPLE_CHOICE}
         del scorer
-        gc.collect()
+        release_memory()  # before vLLM measures the GPU's free memory
         with Generator(model, args.engine) as generator:
             answers[name] = answer_mt_bench(generator, bench["mt_bench"], cfg.max_new_tokens, args.seed)
             system_answers[name] = answer_system_messages(generator, bench["system_messages"],
                                                           args.system.eval_max_new_tokens, args.seed)
+        del generator  # the hf backend's model, still held by the name after its `with`
+        release_memory()
     return choices, answers, system_answers
 
 
@@ -463,16 +465,17 @@ def job(args: EvaluateJob) -> str:
     choices, answers, system_answers = score_and_answer(args)
     bench, held_out, margin, boot = args.benchmarks, args.benchmarks["system_messages"], args.cfg.tie_margin, \
         args.bootstrap()
-    rm = RewardScorer(RM_BASE, RM, batch_size=args.engine.score_batch_size)
+    rm = RewardScorer(RM_BASE, RM, batch_size=args.engine.score_batch_size, shard=args.engine.shard_scorers)
     rewards = rm_rewards(rm, answers, args.guide)
     system_diffs = {name: system_message_diffs(rm, held_out, system_answers[name], args.descriptions) if held_out
                     else {} for name in answers}
     del rm
-    gc.collect()
-    scorer = Scorer(args.judge, batch_size=args.engine.score_batch_size, trust_remote_code=args.trust_remote_code)
+    release_memory()
+    scorer = Scorer(args.judge, batch_size=args.engine.score_batch_size, trust_remote_code=args.trust_remote_code,
+                    shard=args.engine.shard_scorers)
     judged = model_judgement(scorer, answers, system_answers, held_out, args.judge_principles)
     del scorer
-    gc.collect()
+    release_memory()
     evidence = {name: Evidence(choices[name], answers[name], rewards[name], versus_base(rewards, name),
                                system_diffs[name], judged[name]) for name in answers}
     metrics = {"scoring": "per_token" if args.cfg.normalise else "sum",
@@ -505,7 +508,7 @@ def judge_folder(judge_model: str | None) -> Path:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.evaluate
     judged = pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.judge_principles,
                              "evaluate.judge_principles", PRINCIPLES)

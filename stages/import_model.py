@@ -39,7 +39,7 @@ def job(args: ImportJob) -> str:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     trust = params.model.trust_remote_code
     source = resolve_model(params.model.base)
     check_remote_code(source, trust)

@@ -58,6 +58,7 @@ class LabelPreferencesJob:
     pairs: list[dict]
     cfg: LabelPreferences
     batch_size: int  # judge prompts per forward pass (cluster.label_preferences.score_batch_size)
+    shard: bool  # the judge spread over the job's GPUs (cluster.label_preferences.shard_scorers)
     params: dict  # the params subset and the input refs: the manifest records both
     inputs: dict
 
@@ -68,7 +69,7 @@ def job(args: LabelPreferencesJob) -> str:
                                  "label_preferences.principles", PRINCIPLES)
     template = load_template(TEMPLATE, PLACEHOLDERS)
     space = {v.id: v for v in load_jsonl(SPACE, PreferenceValue)}
-    scorer = Scorer(args.judge, batch_size=args.batch_size)
+    scorer = Scorer(args.judge, batch_size=args.batch_size, shard=args.shard)
     choices = (scorer.token_id(args.cfg.choices[0]), scorer.token_id(args.cfg.choices[1]))
     criteria = [value_criteria(p["values"], space) if "system" in p else criteria_of(principles) for p in args.pairs]
     rows = judge(scorer, template, args.pairs, criteria, choices)
@@ -91,7 +92,7 @@ def job(args: LabelPreferencesJob) -> str:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.label_preferences
     pick_principles(load_jsonl(PRINCIPLES, PreferencePrinciple), cfg.principles, "label_preferences.principles",
                     PRINCIPLES)  # bad assets or ids fail before a job
@@ -110,8 +111,8 @@ def main() -> None:
     subset = {"label_preferences": cfg.model_dump()}
     resources = one_task(params.cluster.label_preferences, STAGE)
     fn = functools.partial(job, LabelPreferencesJob(judge=JUDGE / MODEL, pairs=pairs, cfg=cfg,
-                                                    batch_size=resources.score_batch_size, params=subset,
-                                                    inputs=inputs))
+                                                    batch_size=resources.score_batch_size,
+                                                    shard=resources.shard_scorers, params=subset, inputs=inputs))
     runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
 
 

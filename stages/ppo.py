@@ -582,7 +582,7 @@ def build_job(params: Params) -> PpoJob:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     ppo_job = build_job(params)
     algorithm = params.policy.algorithm
     runner.warn_unread(STAGE, {"seed", "training", "policy", "rl", "generation"} |

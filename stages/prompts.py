@@ -163,7 +163,7 @@ def job(args: PromptsJob) -> str:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     load_jsonl(SEEDS, SeedPrompt)  # bad assets fail here, before a job
     load_jsonl(QUESTION_TYPES, QuestionType)
     inputs = input_refs({"model": BASE, "seeds": SEEDS, "question_types": QUESTION_TYPES})

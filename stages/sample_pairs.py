@@ -97,7 +97,7 @@ def job(args: SamplePairsJob) -> str:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.sample_pairs
     inputs = input_refs({"policy": POLICY, "prompts": PROMPTS, "sft_data": SFT_DATA, "system_messages": SYSTEM})
     system_rows = read_jsonl(SYSTEM / "train.jsonl")

@@ -19,7 +19,7 @@ from align import paths, runner, templates
 from align.artifacts import input_refs, staged_out, verify_artifact
 from align.assets import Exemplar, Principle, load_jsonl
 from align.errors import UserError
-from align.filters import answer_problem, counts_text
+from align.filters import all_rejected, answer_problem
 from align.generation import Generator, Sampling, one_task
 from align.params import Engine
 from align.params import SelfAlign
@@ -64,8 +64,7 @@ def job(args: SelfAlignJob) -> str:
             continue
         kept.append({"id": prompt["id"], "prompt": prompt["text"], "answer": answer, "source": prompt["source"]})
     if not kept:
-        reasons = counts_text(rejected)
-        raise UserError(f"{STAGE}: all {len(prompts)} answers were rejected ({reasons}); nothing written")
+        raise UserError(all_rejected(STAGE, "answers", len(prompts), rejected, "self_align", args.cfg))
     lengths = sorted(len(row["answer"].split()) for row in kept)
     metrics = {
         "prompts": len(prompts),
@@ -86,7 +85,7 @@ def job(args: SelfAlignJob) -> str:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     load_jsonl(PRINCIPLES, Principle)  # bad assets fail here, before a job
     load_jsonl(EXEMPLARS, Exemplar)
     inputs = input_refs({"model": BASE, "prompts": PROMPTS, "principles": PRINCIPLES, "exemplars": EXEMPLARS})

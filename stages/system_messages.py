@@ -203,7 +203,7 @@ def job(args: SystemMessagesJob) -> str:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.system_messages
     subset = {"seed": params.seed, "system_messages": cfg.model_dump(), "generation": params.generation.model_dump()}
     if not cfg.enabled:

@@ -28,12 +28,14 @@ from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, load_template, pick_principles, value_descriptions
 from align.benchmarks import DATA as BENCHMARKS
 from align.benchmarks import ChoiceItem, bench_path, load_hhh
+from align.devices import release_memory
 from align.errors import UserError
 from align.models import padding_id
 from align.params import Pmp, TrainingRun
 from align.params import RewardModel as RewardParams
 from align.paths import MODEL
 from align.records import write_json, write_jsonl
+from align.sharding import ScoreFn, rows_over_ranks
 from align.reward import (
     CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardScorer, bt_loss, label_metrics, negation_cases, pair_batches,
     preference_examples, principle_scales, read_preferences, split_pairs, tokenize_examples,
@@ -130,11 +132,11 @@ def mean(values: list[float]) -> float | None:
     return statistics.fmean(values) if values else None
 
 
-def hhh_accuracy(rm: RewardScorer, items: list[ChoiceItem], guide: list[str]) -> dict:
+def hhh_accuracy(score: ScoreFn, items: list[ChoiceItem], guide: list[str]) -> dict:
     """Per subset and overall: the share of items whose best reply gets a higher reward than every wrong one."""
     prompts = [item.context.strip() for item in items for _ in item.choices]
     replies = [choice for item in items for choice in item.choices]
-    rewards = iter(rm.score(prompts, replies, [guide] * len(prompts)))
+    rewards = iter(score(prompts, replies, [guide] * len(prompts)))
     right: dict[str, list[float]] = {}
     for item in items:
         scores = [next(rewards) for _ in item.choices]
@@ -145,21 +147,22 @@ def hhh_accuracy(rm: RewardScorer, items: list[ChoiceItem], guide: list[str]) ->
             **{subset: {"acc": statistics.fmean(rs), "items": len(rs)} for subset, rs in sorted(right.items())}}
 
 
-def evaluate(rm: RewardScorer, held_out: list[dict], cases: list[dict], principles: dict[str, PreferencePrinciple],
+def evaluate(score: ScoreFn, held_out: list[dict], cases: list[dict], principles: dict[str, PreferencePrinciple],
              hhh: list[ChoiceItem], hhh_guide: list[str]) -> tuple[dict, list[dict]]:
-    """Metrics and the per-judgement records of the held-out pairs, the negation cases and the HHH pairs."""
+    """Metrics and the per-judgement records of the held-out pairs, the negation cases and the HHH pairs, their
+    rewards from `score` (`RewardScorer.score`, or it over the ranks)."""
     records = []
-    chosen = rm.score([e["prompt"] for e in held_out], [e["chosen"] for e in held_out], [e["guide"] for e in held_out])
-    rejected = rm.score([e["prompt"] for e in held_out], [e["rejected"] for e in held_out],
-                        [e["guide"] for e in held_out])
+    chosen = score([e["prompt"] for e in held_out], [e["chosen"] for e in held_out], [e["guide"] for e in held_out])
+    rejected = score([e["prompt"] for e in held_out], [e["rejected"] for e in held_out],
+                     [e["guide"] for e in held_out])
     for example, c, r in zip(held_out, chosen, rejected):
         records.append({"kind": "held_out", "id": example["id"], "shown": example["shown"], "chosen": c,
                         "rejected": r})
     margins = []  # per case: (margin for a over b under the principle, the same under its negation)
     for text_of in (lambda p: p.definition, lambda p: p.negation):
         guides = [[text_of(principles[c["principle"]])] for c in cases]
-        a = rm.score([c["prompt"] for c in cases], [c["response_a"] for c in cases], guides)
-        b = rm.score([c["prompt"] for c in cases], [c["response_b"] for c in cases], guides)
+        a = score([c["prompt"] for c in cases], [c["response_a"] for c in cases], guides)
+        b = score([c["prompt"] for c in cases], [c["response_b"] for c in cases], guides)
         margins.append([x - y for x, y in zip(a, b)])
     flips, agrees = [], []
     for case, plain, negated in zip(cases, *margins):
@@ -173,7 +176,7 @@ def evaluate(rm: RewardScorer, held_out: list[dict], cases: list[dict], principl
         "held_out": {"accuracy": mean(right), "examples": len(held_out)},
         "system_messages": {"accuracy": mean(system), "examples": len(system)},
         "negation": {"flip_rate": mean(flips), "label_agreement": mean(agrees), "cases": len(cases)},
-        "hhh": hhh_accuracy(rm, hhh, hhh_guide),
+        "hhh": hhh_accuracy(score, hhh, hhh_guide),
     }
     return metrics, records
 
@@ -194,15 +197,44 @@ class TrainRmJob:
     cfg: RewardParams
     training: TrainingRun  # `training` with rm's learning rate and LoRA size, and the job's execution settings
     score_batch_size: int  # rows per forward pass when evaluating (cluster.train_rm.score_batch_size)
+    shard_scorers: bool  # the evaluation's RM spread over the job's ranks (cluster.train_rm.shard_scorers)
     seed: int
     ckpt_dir: Path
     params: dict  # the params subset and the input refs: the manifest records both
     inputs: dict
 
 
+def write_rm_files(folder: Path, template: str, cfg: RewardParams) -> None:
+    """What turns an adapter folder's parent into a reward model `RewardScorer` loads: its prompt and limits."""
+    (folder / TEMPLATE_FILE).write_text(template, encoding="utf-8")
+    write_json(folder / CONFIG_FILE, {"max_prompt_tokens": cfg.max_prompt_tokens,
+                                      "max_response_tokens": cfg.max_response_tokens})
+
+
+def score_trained(args: TrainRmJob) -> tuple[dict, list[dict]] | None:
+    """`evaluate` through `RewardScorer.score`, the scorer PPO uses, on the trained adapter in the checkpoint
+    folder: on rank 0, or with `shard_scorers` on every rank, the RM spread over them and each scoring a share of
+    the rows (`rows_over_ranks`). None on a rank that does not score. The training engine is released first."""
+    import torch.distributed as dist
+
+    release_memory()
+    if dist.get_rank() == 0:
+        write_rm_files(args.ckpt_dir, args.template, args.cfg)
+    dist.barrier()
+    if not (args.shard_scorers or dist.get_rank() == 0):
+        return None
+    rm = RewardScorer(args.base, args.ckpt_dir, batch_size=args.score_batch_size, precision=args.training.precision,
+                      shard=args.shard_scorers)
+    found = evaluate(rows_over_ranks(rm.score) if rm.ranks else rm.score, args.held_out, args.cases, args.principles,
+                     args.hhh, args.hhh_guide)
+    del rm
+    release_memory()
+    return found
+
+
 def job(args: TrainRmJob) -> str | None:
-    """Runs in every task of the allocation: train (pre-training pairs first, then the synthetic instances),
-    then rank 0 evaluates through `RewardScorer.score` and writes the out."""
+    """Runs in every task of the allocation: train (pre-training pairs first, then the synthetic instances), score
+    (`score_trained`), then rank 0 writes the out."""
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.base, trust_remote_code=False)
@@ -224,14 +256,12 @@ def job(args: TrainRmJob) -> str | None:
     result = train(args.base, batches, bt_loss, args.ckpt_dir, args.training, steps, adapter_dir=adapter,
                    seed=args.seed, head="reward", on_step=LiveCurve(LIVE))
     losses, accuracy = result["losses"], [s["accuracy"] for s in result["stats"]]
+    scored = score_trained(args)
 
     def write(folder: Path) -> dict:
-        """The RM's prompt and limits beside its adapter, then its evaluation through the scorer PPO uses."""
-        (folder / TEMPLATE_FILE).write_text(args.template, encoding="utf-8")
-        write_json(folder / CONFIG_FILE, {"max_prompt_tokens": args.cfg.max_prompt_tokens,
-                                          "max_response_tokens": args.cfg.max_response_tokens})
-        rm = RewardScorer(args.base, folder, batch_size=args.score_batch_size, precision=args.training.precision)
-        metrics, records = evaluate(rm, args.held_out, args.cases, args.principles, args.hhh, args.hhh_guide)
+        """The RM's prompt and limits beside its adapter, its evaluation's records and metrics."""
+        write_rm_files(folder, args.template, args.cfg)
+        metrics, records = scored
         tail = slice(-10, None)
         write_jsonl(folder / "eval.jsonl", records)
         return {**metrics, "labels": args.labels, "train": {
@@ -245,7 +275,7 @@ def job(args: TrainRmJob) -> str | None:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.rm
     every = load_jsonl(PRINCIPLES, PreferencePrinciple)
     principles = {p.id: p for p in every}
@@ -263,7 +293,10 @@ def main() -> None:
     train_examples = draw(train_rows, cfg=cfg)
     if not train_examples:
         raise UserError(f"{PREFERENCES}/preferences.jsonl: no training pair is preferred under any principle "
-                        f"(every label is a tie); nothing to train the reward model on")
+                        f"(every label is a tie); nothing to train the reward model on; the judge could not tell "
+                        f"the responses apart: raise sample_pairs.temperature (more different responses), sample more "
+                        f"pairs (sample_pairs.max_prompts) or judge with fewer, broader principles "
+                        f"(label_preferences.principles)")
     pmp_examples = [{"id": f"pmp-{i}", "prompt": p, "guide": hhh_guide, "chosen": c, "rejected": r}
                     for i, (p, c, r) in enumerate(load_pmp(cfg.pmp))]
     resources = params.cluster.train_rm
@@ -278,7 +311,8 @@ def main() -> None:
         base=SFT / MODEL, train_examples=train_examples, pmp_examples=pmp_examples, held_out=held_out,
         cases=negation_cases(held_rows, principles), labels=labels, principles=principles, hhh=hhh,
         hhh_guide=hhh_guide, template=template, cfg=cfg, training=training,
-        score_batch_size=resources.score_batch_size, seed=params.seed, ckpt_dir=ckpt_dir, params=subset, inputs=inputs,
+        score_batch_size=resources.score_batch_size, shard_scorers=resources.shard_scorers, seed=params.seed,
+        ckpt_dir=ckpt_dir, params=subset, inputs=inputs,
     ))
     runner.submit_stage(STAGE, OUT, fn, resources, params.cluster, subset, inputs)
 

@@ -28,7 +28,7 @@ from align import paths, runner, sft, templates
 from align.artifacts import MANIFEST, input_refs, staged_out, verify_artifact
 from align.assets import load_text
 from align.errors import UserError
-from align.filters import answer_problem, counts_text, trim_to_boundary
+from align.filters import all_rejected, answer_problem, trim_to_boundary
 from align.generation import Generator, Sampling, chat_prompt, one_task
 from align.params import Engine, Params, SelfAlign, TrainingRun, VerboseClone
 from align.paths import MODEL
@@ -77,8 +77,8 @@ def answers_job(args: VerboseAnswersJob) -> None:
         else:
             rows.append({"prompt": query, "answer": answer})
     if not rows:
-        reasons = counts_text(rejected)
-        raise UserError(f"{STAGE}: all {len(args.queries)} verbose answers were rejected ({reasons}); nothing written")
+        raise UserError(all_rejected(STAGE, "verbose answers", len(args.queries), rejected, "verbose_clone",
+                                     args.filters))
     write_json(args.out.with_name(ANSWERS_METRICS), {
         "verbose_kept": len(rows), "verbose_trimmed": trimmed, "verbose_rejected": dict(sorted(rejected.items())),
         "verbose_answer_words_mean": statistics.fmean(len(r["answer"].split()) for r in rows)})
@@ -106,7 +106,10 @@ def link_engraved(params: dict, inputs: dict) -> str:
 
 
 def distill(params: Params, subset: dict, inputs: dict) -> None:
-    """The answers job (unless a failed run left its answers), then the SFT job that writes the out."""
+    """The answers job (unless a failed run left its answers), then the SFT job that writes the out: neither where
+    the out is there already from the same params, inputs and code."""
+    if runner.finished_already(STAGE, OUT, subset, inputs) is not None:
+        return
     scratch = checkpoint_dir(STAGE, {"params": subset, "inputs": inputs})
     answers = scratch / "answers.jsonl"
     if not answers.is_file():
@@ -133,7 +136,7 @@ def distill(params: Params, subset: dict, inputs: dict) -> None:
 
 
 def main() -> None:
-    params = runner.stage_params()
+    params = runner.stage_params(STAGE)
     cfg = params.verbose_clone
     if cfg.enabled:
         load_text(INSTRUCTION)  # a missing or empty instruction fails here, before a job

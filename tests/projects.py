@@ -17,7 +17,7 @@ from align.reward import CONFIG_FILE, TEMPLATE_FILE
 from align.training import lora_model
 from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
-from tests.helpers import FAST_EXECUTION, FAST_TRAINING, merge_into, training_run
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, merge_into, sh, training_run
 
 PROMPTS = ["What is the capital of France?", "Add 1 and 2.", "What colour is the quick fox?",
            "Say something helpful.", "Name a number.", "Write a function that adds two numbers."]
@@ -154,3 +154,21 @@ def slurm_project(tmp_path: Path, tiny_model: Path) -> Path:
     raw["cluster"]["import_model"] = {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     return tmp_path
+
+
+def policy_repo(folder: Path, model: Path, **groups: dict) -> Path:
+    """A git + DVC repository holding the project code, a dvc.yaml of the `policy` stage alone and its inputs
+    committed (`ppo_project`'s; a queued experiment starts from a commit: untracked inputs would not be in it)."""
+    cwd = ppo_project(folder, model, **groups)
+    for name in ("stages", "align", "slurm"):
+        shutil.copytree(ROOT / name, cwd / name, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / ".gitignore", cwd / ".gitignore")
+    policy = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["policy"]
+    policy["deps"] = [d for d in policy["deps"] if (cwd / d).exists()]
+    (cwd / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"policy": policy}}, sort_keys=False))
+    sh(cwd, "git", "init", "-q")
+    sh(cwd, "dvc", "init", "-q")
+    sh(cwd, "git", "add", "-A")
+    sh(cwd, "git", "add", "-f", "models", "data")  # the policy stage's inputs, as upstream stages left them
+    sh(cwd, "git", "commit", "-qm", "inputs in place")
+    return cwd

@@ -434,3 +434,45 @@ def test_logprobs_are_the_sampling_distribution(backend: str, with_adapter: bool
             (completion.logprobs, reference)
     plain = dataclasses.replace(sampling, logprobs=False)
     assert generator.generate(prompts, plain, adapter=adapter) == [dataclasses.replace(c, logprobs=()) for c in got]
+
+
+@pytest.mark.slow
+def test_vllm_tensor_parallel_2_on_cpu_answers_as_one_worker(model: Path, hf: gen.Generator,
+                                                             prompts: list[str]) -> None:
+    """vLLM's CPU backend splits the model over two workers (its threads bound to the job's cores split in two:
+    `cpu_thread_bind`; it refuses two workers on one NUMA node otherwise) and greedy answers stay those of one."""
+    pytest.importorskip("vllm")
+    with gen.Generator(model, engine(backend="vllm", kv_cache_gb=1, tensor_parallel_size=2)) as split:
+        assert split.generate(prompts, GREEDY) == hf.generate(prompts, GREEDY)
+
+
+@pytest.mark.slow
+def test_lora_factors_sent_over_a_process_group_sample_as_the_adapter_folder(
+        merged: gen.Generator, model: Path, prompts: list[str], adapters: tuple[Path, Path], tmp_path: Path) -> None:
+    """The trainer side broadcasts a PEFT model's LoRA factors over a gloo group of its own; the engine's worker
+    merges them (base from the node-local copy made at start) and samples greedily what the same adapter's folder
+    gives; then back to the base. The factors are a fraction of the weights a folder merge reads."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from slurm.submit import free_port
+    from align.weight_sync import (
+        Received, adapter_group, alongside, factors_key, lora_factors, send, spec_of,
+    )
+
+    assert merged._impl.base != model and (merged._impl.base / "model.safetensors").is_file()  # the node-local copy
+    port = free_port()
+    group = alongside(lambda: adapter_group("127.0.0.1", port, 2, 0, torch.device("cpu")),
+                      lambda: merged.join_adapter_group("127.0.0.1", port, 2, 1))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(model), str(adapters[1]))
+    factors, scale = lora_factors(peft)
+    key = factors_key(factors, scale)
+    sent = alongside(lambda: send(group, factors), lambda: merged.receive_adapter(spec_of(factors), scale, key))
+    weights = sum(p.numel() * 4 for p in AutoModelForCausalLM.from_pretrained(model).parameters())
+    assert 0 < sent < weights / 4
+    by_group = merged.generate(prompts, GREEDY, adapter=Received(key))
+    assert by_group == merged.generate(prompts, GREEDY, adapter=adapters[1])  # the folder merge: the same weights
+    alongside(lambda: None, lambda: merged.receive_adapter(None, 1.0, None))
+    assert merged.generate(prompts, GREEDY, adapter=None) != by_group
+    with pytest.raises(RuntimeError, match="does not hold the adapter"):
+        merged.generate(prompts, GREEDY, adapter=Received(key))

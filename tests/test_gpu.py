@@ -1,6 +1,8 @@
 """The GPU suite: the training stages, PPO, scoring and generation on one CUDA device in bf16, asserting what
 their CPU tests assert (the loss falls, curves are written, a checkpoint resumes), plus where the work ran: each
-job's log names its device, and the in-process parts leave their tensors on the GPU.
+job's log names its device, and the in-process parts leave their tensors on the GPU; a released scorer's memory is
+free again. With two CUDA devices (skipped otherwise): scorers spread over both (a device map, and ZeRO-3 over two
+ranks) and vLLM with tensor parallelism 2.
 
 Skipped, with the reason, where torch sees no CUDA device; `bash bench/gpu_check.sh` runs it on a GPU machine.
 ALIGN_GPU_SUITE_ON_CPU=1 runs it on the CPU instead, which checks the tests' own logic on a machine without one.
@@ -140,3 +142,80 @@ def test_scoring_and_generation_in_bf16_on_the_gpu(bf16_model: Path) -> None:
         again = generator.generate(prompts, sampling)
     assert [o.token_ids for o in first] == [o.token_ids for o in again]  # same seed, same samples
     assert all(0 < o.num_tokens <= 8 and o.finish_reason in ("stop", "length") for o in first)
+
+
+def test_a_released_scorer_gives_its_gpu_memory_back(bf16_model: Path) -> None:
+    """`release_memory` between roles: what the scorer held, cached blocks included, is free again for the next
+    role (vLLM measures free memory before it starts); a garbage collection alone leaves the blocks cached."""
+    from align.devices import release_memory
+    from align.scoring import Scorer
+
+    if ON_CPU:
+        pytest.skip("the CPU has no allocator cache to return")
+    release_memory()
+    before = torch.cuda.memory_reserved()
+    scorer = Scorer(bf16_model, batch_size=4)
+    scorer.continuation_logprobs("Question: What is the capital of France?\nAnswer:", [" Paris", " Lyon"])
+    assert torch.cuda.memory_reserved() > before
+    del scorer
+    release_memory()
+    assert torch.cuda.memory_reserved() <= before
+
+
+# ------------------------------------------------------------------------------------------------- two GPUs
+
+two_gpus = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+
+
+@two_gpus
+def test_scorers_spread_over_two_gpus_give_the_numbers_of_one(bf16_model: Path, tmp_path: Path) -> None:
+    """A device map over the two GPUs this process sees (the tiny model split in halves: an even share each), and
+    the RM over two ranks by ZeRO-3 (nccl, one GPU per rank through the local executor): the numbers of one GPU."""
+    from align.reward import RewardScorer
+    from align.scoring import Scorer
+    from slurm.submit import JobSpec, submit
+    from tests.helpers import DEFAULTS, resources
+    from tests.sharded_jobs import score_over_ranks
+
+    texts = ["Principles: be helpful. " * 8 + s for s in ("Output (", "The answer is", "1 2 3")]
+    whole = Scorer(bf16_model, batch_size=2)
+    choices = [whole.token_id("a"), whole.token_id("b")]
+    want = whole.next_token_logits(texts, choices), whole.continuation_logprobs(texts[0], [" brown", " 1 2 3"])
+    del whole
+    spread = Scorer(bf16_model, batch_size=2, shard=True)
+    assert set(spread.model.hf_device_map.values()) == {0, 1}
+    torch.testing.assert_close(spread.next_token_logits(texts, choices), want[0], atol=0.05, rtol=0.02)
+    assert spread.continuation_logprobs(texts[0], [" brown", " 1 2 3"]) == pytest.approx(want[1], abs=0.1)
+    del spread
+
+    cwd = rm_project(tmp_path / "rm", bf16_model, training=BF16)
+    assert stage(cwd, "train_rm").returncode == 0
+    rows = [("Name a number.", r, ["Be concise."]) for r in ("7", "1 2 3 4 5 6 7 8 9 10 and so on.", "3")]
+    rm_whole = RewardScorer(cwd / "models/sft/model", cwd / "models/rm", batch_size=2)  # fp32, as score_over_ranks
+    want_rm = rm_whole.score(*(list(c) for c in zip(*rows)))
+    del rm_whole
+    spec = JobSpec(stage="rm_over_gpus", fn=functools.partial(score_over_ranks, cwd / "models/sft/model",
+                                                              cwd / "models/rm", [rows, rows[:1]], rows),
+                   resources=resources(tasks_per_node=2, gpus_per_node=2, cpus_per_task=1, time_min=10),
+                   target=tmp_path / "out", key={})
+    found = submit(spec, DEFAULTS.cluster.model_copy(update={"executor": "local", "log_dir": str(tmp_path / "logs")}))
+    assert all(share <= 0.55 for share in found["held"])
+    assert found["shared"] == pytest.approx(want_rm, abs=1e-3) and found["own"][1] == pytest.approx(want_rm[:1],
+                                                                                                    abs=1e-3)
+
+
+@two_gpus
+def test_vllm_generates_with_tensor_parallelism_over_two_gpus(bf16_model: Path) -> None:
+    """tensor_parallel_size 2: one engine over both GPUs; greedy answers start as one GPU's do (bf16: sums split
+    over two GPUs may round a later near-tie the other way)."""
+    pytest.importorskip("vllm", reason="vLLM is not installed here")
+    from align.generation import Generator, Sampling, chat_prompt
+
+    sampling = Sampling(temperature=0.0, max_new_tokens=8)
+    found = {}
+    for tp in (1, 2):
+        with Generator(str(bf16_model), engine(backend="vllm", tensor_parallel_size=tp)) as generator:
+            prompts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": q}])
+                       for q in ("What is the capital of France?", "Add 1 and 2.", "Say something helpful.")]
+            found[tp] = [o.token_ids for o in generator.generate(prompts, sampling)]
+    assert all(found[1]) and all(found[2]) and [t[0] for t in found[2]] == [t[0] for t in found[1]]

@@ -106,6 +106,8 @@ def test_engine_weights_and_the_k3_term_enter_each_token() -> None:
 def test_each_algorithm_refuses_the_settings_it_cannot_run_with() -> None:
     rl = DEFAULTS.rl
     assert [loss_type(a, rl) for a in ("ppo", "grpo", "rloo")] == ["bnpo", "dapo", "sequence"]
+    gspo = rl.model_copy(update={"importance_sampling_level": "sequence"})
+    assert loss_type("grpo", gspo) == "grpo"  # GSPO's own: a mean over responses, not a length-weighted token sum
     check_settings("grpo", rl.model_copy(update={"loss_type": "dr_grpo", "importance_sampling_level": "sequence"}))
     with pytest.raises(UserError, match=r"^params.yaml: rl.loss_type: rloo cannot use 'dapo' \(usable: none"):
         check_settings("rloo", rl.model_copy(update={"loss_type": "dapo"}))

@@ -5,38 +5,22 @@ job to the one-node test cluster, and `dvc exp show` lists both with their param
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import ROOT
 from tests.helpers import SqueueWatch, sh
-from tests.projects import TINY_RL, ppo_project
+from tests.projects import TINY_RL, policy_repo
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def sweep_repo(folder: Path, model: Path, logs: Path) -> Path:
-    """A git + DVC repository holding the project code, a dvc.yaml of the `policy` stage alone and its inputs
-    committed (a queued experiment starts from a commit: untracked inputs would not be in its workspace)."""
-    cwd = ppo_project(folder, model, rl={**TINY_RL, "iterations": 2},
-                      cluster={"executor": "slurm", "log_dir": str(logs),
-                               "policy": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 3, "time_min": 20}})
-    for name in ("stages", "align", "slurm"):
-        shutil.copytree(ROOT / name, cwd / name, ignore=shutil.ignore_patterns("__pycache__"))
-    shutil.copy(ROOT / ".gitignore", cwd / ".gitignore")
-    policy = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["policy"]
-    policy["deps"] = [d for d in policy["deps"] if (cwd / d).exists()]
-    (cwd / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"policy": policy}}, sort_keys=False))
-    sh(cwd, "git", "init", "-q")
-    sh(cwd, "dvc", "init", "-q")
-    sh(cwd, "git", "add", "-A")
-    sh(cwd, "git", "add", "-f", "models", "data")  # the policy stage's inputs, as upstream stages left them
-    sh(cwd, "git", "commit", "-qm", "inputs in place")
-    return cwd
+    """The policy stage's repository (`policy_repo`), its jobs on the test cluster's cpu partition."""
+    return policy_repo(folder, model, rl={**TINY_RL, "iterations": 2},
+                       cluster={"executor": "slurm", "log_dir": str(logs),
+                                "policy": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 3, "time_min": 20}})
 
 
 def test_a_queued_sweep_runs_as_parallel_slurm_jobs(slurm_cluster, tmp_path: Path, roomy_model: Path) -> None:

@@ -1,5 +1,6 @@
 """align/training.py on the tiny Llama: DeepSpeed config mapping, LoRA-only updates, adapter round trip, exact
-resume (also after a crash), and 2-process ZeRO-2/ZeRO-3 runs through the submission layer."""
+resume (also after a crash), and 2-process ZeRO-2/ZeRO-3 runs through the submission layer, ZeRO-3 loading each
+rank's shard alone."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from align.training import (
 )
 from slurm.submit import JobSpec, submit
 from tests.helpers import DEFAULTS, TINY_TRAINING, inline, resources, training_run
+from tests.sharded_jobs import train_both_heads
 from tests.tiny import PAIRS
 
 
@@ -115,8 +117,9 @@ def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path,
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     training = training_run(**{**TINY_TRAINING, "batch_size": 2}, zero_stage=2, save_every_steps=100)
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
-        monkeypatch.delenv(name, raising=False)
+    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")  # recorded, so that what init_distributed exports is removed after the test:
+        monkeypatch.delenv(name)  # a later test's subprocess would inherit this process group's port, in use
     assert init_distributed() == (0, 1)  # no environment: one process on a free local port
     model = lora_model(roomy_model, training, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -290,3 +293,26 @@ def test_sft_pads_with_eos_where_the_tokenizer_has_no_pad_token(tiny_model: Path
     training = training_run(**{**TINY_TRAINING, "batch_size": 2}, micro_batch_size=2)
     result = inline(functools.partial(sft_job, model, PAIRS, tmp_path / "ckpt", training, 3, log=None))
     assert len(result["losses"]) == 3 and all(math.isfinite(loss) for loss in result["losses"])
+
+
+@pytest.mark.slow
+def test_zero3_loads_each_rank_its_shard_and_trains_as_zero2(tiny_model: Path, tmp_path: Path) -> None:
+    """Two gloo ranks through the local executor, the causal LM and the reward model (the scalar head, as the
+    value model's trunk) each loaded by `lora_model`: at ZeRO-3 each rank holds half of the base model's elements
+    from the moment it is loaded (before: the whole model on every rank until the engine partitioned it), and half
+    of every element once the engine is built; a few steps give ZeRO-2's losses, where every rank holds it all."""
+    training = training_run(**{**TINY_TRAINING, "lora_dropout": 0.0, "batch_size": 2}, save_every_steps=100)
+    found = {}
+    for stage in (2, 3):
+        at_stage = training.model_copy(update={"zero_stage": stage})
+        spec = JobSpec(stage=f"load_zero{stage}",
+                       fn=functools.partial(train_both_heads, tiny_model, at_stage, tmp_path / f"ckpt{stage}", 3),
+                       resources=resources(tasks_per_node=2, cpus_per_task=1, time_min=10),
+                       target=tmp_path / f"out{stage}", key={"stage": stage})
+        found[stage] = submit(spec, DEFAULTS.cluster.model_copy(update={"executor": "local",
+                                                                          "log_dir": str(tmp_path / "logs")}))
+    for head in ("lm", "reward"):
+        zero2, zero3 = found[2][head], found[3][head]
+        assert zero2["loaded"] == [1.0, 1.0] and zero2["built"] == [1.0, 1.0]
+        assert all(share <= 0.55 for share in zero3["loaded"] + zero3["built"]), zero3
+        assert len(zero3["losses"]) == 3 and zero3["losses"] == pytest.approx(zero2["losses"], rel=1e-5), head
