@@ -360,12 +360,11 @@ def train_role(ctx: Context, name: str, t: Trained) -> Role:
     return Role(name, detail, training(ctx.shape, t))
 
 
-def frozen_role(ctx: Context, hw: Hardware, name: str, f: Frozen, shape: Shape | None = None,
-                spreads: bool = True) -> Role:
-    """A frozen scorer of a job: whole, or with `shard_scorers` spread (where it `spreads`: the code spreads it) over
+def frozen_role(ctx: Context, hw: Hardware, name: str, f: Frozen, shape: Shape | None = None) -> Role:
+    """A frozen scorer of a job: whole, or with `shard_scorers` spread over
     the job's ranks by ZeRO-3 where the job has a rank per GPU, else over its one process's GPUs by a device map."""
     over_ranks = hw.ranks > 1
-    devices = (hw.ranks if over_ranks else hw.gpus_per_node) if spreads and hw.shard_scorers and hw.on_gpu else 1
+    devices = (hw.ranks if over_ranks else hw.gpus_per_node) if hw.shard_scorers and hw.on_gpu else 1
     f = replace(f, on_gpu=hw.on_gpu, devices=devices, over_ranks=over_ranks and devices > 1)
     if f.over_ranks:
         f = replace(f, ranks_per_node=hw.ranks_per_node)  # each rank of a node loads its shard
@@ -503,7 +502,7 @@ def plan_policy(ctx: Context, s: Settings) -> list[Job]:
                                                             logit_tokens=0, head="reward")))
     w, ranks = DTYPE_BYTES[p.training.precision] if hw.on_gpu else 4, hw.ranks_per_node
     roles.append(frozen_role(ctx, hw, "reward", Frozen(w, hw.score_batch, rm_tokens(p), head="reward",
-                                                       ranks_per_node=ranks), spreads=False))  # stages/ppo.py: whole
+                                                       ranks_per_node=ranks)))
     engine = engine_role(ctx, s, hw, cfg.max_query_tokens, cfg.max_new_tokens, ranks, gpus=1)  # on its rank's GPU
     loaded = [replace(r, need=Need(r.need.gpu, r.need.host)) for r in roles]  # held (activations: an upper bound)
     return [Job("policy", hw, [roles + [engine], loaded + [merge_role(ctx)]])]  # the engine closes before the merge

@@ -36,6 +36,7 @@ class RoleSpec:
     training: TrainingRun  # LoRA, learning rate, schedule and the job's execution settings for both engines
     engine: Engine  # the generation backend and its settings
     score_batch_size: int  # RM rows per forward pass
+    shard_scorers: bool  # the reward model spread over the ranks (ZeRO-3): `RewardScorer.score` is collective
     value_model: bool  # PPO's critic, trained beside the policy
     merge_adapters: bool  # the engine folds the current adapter into its weights (rl.rollout_adapter: merged)
 
@@ -73,7 +74,8 @@ def build_roles(spec: RoleSpec, seed: int, world: int, total_steps: int) -> Role
                          total_steps=total_steps)
     value = make_engine(without_dropout(value_model(spec.sft_dir, spec.rm_dir, training, seed)), training, world,
                         total_steps=total_steps) if spec.value_model else None
-    reward = RewardScorer(spec.sft_dir, spec.rm_dir, batch_size=spec.score_batch_size, precision=training.precision)
+    reward = RewardScorer(spec.sft_dir, spec.rm_dir, batch_size=spec.score_batch_size, precision=training.precision,
+                          shard=spec.shard_scorers)
     with preemption.shielded():  # vLLM's engine process would die of SLURM's signals before the next safe point
         generator = Generator(spec.sft_dir, spec.engine, lora_rank=training.lora_r,
                               merge_adapters=spec.merge_adapters)

@@ -297,21 +297,20 @@ class PpoRecipe:
             return None
         save_adapter(self.roles.policy, self.rollout_adapter)
         mine = list(range(len(job.held_out)))[self.rank::self.world]
-        rows = []
-        if mine:
-            prompts = [job.held_out[i] for i in mine]
-            texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}],
-                                 system=p.get("system")) for p in prompts]
-            guides = [self.guide(p, -1, i)[1] for p, i in zip(prompts, mine)]
-            sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, seed=job.seed * 1_000_003 - 1)
-            scored = []
-            for adapter in (None, self.rollout_adapter):
-                outs = generator.generate(texts, sampling, adapter=adapter)
-                raw = self.roles.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
-                finishes = [o.finish_reason for o in outs]
-                shaped = shaped_scores(raw, finishes, [len(o.token_ids) for o in outs], rl)
-                scored.append(list(zip(raw, shaped, [f == "length" for f in finishes])))
-            rows = list(zip(*scored))  # (SFT's, the policy's) per prompt
+        prompts = [job.held_out[i] for i in mine]
+        texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
+                 for p in prompts]
+        guides = [self.guide(p, -1, i)[1] for p, i in zip(prompts, mine)]
+        sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, seed=job.seed * 1_000_003 - 1)
+        scored = []
+        for adapter in (None, self.rollout_adapter):
+            outs = generator.generate(texts, sampling, adapter=adapter) if texts else []
+            # every rank scores, with rows or none: a reward model spread over the ranks (shard_scorers) is collective
+            raw = self.roles.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
+            finishes = [o.finish_reason for o in outs]
+            shaped = shaped_scores(raw, finishes, [len(o.token_ids) for o in outs], rl)
+            scored.append(list(zip(raw, shaped, [f == "length" for f in finishes])))
+        rows = list(zip(*scored))  # (SFT's, the policy's) per prompt
         gathered: list[list] = [[] for _ in range(self.world)]
         dist.all_gather_object(gathered, rows)
         rows = [row for part in gathered for row in part]
@@ -573,7 +572,8 @@ def build_job(params: Params) -> PpoJob:
               **({"ppo": params.ppo.model_dump()} if ALGORITHMS[algorithm].value_model else {})}
     resources = params.cluster.policy
     roles = RoleSpec(sft_dir=SFT / MODEL, rm_dir=RM, training=training, engine=Engine.of(params.generation, resources),
-                     score_batch_size=resources.score_batch_size, value_model=ALGORITHMS[algorithm].value_model,
+                     score_batch_size=resources.score_batch_size,
+                     shard_scorers=resources.shard_scorers, value_model=ALGORITHMS[algorithm].value_model,
                      merge_adapters=rl.rollout_adapter == "merged")
     ckpt_dir = checkpoint_dir(algorithm, {"params": subset, "inputs": inputs})
     return PpoJob(roles=roles, pool=pool, collection=collection, guards=guards, algorithm=algorithm, rl=rl,
