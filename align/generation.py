@@ -78,10 +78,6 @@ def vllm_import_error() -> str | None:
     return None
 
 
-def vllm_importable() -> bool:
-    return vllm_import_error() is None
-
-
 def resolve_backend(choice: str) -> str:
     """`generation.backend` → "vllm" | "hf"; a forced vllm that cannot import is the user's to fix."""
     if choice == "hf":

@@ -151,7 +151,7 @@ def slurm_project(tmp_path: Path, tiny_model: Path) -> Path:
     raw["model"]["base"] = str(tiny_model)
     raw["cluster"]["executor"] = "slurm"
     raw["cluster"]["log_dir"] = str(tmp_path / "logs")
-    raw["cluster"]["import_model"] = {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10}
+    raw["cluster"]["import_model"] = {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 4, "time_min": 10}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
     return tmp_path
 

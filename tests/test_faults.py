@@ -48,7 +48,7 @@ from tests.tiny import PAIRS
 
 pytestmark = pytest.mark.slurm
 
-ON_CPU = {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 2, "time_min": 10}
+ON_CPU = {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 8, "time_min": 10}
 REFERENCE_STEPS = 600  # ~20 s of steps on the tiny model: long enough to interrupt
 NO_PERIODIC = 100_000  # save_every_steps beyond the run: a checkpoint only at the end (or at a signal)
 

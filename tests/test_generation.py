@@ -99,9 +99,10 @@ def stop_string(text: str) -> str:
 
 def test_backend_resolution(monkeypatch: pytest.MonkeyPatch) -> None:
     assert gen.resolve_backend("hf") == "hf"
-    monkeypatch.setattr(gen, "vllm_importable", lambda: False)
+    monkeypatch.setattr(gen, "vllm_import_error", lambda: "ImportError: libnuma.so.1: cannot open shared object file")
     assert gen.resolve_backend("auto") == "hf"
-    with pytest.raises(UserError, match=r"params.yaml: generation.backend"):
+    with pytest.raises(UserError, match=r"params.yaml: generation.backend: 'vllm' but vllm does not import here "
+                                         r"\(ImportError: libnuma"):
         gen.resolve_backend("vllm")
 
 
