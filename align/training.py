@@ -309,11 +309,8 @@ def load_checkpoint(engine: Any, ckpt_dir: Path | str, others: dict | None = Non
     if tag is None:
         return None
     for name, other in (others or {}).items():
-        if other.load_checkpoint(str(Path(ckpt_dir) / name), tag=tag, load_module_strict=False)[0] is None:
-            raise RuntimeError(f"{ckpt_dir}/{name}/{tag}: DeepSpeed could not load this checkpoint")
-    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_module_strict=False)
-    if path is None:
-        raise RuntimeError(f"{ckpt_dir}/{tag}: DeepSpeed could not load this checkpoint")
+        _load(other, Path(ckpt_dir) / name, tag)
+    client_state = _load(engine, Path(ckpt_dir), tag)
     state = client_state["loop"]  # the rest of client_state is DeepSpeed's own metadata
     rngs, owns = state.pop("rng"), state.pop("own", None)
     if len(rngs) == dist.get_world_size():
@@ -321,6 +318,21 @@ def load_checkpoint(engine: Any, ckpt_dir: Path | str, others: dict | None = Non
         if owns is not None:
             state["own"] = owns[dist.get_rank()]
     return state
+
+
+def _load(engine: Any, folder: Path, tag: str) -> dict:
+    """`engine`'s checkpoint `tag` from `folder`, its client state; a checkpoint DeepSpeed cannot read (a truncated
+    file, one saved by another LoRA size, ZeRO stage or number of ranks) is one line naming it and the way out."""
+    try:
+        path, client_state = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
+    except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed or torch.load raise, the user's fix is the same
+        cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+    else:
+        if path is not None:
+            return client_state
+        cause = "DeepSpeed found no checkpoint there"
+    raise UserError(f"{folder / tag}: this checkpoint does not load ({cause}); it was saved by another layout (LoRA "
+                    f"size, zero_stage, ranks) or is damaged: move {folder} aside to start the stage over")
 
 
 def end_of_step(engine: Any, ckpt_dir: Path | str, state: dict, keep: int, every: int, last: int,

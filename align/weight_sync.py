@@ -117,7 +117,7 @@ def factors_key(factors: Factors, scale: float) -> str:
 
 def alongside(work: Callable[[], Any], other: Callable[[], Any]) -> Any:
     """`other()` in a thread while `work()` runs here; `work`'s result once both are done (an error of either is
-    raised here). A process that both sends over a group and drives the engine whose workers receive must do the
+    raised here; one of `work` at once). A process that both sends over a group and drives the engine whose workers receive must do the
     two at once: each blocks until the other side has joined or received."""
     failure: list[BaseException] = []
 
@@ -129,10 +129,8 @@ def alongside(work: Callable[[], Any], other: Callable[[], Any]) -> Any:
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
-    try:
-        result = work()
-    finally:
-        thread.join()
+    result = work()  # raised here, the other side waits for this one in vain: not joined (a daemon thread)
+    thread.join()
     if failure:
         raise failure[0]
     return result

@@ -453,13 +453,12 @@ def test_lora_factors_sent_over_a_process_group_sample_as_the_adapter_folder(
     """The trainer side broadcasts a PEFT model's LoRA factors over a gloo group of its own; the engine's worker
     merges them (base from the node-local copy made at start) and samples greedily what the same adapter's folder
     gives; then back to the base. The factors are a fraction of the weights a folder merge reads."""
+    import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    from align.weight_sync import Received, adapter_group, alongside, factors_key, lora_factors, send, spec_of
     from slurm.submit import free_port
-    from align.weight_sync import (
-        Received, adapter_group, alongside, factors_key, lora_factors, send, spec_of,
-    )
 
     assert merged._impl.base != model and (merged._impl.base / "model.safetensors").is_file()  # the node-local copy
     port = free_port()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import re
 import shutil
 import time
 from pathlib import Path
@@ -18,6 +19,7 @@ from align.training import (
     collate, deepspeed_config, fit, init_distributed, latest_checkpoint, lora_model, make_engine, save_adapter,
     sft_job, sft_loss, shuffled_batches, tokenize_pair,
 )
+from align.errors import UserError
 from slurm.submit import JobSpec, submit
 from tests.helpers import DEFAULTS, TINY_TRAINING, inline, resources, training_run
 from tests.sharded_jobs import train_both_heads
@@ -183,6 +185,20 @@ def test_crash_mid_run_loses_at_most_one_checkpoint_interval(tiny_model: Path, t
     assert resumed["start_step"] == 6
     assert resumed["losses"] == pytest.approx(full["losses"], abs=1e-6)
     assert not (tmp_path / "ckpt" / "step_00000009" / "junk").exists()  # re-saved clean at step 9
+
+
+def test_a_checkpoint_that_does_not_load_is_one_line_naming_it(tiny_model: Path, tmp_path: Path) -> None:
+    """A damaged checkpoint (here truncated, as a full disk leaves it) stops the resumed run with one line naming
+    the checkpoint, DeepSpeed's reason and the way out, not a traceback from inside torch.load."""
+    training = training_run(**{**TINY_TRAINING, "batch_size": 2}, save_every_steps=2)
+    run = functools.partial(sft_job, tiny_model, PAIRS, tmp_path / "ckpt", training, log=None)
+    inline(functools.partial(run, max_steps=2))
+    states = next((tmp_path / "ckpt" / "step_00000002").glob("*model_states.pt"))
+    states.write_bytes(states.read_bytes()[:100])
+    folder = re.escape(str(tmp_path / "ckpt" / "step_00000002"))
+    with pytest.raises(UserError, match=rf"^{folder}: this checkpoint does not load \(\w+Error: .+\); .+: move "
+                                        rf"{re.escape(str(tmp_path / 'ckpt'))} aside to start the stage over$"):
+        inline(functools.partial(run, max_steps=4))
 
 
 def test_the_sft_loss_is_the_token_mean_of_the_step_whatever_the_micro_batch(tiny_model: Path,
