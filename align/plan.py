@@ -503,7 +503,8 @@ def plan_policy(ctx: Context, s: Settings) -> list[Job]:
     w, ranks = DTYPE_BYTES[p.training.precision] if hw.on_gpu else 4, hw.ranks_per_node
     roles.append(frozen_role(ctx, hw, "reward", Frozen(w, hw.score_batch, rm_tokens(p), head="reward",
                                                        ranks_per_node=ranks)))
-    engine = engine_role(ctx, s, hw, cfg.max_query_tokens, cfg.max_new_tokens, ranks, gpus=1)  # on its rank's GPU
+    engine = engine_role(ctx, s, hw, cfg.max_query_tokens, cfg.max_new_tokens, ranks,
+                         gpus=max(1, hw.gpus_per_node // ranks))  # over its rank's own GPUs
     loaded = [replace(r, need=Need(r.need.gpu, r.need.host)) for r in roles]  # held (activations: an upper bound)
     return [Job("policy", hw, [roles + [engine], loaded + [merge_role(ctx)]])]  # the engine closes before the merge
 

@@ -62,10 +62,10 @@ class JobSpec:
 class _Task:
     """What runs inside each task: export the torch.distributed environment, then call the stage's function."""
 
-    def __init__(self, fn: Callable[[], Any], one_gpu_per_task: bool, job_key: str,
+    def __init__(self, fn: Callable[[], Any], gpus_per_task: int, job_key: str,
                  collective_timeout_min: int) -> None:
         self.fn = fn
-        self.one_gpu_per_task = one_gpu_per_task
+        self.gpus_per_task = gpus_per_task  # each task's own share of the node's GPUs (0: leave SLURM's setting)
         self.job_key = job_key  # recorded in the out's manifest (align/artifacts.py JOB_KEY)
         self.collective_timeout_min = collective_timeout_min
 
@@ -73,9 +73,9 @@ class _Task:
         env = submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
         os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
         os.environ["MASTER_PORT"] = str(master_port(submitit.JobEnvironment().job_id))
-        if self.one_gpu_per_task:
+        if self.gpus_per_task:
             os.environ["CUDA_VISIBLE_DEVICES"] = task_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), env.local_rank,
-                                                              env.local_world_size)
+                                                              env.local_world_size, self.gpus_per_task)
         os.environ[COLLECTIVE_TIMEOUT] = str(self.collective_timeout_min)
         os.environ[JOB_STARTED] = str(time.time())
         os.environ[JOB_KEY] = self.job_key
@@ -95,16 +95,18 @@ def master_port(job_id: str) -> int:
     return MASTER_PORTS[zlib.crc32(job_id.encode()) % len(MASTER_PORTS)]
 
 
-def task_devices(visible: str | None, local_rank: int, local_tasks: int) -> str:
-    """CUDA_VISIBLE_DEVICES for a task that drives one GPU (its DeepSpeed engine, and the vLLM engine inside it,
-    which takes the first visible device). Where SLURM named the devices it keeps its names: a task given its own
-    (`--gpus-per-task`, `--gpu-bind`) keeps it; a task shown the job's GPUs on the node takes its local rank's entry
-    of that list - physical indices where no cgroup renumbers devices (4,5,6,7: task 1 takes 5, not the node's GPU
-    1, another job's). Only where nothing names them does the local rank (the node's numbering) choose."""
+def task_devices(visible: str | None, local_rank: int, local_tasks: int, per_task: int) -> str:
+    """CUDA_VISIBLE_DEVICES for a task that drives `per_task` GPUs of its own (its DeepSpeed engine on one of them,
+    the vLLM engine inside it over all of them: the policy stage's ranks at tensor_parallel_size `per_task`). Where
+    SLURM named the devices it keeps its names: a task given its own (`--gpus-per-task`, `--gpu-bind`) keeps them; a
+    task shown the job's GPUs on the node takes its local rank's slice of that list - physical indices where no
+    cgroup renumbers devices (4,5,6,7 at one GPU per task: task 1 takes 5, not the node's GPU 1, another job's).
+    Only where nothing names them does the local rank (the node's numbering) choose."""
+    first = local_rank * per_task
     if not visible:
-        return str(local_rank)
+        return ",".join(str(first + i) for i in range(per_task))
     devices = visible.split(",")
-    return devices[local_rank] if len(devices) == local_tasks else visible
+    return ",".join(devices[first:first + per_task]) if len(devices) == local_tasks * per_task else visible
 
 
 def node_address(node: str) -> str:
@@ -383,10 +385,11 @@ def start(spec: JobSpec, cluster: Cluster) -> submitit.Job:
             _cancel_stale(state)
     folder = log_folder(cluster, spec.stage)
     executor = _make_executor(kind, folder, spec.stage, spec.resources)
-    one_gpu_per_task = spec.resources.gpus_per_node > 0 and spec.resources.tasks == spec.resources.gpus_per_node
+    gpus, tasks = spec.resources.gpus_per_node, spec.resources.tasks
+    gpus_per_task = gpus // tasks if gpus and gpus % tasks == 0 else 0
     try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
         with _environ(**dict.fromkeys(DIST_VARS)):
-            job = executor.submit(_Task(spec.fn, one_gpu_per_task, digest(spec.key),
+            job = executor.submit(_Task(spec.fn, gpus_per_task, digest(spec.key),
                                           spec.resources.collective_timeout_min))
     except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller
         lines = [line for line in str(exc).splitlines() if line.strip()]

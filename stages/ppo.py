@@ -509,17 +509,21 @@ class PpoRecipe:
 
 def check_layout(params: Params) -> TrainingRun:
     """The settings the chosen algorithm cannot run with, prompts that do not divide over the job's ranks, and
-    rollouts one GPU per rank cannot sample, before any work; the job's training settings."""
+    GPUs that do not split into one engine's tensor-parallel group per rank, before any work; the job's training
+    settings."""
     rl, resources, algorithm = params.rl, params.cluster.policy, params.policy.algorithm
     check_settings(algorithm, rl)
     ranks = resources.nodes * resources.tasks
     if rl.rollout_batch_size % ranks:
         raise UserError(f"params.yaml: rl.rollout_batch_size: {rl.rollout_batch_size} prompts do not divide over "
                         f"{ranks} ranks (cluster.policy); make it a multiple of {ranks}")
-    if resources.tensor_parallel_size > 1 and params.generation.backend != "hf":
-        raise UserError(f"params.yaml: cluster.policy.tensor_parallel_size: {resources.tensor_parallel_size}, but "
-                        f"the policy stage samples inside each training rank on its one GPU; use 1 (a policy one GPU "
-                        f"serves), generation.backend: hf, or policy.algorithm: dpo")
+    tp, gpus = resources.tensor_parallel_size, resources.gpus_per_node
+    if gpus and params.generation.backend != "hf" and gpus != resources.tasks * tp:
+        # colocated: each rank trains on one of its own tp GPUs and samples with an engine spanning them all
+        raise UserError(f"params.yaml: cluster.policy: each of the {resources.tasks} ranks per node samples with a "
+                        f"vLLM engine over its own tensor_parallel_size: {tp} GPUs, which needs gpus_per_node: "
+                        f"{resources.tasks * tp} (it is {gpus}); set tasks_per_node: {max(1, gpus // tp)} or "
+                        f"tensor_parallel_size: {max(1, gpus // resources.tasks)}")
     return TrainingRun.of(params.training, resources, STAGE, learning_rate=rl.learning_rate, lora_r=rl.lora_r,
                           lora_alpha=rl.lora_alpha, lr_schedule=rl.lr_schedule, batch_size=rl.step_batch_size)
 

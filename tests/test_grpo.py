@@ -109,12 +109,14 @@ def policy_curves_and_out(cwd: Path, algorithm: str, iterations: int) -> None:
 @pytest.mark.parametrize("algorithm, backend", [("rloo", "hf"), ("grpo", "vllm")])
 def test_a_critic_free_run_writes_the_policy_out_from_either_backend(tmp_path: Path, tiny_model: Path,
                                                                      algorithm: str, backend: str) -> None:
+    """RLOO on transformers' generate; GRPO on vLLM at tensor_parallel_size 2."""
     generation, execution = {"backend": backend}, TINY_RL_EXECUTION
     if backend == "vllm":
         pytest.importorskip("vllm")
         # vLLM's CPU attention has no kernel for the tiny model's head_dim 16: the same shape at hidden 128
         tiny_model = make_tiny_model(tmp_path / "wide", hidden=128)
-        execution = {**execution, "kv_cache_gb": 1}
+        # the rank samples with an engine over two tensor-parallel workers (on a CPU: its cores split in two)
+        execution = {**execution, "kv_cache_gb": 1, "tensor_parallel_size": 2}
     cwd = ppo_project(tmp_path / "project", tiny_model, policy={"algorithm": algorithm},
                       rl={**TINY_RL, "group_size": 2, "iterations": 2}, generation=generation, cluster_defaults=execution)
     proc = stage(cwd, "policy")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from align.errors import UserError
 from align.params import load_params
 from tests.conftest import ROOT
 from tests.model_configs import LLAMA_2_7B, LLAMA_2_70B, config_folder
@@ -72,3 +73,29 @@ def test_check_writes_nothing_and_a_bad_preset_is_one_line(tmp_path: Path) -> No
     assert proc.stderr.strip() == (f"{params} with {bad}: cluster.defaults.gpus_per_nod: unknown key; did you mean "
                                    f"'gpus_per_node'?")
     assert params.read_text() == (ROOT / "params.yaml").read_text()
+
+
+def test_grpo_at_tensor_parallel_2_passes_validation_and_the_plan(tmp_path: Path) -> None:
+    """The 7B node's policy stage as GRPO with two ranks, each sampling with a vLLM engine over its own two GPUs;
+    the same GPUs split four ways at tensor parallelism 2 cannot place an engine per rank: one line."""
+    from stages.ppo import check_layout
+
+    preset = tmp_path / "grpo-tp2.yaml"
+    preset.write_text("policy: {algorithm: grpo}\n"
+                      "cluster:\n  policy: {tasks_per_node: 2, tensor_parallel_size: 2, micro_batch_size: 1, "
+                      "gpu_memory_utilization: 0.3, kv_cache_gb: 4, score_batch_size: 4, time_min: 2880}\n")
+    params = applied(tmp_path, "7b-a100x4.yaml")
+    assert run("align.preset", preset, "--params", params).returncode == 0
+    loaded = load_params(params)
+    check_layout(loaded)
+    proc = run("align.plan", "--params", params, "--model", config_folder(tmp_path / "model", LLAMA_2_7B))
+    assert proc.returncode == 0, proc.stderr
+    assert "tp2" in proc.stdout
+
+    four = loaded.model_copy(update={"cluster": loaded.cluster.model_copy(update={
+        "policy": loaded.cluster.policy.model_copy(update={"tasks_per_node": 4})})})
+    with pytest.raises(UserError, match=r"^params.yaml: cluster.policy: each of the 4 ranks per node samples with a "
+                                        r"vLLM engine over its own tensor_parallel_size: 2 GPUs, which needs "
+                                        r"gpus_per_node: 8 \(it is 4\); set tasks_per_node: 2 or "
+                                        r"tensor_parallel_size: 1$"):
+        check_layout(four)

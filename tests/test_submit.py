@@ -208,7 +208,7 @@ def task_environment() -> dict[str, str | None]:
     return {key: os.environ.get(key) for key in TASK_EXPORTS}
 
 
-def in_slurm_task(monkeypatch: pytest.MonkeyPatch, job_id: str, rank: int, one_gpu_per_task: bool = True,
+def in_slurm_task(monkeypatch: pytest.MonkeyPatch, job_id: str, rank: int, gpus_per_task: int = 1,
                   **env: str | None) -> dict[str, str | None]:
     """What the submission layer's task exports in task `rank` of SLURM job `job_id` (SLURM's variables set as srun
     sets them, and `env`), read by the task's function; the test's environment is restored afterwards."""
@@ -220,7 +220,7 @@ def in_slurm_task(monkeypatch: pytest.MonkeyPatch, job_id: str, rank: int, one_g
             monkeypatch.delenv(key, raising=False)
         else:
             monkeypatch.setenv(key, value)
-    return _Task(task_environment, one_gpu_per_task, "key", 30)()
+    return _Task(task_environment, gpus_per_task, "key", 30)()
 
 
 def test_the_rendezvous_port_is_below_the_ephemeral_range_and_the_same_in_every_task(
@@ -238,21 +238,26 @@ def test_the_rendezvous_port_is_below_the_ephemeral_range_and_the_same_in_every_
     assert len(set(ports.values())) > 90  # jobs sharing a node rarely share a port
 
 
-@pytest.mark.parametrize("slurm_sets, rank, expected", [
-    ("4,5,6,7", 1, "5"),  # the job's GPUs on the node, not renumbered (no cgroup): task 1 takes the second of them
-    ("0,1,2,3", 2, "2"),  # renumbered by a cgroup: the same as the local rank
-    ("GPU-aa,GPU-bb,GPU-cc,GPU-dd", 3, "GPU-dd"),  # UUIDs
-    ("6", 2, "6"),  # one GPU per task already (--gpus-per-task=1, --gpu-bind): SLURM's choice stays
-    (None, 2, "2"),  # nothing set: the local rank, in the node's numbering
+@pytest.mark.parametrize("slurm_sets, rank, per_task, expected", [
+    ("4,5,6,7", 1, 1, "5"),  # the job's GPUs on the node, not renumbered (no cgroup): task 1 takes the second of them
+    ("0,1,2,3", 2, 1, "2"),  # renumbered by a cgroup: the same as the local rank
+    ("GPU-aa,GPU-bb,GPU-cc,GPU-dd", 3, 1, "GPU-dd"),  # UUIDs
+    ("6", 2, 1, "6"),  # one GPU per task already (--gpus-per-task=1, --gpu-bind): SLURM's choice stays
+    (None, 2, 1, "2"),  # nothing set: the local rank, in the node's numbering
+    ("0,1,2,3,4,5,6,7", 3, 2, "6,7"),  # two GPUs per rank (the policy stage at tensor_parallel_size 2)
+    ("8,9,10,11,12,13,14,15", 1, 2, "10,11"),  # and not renumbered
+    (None, 1, 2, "2,3"),
 ])
-def test_each_task_drives_the_gpu_slurm_gave_it(monkeypatch: pytest.MonkeyPatch, slurm_sets: str | None, rank: int,
-                                                  expected: str) -> None:
-    assert in_slurm_task(monkeypatch, "77", rank, CUDA_VISIBLE_DEVICES=slurm_sets)["CUDA_VISIBLE_DEVICES"] == expected
+def test_each_task_drives_the_gpus_slurm_gave_it(monkeypatch: pytest.MonkeyPatch, slurm_sets: str | None, rank: int,
+                                                   per_task: int, expected: str) -> None:
+    ntasks = {"SLURM_NTASKS": str(8 // per_task)} if slurm_sets and len(slurm_sets.split(",")) == 8 else {}
+    exported = in_slurm_task(monkeypatch, "77", rank, per_task, CUDA_VISIBLE_DEVICES=slurm_sets, **ntasks)
+    assert exported["CUDA_VISIBLE_DEVICES"] == expected
 
 
 def test_a_task_that_uses_the_node_s_gpus_keeps_them_all(monkeypatch: pytest.MonkeyPatch) -> None:
     """A generation job (one task, vLLM over every GPU it was given) sees what SLURM set."""
-    exported = in_slurm_task(monkeypatch, "78", 0, one_gpu_per_task=False, CUDA_VISIBLE_DEVICES="4,5,6,7")
+    exported = in_slurm_task(monkeypatch, "78", 0, 4, CUDA_VISIBLE_DEVICES="4,5,6,7", SLURM_NTASKS="1")
     assert exported["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"
 
 
