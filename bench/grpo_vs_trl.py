@@ -10,28 +10,33 @@ same prompts, same batch sizes, same CPU, in one run. Prints a table, writes ben
 
 Each side runs `--iterations` iterations of `--rollout` prompts x `--group` samples; the first is a warm-up, the
 rest are timed and averaged; samples/s = prompts x group / seconds per iteration. Ours: the real stage loop, run as
-bench/ppo_vs_trl.py runs PPO (`run_ours` there: params.yaml's `ppo`, `rl` and `training` groups with the knobs above,
-a scratch folder, the per-iteration curve's seconds_rollout / _reward / _update and rollout_tokens, stopped at the
-last iteration's log call). TRL: `train()` over the prompts of our timed iteration, as many optimizer steps as our
+bench/ppo_vs_trl.py runs PPO (`run_ours` there: the job `stages.ppo.build_job` would make from params.yaml with the
+knobs above set where the stage reads them, `rl.group_size` = `--group`, in a scratch folder; the per-iteration
+curve's seconds_rollout / _reward / _update and rollout_tokens, stopped at the last iteration's log call). TRL:
+`train()` over the prompts of our timed iteration, as many optimizer steps as our
 run takes, the same LoRA on the policy (reference = adapter disabled, as ours), the RM merged into a plain sequence
 classifier as its reward model. Its phases are timed by wrapping the trainer's `_generate` (tokenising, HF
 `generate`, decoding: rollout) and `_calculate_rewards` (reward); its update is the rest of the iteration (old and
 reference log-probs, advantages, the passes), as ours counts those log-probs in its update. Iteration boundaries:
 our loop's log call; TRL's `on_step_end` at every (epochs x samples / step batch)-th optimizer step.
 
-Held equal: fp32, sampling (temperature, top-p 1, no top-k, `--new-tokens`, stop at eos), the whole rollout in
-one generation call, k = `--group` samples per prompt, `--micro-batch` rows per forward/backward, `--step-batch`
+Held equal: fp32, sampling (`rl.temperature`, top-p 1, no top-k, `--new-tokens`, stop at eos), the whole rollout
+in one generation call, k = `--group` samples per prompt, `--micro-batch` rows per forward/backward, `--step-batch`
 samples per optimizer step, epochs over each rollout (TRL: per_device_train_batch_size = micro batch,
 gradient_accumulation_steps = step batch / micro batch, steps_per_generation = samples / micro batch,
-num_iterations = epochs), learning rate, clip range, KL weight (`ppo.kl_coef` = TRL's beta: GRPO's k3 term in the
-loss, RLOO's KL in the reward, on both sides), GRPO's std scaling (`rl.scale_rewards`), no advantage whitening in
-RLOO, torch's plain AdamW, gradient clipping at 1, no gradient checkpointing and no bf16 (TRL's defaults turn both
-on), no evaluation, no saving. Not equal, each method as its maintainer wrote it: our RM reads every response under
-its prompt's RL-time and guard principles (SALMON's instructable RM: a few hundred tokens more per response, shared
-by a prompt's k responses and read once), TRL's reward model reads the chat alone; TRL's RLOO clips a sequence-level
-ratio, ours a per-token one; TRL's GRPO loss is `bnpo` (the mean over the micro batch's tokens, as ours); our stop
-penalty has no TRL counterpart (no cost). Ours generates through `--backend` (params.yaml's `generation.backend` by
-default: auto = vLLM where installed, the current adapter as params.yaml's `ppo.rollout_adapter` says (merged into
+num_iterations = epochs), `rl.learning_rate`, clip range (`rl.epsilon`, `epsilon_high`), KL weight (`rl.kl_coef` =
+TRL's beta: GRPO's k3 term in the loss, RLOO's KL in the reward, on both sides), GRPO's loss aggregation
+(`rl.loss_type`, or GRPO's own, dapo: TRL's loss_type of the same name), its std scaling (`rl.scale_rewards`) and
+ratio level (`rl.importance_sampling_level`), RLOO's one ratio per response (exp of the summed log-ratio), no
+advantage whitening in RLOO, `rl.mask_truncated_completions`, torch's plain AdamW, gradient clipping
+(`training.max_grad_norm`), gradient checkpointing as `cluster.policy` says (off by default) and no bf16 (TRL's
+defaults turn both on), no evaluation, no saving. Not equal, each method as its maintainer wrote it: our RM reads
+every response under its prompt's RL-time and guard principles (SALMON's instructable RM: a few hundred tokens more
+per response, shared by a prompt's k responses and read once), TRL's reward model reads the chat alone; our stop
+penalty has no TRL counterpart (no cost); with `rl.vllm_is_correction` (on by default) our rollouts also return
+each sampled token's log-prob and our update weights each token by the truncated trainer/engine probability ratio,
+which TRL applies only to vLLM rollouts. Ours generates through `--backend` (params.yaml's `generation.backend` by
+default: auto = vLLM where installed, the current adapter as params.yaml's `rl.rollout_adapter` says (merged into
 vLLM's weights, or a LoRA request), k samples as one request with
 n = k; its engine starts before the warm-up iteration, so its start is not timed), TRL through HF `generate` on the
 prompts repeated k times: that difference is part of what is compared.
@@ -65,20 +70,17 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from align.params import Rl, load_params  # noqa: E402
+from align.params import load_params  # noqa: E402
 from align.records import write_json  # noqa: E402
+from align.rl import loss_type  # noqa: E402
 from bench.common import absolute, run_worker  # noqa: E402
 from bench.ppo_vs_trl import (  # noqa: E402
-    TreeRss, optimizer_steps, ppo_config, run_ours, run_prompts, summarize, training_config, untrained_rm,
+    TreeRss, bench_params, optimizer_steps, optimizer_steps_per_run, run_ours, run_prompts, summarize, training_run,
+    untrained_rm,
 )
 
 ALGORITHMS = ("grpo", "rloo")
 SIDES = ("ours", "trl")
-
-
-def rl_config(spec: dict) -> Rl:
-    """params.yaml's `rl` with the benchmark's group size."""
-    return load_params(ROOT / "params.yaml").rl.model_copy(update={"group_size": spec["group"]})
 
 
 def samples_per_iteration(spec: dict) -> int:
@@ -94,25 +96,33 @@ def hide_vllm() -> None:
 
 
 def trl_trainer(algorithm: str, spec: dict, scratch: Path, **parts: Any) -> Any:
-    """GRPOTrainer or RLOOTrainer configured as the docstring says; `parts`: the trainer's model, reward, data,
-    tokenizers, callbacks and LoRA config."""
+    """GRPOTrainer or RLOOTrainer configured as the docstring says, with our LoRA on the policy; `parts`: the
+    trainer's model, reward, data, tokenizers and callbacks."""
     from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    cfg, samples, micro = ppo_config(spec), samples_per_iteration(spec), spec["micro_batch"]
+    from align.training import lora_config
+
+    params = bench_params(spec, algorithm)
+    rl, training, samples, micro = params.rl, training_run(params), samples_per_iteration(spec), spec["micro_batch"]
     shared = dict(
         output_dir=str(scratch / "trl"), per_device_train_batch_size=micro,
         gradient_accumulation_steps=spec["step_batch"] // micro, steps_per_generation=samples // micro,
         num_generations=spec["group"], num_iterations=spec["epochs"],
-        max_steps=spec["iterations"] * spec["epochs"] * samples // spec["step_batch"],
-        max_completion_length=spec["new_tokens"], temperature=cfg.temperature, top_p=1.0, top_k=0,
-        beta=cfg.kl_coef, epsilon=cfg.cliprange, learning_rate=cfg.learning_rate, optim="adamw_torch",
-        weight_decay=0.0, max_grad_norm=1.0, bf16=False, gradient_checkpointing=False, use_cpu=True,
+        max_steps=optimizer_steps_per_run(spec, algorithm),  # as many as our run takes
+        max_completion_length=spec["new_tokens"], temperature=rl.temperature, top_p=1.0, top_k=0,
+        beta=rl.kl_coef, epsilon=rl.epsilon, epsilon_high=rl.epsilon_high,
+        mask_truncated_completions=rl.mask_truncated_completions, learning_rate=rl.learning_rate, optim="adamw_torch",
+        weight_decay=0.0, max_grad_norm=training.max_grad_norm, bf16=False,
+        gradient_checkpointing=training.gradient_checkpointing, use_cpu=True,
         shuffle_dataset=False, eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1,
         disable_tqdm=True, seed=spec["seed"])
+    peft = lora_config(training, "CAUSAL_LM")
     if algorithm == "grpo":
-        scale = "group" if rl_config(spec).scale_rewards else "none"
-        return GRPOTrainer(args=GRPOConfig(**shared, loss_type="bnpo", scale_rewards=scale), **parts)
-    return RLOOTrainer(args=RLOOConfig(**shared, normalize_advantages=False), **parts)
+        scale = "group" if rl.scale_rewards else "none"
+        return GRPOTrainer(args=GRPOConfig(**shared, loss_type=loss_type(algorithm, rl), scale_rewards=scale,
+                                           importance_sampling_level=rl.importance_sampling_level),
+                           peft_config=peft, **parts)
+    return RLOOTrainer(args=RLOOConfig(**shared, normalize_advantages=False), peft_config=peft, **parts)
 
 
 def run_trl(spec: dict, algorithm: str, scratch: Path, memory: TreeRss) -> dict:
@@ -125,7 +135,7 @@ def run_trl(spec: dict, algorithm: str, scratch: Path, memory: TreeRss) -> dict:
 
     from align.generation import chat_prompt
     from align.models import prompt_ids
-    from align.training import lora_config, reward_trunk
+    from align.training import reward_trunk
 
     model_dir, group = spec["model"], spec["group"]
     per_iteration = spec["epochs"] * samples_per_iteration(spec) // spec["step_batch"]  # optimizer steps
@@ -149,8 +159,7 @@ def run_trl(spec: dict, algorithm: str, scratch: Path, memory: TreeRss) -> dict:
 
     trainer = trl_trainer(algorithm, spec, scratch, model=policy, reward_funcs=reward,
                           train_dataset=Dataset.from_dict({"prompt": chats}), processing_class=tokenizer,
-                          reward_processing_classes=AutoTokenizer.from_pretrained(model_dir), callbacks=[Clock()],
-                          peft_config=lora_config(training_config(spec), "CAUSAL_LM"))
+                          reward_processing_classes=AutoTokenizer.from_pretrained(model_dir), callbacks=[Clock()])
     generate, rewards = trainer._generate, trainer._calculate_rewards
 
     def timed_generate(prompts: list) -> Any:
@@ -187,7 +196,7 @@ def worker(name: str, spec_path: Path, result_path: Path) -> None:
     spec = json.loads(spec_path.read_text())
     torch.set_num_threads(spec["threads"])
     if side == "ours":
-        run = run_ours(spec, Path.cwd(), TreeRss(), algorithm=algorithm, rl=rl_config(spec))
+        run = run_ours(spec, Path.cwd(), TreeRss(), algorithm=algorithm)
     else:
         run = run_trl(spec, algorithm, Path.cwd(), TreeRss())
     ends = [row["end"] for row in run["iterations"]]
@@ -293,8 +302,8 @@ def main() -> None:
                             "step_batch": args.step_batch, "micro_batch": args.micro_batch, "epochs": args.epochs,
                             "new_tokens": args.new_tokens, "iterations": args.iterations, "lora_r": args.lora_r,
                             "seed": args.seed, "threads": args.threads, "backend": args.backend}
-    cfg = ppo_config(spec)
-    spec.update(run_prompts(args.model, cfg, args.rollout, args.iterations, args.seed))
+    params = bench_params(spec, args.algorithms[0])  # what the setup records: the same for either algorithm
+    spec.update(run_prompts(args.model, params.rl, args.rollout, args.iterations, args.seed))
     with tempfile.TemporaryDirectory(prefix="grpo_vs_trl_") as tmp:
         trained = (args.rm / "adapter").is_dir()
         spec["rm"] = str(args.rm if trained else untrained_rm(args.model, Path(tmp) / "rm"))
@@ -309,8 +318,9 @@ def main() -> None:
     setup = {key: spec[key] for key in ("model", "rollout", "group", "step_batch", "micro_batch", "epochs",
                                         "new_tokens", "iterations", "lora_r", "seed", "threads", "backend")}
     setup.update(rm=str(args.rm) if trained else "untrained (built on --model)", repeats=args.repeats,
-                 cpus=os.cpu_count(), prompts=[p["text"] for p in spec["trl_prompts"]], ppo=cfg.model_dump(),
-                 rl=rl_config(spec).model_dump(), training=training_config(spec).model_dump(),
+                 cpus=os.cpu_count(), prompts=[p["text"] for p in spec["trl_prompts"]],
+                 rl=params.rl.model_dump(), training=training_run(params).model_dump(),
+                 loss_types={algorithm: loss_type(algorithm, params.rl) for algorithm in args.algorithms},
                  trl_prompt_ids_as_ours=all(r["prompt_ids_as_ours"] for r in runs if r["side"] == "trl"),
                  timing="first iteration excluded on both sides; TRL update = iteration - generation - reward")
     print_table(setup, summary, ratios)

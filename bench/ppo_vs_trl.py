@@ -8,10 +8,14 @@ bench/results/ppo_vs_trl.json.
         [--backend auto|vllm|hf] [--repeats 1] [--out bench/results/ppo_vs_trl.json]
 
 Both sides run `--iterations` iterations of `--rollout` prompts; the first is a warm-up, the rest are timed and
-averaged. Ours: the real stage loop (`job`), with params.yaml's `ppo`/`training` groups and the knobs above, in a
-scratch working folder; its per-iteration curve (seconds_rollout / _reward / _update, rollout_tokens) is read where
-the loop logs it, and the run stops at the last iteration's log call (the final checkpoint, adapter save and merged
-out are not part of an iteration). TRL: `PPOTrainer.train()` over the same prompts as our timed iteration, with the
+averaged. Ours: the real stage loop (`job`) on the job `stages.ppo.build_job` would make (`bench_job`: the same
+`RoleSpec`, training settings from the stage's `check_layout`), from params.yaml with the knobs above set where the
+stage reads them (`rl`: iterations, rollout_batch_size, step_batch_size, epochs, max_new_tokens, lora_r;
+`cluster.policy`: micro_batch_size, generate_batch_size = the whole rollout, save_every_steps = the whole run;
+`generation.backend`), in a scratch working folder; its per-iteration curve (seconds_rollout / _reward / _update,
+rollout_tokens) is read where the loop logs it, and the run stops at the last iteration's log call (the final
+checkpoint, held-out comparison, adapter save and merged out are not part of an iteration). TRL:
+`PPOTrainer.train()` over the same prompts as our timed iteration, with the
 same LoRA on the policy (reference = adapter disabled), a value model built by our `value_model` (the RM trunk with
 its adapter folded in, its head, a fresh LoRA: the same trainable parameters as ours; TRL would otherwise train the
 whole value model), and the RM merged into a plain sequence classifier as the reward model. Its phases are timed by
@@ -19,14 +23,18 @@ wrapping the trainer module's `batch_generation` (rollout) and `get_reward` on t
 is the rest of the iteration. Iteration boundaries: our loop's log call, TRL's `on_step_end`.
 
 Ours generates through `--backend` (params.yaml's `generation.backend` by default: auto = vLLM where installed,
-the current adapter as params.yaml's `ppo.rollout_adapter` says (merged into vLLM's weights, or a LoRA request);
+the current adapter as params.yaml's `rl.rollout_adapter` says (merged into vLLM's weights, or a LoRA request);
 its engine starts before the warm-up iteration, so its start is not
 timed), TRL through HF `generate` as it always does: that difference is part of what is compared. Held equal:
-fp32, sampling (temperature, top-p 1, no top-k, `--new-tokens`, stop at eos), the whole rollout in one
-generation call, `--micro-batch` rows per forward/backward, `--step-batch` samples per optimizer
-step (TRL: per_device_train_batch_size = micro batch, num_mini_batches = rollout / step batch; TRL counts its own
-optimizer steps, reported), PPO epochs, clip ranges, KL coefficient, gamma/lambda, torch's plain AdamW, no gradient
-checkpointing (TRL's default turns it on), no bf16 (TRL's default turns it on), no evaluation, no saving. Each
+fp32 (params.yaml's `training.precision`), sampling (`rl.temperature`, top-p 1, no top-k, `--new-tokens`, stop
+at eos), the whole rollout in one generation call, `--micro-batch` rows per forward/backward, `--step-batch` samples
+per optimizer step (TRL: per_device_train_batch_size = micro batch, num_mini_batches = rollout / step batch; TRL
+counts its own optimizer steps, reported), epochs, clip ranges (`rl.epsilon`, `ppo.cliprange_value`), KL
+coefficient (`rl.kl_coef`), `ppo.gamma`/`lam`, `rl.learning_rate`, torch's plain AdamW, gradient checkpointing as
+`cluster.policy` says (off by default; TRL's default turns it on), no bf16 (TRL's default turns it on), no
+evaluation, no saving. Not equal: with `rl.vllm_is_correction` (on by default) our rollouts also return each
+sampled token's log-prob and our update weights each token by the truncated trainer/engine probability ratio;
+PPOTrainer has no such correction. Each
 side runs in its own subprocess (`--worker`), ours first then TRL, alternating with --repeats; peak RSS is the
 worker's and its children's (vLLM's engine process) summed resident memory, sampled every 0.2 s up to the end of
 the last iteration (model loading included). Threads: --threads torch threads
@@ -48,13 +56,16 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from align.params import Ppo, Rl, Training, load_params  # noqa: E402
+from align.params import Engine, Params, Rl, TrainingRun, load_params, parse_params  # noqa: E402
 from align.records import write_json  # noqa: E402
 from bench.common import absolute, run_worker  # noqa: E402
+
+if TYPE_CHECKING:
+    from stages.ppo import PpoJob
 
 SIDES = ("ours", "trl")
 TRL_PAD = "<|endoftext|>"  # TRL's pad token (see `run_trl`)
@@ -63,22 +74,41 @@ TRL_PAD = "<|endoftext|>"  # TRL's pad token (see `run_trl`)
 # ----------------------------------------------------------------------------------------------- configuration
 
 
-def ppo_config(spec: dict) -> Ppo:
-    """params.yaml's `ppo` with the benchmark's batch sizes, epochs, length, LoRA rank and iteration count; no
-    checkpoint before the last iteration."""
-    return Ppo.model_validate({**load_params(ROOT / "params.yaml").ppo.model_dump(), **{
-        "iterations": spec["iterations"], "rollout_batch_size": spec["rollout"], "step_batch_size": spec["step_batch"],
-        "ppo_epochs": spec["epochs"], "max_new_tokens": spec["new_tokens"], "lora_r": spec["lora_r"],
-        "save_every": spec["iterations"]}})
+def bench_params(spec: dict, algorithm: str = "ppo") -> Params:
+    """params.yaml as the policy stage would read it with the benchmark's knobs: `policy.algorithm`, `rl`'s
+    iteration count, batch sizes, epochs, length, LoRA rank (and `--group`, where the spec has one), our generation
+    backend, and cluster.policy's micro batch, the whole rollout in one HF `generate` call and no checkpoint before
+    the last iteration; validated as params.yaml is."""
+    raw = load_params(ROOT / "params.yaml").model_dump()
+    raw["policy"]["algorithm"] = algorithm
+    raw["generation"]["backend"] = spec["backend"]
+    raw["rl"].update(iterations=spec["iterations"], rollout_batch_size=spec["rollout"],
+                     step_batch_size=spec["step_batch"], epochs=spec["epochs"], max_new_tokens=spec["new_tokens"],
+                     lora_r=spec["lora_r"], **({"group_size": spec["group"]} if "group" in spec else {}))
+    raw["cluster"]["policy"].update(micro_batch_size=spec["micro_batch"],
+                                    generate_batch_size=rollout_samples(spec, algorithm),
+                                    save_every_steps=optimizer_steps_per_run(spec, algorithm))
+    return parse_params(raw, "params.yaml with the bench's settings")
 
 
-def training_config(spec: dict) -> Training:
-    """params.yaml's `training` with PPO's learning rate and LoRA size (as the stage's `main` does) and the
-    benchmark's micro batch."""
-    cfg = ppo_config(spec)
-    return load_params(ROOT / "params.yaml").training.model_copy(update={
-        "learning_rate": cfg.learning_rate, "lora_r": cfg.lora_r, "lora_alpha": cfg.lora_alpha,
-        "micro_batch_size": spec["micro_batch"]})
+def rollout_samples(spec: dict, algorithm: str) -> int:
+    """Samples per iteration: `--rollout` prompts, x `--group` for GRPO and RLOO (as `PpoRecipe` counts them)."""
+    from align.rl import ALGORITHMS
+
+    return spec["rollout"] * (spec["group"] if ALGORITHMS[algorithm].grouped else 1)
+
+
+def optimizer_steps_per_run(spec: dict, algorithm: str) -> int:
+    """Our optimizer steps in the whole run: epochs x samples / step batch per iteration."""
+    return spec["iterations"] * spec["epochs"] * rollout_samples(spec, algorithm) // spec["step_batch"]
+
+
+def training_run(params: Params) -> TrainingRun:
+    """The policy job's training settings (`rl`'s learning rate, LoRA and step batch with cluster.policy's execution
+    settings), checked as the stage checks them."""
+    from stages.ppo import check_layout
+
+    return check_layout(params)
 
 
 def prompt_pool(model: Path, count: int, max_query_tokens: int) -> list[dict]:
@@ -104,8 +134,10 @@ def untrained_rm(model: Path, folder: Path) -> Path:
     from align.reward import CONFIG_FILE, TEMPLATE_FILE
     from align.training import lora_model
 
-    rm = load_params(ROOT / "params.yaml").rm
-    training = Training(lora_r=rm.lora_r, lora_alpha=rm.lora_alpha)
+    params = load_params(ROOT / "params.yaml")
+    rm = params.rm
+    training = TrainingRun.of(params.training, params.cluster.train_rm, "train_rm", lora_r=rm.lora_r,
+                              lora_alpha=rm.lora_alpha)  # as stages/train_rm.py makes it
     lora_model(model, training, seed=0, head="reward").save_pretrained(folder / "adapter")
     shutil.copy(ROOT / "assets" / "rm_prompt.txt", folder / TEMPLATE_FILE)
     (folder / CONFIG_FILE).write_text(json.dumps({"max_prompt_tokens": rm.max_prompt_tokens,
@@ -145,11 +177,33 @@ class Finished(Exception):
     """Raised from the loop's log call after the last iteration: what `job` does after its loop is not timed."""
 
 
-def run_ours(spec: dict, scratch: Path, memory: TreeRss, algorithm: str = "ppo", rl: Rl | None = None) -> dict:
-    """`stages.ppo.job` (PPO, or `algorithm` grpo / rloo with `rl`'s group size: bench/grpo_vs_trl.py) with a log
-    call that also reads the clock and the peak RSS, in the scratch folder; the whole rollout (prompts x samples
-    per prompt) in one generation call."""
-    from align.assets import PreferencePrinciple, load_jsonl
+def bench_job(params: Params, spec: dict, scratch: Path) -> PpoJob:
+    """The `stages.ppo.PpoJob` that `stages.ppo.build_job` makes from `params`, on the bench's models and prompt
+    pool, with its checkpoints in `scratch`; no held-out prompts (answered after the last iteration, not timed),
+    no input manifests (the models need not come from the pipeline)."""
+    from align.assets import PreferencePrinciple, load_jsonl, pick_principles
+    from align.rl import ALGORITHMS
+    from align.roles import RoleSpec
+    from stages import ppo
+
+    rl, resources, algorithm = params.rl, params.cluster.policy, params.policy.algorithm
+    principles = {key: pick_principles(load_jsonl(ROOT / path, PreferencePrinciple), ids, f"rl.{key}", path)
+                  for key, path, ids in (("principles", ppo.COLLECTION, rl.principles),
+                                         ("guard_principles", ppo.GUARDS, rl.guard_principles))}
+    roles = RoleSpec(sft_dir=Path(spec["model"]), rm_dir=Path(spec["rm"]), training=training_run(params),
+                     engine=Engine.of(params.generation, resources), score_batch_size=resources.score_batch_size,
+                     shard_scorers=resources.shard_scorers, value_model=ALGORITHMS[algorithm].value_model,
+                     merge_adapters=rl.rollout_adapter == "merged")
+    return ppo.PpoJob(roles=roles, pool=spec["pool"], collection=principles["principles"],
+                      guards=principles["guard_principles"], algorithm=algorithm, rl=rl, ppo=params.ppo,
+                      seed=spec["seed"], ckpt_dir=scratch / "ckpt", signal_delay_s=resources.signal_delay_s,
+                      params={}, inputs={})
+
+
+def run_ours(spec: dict, scratch: Path, memory: TreeRss, algorithm: str = "ppo") -> dict:
+    """`stages.ppo.job` (PPO, or `algorithm` grpo / rloo with the spec's group size: bench/grpo_vs_trl.py) with a
+    log call that also reads the clock and the peak RSS, in the scratch folder; the whole rollout (prompts x
+    samples per prompt) in one generation call."""
     from stages import ppo
 
     iterations: list[dict] = []
@@ -166,23 +220,13 @@ def run_ours(spec: dict, scratch: Path, memory: TreeRss, algorithm: str = "ppo",
                 rss.append(memory.mb())
                 raise Finished
 
-    ppo.LiveCurve = Clock
-    cfg = ppo_config(spec)
-    collection = load_jsonl(ROOT / ppo.COLLECTION, PreferencePrinciple)
-    guards = load_jsonl(ROOT / ppo.GUARDS, PreferencePrinciple)
-    rl = rl or Rl()
-    group = 1 if algorithm == "ppo" else rl.group_size  # samples per prompt, as PpoRecipe counts them
-    settings = load_params(ROOT / "params.yaml").generation.model_copy(
-        update={"backend": spec["backend"], "batch_size": spec["rollout"] * group})
+    ppo.LiveCurve = Clock  # the recipe's log call (`PpoRecipe.run` reads the module's name when it starts)
     try:
-        ppo.job(ppo.PpoJob(sft_dir=Path(spec["model"]), rm_dir=Path(spec["rm"]), pool=spec["pool"],
-                           collection=collection, guards=guards, cfg=cfg, training=training_config(spec),
-                           generation=settings, seed=spec["seed"], ckpt_dir=scratch / "ckpt", params={}, inputs={},
-                           algorithm=algorithm, rl=rl))
+        ppo.job(bench_job(bench_params(spec, algorithm), spec, scratch))
     except Finished:
         pass
-    steps = cfg.iterations * cfg.ppo_epochs * (cfg.rollout_batch_size * group // cfg.step_batch_size)
-    return {"iterations": iterations, "peak_rss_mb": rss[0], "optimizer_steps": steps}
+    return {"iterations": iterations, "peak_rss_mb": rss[0],
+            "optimizer_steps": optimizer_steps_per_run(spec, algorithm)}
 
 
 # ---------------------------------------------------------------------------------------------------- TRL
@@ -218,7 +262,8 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
     from align.training import lora_config, reward_trunk
     from align.roles import value_model
 
-    cfg, training, model_dir = ppo_config(spec), training_config(spec), spec["model"]
+    params, model_dir = bench_params(spec), spec["model"]
+    rl, training = params.rl, training_run(params)
     # TRL treats every token equal to the pad id as padding, also inside the queries; this tokenizer pads with its
     # eos <|im_end|>, which ends every chat turn of a prompt: pad with a token the prompts do not contain.
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
@@ -263,11 +308,11 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
         gradient_accumulation_steps=spec["rollout"] // spec["micro_batch"],
         num_mini_batches=spec["rollout"] // spec["step_batch"], num_ppo_epochs=spec["epochs"],
         total_episodes=spec["rollout"] * spec["iterations"], local_rollout_forward_batch_size=spec["rollout"],
-        response_length=spec["new_tokens"], temperature=cfg.temperature, stop_token="eos", kl_coef=cfg.kl_coef,
-        cliprange=cfg.cliprange, cliprange_value=cfg.cliprange_value, gamma=cfg.gamma, lam=cfg.lam,
-        learning_rate=cfg.learning_rate, optim="adamw_torch", weight_decay=0.0, bf16=False,
-        gradient_checkpointing=False, use_cpu=True, num_sample_generations=0, eval_strategy="no",
-        save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=spec["seed"])
+        response_length=spec["new_tokens"], temperature=rl.temperature, stop_token="eos", kl_coef=rl.kl_coef,
+        cliprange=rl.epsilon, cliprange_value=params.ppo.cliprange_value, gamma=params.ppo.gamma,
+        lam=params.ppo.lam, learning_rate=rl.learning_rate, optim="adamw_torch", weight_decay=0.0, bf16=False,
+        gradient_checkpointing=training.gradient_checkpointing, use_cpu=True, num_sample_generations=0,
+        eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=spec["seed"])
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,
                          train_dataset=Dataset.from_dict({"input_ids": queries}), value_model=value,
                          peft_config=peft, callbacks=[Clock()])
@@ -346,7 +391,7 @@ def print_table(setup: dict, summary: dict, ratios: dict) -> None:
           f"{ratios['rss']:.2f}x (target <= 1)")
 
 
-def run_prompts(model: Path, cfg: Any, rollout: int, iterations: int, seed: int) -> dict[str, list]:
+def run_prompts(model: Path, cfg: Rl, rollout: int, iterations: int, seed: int) -> dict[str, list]:
     """{"pool": the prompt pool as the stage builds it, "trl_prompts": our timed (last) iteration's prompts, which
     TRL answers in every one of its iterations}."""
     from stages.ppo import iteration_prompts
@@ -354,7 +399,8 @@ def run_prompts(model: Path, cfg: Any, rollout: int, iterations: int, seed: int)
     pool = prompt_pool(model, rollout * iterations, cfg.max_query_tokens)
     if len(pool) < rollout:
         sys.exit(f"data/prompts/prompts.jsonl: {len(pool)} prompts fit; --rollout needs {rollout}")
-    return {"pool": pool, "trl_prompts": [pool[i] for i in iteration_prompts(pool, cfg, seed, iterations - 1, 0, 1)]}
+    _, picked = iteration_prompts(pool, cfg, seed, iterations - 1, 0, 1)  # (first place, indices) on one rank
+    return {"pool": pool, "trl_prompts": [pool[i] for i in picked]}
 
 
 def main() -> None:
@@ -395,8 +441,8 @@ def main() -> None:
                             "micro_batch": args.micro_batch, "epochs": args.epochs, "new_tokens": args.new_tokens,
                             "iterations": args.iterations, "lora_r": args.lora_r, "seed": args.seed,
                             "threads": args.threads, "backend": args.backend}
-    cfg = ppo_config(spec)
-    spec.update(run_prompts(args.model, cfg, args.rollout, args.iterations, args.seed))
+    params = bench_params(spec)
+    spec.update(run_prompts(args.model, params.rl, args.rollout, args.iterations, args.seed))
     with tempfile.TemporaryDirectory(prefix="ppo_vs_trl_") as tmp:
         trained = (args.rm / "adapter").is_dir()
         spec["rm"] = str(args.rm if trained else untrained_rm(args.model, Path(tmp) / "rm"))
@@ -410,7 +456,9 @@ def main() -> None:
                                         "iterations", "lora_r", "seed", "threads", "backend")}
     setup.update(rm=str(args.rm) if trained else "untrained (built on --model)", repeats=args.repeats,
                  cpus=os.cpu_count(), prompts=[p["text"] for p in spec["trl_prompts"]],
-                 ppo=cfg.model_dump(), training=training_config(spec).model_dump(),
+                 rl=params.rl.model_dump(), ppo=params.ppo.model_dump(),
+                 training=training_run(params).model_dump(),
+                 engine=Engine.of(params.generation, params.cluster.policy).model_dump(),
                  trl_tokens="exact: generated ids up to and including the first eos",
                  timing="first iteration excluded on both sides; TRL update = iteration - generation - RM scoring")
     print_table(setup, summary, ratios)
