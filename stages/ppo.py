@@ -465,12 +465,17 @@ class PpoRecipe:
         return {**result, "explained_variance": explained_variance(rollout.values, returns, rollout.response_mask)}
 
     def record(self, state: dict, rollout: Rollout, stats: dict[str, float]) -> None:
-        """The iteration's statistics (means over ranks) into the curves, two sample rows every
-        `sample_every_iterations` iterations, the KL coefficient's next value, one line on rank 0; then the step
-        is done."""
+        """The iteration's statistics (means over ranks; where its time went: each phase's seconds, the engine's
+        tokens per second and the generation's share, as the peers' timing curves) into the curves, two sample rows
+        every `sample_every_iterations` iterations, the KL coefficient's next value, one line on rank 0; then the
+        step is done."""
         rl, samples = self.job.rl, rollout.samples
         iteration = state["step"]
-        stats = all_mean({**stats, **rollout.stats, "rollout_tokens": float(rollout.response_mask.sum()),
+        tokens, phases = float(rollout.response_mask.sum()), {**stats, **rollout.stats}
+        seconds = phases["seconds_rollout"] + phases["seconds_reward"] + phases["seconds_update"]
+        stats = all_mean({**phases, "rollout_tokens": tokens,
+                          "rollout_tokens_per_s": tokens / phases["seconds_rollout"],  # this rank's engine
+                          "generation_share": phases["seconds_rollout"] / seconds,  # of the iteration's three phases
                           "reward_raw": statistics.fmean(s["reward_raw"] for s in samples),
                           "reward_shaped": statistics.fmean(s["reward_shaped"] for s in samples),
                           "response_length": float(rollout.response_mask.sum(1).mean()),

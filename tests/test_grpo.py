@@ -94,8 +94,9 @@ def policy_curves_and_out(cwd: Path, algorithm: str, iterations: int) -> None:
     assert len(kl) == iterations and abs(kl[0]) < 1e-6 and abs(kl[-1]) > 1e-6  # the adapter starts as the reference
     for name in ("reward_raw", "reward_shaped", "entropy", "clip_fraction", "approx_kl", "policy_loss",
                  "response_length", "no_stop_share", "group_reward_std", "seconds_rollout", "seconds_reward",
-                 "seconds_update"):
+                 "seconds_update", "rollout_tokens_per_s", "generation_share"):
         assert len(curve(cwd, "policy", name)) == iterations, name
+    assert all(0 < share < 1 for _, share in curve(cwd, "policy", "generation_share"))
     assert not (cwd / "dvclive/policy/plots/metrics/value_loss.tsv").exists()
     metrics = json.loads((cwd / "models/policy/metrics.json").read_text())
     assert metrics["algorithm"] == algorithm and metrics["iterations"] == iterations
