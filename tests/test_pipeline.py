@@ -25,15 +25,15 @@ SMALL = {
 
 
 def gpu_site_profile(log_dir: Path) -> dict:
-    """A typical GPU site's `cluster` group: only `defaults` (the gpu partition, typed GPUs) and one override (the
-    import needs no GPU). The test cluster's GPUs are placeholders with no CUDA behind them, where every GPU job
-    rightly stops at once (test_slurm.py); the jobs' python is a wrapper that hides them, as a site's container
-    command is a wrapper, so these jobs run on the CPU."""
+    """A typical GPU site's `cluster` group: only `defaults` (the gpu partition, typed GPUs, their memory for the
+    plan: the type is not in its table) and one override (the import needs no GPU). The test cluster's GPUs are
+    placeholders with no CUDA behind them, where every GPU job rightly stops at once (test_slurm.py); the jobs'
+    python is a wrapper that hides them, as a site's container command is a wrapper, so these jobs run on the CPU."""
     hide_gpus = ["env", "-u", "SLURM_GPUS_ON_NODE", "-u", "SLURM_JOB_GPUS", sys.executable]
     return {"executor": "slurm", "log_dir": str(log_dir),
-            "defaults": {"partition": "gpu", "gpus_per_node": 1, "gpu_type": "placeholder", "cpus_per_task": 2,
-                         "mem_gb": 8, "time_min": 30, "python": hide_gpus, "micro_batch_size": 2,
-                         "save_every_steps": 4},
+            "defaults": {"partition": "gpu", "gpus_per_node": 1, "gpu_type": "placeholder", "gpu_memory_gb": 80,
+                         "cpus_per_task": 2, "mem_gb": 8, "time_min": 30, "python": hide_gpus,
+                         "micro_batch_size": 2, "save_every_steps": 4},
             "import_model": {"partition": "cpu", "gpus_per_node": 0, "gpu_type": None}}
 
 

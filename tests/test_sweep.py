@@ -17,10 +17,11 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 
 def sweep_repo(folder: Path, model: Path, logs: Path) -> Path:
-    """The policy stage's repository (`policy_repo`), its jobs on the test cluster's cpu partition."""
+    """The policy stage's repository (`policy_repo`), its jobs on the test cluster's cpu partition (6 GB each: the
+    memory plan asks 5.3 GB of a policy job on the roomy model; two run at once on the test node's 20 GB)."""
     return policy_repo(folder, model, rl={**TINY_RL, "iterations": 2},
                        cluster={"executor": "slurm", "log_dir": str(logs),
-                                "policy": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 3, "time_min": 20}})
+                                "policy": {"partition": "cpu", "cpus_per_task": 1, "mem_gb": 6, "time_min": 20}})
 
 
 def test_a_queued_sweep_runs_as_parallel_slurm_jobs(slurm_cluster, tmp_path: Path, roomy_model: Path) -> None:
