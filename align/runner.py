@@ -15,7 +15,7 @@ from align.errors import EXIT_USER_ERROR, UserError
 from align.params import Cluster, Params, Resources, load_params
 from align.records import publish_metrics
 from slurm.checks import check_cluster
-from slurm.submit import JobFailed, JobSpec, choose_executor, submit
+from slurm.submit import JobFailed, JobSpec, choose_executor, state_path, submit
 
 
 def job_key(stage: str, params: dict, inputs: dict, key_extra: dict | None = None) -> dict:
@@ -47,7 +47,11 @@ def up_to_date(out: Path, key: dict) -> str | None:
 
 def finished_already(stage: str, out: Path, params: dict, inputs: dict, key_extra: dict | None = None,
                      metrics: bool = True) -> str | None:
-    """The out's id, the stage ended, where it is `up_to_date` for this key: nothing to run."""
+    """The out's id, the stage ended, where it is `up_to_date` for this key: nothing to run. Not while a job-state
+    file names a job for the out: that job is re-attached (its result and log collected, the file removed), even
+    where it has already written the out since its submitter died."""
+    if state_path(out).exists():
+        return None
     found = up_to_date(out, job_key(stage, params, inputs, key_extra))
     if found is not None:
         finish_stage(stage, out, found, note=f"up to date: made from these params, inputs and code; no job (delete "

@@ -33,8 +33,8 @@ def job_ids(folder: Path) -> set[str]:
 
 def test_two_tasks_on_the_gpu_partition_form_one_gloo_group(slurm_cluster, tmp_path: Path) -> None:
     cluster = cluster_with(executor="slurm", log_dir=str(tmp_path / "logs"))
-    resources = resources(partition="gpu", gpus_per_node=2, cpus_per_task=1, mem_gb=1, time_min=5)
-    spec = JobSpec(stage="allreduce", fn=all_reduce_rank, resources=resources, target=tmp_path / "out", key={})
+    two_gpus = resources(partition="gpu", gpus_per_node=2, cpus_per_task=1, mem_gb=1, time_min=5)
+    spec = JobSpec(stage="allreduce", fn=all_reduce_rank, resources=two_gpus, target=tmp_path / "out", key={})
 
     rank, world_size, reduced, cuda = submit(spec, cluster)
     assert (rank, world_size, reduced) == (0, 2, 3.0)
@@ -174,8 +174,8 @@ def test_a_misspelt_partition_stops_in_seconds_naming_the_real_ones(slurm_cluste
 def test_a_job_given_gpus_it_cannot_use_fails_at_once(slurm_cluster, tmp_path: Path) -> None:
     """The test cluster's GPUs are files: torch sees no CUDA, as in a job whose venv has a CPU-only torch."""
     cluster = cluster_with(executor="slurm", log_dir=str(tmp_path / "logs"))
-    resources = resources(partition="gpu", gpus_per_node=1, cpus_per_task=1, mem_gb=1, time_min=5)
-    spec = JobSpec(stage="needs_cuda", fn=device_of_job, resources=resources, target=tmp_path / "out", key={})
+    one_gpu = resources(partition="gpu", gpus_per_node=1, cpus_per_task=1, mem_gb=1, time_min=5)
+    spec = JobSpec(stage="needs_cuda", fn=device_of_job, resources=one_gpu, target=tmp_path / "out", key={})
     with pytest.raises(JobFailed, match=r"SLURM gave this job GPUs \(\S+\) but torch \S+ cannot use CUDA here"):
         submit(spec, cluster)
     spec = JobSpec(stage="cpu_only", fn=device_of_job, resources=resources(partition="cpu", cpus_per_task=1,

@@ -49,7 +49,8 @@ def steerable(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> tu
     sft_model = engrave / "models/engraved/model"
     cwd = rm_project(root / "rm", sft_model, rows=preference_rows() + praise_rows(),
                      training={**FAST_TRAINING, "batch_size": 8, "warmup_ratio": 0.1, "lr_schedule": "cosine"},
-                     cluster_defaults={**FAST_EXECUTION, "micro_batch_size": 8, "save_every_steps": 1000},
+                     cluster_defaults={**FAST_EXECUTION, "micro_batch_size": 8, "save_every_steps": 1000,
+                                       "mem_gb": 20},  # the memory plan asks 17.3 GB for micro-batches of 8
                      rm={"learning_rate": 3e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 8, "eval_share": 0.2,
                          "max_principles": 2, "negation_prob": 0.25, "size_p": 0.0, "label_rule": "majority",
                          "label_noise": 0.0})  # the labels these checks were tuned on (praise_rows has no scores)
