@@ -53,7 +53,10 @@ def steerable(tmp_path_factory: pytest.TempPathFactory, roomy_model: Path) -> tu
                                        "mem_gb": 20},  # the memory plan asks 17.3 GB for micro-batches of 8
                      rm={"learning_rate": 3e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 8, "eval_share": 0.2,
                          "max_principles": 2, "negation_prob": 0.25, "size_p": 0.0, "label_rule": "majority",
-                         "label_noise": 0.0})  # the labels these checks were tuned on (praise_rows has no scores)
+                         "label_noise": 0.0,  # the labels these checks were tuned on (praise_rows has no scores)
+                         # subsets that tie are dropped (SALMON): a pair one principle of 16 decides keeps ~1 in 10
+                         # of its subsets, so draw as many as the RM saw when ties were redrawn (~8 per pair)
+                         "subsets_per_pair": 80})
     with (cwd / "assets/preference_principles.jsonl").open("a") as fh:  # the guard becomes a labelled principle
         fh.write(GUARD.model_dump_json() + "\n")
     proc = stage(cwd, "train_rm", timeout=1800)
