@@ -209,7 +209,8 @@ def child_expert_rows() -> list[dict]:
 def test_the_rm_prefers_the_answer_that_fits_the_system_message(tmp_path: Path, roomy_model: Path) -> None:
     cwd = rm_project(tmp_path, roomy_model, rows=child_expert_rows(),
                      training={**FAST_TRAINING, "batch_size": 8, "warmup_ratio": 0.1},
-                     cluster_defaults={**FAST_EXECUTION, "micro_batch_size": 8, "save_every_steps": 1000},
+                     cluster_defaults={**FAST_EXECUTION, "micro_batch_size": 8, "save_every_steps": 1000,
+                                       "mem_gb": 24},  # the memory plan asks 23.6 GB for micro-batches of 8
                      rm={"learning_rate": 1e-3, "lora_r": 16, "lora_alpha": 32, "epochs": 24, "eval_share": 0.2,
                          "subsets_per_pair": 2})
     proc = stage(cwd, "train_rm", timeout=1800)
