@@ -6,3 +6,8 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def first_line(exc: BaseException, width: int | None = None) -> str:
+    """`Type: the first line of its message` (cut to `width` characters): a library's error as one line's cause."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:width]}"

@@ -35,7 +35,7 @@ from typing import Any, Callable
 
 from align import params
 from align.devices import config_dtype, load_causal_lm
-from align.errors import UserError
+from align.errors import UserError, first_line
 from align.models import padding_id, prompt_ids
 from align.prefix_cache import PrefixCache, shared_prefix
 from align.progress import progress
@@ -74,7 +74,7 @@ def vllm_import_error() -> str | None:
     try:
         import vllm  # noqa: F401
     except Exception as exc:  # noqa: BLE001 - any failure to import means: not usable here
-        return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        return first_line(exc)
     return None
 
 

@@ -44,7 +44,7 @@ import torch
 
 from align.artifacts import digest, staged_out, verify_artifact
 from align.devices import config_dtype, job_device, to_device
-from align.errors import UserError
+from align.errors import UserError, first_line
 from align.generation import with_system
 from align.losses import token_nll_sum
 from align.models import padding_id, prompt_ids
@@ -326,7 +326,7 @@ def _load(engine: Any, folder: Path, tag: str) -> dict:
     try:
         path, client_state = engine.load_checkpoint(str(folder), tag=tag, load_module_strict=False)
     except Exception as exc:  # noqa: BLE001 - whatever DeepSpeed or torch.load raise, the user's fix is the same
-        cause = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
+        cause = first_line(exc, 200)
     else:
         if path is not None:
             return client_state
