@@ -128,13 +128,17 @@ def test_critic_free_rl_is_steered_by_the_rl_time_principle(tmp_path: Path, two_
     in the RL-time principle; under Concise the responses come out shorter than under Comprehensive. Four samples
     per prompt, 12 iterations: with two per prompt and 8 iterations neither method moved the length (a sequence-level
     advantage is a weaker signal here than PPO's value model, which starts as the RM and scores every token).
-    Seen (Dec 2026), mean length after the shared first iteration (19.2 tokens): grpo 15.6 vs 22.5, rloo 13.8 vs
+    GRPO runs with its paper's aggregation (loss_type grpo: each response's token mean, so a 2-token answer's stop
+    token weighs as much as a 20-token answer): under the token-level ones (dapo, its default as TRL's, and bnpo)
+    the long answers' many tokens carry the step, their log-probs are pushed down, the entropy rises and the length
+    stays (Dec 2026: dapo 20.6 vs 20.8, bnpo 20.7 vs 21.6 tokens).
+    Seen (Dec 2026), mean length after the shared first iteration (19.2 tokens): grpo 16.0 vs 23.3, rloo 13.8 vs
     23.4; with the policy loss's sign flipped on purpose, grpo 16.3 vs 10.4 (fails)."""
     lengths = {}
     for principle in ("concise", "comprehensive"):
         cwd = ppo_project(tmp_path / principle, two_length_policy, rm=length_rm / "models/rm", policy={
             "algorithm": algorithm}, rl={
-            **TINY_RL, "group_size": 4, "principles": [principle], "num_principles": 1, "guard_principles": [],
+            **TINY_RL, "group_size": 4, "loss_type": "grpo" if algorithm == "grpo" else None, "principles": [principle], "num_principles": 1, "guard_principles": [],
             "iterations": 12, "rollout_batch_size": 8, "step_batch_size": 8, "learning_rate": 3e-3,
             "max_new_tokens": 32, "stop_penalty": None, "kl_coef": 0.05},
             cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 1000})
