@@ -27,6 +27,7 @@ import blake3
 import yaml
 
 from align.errors import UserError
+from align.precision import recorded
 from align.hash_cache import remembered
 
 MANIFEST = "MANIFEST.json"
@@ -228,6 +229,8 @@ def staged_out(target: Path, *, stage: str, params: dict, inputs: dict[str, dict
             "wall_seconds": round(ended - float(os.environ.get(JOB_STARTED, started)), 1),
             "job_key": os.environ.get(JOB_KEY),  # what `runner.up_to_date` compares: params, inputs, code
         }
+        if precision := recorded(params):  # what `auto` resolved to on this job's node
+            manifest["precision"] = precision
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
         _sync_tree(tmp)
         _swap_into_place(tmp, target)

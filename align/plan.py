@@ -32,8 +32,8 @@ from align.memory import (
 )
 from align.models import EMBEDDED, HUB_ID, embedded_gguf, hub_reachable
 from align.params import ALL_LINEAR, PARAMS_FILE, Params, Resources, load_params
+from align.precision import BYTES, planned_bytes
 
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp32": 4, "bf16": 2, "fp16": 2}
 CHARS_PER_TOKEN = 3  # a fixed text's tokens estimated from its characters (English under a BPE tokenizer: ~4)
 TOKENS_PER_WORD = 2  # an instruction's tokens from prompts.max_words (~1.3 under a BPE tokenizer)
 CHOICE_TOKENS = 128  # a multiple-choice answer's tokens, scored at every position (HHH's longest: a paragraph)
@@ -333,8 +333,9 @@ class Context:
 
     @property
     def saved_bytes(self) -> int:
-        """Every model folder of the run (base, SFT, policy) is saved in model.dtype."""
-        return DTYPE_BYTES[self.params.model.dtype]
+        """Every model folder of the run (base, SFT, policy) is saved in model.dtype (`auto` planned as float32:
+        the import job's node may lack bf16 units)."""
+        return planned_bytes(self.params.model.dtype, on_gpu=False)
 
     def inference_bytes(self, hw: Hardware) -> int:
         """Inference loads a folder's dtype on a GPU and float32 on a CPU (align/devices.py, vLLM)."""
@@ -344,7 +345,7 @@ class Context:
 def trained(ctx: Context, s: Settings, hw: Hardware, *, rank: int, rows: int, tokens: int, logit_tokens: int,
             head: str = "lm") -> Trained:
     """A trained model's layout: DeepSpeed runs stage 0 on one rank without offload (align/training.py)."""
-    t, w = hw.training, DTYPE_BYTES[ctx.params.training.precision]
+    t, w = hw.training, planned_bytes(ctx.params.training.precision, hw.on_gpu)
     offload = t.offload and t.zero_stage > 0
     stage = t.zero_stage if hw.ranks > 1 or offload else 0
     zero = Zero(stage, w, w, hw.ranks_per_node, hw.nodes, offload_optimizer=offload,
@@ -480,7 +481,7 @@ def plan_train_rm(ctx: Context, s: Settings) -> list[Job]:
     shard_scorers every rank, the RM spread over them (`frozen_role`)."""
     hw, p, tokens = s.hardware["train_rm"], ctx.params, rm_tokens(ctx.params)
     t = trained(ctx, s, hw, rank=p.rm.lora_r, rows=2, tokens=tokens, logit_tokens=0, head="reward")
-    score = Frozen(DTYPE_BYTES[p.training.precision] if hw.on_gpu else 4, hw.score_batch, tokens, head="reward")
+    score = Frozen(planned_bytes(p.training.precision, True) if hw.on_gpu else 4, hw.score_batch, tokens, head="reward")
     return [Job("train_rm", hw, [[train_role(ctx, "train", t)], [frozen_role(ctx, hw, "score", score)]])]
 
 
@@ -500,7 +501,7 @@ def plan_policy(ctx: Context, s: Settings) -> list[Job]:
     if p.policy.algorithm == "ppo":
         roles.append(train_role(ctx, "value", trained(ctx, s, hw, rank=cfg.lora_r, rows=1, tokens=tokens,
                                                             logit_tokens=0, head="reward")))
-    w, ranks = DTYPE_BYTES[p.training.precision] if hw.on_gpu else 4, hw.ranks_per_node
+    w, ranks = planned_bytes(p.training.precision, True) if hw.on_gpu else 4, hw.ranks_per_node
     roles.append(frozen_role(ctx, hw, "reward", Frozen(w, hw.score_batch, rm_tokens(p), head="reward",
                                                        ranks_per_node=ranks)))
     engine = engine_role(ctx, s, hw, cfg.max_query_tokens, cfg.max_new_tokens, ranks,
@@ -680,11 +681,11 @@ def context_of(params: Params, model: Path | None) -> Context:
     shape = count_model(config, targets, trust)
     judge_ref = params.evaluate.judge_model
     if judge_ref is None:
-        return Context(params, shape, shape, DTYPE_BYTES[params.model.dtype], gguf)
+        return Context(params, shape, shape, planned_bytes(params.model.dtype, on_gpu=False), gguf)
     judge_config = model_config(judge_ref, "evaluate.judge_model", trust)
     judge_dtype = str(getattr(judge_config, "dtype", None) or getattr(judge_config, "torch_dtype", None) or "float32")
     return Context(params, shape, count_model(judge_config, ALL_LINEAR, trust),  # the judge carries no LoRA
-                   DTYPE_BYTES.get(judge_dtype.removeprefix("torch."), 4), gguf)
+                   BYTES.get(judge_dtype.removeprefix("torch."), 4), gguf)
 
 
 def plan(params: Params, model: Path | None = None) -> tuple[Context, Settings, list[Job]]:

@@ -34,10 +34,11 @@ from align.errors import UserError
 from align.losses import bradley_terry
 from align.models import prompt_ids
 from align.params import Subsets
+from align.precision import torch_dtype
 from align.prefix_cache import PrefixCache, shared_prefix, suffix_block
 from align.progress import progress
 from align.sharding import Lockstep, inference_config, merge_lora, partitioned, world_size, zero3_inference
-from align.training import DTYPES, Batch, Batches, length_grouped_batches, recomputes, reward_trunk
+from align.training import Batch, Batches, length_grouped_batches, recomputes, reward_trunk
 
 PLACEHOLDERS = ("principles", "instruction", "response")
 TEMPLATE_FILE = "rm_prompt.txt"  # inside the RM out: the template it was trained with
@@ -398,7 +399,7 @@ class RewardScorer:
         rm_dir = Path(rm_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # the trunk: align/training.py
         self.ranks = shard and world_size() > 1
-        dtype = DTYPES[precision]
+        dtype = torch_dtype(precision)
         with partitioned(inference_config(dtype)) if self.ranks else contextlib.nullcontext():
             model = merged_reward_model(base, rm_dir / "adapter", dtype).eval()
         self.pad_id = model.config.pad_token_id

@@ -22,8 +22,9 @@ import torch
 
 from align.generation import Generator
 from align.params import Engine, TrainingRun
+from align.precision import torch_dtype
 from align.reward import RewardScorer
-from align.training import DTYPES, checkpointed, lora_config, lora_model, make_engine, reward_trunk
+from align.training import checkpointed, lora_config, lora_model, make_engine, reward_trunk
 from slurm import preemption
 
 
@@ -86,7 +87,7 @@ def value_model(sft_dir: Path, rm_dir: Path, training: TrainingRun, seed: int) -
     """The RM with its adapter folded into the trunk, plus a fresh LoRA of its own; its head trains too."""
     from peft import PeftModel, get_peft_model
 
-    rm = PeftModel.from_pretrained(reward_trunk(sft_dir, DTYPES[training.precision]), str(rm_dir / "adapter"))
+    rm = PeftModel.from_pretrained(reward_trunk(sft_dir, torch_dtype(training.precision)), str(rm_dir / "adapter"))
     torch.manual_seed(seed + 1)
     return get_peft_model(checkpointed(rm.merge_and_unload(), training), lora_config(training, "SEQ_CLS"))
 

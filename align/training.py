@@ -49,14 +49,13 @@ from align.generation import with_system
 from align.losses import token_nll_sum
 from align.models import padding_id, prompt_ids
 from align.params import TrainingRun
+from align.precision import torch_dtype, training_precision
 from align.paths import MODEL
 from align.records import write_json
 from align.sharding import partitioned, world_size
 from slurm import preemption
 from slurm.submit import COLLECTIVE_TIMEOUT, free_port
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}  # as config.json names them
 LATEST = "latest"
 TAG = re.compile(r"^step_(\d{8})(_[a-z]+)?$")  # a step's end, or a safe point inside it
 
@@ -80,7 +79,7 @@ def deepspeed_config(training: TrainingRun, world_size: int) -> dict:
     On one rank without offload there is nothing to shard, so ZeRO runs as stage 0: stage 2's gradient buckets
     and flat partitions cost ~5% of an RM training step on this 2-core CPU (2.2 vs 2.3 s) and save no memory.
     """
-    offload = training.offload == "cpu" and training.zero_stage > 0
+    offload, precision = training.offload == "cpu" and training.zero_stage > 0, training_precision(training.precision)
     zero: dict[str, Any] = {"stage": training.zero_stage if world_size > 1 or offload else 0}
     if offload:
         zero["offload_optimizer"] = {"device": "cpu"}
@@ -97,8 +96,8 @@ def deepspeed_config(training: TrainingRun, world_size: int) -> dict:
                        "torch_adam": True},
         },
         "zero_optimization": zero,
-        "bf16": {"enabled": training.precision == "bf16"},
-        "fp16": {"enabled": training.precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # the loop logs; DeepSpeed's own step log would be noise
         "wall_clock_breakdown": False,
     }
@@ -168,7 +167,7 @@ def lora_model(model_dir: Path | str, training: TrainingRun, seed: int = 0, head
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    dtype = DTYPES[training.precision]
+    dtype = torch_dtype(training.precision)
     with partitioned(deepspeed_config(training, world_size())):  # ZeRO-3: each rank loads its shard alone
         if head == "reward":
             model = reward_trunk(model_dir, dtype)

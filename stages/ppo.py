@@ -46,7 +46,7 @@ import torch
 from align import paths, runner
 from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, pick_principles
-from align.devices import config_dtype
+from align.devices import config_dtype, job_device
 from align.errors import UserError
 from align.generation import Completion, Sampling, chat_prompt
 from align.intervals import bootstrap_ci
@@ -54,6 +54,7 @@ from align.models import padding_id, prompt_ids
 from align.losses import StepNorm, aggregate, policy_terms, value_loss
 from align.params import Engine, Params, Ppo, Rl, TrainingRun
 from align.paths import MODEL
+from align.precision import TRAINING_TO_DTYPE, training_precision
 from align.records import read_jsonl, unused_prompts, write_jsonl
 from align.rl import (
     ALGORITHMS, adapt_kl_coef, check_settings, entropy, explained_variance, loss_type, masked_mean, token_rewards,
@@ -62,7 +63,7 @@ from align.rl import (
 from align.roles import RoleSpec, build_roles
 from align.rollout import Rollout, by_chunks, pack, policy_outputs, token_values
 from align.training import (
-    DTYPE_NAMES, LiveCurve, checkpoint_dir, end_of_step, finish_training, init_distributed, resumed_steps,
+    LiveCurve, checkpoint_dir, end_of_step, finish_training, init_distributed, resumed_steps,
     save_adapter,
 )
 
@@ -215,6 +216,8 @@ class PpoRecipe:
         self.training = job.roles.training
         self.algorithm = ALGORITHMS[job.algorithm]
         self.rank, self.world = init_distributed()
+        if job_device().type == "cuda" and self.training.precision == "auto":  # set: checked before the job
+            check_one_dtype(job.roles.sft_dir, training_precision("auto"))
         self.group = rl.group_size if self.algorithm.grouped else 1  # samples per prompt
         self.steps_per_iteration = rl.epochs * (rl.rollout_batch_size * self.group // rl.step_batch_size)
         self.roles = build_roles(job.roles, job.seed, self.world, total_steps=rl.iterations * self.steps_per_iteration)
@@ -533,13 +536,16 @@ def check_layout(params: Params) -> TrainingRun:
                           lora_alpha=rl.lora_alpha, lr_schedule=rl.lr_schedule, batch_size=rl.step_batch_size)
 
 
-def check_one_dtype(params: Params) -> None:
-    """Rollouts sample in the SFT folder's dtype on a GPU; the update computes log-probs in training.precision."""
-    sampled, trained = config_dtype(SFT / MODEL), DTYPE_NAMES[params.training.precision]
+def check_one_dtype(sft_dir: Path, precision: str) -> None:
+    """On a GPU rollouts sample in the SFT folder's dtype and the update computes log-probs in `precision` (as
+    resolved): the engine's log-probs the update corrects by need the one dtype. On a CPU both engines sample in
+    float32 whatever the folder holds (align/devices.py), so any precision goes. Checked before the job where the
+    precision is set, by the job itself where it is `auto`."""
+    sampled, trained = config_dtype(sft_dir), TRAINING_TO_DTYPE[precision]
     if sampled != trained:
-        raise UserError(f"params.yaml: training.precision: {params.training.precision} but {SFT / MODEL} holds "
-                        f"{sampled} weights, which rollouts sample in: the policy loss's ratio needs one dtype (set "
-                        f"model.dtype or training.precision to match)")
+        raise UserError(f"params.yaml: training.precision: {precision} but {sft_dir} holds {sampled} weights, which "
+                        f"rollouts sample in on a GPU: the policy loss's ratio needs one dtype (set model.dtype or "
+                        f"training.precision to match)")
 
 
 def prompt_pool(cfg: Rl, seed: int) -> list[dict]:
@@ -574,7 +580,8 @@ def build_job(params: Params) -> PpoJob:
                              GUARDS)
     inputs = input_refs({"policy": SFT, "rm": RM, "prompts": PROMPTS, "sft_data": SFT_DATA,
                          "principles": COLLECTION, "guards": GUARDS, "system_messages": SYSTEM})
-    check_one_dtype(params)
+    if params.training.precision != "auto" and params.cluster.policy.gpus_per_node:
+        check_one_dtype(SFT / MODEL, params.training.precision)
     pool, held_out = hold_out(prompt_pool(rl, params.seed), rl.eval_prompts, params.seed)
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "rl": rl.model_dump(), "generation": params.generation.model_dump(),

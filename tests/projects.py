@@ -17,7 +17,7 @@ from align.reward import CONFIG_FILE, TEMPLATE_FILE
 from align.training import lora_model
 from tests.benchmark_files import add_benchmarks_out
 from tests.conftest import ROOT
-from tests.helpers import FAST_EXECUTION, FAST_TRAINING, merge_into, sh, training_run
+from tests.helpers import FAST_EXECUTION, FAST_TRAINING, merge_into, repo_params, sh, training_run
 
 PROMPTS = ["What is the capital of France?", "Add 1 and 2.", "What colour is the quick fox?",
            "Say something helpful.", "Name a number.", "Write a function that adds two numbers."]
@@ -48,8 +48,8 @@ def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None 
                  cluster_defaults: dict | None = None, **groups: dict) -> Path:
     """A project folder: params.yaml (repo defaults + `groups`, `cluster_defaults` over cluster.defaults), assets/,
     models/base from `model`, an empty system_messages out, data/benchmarks from the tests' small files, and, with
-    `pairs`, a self_align out holding them."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    `pairs`, a self_align out holding them. Float32 unless `groups` say otherwise (tests.helpers.FLOAT32)."""
+    raw = repo_params()
     raw["generation"].update(backend="hf")
     raw["cluster"].update(executor="local", log_dir=str(cwd / "logs"))
     merge_into(raw, {**groups, "cluster": {**groups.get("cluster", {}), "defaults": cluster_defaults or {}}})

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
 from align.artifacts import MANIFEST, verify_artifact
@@ -37,6 +38,12 @@ def run_stage(cwd: Path, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_local_folder_through_local_executor(tmp_path: Path, tiny_model: Path) -> None:
+    """Under the default `model.dtype: auto`: the folder is saved in what the job resolved it to (bf16 on a CPU with
+    AMX or AVX512-BF16, as the developers' and CI's), and its manifest and log say so."""
+    from safetensors import safe_open
+
+    from align.precision import native_bf16
+
     cwd = project(tmp_path, model__base=str(tiny_model), cluster__executor="local")
     proc = run_stage(cwd, "stages.import_model")
     assert proc.returncode == 0, proc.stderr
@@ -45,7 +52,13 @@ def test_local_folder_through_local_executor(tmp_path: Path, tiny_model: Path) -
     assert proc.stdout.strip() == f"import_model: models/base {artifact_id}"
     manifest = json.loads((out / MANIFEST).read_text())
     assert manifest["stage"] == "import_model"
-    assert manifest["params"] == {"model": {"base": str(tiny_model), "dtype": "float32"}}
+    assert manifest["params"] == {"model": {"base": str(tiny_model), "dtype": "auto"}}
+    expected = "bfloat16" if native_bf16(torch.device("cpu"))[0] else "float32"
+    assert manifest["precision"] == {"model.dtype": expected}
+    with safe_open(out / "model.safetensors", "pt") as weights:
+        assert str(weights.get_tensor(next(iter(weights.keys()))).dtype) == f"torch.{expected}"
+    log = "".join(p.read_text() for p in (cwd / "logs/import_model").glob("*_0_log.out"))
+    assert f"model.dtype: auto -> {expected} (cpu" in log
     assert manifest["inputs"]["model"]["path"] == str(tiny_model)
     assert {"model.safetensors", "config.json", "tokenizer.json"} <= set(manifest["files"])
     assert "submitted local job" in proc.stderr and list((cwd / "logs" / "import_model").glob("*_0_log.out"))

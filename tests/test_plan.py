@@ -19,7 +19,7 @@ from align.memory import GiB
 from align.params import load_params
 from align.plan import STAGES, count_model, dvc_stages, gpu_memory_gb, model_config, plan
 from tests.conftest import ROOT
-from tests.helpers import resources
+from tests.helpers import repo_params, resources
 from tests.model_configs import LLAMA_2_7B, LLAMA_2_70B, config_folder
 
 LINE = re.compile(r"^align\.plan: (\w+): (.+) needs ([\d.]+) GB (per GPU|host memory per node), the profile gives "
@@ -27,8 +27,9 @@ LINE = re.compile(r"^align\.plan: (\w+): (.+) needs ([\d.]+) GB (per GPU|host me
 
 
 def params_file(path: Path, change: dict) -> Path:
-    """The project's params.yaml with `change` ({"group.key": value, "group.sub": {...}}) laid over it."""
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    """The project's params.yaml (float32, as the figures below were taken) with `change` ({"group.key": value,
+    "group.sub": {...}}) laid over it."""
+    params = repo_params()
     for dotted, value in change.items():
         *parents, last = dotted.split(".")
         node = params

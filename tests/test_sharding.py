@@ -27,7 +27,7 @@ from align.reward import CONFIG_FILE, TEMPLATE_FILE, RewardScorer
 from align.scoring import Scorer
 from slurm.submit import JobSpec, submit
 from tests.conftest import ROOT
-from tests.helpers import DEFAULTS, engine, merge_into, resources, stage, training_run
+from tests.helpers import DEFAULTS, engine, merge_into, repo_params, resources, stage, training_run
 from tests.projects import PRINCIPLES, make_project, preference_rows, rm_project
 from tests.sharded_jobs import score_over_ranks
 
@@ -251,7 +251,7 @@ def planned(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, change: dict) -> tu
     folder = tmp_path / "llama-2-70b"
     folder.mkdir(exist_ok=True)
     (folder / "config.json").write_text(json.dumps(LLAMA_2_70B))
-    params = parse_params(merge_into(merge_into(yaml.safe_load((ROOT / "params.yaml").read_text()), H100_NODE),
+    params = parse_params(merge_into(merge_into(repo_params(), H100_NODE),
                                      change))
     ctx, s, jobs = plan(params, folder)
     return ctx, s, {job.hardware.key: job for job in jobs if job.hardware is not None}
