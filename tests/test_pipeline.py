@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from align.artifacts import read_manifest, verify_artifact
+from align.precision import native_bf16
 from align.records import read_jsonl
 from tests.helpers import new_repo, sh
 
@@ -58,6 +60,10 @@ def test_dvc_repro_self_align_stages_on_the_embedded_model(slurm_cluster, tmp_pa
     for out in ("data/prompts", "data/self_align", "models/engraved", "models/sft"):
         verify_artifact(repo / out)
     assert read_manifest(repo / "models/sft")["params"]["verbose_clone"]["enabled"] is True
+    # the default precision, auto, as the jobs resolved it on this CPU (bf16 with AMX or AVX512-BF16 units)
+    bf16 = native_bf16(torch.device("cpu"))[0]
+    assert read_manifest(repo / "models/base")["precision"] == {"model.dtype": "bfloat16" if bf16 else "float32"}
+    assert read_manifest(repo / "models/engraved")["precision"] == {"training.precision": "bf16" if bf16 else "fp32"}
     lineage = sh(repo, "python", "-m", "align.lineage", "models/sft").stdout
     assert "assets/principles.jsonl" in lineage and "assets/seed_prompts.jsonl" in lineage
     metrics = json.loads(sh(repo, "dvc", "metrics", "show", "--json").stdout)
