@@ -146,8 +146,9 @@ def ppo_project(tmp_path: Path, model: Path, rm: Path | None = None, **groups: d
 
 
 def slurm_project(tmp_path: Path, tiny_model: Path) -> Path:
-    """A project folder whose params.yaml imports the tiny model through the slurm executor."""
-    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    """A project folder whose params.yaml imports the tiny model through the slurm executor, in float32 (the
+    fault suite sizes a full disk by the float32 folders)."""
+    raw = repo_params()
     raw["model"]["base"] = str(tiny_model)
     raw["cluster"]["executor"] = "slurm"
     raw["cluster"]["log_dir"] = str(tmp_path / "logs")
