@@ -298,7 +298,9 @@ def test_ppo_bad_params_are_one_line_and_write_nothing(tmp_path: Path, tiny_mode
 
 
 def test_ppo_refuses_to_sample_in_one_dtype_and_train_in_another(tmp_path: Path, tiny_model: Path) -> None:
-    cwd = ppo_project(tmp_path, tiny_model, training={**DEFAULTS.training.model_dump(), "precision": "bf16"})
+    """On a GPU rollouts sample in the SFT folder's dtype (on a CPU in float32 whatever it holds: no check there)."""
+    cwd = ppo_project(tmp_path, tiny_model, training={**DEFAULTS.training.model_dump(), "precision": "bf16"},
+                      cluster={"policy": {"gpus_per_node": 1, "gpu_memory_gb": 80}})
     proc = stage(cwd, "policy")
     assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
     assert proc.stderr.startswith("params.yaml: training.precision: bf16 but models/sft/model holds float32 weights")
