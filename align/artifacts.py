@@ -27,8 +27,8 @@ import blake3
 import yaml
 
 from align.errors import UserError
-from align.precision import recorded
 from align.hash_cache import remembered
+from align.precision import recorded
 
 MANIFEST = "MANIFEST.json"
 RUN_RECORD = ("host", "slurm_job_id", "started", "ended", "wall_seconds", "job_key")  # in the manifest, not the id

@@ -26,8 +26,8 @@ def native_bf16(device: torch.device) -> tuple[bool, str]:
     import torch
 
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        return torch.cuda.is_bf16_supported(), f"{name}{'' if torch.cuda.is_bf16_supported() else ' has no bf16'}"
+        native = torch.cuda.is_bf16_supported()
+        return native, f"{torch.cuda.get_device_name(device)}{'' if native else ' has no bf16'}"
     caps = torch.cpu.get_capabilities()
     units = [unit for unit in ("amx_bf16", "avx512_bf16") if caps.get(unit)]
     return bool(units), f"cpu with {', '.join(u.upper() for u in units)}" if units else "cpu without AMX or AVX512-BF16"
@@ -40,32 +40,28 @@ def _auto(device_key: str) -> tuple[bool, str]:
     return native_bf16(torch.device(device_key))
 
 
-def _here() -> tuple[bool, str]:
+def _resolved(key: str, setting: str, bf16: str, fp32: str) -> str:
+    """`setting` of params key `key`, with `auto` resolved on this job's device (said in its log)."""
     from align.devices import job_device
 
-    return _auto(str(job_device()))
+    if setting != "auto":
+        return setting
+    native, why = _auto(str(job_device()))
+    resolved = bf16 if native else fp32
+    print(f"{key}: auto -> {resolved} ({why})", flush=True)
+    return resolved
 
 
 @functools.cache
 def model_dtype(setting: str) -> str:
     """`model.dtype` as this job computes it: float32, bfloat16 or float16."""
-    if setting != "auto":
-        return setting
-    native, why = _here()
-    resolved = "bfloat16" if native else "float32"
-    print(f"model.dtype: auto -> {resolved} ({why})", flush=True)
-    return resolved
+    return _resolved("model.dtype", setting, "bfloat16", "float32")
 
 
 @functools.cache
 def training_precision(setting: str) -> str:
     """`training.precision` as this job computes it: fp32, bf16 or fp16."""
-    if setting != "auto":
-        return setting
-    native, why = _here()
-    resolved = "bf16" if native else "fp32"
-    print(f"training.precision: auto -> {resolved} ({why})", flush=True)
-    return resolved
+    return _resolved("training.precision", setting, "bf16", "fp32")
 
 
 def torch_dtype(precision: str) -> torch.dtype:

@@ -49,8 +49,8 @@ from align.generation import with_system
 from align.losses import token_nll_sum
 from align.models import padding_id, prompt_ids
 from align.params import TrainingRun
-from align.precision import torch_dtype, training_precision
 from align.paths import MODEL
+from align.precision import torch_dtype, training_precision
 from align.records import write_json
 from align.sharding import partitioned, world_size
 from slurm import preemption

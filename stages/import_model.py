@@ -12,10 +12,10 @@ from pathlib import Path
 
 from align import paths, runner
 from align.artifacts import input_refs, staged_out, verify_artifact
-from align.precision import model_dtype
 from align.models import (
     ModelSource, chat_template, check_remote_code, has_chat_template, import_model, no_template, resolve_model,
 )
+from align.precision import model_dtype
 
 STAGE = "import_model"
 OUT = paths.BASE  # declared in dvc.yaml; later stages read the base model from here
@@ -35,7 +35,8 @@ class ImportJob:
 def job(args: ImportJob) -> str:
     """Runs inside the allocation: convert, write the manifest, swap into place, return the artifact id."""
     with staged_out(OUT, stage=STAGE, params=args.params, inputs=args.inputs) as tmp:
-        import_model(args.source, tmp, model_dtype(args.dtype), trust_remote_code=args.trust_remote_code, template=args.template)
+        import_model(args.source, tmp, model_dtype(args.dtype), trust_remote_code=args.trust_remote_code,
+                     template=args.template)
     return verify_artifact(OUT)
 
 

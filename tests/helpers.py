@@ -45,12 +45,9 @@ def merge_into(raw: dict, changes: dict) -> dict:
     return raw
 
 
-def repo_params(*changes: dict) -> dict:
-    """params.yaml as a mapping, pinned to float32 (FLOAT32), with `changes` laid over it in turn."""
-    raw = merge_into(yaml.safe_load((ROOT / "params.yaml").read_text()), FLOAT32)
-    for change in changes:
-        merge_into(raw, change)
-    return raw
+def repo_params() -> dict:
+    """params.yaml as a mapping, pinned to float32 (FLOAT32)."""
+    return merge_into(yaml.safe_load((ROOT / "params.yaml").read_text()), FLOAT32)
 
 
 DEFAULTS = parse_params(repo_params(), "params.yaml")  # the one set of defaults, as the stage tests' projects hold them
