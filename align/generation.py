@@ -186,7 +186,8 @@ class Generator:
     """
 
     def __init__(self, model: Path | str, settings: params.Engine, *, lora_rank: int = 0,
-                 prefix_caching: bool = True, trust_remote_code: bool = False, merge_adapters: bool = False):
+                 prefix_caching: bool = True, trust_remote_code: bool = False, merge_adapters: bool = False,
+                 sleep_mode: bool = False):
         self.model = str(model)
         self.settings = settings
         self.lora_rank = lora_rank
@@ -194,7 +195,7 @@ class Generator:
         self.merge_adapters = merge_adapters and self.backend == "vllm"
         if self.backend == "vllm":
             self._impl: _VLLM | _HF = _VLLM(self.model, settings, 0 if self.merge_adapters else lora_rank,
-                                            prefix_caching, trust_remote_code, self.merge_adapters)
+                                            prefix_caching, trust_remote_code, self.merge_adapters, sleep_mode)
         else:
             self._impl = _HF(self.model, settings, trust_remote_code)
             self._impl.reuse_prefix = prefix_caching
@@ -212,6 +213,14 @@ class Generator:
         return self._impl.generate(list(prompts), sampling, adapter if adapter is None or isinstance(adapter, Received)
                                    else Path(adapter))
 
+    def generate_many(self, requests: list[tuple[list[str], Sampling]], *, adapter: Received | None = None
+                      ) -> list[list[Completion]]:
+        """`generate` for several requests at once (each its prompts and sampling, seeds as each says), in one
+        vLLM call where that is the backend: an engine serving several trainer ranks (align/placement.py)."""
+        if isinstance(self._impl, _VLLM):
+            return self._impl.generate_many([(list(p), s) for p, s in requests], adapter)
+        return [self.generate(p, s, adapter=adapter) for p, s in requests]
+
     def join_adapter_group(self, host: str, port: int, world: int, first: int, timeout_min: float = 30) -> None:
         """The engine's workers join the group a trainer sends LoRA factors over (`merge_adapters` on vLLM only)."""
         self._merging("join_adapter_group").join_adapter_group(host, port, world, first, timeout_min)
@@ -219,6 +228,12 @@ class Generator:
     def receive_adapter(self, spec: list | None, scale: float, key: str | None) -> None:
         """The workers take the factors the trainer broadcasts and hold `Received(key)` (None: the base again)."""
         self._merging("receive_adapter").receive_adapter(spec, scale, key)
+
+    def rest(self) -> None:
+        """Free the engine's GPU memory until the next call (`sleep_mode` on a CUDA vLLM engine: its weights to host
+        memory, its KV cache dropped); elsewhere nothing."""
+        if isinstance(self._impl, _VLLM):
+            self._impl.rest()
 
     def _merging(self, what: str) -> _VLLM:
         if not self.merge_adapters:
@@ -258,7 +273,7 @@ class _VLLM:
     `merge_adapters` folded into the weights (`align.vllm_weights`)."""
 
     def __init__(self, model: str, settings: params.Engine, lora_rank: int, prefix_caching: bool = True,
-                 trust_remote_code: bool = False, merge_adapters: bool = False):
+                 trust_remote_code: bool = False, merge_adapters: bool = False, sleep_mode: bool = False):
         from vllm import LLM
         from vllm.platforms import current_platform
 
@@ -291,6 +306,10 @@ class _VLLM:
             kwargs.update(enable_lora=True, max_lora_rank=next(r for r in VLLM_LORA_RANKS if r >= lora_rank))
         if merge_adapters:
             kwargs["worker_extension_cls"] = EXTENSION
+        # vLLM's sleep mode is CUDA's (its allocator); a CPU engine's memory is the node's RAM, shared anyway
+        self.sleeps, self.asleep = sleep_mode and current_platform.is_cuda(), False
+        if self.sleeps:
+            kwargs["enable_sleep_mode"] = True
         self.model, self.merge_adapters = model, merge_adapters
         # merges read base weights from a node-local copy made once here, never from the shared filesystem again
         self.base = host_copy(Path(model)) if merge_adapters else Path(model)
@@ -333,6 +352,19 @@ class _VLLM:
                                "hold KV blocks): prompts would reuse keys and values of the old weights")
         self.merged = key
 
+    def rest(self) -> None:
+        """Level 1 sleep: the weights (as merged) copied to host memory, the KV cache dropped."""
+        if self.sleeps and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def _awake(self) -> None:
+        """The weights back on the GPU and a fresh KV cache: no prefix cached before the sleep is reused."""
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
+            self.llm.reset_prefix_cache()
+
     def join_adapter_group(self, host: str, port: int, world: int, first: int, timeout_min: float) -> None:
         """The workers join a group a trainer sends LoRA factors over (align/weight_sync.py), ranks `first`..."""
         self.llm.collective_rpc("join_adapter_group", args=(host, port, world, first, timeout_min))
@@ -340,6 +372,7 @@ class _VLLM:
     def receive_adapter(self, spec: list | None, scale: float, key: str | None) -> None:
         """The workers take the factors the trainer broadcasts (`spec`; None: the base) and merge them; the engine
         then holds `Received(key)` (None: the base)."""
+        self._awake()
         self._drop_leftovers()
         self._loaded(key, lambda: self.llm.collective_rpc("receive_merged_adapter",
                                                           args=(str(self.base), spec, scale)))
@@ -364,7 +397,12 @@ class _VLLM:
             self.loras[key] = LoRARequest(f"adapter-{n}", n, str(adapter.resolve()))
         return self.loras[key]
 
-    def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | None) -> list[Completion]:
+    def generate(self, prompts: list[str], sampling: Sampling, adapter: Path | Received | None) -> list[Completion]:
+        return self.generate_many([(prompts, sampling)], adapter)[0]
+
+    def generate_many(self, requests: list[tuple[list[str], Sampling]], adapter: Path | Received | None
+                      ) -> list[list[Completion]]:
+        """Each request's completions, every prompt of every request in one vLLM call (one batch to schedule)."""
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
@@ -380,24 +418,30 @@ class _VLLM:
                 seed=sampling.seed + i * sampling.n,
                 logprobs=0 if sampling.logprobs else None,  # 0: the sampled token's alone
             )
-            for i in range(len(prompts))
+            for prompts, sampling in requests for i in range(len(prompts))
         ]
         # token ids, not text: vLLM adds special tokens to a text prompt, a second BOS after a template's own
-        tokens = [TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p)) for p in prompts]
+        tokens = [TokensPrompt(prompt_token_ids=prompt_ids(self.tokenizer, p)) for prompts, _ in requests
+                  for p in prompts]
+        self._awake()
         self._drop_leftovers()
         if self.merge_adapters:
             self._merge(adapter)
         lora = None if self.merge_adapters else self._lora(adapter)
-        outputs = self.llm.generate(tokens, per_prompt, lora_request=lora,
-                                    use_tqdm=functools.partial(progress, unit="prompt"))
-        records = []
-        for out in outputs:
-            for done in sorted(out.outputs, key=lambda o: o.index):
-                reason = "length" if done.finish_reason == "length" else "stop"
-                logprobs = () if done.logprobs is None else \
-                    tuple(step[token].logprob for token, step in zip(done.token_ids, done.logprobs))
-                records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids), logprobs))
-        return records
+        outputs = iter(self.llm.generate(tokens, per_prompt, lora_request=lora,
+                                         use_tqdm=functools.partial(progress, unit="prompt")) if tokens else [])
+        answers = []
+        for prompts, _ in requests:
+            records = []
+            for out in (next(outputs) for _ in prompts):
+                for done in sorted(out.outputs, key=lambda o: o.index):
+                    reason = "length" if done.finish_reason == "length" else "stop"
+                    logprobs = () if done.logprobs is None else \
+                        tuple(step[token].logprob for token, step in zip(done.token_ids, done.logprobs))
+                    records.append(Completion(done.text, len(done.token_ids), reason, tuple(done.token_ids),
+                                              logprobs))
+            answers.append(records)
+        return answers
 
     def close(self) -> None:
         engine = getattr(getattr(self, "llm", None), "llm_engine", None)

@@ -92,6 +92,9 @@ class EngineExecution(Strict):
     generate_batch_size: int = Field(ge=1)  # hf backend: prompts per generate() call
     score_batch_size: int = Field(ge=1)  # rows per forward pass of a scorer (judge, reward model, multiple choice)
     shard_scorers: bool  # a scorer spread over the job's GPUs (ZeRO-3 over its ranks, else a device map)
+    placement: Literal["colocated", "split"]  # the policy stage's roles: every rank holds all, or the rollout
+    # engines on nodes of their own (align/placement.py)
+    engine_nodes: int = Field(ge=0)  # placement split: the job's last nodes, rollout engines only
 
 
 class Resources(TrainingExecution, EngineExecution):

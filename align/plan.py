@@ -32,6 +32,7 @@ from align.memory import (
 )
 from align.models import EMBEDDED, HUB_ID, embedded_gguf, hub_reachable
 from align.params import ALL_LINEAR, PARAMS_FILE, Params, Resources, load_params
+from align.placement import Layout
 from align.precision import BYTES, planned_bytes
 
 CHARS_PER_TOKEN = 3  # a fixed text's tokens estimated from its characters (English under a BPE tokenizer: ~4)
@@ -206,6 +207,8 @@ class Hardware:
     generation: GenerationSettings
     score_batch: int  # rows per forward pass of a frozen scorer
     shard_scorers: bool  # frozen scorers spread over the job's GPUs (ZeRO-3 over its ranks, else a device map)
+    split: bool = False  # the policy stage's rollout engines on nodes of their own (align/placement.py)
+    engine_nodes: int = 0
 
     @property
     def on_gpu(self) -> bool:
@@ -235,7 +238,7 @@ def hardware(res: Resources, key: str, one_task: bool, backend: str) -> Hardware
                                      res.offload == "cpu"),
                     GenerationSettings(backend == "vllm" or (backend == "auto" and installed), res.tensor_parallel_size,
                                        res.gpu_memory_utilization, res.kv_cache_gb, res.generate_batch_size),
-                    res.score_batch_size, res.shard_scorers)
+                    res.score_batch_size, res.shard_scorers, res.placement == "split", res.engine_nodes)
 
 
 # ------------------------------------------------------------------------------------ what each job's rows hold
@@ -305,6 +308,7 @@ class Job:
     hardware: Hardware | None  # None: the stage runs no job
     phases: list[list[Role]]  # held one after another; the roles of a phase at once
     note: str = ""  # why there is no job
+    part: str = ""  # which of a job's nodes, where they hold different roles (the policy stage split: trainers, engines)
 
     def totals(self) -> list[Need]:
         """Per phase, its roles with the job's process (CUDA context per GPU, the interpreter per rank)."""
@@ -488,12 +492,41 @@ def plan_train_rm(ctx: Context, s: Settings) -> list[Job]:
 def plan_policy(ctx: Context, s: Settings) -> list[Job]:
     """ppo: per rank the policy (LoRA on the SFT model; the reference is it with the adapter off), the value model
     (the RM trunk, its own LoRA and head), the RM (merged, frozen) and the generation backend, held at once;
-    grpo and rloo without the value model. dpo: the policy on both sides of a pair, its reference the adapter off."""
+    grpo and rloo without the value model; on GPUs the engine sleeps through the scoring and the update. Split
+    (align/placement.py): the trainer nodes hold all but the engines, the engine nodes `gpus_per_node /
+    tensor_parallel_size` engines each. dpo: the policy on both sides of a pair,
+    its reference the adapter off."""
     hw, p = s.hardware["policy"], ctx.params
     if p.policy.algorithm == "dpo":
         tokens = p.dpo.max_prompt_tokens + p.dpo.max_response_tokens
         t = trained(ctx, s, hw, rank=p.dpo.lora_r, rows=2, tokens=tokens, logit_tokens=tokens)
         return [Job("policy", hw, [[train_role(ctx, "dpo", t)], [merge_role(ctx)]])]
+    layout = Layout.of(p.cluster.policy)
+    layout.check(p.generation.backend, p.rl.rollout_adapter)  # before any figure: the nodes must split
+    if hw.split:
+        trainers = replace(hw, nodes=hw.nodes - hw.engine_nodes)
+        engines = replace(hw, nodes=hw.engine_nodes, ranks_per_node=layout.engines_per_node)
+        roles, merge = rl_trainer_roles(ctx, s, trainers)
+        engine = engine_role(ctx, s, engines, p.rl.max_query_tokens, p.rl.max_new_tokens, layout.engines_per_node,
+                             gpus=hw.generation.tensor_parallel_size if hw.on_gpu else None)
+        return [Job("policy", trainers, [roles, merge], part="trainers"),
+                Job("policy", engines, [[engine]], part="engines")]
+    roles, merge = rl_trainer_roles(ctx, s, hw)
+    engine = engine_role(ctx, s, hw, p.rl.max_query_tokens, p.rl.max_new_tokens, hw.ranks_per_node,
+                         gpus=max(1, hw.gpus_per_node // hw.ranks_per_node))  # over its rank's own GPUs
+    if not (hw.on_gpu and hw.generation.use_vllm):
+        return [Job("policy", hw, [roles + [engine], merge])]  # the engine closes before the merge
+    # on a GPU the engine sleeps between rollouts (align/placement.py LocalEngine): the update's activations have
+    # its memory, its weights wait in host memory
+    held = merge[:-1]
+    asleep = Role("vllm asleep", "weights on the host", Need(host=hw.ranks_per_node * ctx.shape.params *
+                                                           ctx.inference_bytes(hw)))
+    return [Job("policy", hw, [roles + [asleep], held + [engine], merge])]  # the update first: the table shows its rows
+
+
+def rl_trainer_roles(ctx: Context, s: Settings, hw: Hardware) -> tuple[list[Role], list[Role]]:
+    """(a trainer rank's roles while it trains, what it holds while rank 0 merges the adapter at the end)."""
+    p = ctx.params
     cfg = p.rl
     tokens = cfg.max_query_tokens + cfg.max_new_tokens
     roles = [train_role(ctx, "policy", trained(ctx, s, hw, rank=cfg.lora_r, rows=1, tokens=tokens,
@@ -504,10 +537,8 @@ def plan_policy(ctx: Context, s: Settings) -> list[Job]:
     w, ranks = planned_bytes(p.training.precision, True) if hw.on_gpu else 4, hw.ranks_per_node
     roles.append(frozen_role(ctx, hw, "reward", Frozen(w, hw.score_batch, rm_tokens(p), head="reward",
                                                        ranks_per_node=ranks)))
-    engine = engine_role(ctx, s, hw, cfg.max_query_tokens, cfg.max_new_tokens, ranks,
-                         gpus=max(1, hw.gpus_per_node // ranks))  # over its rank's own GPUs
     loaded = [replace(r, need=Need(r.need.gpu, r.need.host)) for r in roles]  # held (activations: an upper bound)
-    return [Job("policy", hw, [roles + [engine], loaded + [merge_role(ctx)]])]  # the engine closes before the merge
+    return roles, loaded + [merge_role(ctx)]
 
 
 def plan_evaluate(ctx: Context, s: Settings) -> list[Job]:
@@ -639,7 +670,8 @@ def advice(ctx: Context, s: Settings, short: Shortfall) -> str:
         return f"set {setting_key('kv_cache_gb', hw.key)}: {kv_gb(short.needed)} (or spread it over more GPUs)"
     tried = []
     for key, value, changed in changes(s, job):
-        again = next(j for j in STAGES[job.stage](ctx, changed) if j.hardware and j.hardware.key == hw.key)
+        again = next(j for j in STAGES[job.stage](ctx, changed)
+                     if j.hardware and j.hardware.key == hw.key and j.part == job.part)
         after = max(t.gpu_peak for t in again.totals()) * again.hardware.ranks_per_gpu
         if after < short.needed:
             tried.append((after, key, value))
@@ -732,7 +764,8 @@ def table(jobs: list[Job]) -> str:
             if role.name not in shown:  # a role held on into the next phase: its first row only
                 shown.add(role.name)
                 gpu = f"{role.need.gpu_peak / GiB:.1f}" if role.need.gpu_peak else "-"
-                rows.append(f"{hw.key:<24}{role.name:<26}{role.detail[:43]:<44}{gpu:>8}"
+                name = f"{hw.key} {job.part}" if job.part else hw.key
+                rows.append(f"{name:<24}{role.name:<26}{role.detail[:43]:<44}{gpu:>8}"
                             f"{role.need.host_peak / GiB:>9.1f}")
         peak = job.peak()
         gpus = (f"{hw.nodes}x{hw.gpus_per_node} GPU {hw.gpu_bytes / GiB:.0f} GB" if hw.on_gpu else

@@ -3,12 +3,12 @@
 Roles: the policy (the SFT model + a trainable LoRA adapter, a DeepSpeed engine); the reference (the same model with
 the adapter disabled: no second copy); PPO's value model (the RM's trunk with the RM adapter folded in, and its
 scalar head, + a LoRA of its own: a second engine); the reward model (frozen, `RewardScorer`); the engine the
-rollouts sample from (`Generator`: vLLM, or transformers). A recipe (stages/ppo.py) reads them from `Roles` and never
-builds one itself.
+rollouts sample from. A recipe (stages/ppo.py) reads them from `Roles` and never builds one itself.
 
-Today every role lives in every rank of the job, on the rank's device (colocated), the policy and the value model
-data-parallel over the ranks. `build_roles` is the one place that decides so: a placement that puts the engine or
-the reward model on GPUs of their own changes it, not the recipe.
+The trainer roles live in every trainer rank, the policy and the value model data-parallel over the ranks, the
+reward model whole or spread over them (`shard_scorers`). The engine is where `cluster.policy.placement` puts it
+(align/placement.py): colocated, the rank's own `Generator` (vLLM, or transformers); split, engines on nodes of their
+own, reached through `RemoteEngine`. Either answers `sample(texts, sampling, adapted)` alike.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import torch
 
 from align.generation import Generator
 from align.params import Engine, TrainingRun
+from align.placement import Layout, LocalEngine, RemoteEngine
 from align.precision import torch_dtype
 from align.reward import RewardScorer
 from align.training import checkpointed, lora_config, lora_model, make_engine, reward_trunk
@@ -40,23 +41,26 @@ class RoleSpec:
     shard_scorers: bool  # the reward model spread over the ranks (ZeRO-3): `RewardScorer.score` is collective
     value_model: bool  # PPO's critic, trained beside the policy
     merge_adapters: bool  # the engine folds the current adapter into its weights (rl.rollout_adapter: merged)
+    layout: Layout  # where the engine runs
+    rollout_adapter: Path  # colocated: the folder the current adapter goes to its engine through
+    timeout_min: float  # split: how long a trainer waits for the engines to start (cluster.policy.collective_timeout_min)
 
 
 @dataclass
 class Roles:
-    """The roles of one rank, built by `build_roles`; closing it stops the generation engine."""
+    """The roles of one trainer rank, built by `build_roles`; closing it stops the generation engine."""
 
     policy: Any  # DeepSpeed engine over the SFT model + LoRA
     value: Any | None  # DeepSpeed engine over the value model, None without a critic
     reward: RewardScorer
-    generator: Generator
+    engine: LocalEngine | RemoteEngine
 
     def reference(self) -> AbstractContextManager:
         """The reference policy for a block: the policy with its adapter disabled."""
         return self.policy.module.disable_adapter()
 
     def close(self) -> None:
-        self.generator.close()
+        self.engine.close()
 
     def __enter__(self) -> Roles:
         return self
@@ -65,11 +69,11 @@ class Roles:
         self.close()
 
 
-def build_roles(spec: RoleSpec, seed: int, world: int, total_steps: int) -> Roles:
-    """Every role, colocated in this rank (call `training.init_distributed` first): the policy and value engines over
+def build_roles(spec: RoleSpec, seed: int, rank: int, world: int, total_steps: int) -> Roles:
+    """Every role of trainer rank `rank` (call `training.init_distributed` first): the policy and value engines over
     `world` ranks with their learning rate scheduled over `total_steps` optimizer steps, their LoRA initialised from
-    `seed` (the same on every rank and every rerun); then the reward model; then the generation engine, which
-    takes its share of the memory the others left."""
+    `seed` (the same on every rank and every rerun); then the reward model; then the generation engine - colocated,
+    started here with the memory the others left; split, joined on the engine nodes."""
     training = spec.training
     policy = make_engine(without_dropout(lora_model(spec.sft_dir, training, seed)), training, world,
                          total_steps=total_steps)
@@ -77,10 +81,14 @@ def build_roles(spec: RoleSpec, seed: int, world: int, total_steps: int) -> Role
                         total_steps=total_steps) if spec.value_model else None
     reward = RewardScorer(spec.sft_dir, spec.rm_dir, batch_size=spec.score_batch_size, precision=training.precision,
                           shard=spec.shard_scorers)
-    with preemption.shielded():  # vLLM's engine process would die of SLURM's signals before the next safe point
-        generator = Generator(spec.sft_dir, spec.engine, lora_rank=training.lora_r,
-                              merge_adapters=spec.merge_adapters)
-    return Roles(policy=policy, value=value, reward=reward, generator=generator)
+    if spec.layout.split:
+        engine: LocalEngine | RemoteEngine = RemoteEngine(spec.sft_dir, spec.layout, rank, policy, spec.timeout_min)
+    else:
+        with preemption.shielded():  # vLLM's engine process would die of SLURM's signals before the next safe point
+            engine = LocalEngine(Generator(spec.sft_dir, spec.engine, lora_rank=training.lora_r,
+                                           merge_adapters=spec.merge_adapters, sleep_mode=True), policy,
+                                 spec.rollout_adapter)
+    return Roles(policy=policy, value=value, reward=reward, engine=engine)
 
 
 def value_model(sft_dir: Path, rm_dir: Path, training: TrainingRun, seed: int) -> torch.nn.Module:

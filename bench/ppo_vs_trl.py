@@ -182,6 +182,7 @@ def bench_job(params: Params, spec: dict, scratch: Path) -> PpoJob:
     pool, with its checkpoints in `scratch`; no held-out prompts (answered after the last iteration, not timed),
     no input manifests (the models need not come from the pipeline)."""
     from align.assets import PreferencePrinciple, load_jsonl, pick_principles
+    from align.placement import Layout
     from align.rl import ALGORITHMS
     from align.roles import RoleSpec
     from stages import ppo
@@ -193,7 +194,9 @@ def bench_job(params: Params, spec: dict, scratch: Path) -> PpoJob:
     roles = RoleSpec(sft_dir=Path(spec["model"]), rm_dir=Path(spec["rm"]), training=training_run(params),
                      engine=Engine.of(params.generation, resources), score_batch_size=resources.score_batch_size,
                      shard_scorers=resources.shard_scorers, value_model=ALGORITHMS[algorithm].value_model,
-                     merge_adapters=rl.rollout_adapter == "merged")
+                     merge_adapters=rl.rollout_adapter == "merged", layout=Layout.of(resources),
+                     rollout_adapter=scratch / "ckpt" / "rollout_adapter",
+                     timeout_min=resources.collective_timeout_min)
     return ppo.PpoJob(roles=roles, pool=spec["pool"], collection=principles["principles"],
                       guards=principles["guard_principles"], algorithm=algorithm, rl=rl, ppo=params.ppo,
                       seed=spec["seed"], ckpt_dir=scratch / "ckpt", signal_delay_s=resources.signal_delay_s,

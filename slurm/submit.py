@@ -41,8 +41,9 @@ STDERR_TAIL_LINES = 20
 COLLECTIVE_TIMEOUT = "ALIGN_COLLECTIVE_TIMEOUT_MIN"  # cluster.<stage>.collective_timeout_min, for init_distributed
 # Rendezvous ports: below Linux's ephemeral range (32768-60999 unless net.ipv4.ip_local_port_range says otherwise),
 # where any outgoing connection on the node may hold the port the job is about to listen on. Not read from the node:
-# every task of a job must pick the same port without asking the others.
-MASTER_PORTS = range(20000, 32768)
+# every task of a job must pick the same port without asking the others. The policy stage's split layout listens
+# on the two ports after it too (align/placement.py).
+MASTER_PORTS = range(20000, 32768 - 2)
 PROGRESS_EVERY = 30.0  # seconds between looks at the job log's progress while waiting (the polling stays fast)
 
 
@@ -386,7 +387,8 @@ def start(spec: JobSpec, cluster: Cluster) -> submitit.Job:
     folder = log_folder(cluster, spec.stage)
     executor = _make_executor(kind, folder, spec.stage, spec.resources)
     gpus, tasks = spec.resources.gpus_per_node, spec.resources.tasks
-    gpus_per_task = gpus // tasks if gpus and gpus % tasks == 0 else 0
+    # a split policy job's tasks take their own devices: an engine task spans several (align/placement.py)
+    gpus_per_task = gpus // tasks if gpus and gpus % tasks == 0 and spec.resources.placement != "split" else 0
     try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
         with _environ(**dict.fromkeys(DIST_VARS)):
             job = executor.submit(_Task(spec.fn, gpus_per_task, digest(spec.key),

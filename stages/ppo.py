@@ -2,8 +2,8 @@
 reward model, with RL-time principles, by PPO or by a critic-free method (GRPO, RLOO). What each algorithm takes
 for each part of the loop is one table, align/rl.py ALGORITHMS; the losses are align/losses.py.
 
-Models (align/roles.py, which builds them all in each task of the job): the policy = the SFT model + a trainable
-LoRA adapter; the reference = the same model with the adapter disabled (no second copy); PPO's value model = the RM
+Models (align/roles.py, which builds them in each trainer task of the job; align/placement.py says which tasks
+train and where the rollout engines run): the policy = the SFT model + a trainable LoRA adapter; the reference = the same model with the adapter disabled (no second copy); PPO's value model = the RM
 (its trunk with the RM adapter folded in, and its scalar head) + its own LoRA, read at every response token; the RM
 itself, frozen, through `RewardScorer.score`; the generation engine. Policy and value train as two DeepSpeed
 engines of the training base, data-parallel over the job's ranks.
@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import random
 import statistics
 import sys
@@ -60,6 +61,7 @@ from align.rl import (
     ALGORITHMS, adapt_kl_coef, check_settings, entropy, explained_variance, loss_type, masked_mean, token_rewards,
     whiten,
 )
+from align.placement import Layout, engine_devices, serve, trainer_environment
 from align.roles import RoleSpec, build_roles
 from align.rollout import Rollout, by_chunks, pack, policy_outputs, token_values
 from align.training import (
@@ -197,7 +199,18 @@ class Samples:
 
 
 def job(args: PpoJob) -> str | None:
-    """Runs in every task of the allocation; rank 0 returns the out's artifact id."""
+    """Runs in every task of the allocation: a trainer rank's recipe (rank 0 returns the out's artifact id), or in
+    the split layout an engine node's rollout engine (align/placement.py)."""
+    layout = args.roles.layout
+    role, index = layout.role(int(os.environ.get("RANK", "0")))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if role == "engine":
+        engine_devices(layout, local_rank)
+        return serve(args.roles.sft_dir, args.roles.engine, layout, index, args.roles.timeout_min)
+    if role == "idle":
+        return None
+    if layout.split:
+        trainer_environment(layout, local_rank)
     return PpoRecipe(args).run()
 
 
@@ -220,12 +233,12 @@ class PpoRecipe:
             check_one_dtype(job.roles.sft_dir, training_precision("auto"))
         self.group = rl.group_size if self.algorithm.grouped else 1  # samples per prompt
         self.steps_per_iteration = rl.epochs * (rl.rollout_batch_size * self.group // rl.step_batch_size)
-        self.roles = build_roles(job.roles, job.seed, self.world, total_steps=rl.iterations * self.steps_per_iteration)
+        self.roles = build_roles(job.roles, job.seed, self.rank, self.world,
+                                 total_steps=rl.iterations * self.steps_per_iteration)
         self.others = {"value": self.roles.value} if self.roles.value else {}  # saved with the policy
         self.every = -(-self.training.save_every_steps // self.steps_per_iteration)  # iterations: the first end
         # after `save_every_steps` optimizer steps
         self.pad_id = padding_id(AutoTokenizer.from_pretrained(job.roles.sft_dir))
-        self.rollout_adapter = job.ckpt_dir / "rollout_adapter"  # the current policy, for the generation backend
         self.say = functools.partial(print, flush=True) if self.rank == 0 else None
         self.warned = False  # the signal delay is too short for a phase: said once per allocation
 
@@ -295,19 +308,18 @@ class PpoRecipe:
         time, so on a small rollout it mostly shows the prompts' own spread; this compares like with like."""
         import torch.distributed as dist
 
-        job, rl, generator = self.job, self.job.rl, self.roles.generator
+        job, rl, engine = self.job, self.job.rl, self.roles.engine
         if not job.held_out:
             return None
-        save_adapter(self.roles.policy, self.rollout_adapter)
         mine = list(range(len(job.held_out)))[self.rank::self.world]
         prompts = [job.held_out[i] for i in mine]
-        texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
+        texts = [chat_prompt(engine.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
                  for p in prompts]
         guides = [self.guide(p, -1, i)[1] for p, i in zip(prompts, mine)]
         sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, seed=job.seed * 1_000_003 - 1)
         scored = []
-        for adapter in (None, self.rollout_adapter):
-            outs = generator.generate(texts, sampling, adapter=adapter) if texts else []
+        for adapted in (False, True):  # the SFT policy, then the trained one
+            outs = engine.sample(texts, sampling, adapted)
             # every rank scores, with rows or none: a reward model spread over the ranks (shard_scorers) is collective
             raw = self.roles.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
             finishes = [o.finish_reason for o in outs]
@@ -321,18 +333,17 @@ class PpoRecipe:
 
     def rollout(self, iteration: int) -> Samples:
         """This rank's prompts answered by the current policy (`group` samples each, consecutive)."""
-        job, rl, generator = self.job, self.job.rl, self.roles.generator
+        job, rl, engine = self.job, self.job.rl, self.roles.engine
         started = time.perf_counter()
         # 1. the prompts: a contiguous block of the iteration's, seeds and principle draws keyed by their place
         first, picked = iteration_prompts(job.pool, rl, job.seed, iteration, self.rank, self.world)
         prompts = [job.pool[i] for i in picked]
-        texts = [chat_prompt(generator.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
+        texts = [chat_prompt(engine.tokenizer, [{"role": "user", "content": p["text"]}], system=p.get("system"))
                  for p in prompts]
         # 2. the samples, from the adapter as it is now (vLLM seeds prompt k of a call with seed + k x n)
-        save_adapter(self.roles.policy, self.rollout_adapter)
         sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, n=self.group, logprobs=rl.vllm_is_correction,
                             seed=(job.seed * 1_000_003 + iteration * 7_919) * 104_729 + first * self.group)
-        outs = generator.generate(texts, sampling, adapter=self.rollout_adapter)
+        outs = engine.sample(texts, sampling, adapted=True)
         return Samples(first, prompts, texts, outs, time.perf_counter() - started)
 
     def score(self, samples: Samples, iteration: int) -> Rollout:
@@ -342,7 +353,7 @@ class PpoRecipe:
         started = time.perf_counter()
         # 1. each response's prompt and guide, keyed by the prompt's place in the iteration
         guides = [self.guide(p, iteration, samples.first + k) for k, p in enumerate(samples.prompts)]
-        queries = [prompt_ids(self.roles.generator.tokenizer, t) for t in samples.texts for _ in range(self.group)]
+        queries = [prompt_ids(self.roles.engine.tokenizer, t) for t in samples.texts for _ in range(self.group)]
         prompts, guides = ([x for x in xs for _ in range(self.group)] for xs in (samples.prompts, guides))
         outs = samples.outs
         responses = [list(o.token_ids) or [self.pad_id] for o in outs]
@@ -516,22 +527,15 @@ class PpoRecipe:
 
 
 def check_layout(params: Params) -> TrainingRun:
-    """The settings the chosen algorithm cannot run with, prompts that do not divide over the job's ranks, and
-    GPUs that do not split into one engine's tensor-parallel group per rank, before any work; the job's training
-    settings."""
+    """The settings the chosen algorithm cannot run with, a layout the allocation cannot hold (align/placement.py),
+    and prompts that do not divide over the job's trainer ranks, before any work; the job's training settings."""
     rl, resources, algorithm = params.rl, params.cluster.policy, params.policy.algorithm
     check_settings(algorithm, rl)
-    ranks = resources.nodes * resources.tasks
-    if rl.rollout_batch_size % ranks:
+    layout = Layout.of(resources)
+    layout.check(params.generation.backend, rl.rollout_adapter)
+    if rl.rollout_batch_size % layout.trainers:
         raise UserError(f"params.yaml: rl.rollout_batch_size: {rl.rollout_batch_size} prompts do not divide over "
-                        f"{ranks} ranks (cluster.policy); make it a multiple of {ranks}")
-    tp, gpus = resources.tensor_parallel_size, resources.gpus_per_node
-    if gpus and params.generation.backend != "hf" and gpus != resources.tasks * tp:
-        # colocated: each rank trains on one of its own tp GPUs and samples with an engine spanning them all
-        raise UserError(f"params.yaml: cluster.policy: each of the {resources.tasks} ranks per node samples with a "
-                        f"vLLM engine over its own tensor_parallel_size: {tp} GPUs, which needs gpus_per_node: "
-                        f"{resources.tasks * tp} (it is {gpus}); set tasks_per_node: {max(1, gpus // tp)} or "
-                        f"tensor_parallel_size: {max(1, gpus // resources.tasks)}")
+                        f"{layout.trainers} trainer ranks (cluster.policy); make it a multiple of {layout.trainers}")
     return TrainingRun.of(params.training, resources, STAGE, learning_rate=rl.learning_rate, lora_r=rl.lora_r,
                           lora_alpha=rl.lora_alpha, lr_schedule=rl.lr_schedule, batch_size=rl.step_batch_size)
 
@@ -586,12 +590,13 @@ def build_job(params: Params) -> PpoJob:
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "rl": rl.model_dump(), "generation": params.generation.model_dump(),
               **({"ppo": params.ppo.model_dump()} if ALGORITHMS[algorithm].value_model else {})}
+    ckpt_dir = checkpoint_dir(algorithm, {"params": subset, "inputs": inputs})
     resources = params.cluster.policy
     roles = RoleSpec(sft_dir=SFT / MODEL, rm_dir=RM, training=training, engine=Engine.of(params.generation, resources),
                      score_batch_size=resources.score_batch_size,
                      shard_scorers=resources.shard_scorers, value_model=ALGORITHMS[algorithm].value_model,
-                     merge_adapters=rl.rollout_adapter == "merged")
-    ckpt_dir = checkpoint_dir(algorithm, {"params": subset, "inputs": inputs})
+                     merge_adapters=rl.rollout_adapter == "merged", layout=Layout.of(resources),
+                     rollout_adapter=ckpt_dir / "rollout_adapter", timeout_min=resources.collective_timeout_min)
     return PpoJob(roles=roles, pool=pool, collection=collection, guards=guards, algorithm=algorithm, rl=rl,
                   ppo=params.ppo, seed=params.seed, ckpt_dir=ckpt_dir, signal_delay_s=resources.signal_delay_s,
                   params=subset, inputs=inputs, held_out=held_out)

@@ -2,7 +2,8 @@
 their CPU tests assert (the loss falls, curves are written, a checkpoint resumes), plus where the work ran: each
 job's log names its device, and the in-process parts leave their tensors on the GPU; a released scorer's memory is
 free again. With two CUDA devices (skipped otherwise): scorers spread over both (a device map, and ZeRO-3 over two
-ranks) and vLLM with tensor parallelism 2.
+ranks), vLLM with tensor parallelism 2, and the policy stage's split layout (the trainer on one GPU, the rollout
+engine on the other, the LoRA factors over NCCL).
 
 Skipped, with the reason, where torch sees no CUDA device; `bash bench/gpu_check.sh` runs it on a GPU machine.
 ALIGN_GPU_SUITE_ON_CPU=1 runs it on the CPU instead, which checks the tests' own logic on a machine without one.
@@ -120,6 +121,8 @@ def test_two_ppo_iterations_in_bf16_on_the_gpu(backend: str, bf16_model: Path, t
         values = [v for _, v in curve(cwd, "policy", name)]
         assert len(values) == 2 and all(map(torch.isfinite, torch.tensor(values)))
     assert json.loads((cwd / "models/policy/metrics.json").read_text())["iterations"] == 2
+    if backend == "vllm":  # the colocated engine slept through each iteration's scoring and update
+        assert job_log(cwd, "policy").count("Sleep mode freed") == 2, job_log(cwd, "policy")[-3000:]
 
 
 def test_scoring_and_generation_in_bf16_on_the_gpu(bf16_model: Path) -> None:
@@ -219,3 +222,39 @@ def test_vllm_generates_with_tensor_parallelism_over_two_gpus(bf16_model: Path) 
                        for q in ("What is the capital of France?", "Add 1 and 2.", "Say something helpful.")]
             found[tp] = [o.token_ids for o in generator.generate(prompts, sampling)]
     assert all(found[1]) and all(found[2]) and [t[0] for t in found[2]] == [t[0] for t in found[1]]
+
+
+@two_gpus
+def test_the_split_layout_trains_on_one_gpu_and_samples_on_the_other(bf16_model: Path, tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two tasks as SLURM would start a split policy job over two one-GPU nodes (rank 0 the trainer, rank 1 the
+    engine, each shown its own GPU): two PPO iterations, the factors sent to the engine over NCCL."""
+    import pickle
+    import subprocess
+    import sys
+
+    from align.params import load_params
+    from slurm.submit import free_port
+    from stages.ppo import build_job
+    from tests.conftest import ROOT
+
+    pytest.importorskip("vllm", reason="vLLM is not installed here")
+    split = {"nodes": 2, "tasks_per_node": 1, "gpus_per_node": 1, "gpu_memory_gb": 16, "placement": "split",
+             "engine_nodes": 1, "kv_cache_gb": 1}
+    cwd = ppo_project(tmp_path, bf16_model, training=BF16, rl={**TINY_RL, "iterations": 2},
+                      generation={"backend": "vllm"}, cluster={"policy": split})
+    monkeypatch.chdir(cwd)  # build_job reads the project's inputs
+    (cwd / "job.pkl").write_bytes(pickle.dumps(build_job(load_params())))
+    port = str(free_port())
+    run = "import pickle, sys; from stages.ppo import job; job(pickle.load(open('job.pkl', 'rb')))"
+    tasks = [subprocess.Popen([sys.executable, "-c", run], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank),
+                                              "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+                                              "CUDA_VISIBLE_DEVICES": str(rank)}) for rank in (0, 1)]
+    logs = [task.communicate(timeout=900)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert "rank 0 of 1 on cuda:0 (nccl)" in logs[0] and "engine 0 on " in logs[1] and "round 1: " in logs[1]
+    verify_artifact(cwd / "models/policy")
+    kl = [v for _, v in curve(cwd, "policy", "kl")]
+    assert len(kl) == 2 and abs(kl[0]) < 1e-3 and kl[1] != 0  # the adapter starts as the reference, then moves
