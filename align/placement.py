@@ -27,6 +27,7 @@ import json
 import os
 import socket
 import time
+from contextlib import suppress
 from dataclasses import asdict, dataclass
 from itertools import count
 from pathlib import Path
@@ -209,7 +210,9 @@ class RemoteEngine:
         if self.rank == 0:
             key = factors_key(factors, scale) if adapted else None
             changed = key != self.held
-            post(self.store, f"round/{n}", Order(False, key, changed, spec_of(factors) if adapted else None, scale))
+            order = Order(False, key, changed, spec_of(factors) if adapted else None, scale)
+            for engine in range(self.layout.engines):  # each engine takes (and deletes) its own copy
+                post(self.store, f"round/{n}/{engine}", order)
             if changed and adapted:
                 send(self.group, factors)  # returns once every engine worker has it
             self.held = key
@@ -219,7 +222,9 @@ class RemoteEngine:
     def close(self) -> None:
         """Rank 0 tells the engines to stop (they exit their task)."""
         if self.rank == 0:
-            post(self.store, f"round/{next(self.rounds)}", Order(True))
+            n = next(self.rounds)
+            for engine in range(self.layout.engines):
+                post(self.store, f"round/{n}/{engine}", Order(True))
 
 
 def requests_store(host: str, port: int, host_it: bool, timeout_min: float) -> Any:
@@ -280,7 +285,7 @@ def serve(sft_dir: Path, engine_settings: Any, layout: Layout, engine: int, time
             print(f"engine {engine} on {socket.gethostname()} serves trainer ranks {served[0]}-{served[-1]}",
                   flush=True)
             for n in count():
-                order = Order(**take(store, f"round/{n}"))
+                order = Order(**take(store, f"round/{n}/{engine}"))
                 if order.stop:
                     return
                 if order.send:
@@ -294,7 +299,8 @@ def serve(sft_dir: Path, engine_settings: Any, layout: Layout, engine: int, time
                 print(f"round {n}: {sum(len(a) for a in answers)} samples in {time.perf_counter() - started:.1f} s",
                       flush=True)
     except BaseException as exc:
-        store.set(FAILED, f"engine {engine} on {socket.gethostname()}: {first_line(exc)}")
+        with suppress(Exception):  # the store itself may be what failed (trainer rank 0 gone)
+            store.set(FAILED, f"engine {engine} on {socket.gethostname()}: {first_line(exc)}")
         raise
 
 

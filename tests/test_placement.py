@@ -107,3 +107,30 @@ def test_grpo_split_at_tensor_parallel_2_passes_validation_and_the_plan(tmp_path
     rows = [line for line in proc.stdout.splitlines() if line.startswith("policy")]
     assert [r.split()[2] for r in rows] == ["policy", "reward", "merge", "vllm"]  # no value model for GRPO
     assert [r.split()[1] for r in rows] == ["trainers"] * 3 + ["engines"] and "tp2" in rows[-1]
+
+
+def test_the_request_store_waits_past_its_poll_and_raises_an_engines_failure() -> None:
+    """`take` waits for a value posted later than one poll (a rollout takes long), reads it once, and a waiting
+    trainer raises the error a failed engine posted instead of waiting for ever."""
+    import threading
+    import time
+
+    from align.generation import Completion, Sampling
+    from align.placement import FAILED, POLL, completion, post, requests_store, take
+    from slurm.submit import free_port
+
+    port = free_port() - 1  # the store listens on port + 1
+    host = requests_store("127.0.0.1", port, True, 1)
+    client = requests_store("127.0.0.1", port, False, 1)
+    answer = [Completion("hi", 2, "stop", (5, 6), (-0.25, -1.5))]
+    threading.Timer(POLL.total_seconds() + 1, post, (host, "answer/0/0", answer)).start()
+    started = time.perf_counter()
+    assert [completion(c) for c in take(client, "answer/0/0")] == answer
+    assert time.perf_counter() - started > POLL.total_seconds() and not client.check(["answer/0/0"])  # deleted
+    post(client, "ask/0/0", {"texts": ["a"], "sampling": Sampling(temperature=0.7, n=2, seed=3)})
+    assert take(host, "ask/0/0") == {"texts": ["a"], "sampling": {"temperature": 0.7, "top_p": 1.0,
+                                                                 "max_new_tokens": 128, "stop": [], "seed": 3,
+                                                                 "n": 2, "logprobs": False}}
+    host.set(FAILED, "engine 1 on n3: CUDA out of memory")
+    with pytest.raises(RuntimeError, match="^a rollout engine failed: engine 1 on n3: CUDA out of memory$"):
+        take(client, "answer/1/0")
