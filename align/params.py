@@ -317,13 +317,14 @@ class TrainingRun(Training, TrainingExecution):
     one rank computes it). Built on the login node by `of`, which checks that the global batch divides."""
 
     @classmethod
-    def of(cls, training: Training, resources: Resources, key: str, **update: Any) -> TrainingRun:
+    def of(cls, training: Training, resources: Resources, key: str, ranks: int | None = None,
+           **update: Any) -> TrainingRun:
         """`training` (with `update`: a stage's own learning rate, LoRA size, global batch) and the execution
         settings of `resources`, the job `cluster.<key>` describes; its global batch must split evenly into
-        micro-batches on every rank."""
+        micro-batches on every training rank (`ranks`: every task of the job unless a placement says fewer)."""
         run = cls(**{**training.model_dump(), **update},
                   **{name: getattr(resources, name) for name in TrainingExecution.model_fields})
-        ranks = resources.nodes * resources.tasks
+        ranks = ranks or resources.nodes * resources.tasks
         if run.batch_size % (run.micro_batch_size * ranks):
             where = "rl.step_batch_size" if "batch_size" in update else "training.batch_size"
             raise UserError(f"params.yaml: {where}: {run.batch_size} examples per optimizer step do not split into "

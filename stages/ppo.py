@@ -536,8 +536,9 @@ def check_layout(params: Params) -> TrainingRun:
     if rl.rollout_batch_size % layout.trainers:
         raise UserError(f"params.yaml: rl.rollout_batch_size: {rl.rollout_batch_size} prompts do not divide over "
                         f"{layout.trainers} trainer ranks (cluster.policy); make it a multiple of {layout.trainers}")
-    return TrainingRun.of(params.training, resources, STAGE, learning_rate=rl.learning_rate, lora_r=rl.lora_r,
-                          lora_alpha=rl.lora_alpha, lr_schedule=rl.lr_schedule, batch_size=rl.step_batch_size)
+    return TrainingRun.of(params.training, resources, STAGE, ranks=layout.trainers, learning_rate=rl.learning_rate,
+                          lora_r=rl.lora_r, lora_alpha=rl.lora_alpha, lr_schedule=rl.lr_schedule,
+                          batch_size=rl.step_batch_size)
 
 
 def check_one_dtype(sft_dir: Path, precision: str) -> None:

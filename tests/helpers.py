@@ -133,6 +133,34 @@ def inline(fn: functools.partial) -> dict:
     return submit(spec, cluster_with(executor="inline"))
 
 
+def policy_tasks(cwd: Path, tasks_per_node: int, nodes: int, devices: list[str] | None = None,
+                 timeout: float = 900) -> list[subprocess.CompletedProcess]:
+    """The policy stage's job (`stages.ppo.build_job` in the project `cwd`) run as SLURM would start its tasks,
+    `nodes` x `tasks_per_node` processes on this machine with RANK, LOCAL_RANK and the rest in their environment (and
+    each task's CUDA_VISIBLE_DEVICES from `devices`, as a node's cgroup shows it); each task's exit status and
+    output. Builds the job in `cwd` (the caller chdirs there: build_job reads the project's inputs)."""
+    import pickle
+
+    from align.params import load_params
+    from slurm.submit import free_port
+    from stages.ppo import build_job
+
+    (cwd / "job.pkl").write_bytes(pickle.dumps(build_job(load_params())))
+    port, world = str(free_port()), nodes * tasks_per_node
+    run = "import pickle; from stages.ppo import job; job(pickle.load(open('job.pkl', 'rb')))"
+    started = [subprocess.Popen(
+        [sys.executable, "-c", run], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**stage_env(), "RANK": str(rank), "WORLD_SIZE": str(world), "LOCAL_RANK": str(rank % tasks_per_node),
+             "LOCAL_WORLD_SIZE": str(tasks_per_node), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
+             **({"CUDA_VISIBLE_DEVICES": devices[rank]} if devices else {})}) for rank in range(world)]
+    try:
+        outs = [task.communicate(timeout=timeout)[0] for task in started]
+    finally:
+        for task in started:
+            task.kill()
+    return [subprocess.CompletedProcess(task.args, task.returncode, out) for task, out in zip(started, outs)]
+
+
 def squeue_jobs(name: str) -> dict[str, str]:
     """{job id: state} of the jobs called `name` that slurmctld lists (pending, running, recently ended)."""
     out = subprocess.run(["squeue", "-h", "-t", "all", "-n", name, "-o", "%i %T"], capture_output=True, text=True,

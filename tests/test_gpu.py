@@ -229,32 +229,18 @@ def test_the_split_layout_trains_on_one_gpu_and_samples_on_the_other(bf16_model:
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """Two tasks as SLURM would start a split policy job over two one-GPU nodes (rank 0 the trainer, rank 1 the
     engine, each shown its own GPU): two PPO iterations, the factors sent to the engine over NCCL."""
-    import pickle
-    import subprocess
-    import sys
-
-    from align.params import load_params
-    from slurm.submit import free_port
-    from stages.ppo import build_job
-    from tests.conftest import ROOT
+    from tests.helpers import policy_tasks
 
     pytest.importorskip("vllm", reason="vLLM is not installed here")
     split = {"nodes": 2, "tasks_per_node": 1, "gpus_per_node": 1, "gpu_memory_gb": 16, "placement": "split",
              "engine_nodes": 1, "kv_cache_gb": 1}
     cwd = ppo_project(tmp_path, bf16_model, training=BF16, rl={**TINY_RL, "iterations": 2},
                       generation={"backend": "vllm"}, cluster={"policy": split})
-    monkeypatch.chdir(cwd)  # build_job reads the project's inputs
-    (cwd / "job.pkl").write_bytes(pickle.dumps(build_job(load_params())))
-    port = str(free_port())
-    run = "import pickle, sys; from stages.ppo import job; job(pickle.load(open('job.pkl', 'rb')))"
-    tasks = [subprocess.Popen([sys.executable, "-c", run], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT), "RANK": str(rank),
-                                              "WORLD_SIZE": "2", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port,
-                                              "CUDA_VISIBLE_DEVICES": str(rank)}) for rank in (0, 1)]
-    logs = [task.communicate(timeout=900)[0] for task in tasks]
-    assert [task.returncode for task in tasks] == [0, 0], logs[0][-3000:] + logs[1][-3000:]
-    assert "rank 0 of 1 on cuda:0 (nccl)" in logs[0] and "engine 0 on " in logs[1] and "round 1: " in logs[1]
+    monkeypatch.chdir(cwd)
+    trainer, engine = policy_tasks(cwd, tasks_per_node=1, nodes=2, devices=["0", "1"])
+    assert (trainer.returncode, engine.returncode) == (0, 0), trainer.stdout[-3000:] + engine.stdout[-3000:]
+    assert "rank 0 of 1 on cuda:0 (nccl)" in trainer.stdout
+    assert "engine 0 on " in engine.stdout and "round 1: " in engine.stdout
     verify_artifact(cwd / "models/policy")
     kl = [v for _, v in curve(cwd, "policy", "kl")]
     assert len(kl) == 2 and abs(kl[0]) < 1e-3 and kl[1] != 0  # the adapter starts as the reference, then moves

@@ -134,3 +134,36 @@ def test_the_request_store_waits_past_its_poll_and_raises_an_engines_failure() -
     host.set(FAILED, "engine 1 on n3: CUDA out of memory")
     with pytest.raises(RuntimeError, match="^a rollout engine failed: engine 1 on n3: CUDA out of memory$"):
         take(client, "answer/1/0")
+
+
+@pytest.mark.slow
+def test_two_engines_serve_two_trainers_as_two_colocated_ranks(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Four tasks started as SLURM would on four one-task nodes (two trainer ranks, two engine nodes, each engine
+    serving one trainer) against two colocated ranks on one node: the same samples and curves, PPO over two
+    iterations. (The two-node SLURM run of one engine is tests/test_multinode.py's.)"""
+    from align.records import read_jsonl
+    from tests.helpers import curve, policy_tasks
+    from tests.projects import TINY_RL, TINY_RL_EXECUTION, ppo_project
+    from tests.tiny import make_tiny_model
+
+    pytest.importorskip("vllm")
+    model = make_tiny_model(tmp_path / "wide", hidden=128)  # vLLM's CPU attention has no kernel for head_dim 16
+    runs = {}
+    for name, (nodes, tasks, layout) in {"colocated": (1, 2, {}),
+                                         "split": (4, 1, {"placement": "split", "engine_nodes": 2})}.items():
+        cwd = ppo_project(tmp_path / name, model, generation={"backend": "vllm"},
+                          rl={**TINY_RL, "iterations": 2, "vllm_is_correction": True},
+                          cluster_defaults={**TINY_RL_EXECUTION, "save_every_steps": 1000, "kv_cache_gb": 1},
+                          cluster={"policy": {"nodes": nodes, "tasks_per_node": tasks, **layout}})
+        monkeypatch.chdir(cwd)
+        done = policy_tasks(cwd, tasks_per_node=tasks, nodes=nodes)
+        assert [t.returncode for t in done] == [0] * len(done), "\n".join(t.stdout[-2000:] for t in done)
+        runs[name] = (cwd, done)
+    (colocated, _), (split, tasks) = runs["colocated"], runs["split"]
+    assert "rank 0 of 2 on cpu (gloo)" in tasks[0].stdout
+    assert ["serves trainer ranks 0-0" in tasks[2].stdout, "serves trainer ranks 1-1" in tasks[3].stdout] == [True] * 2
+    assert read_jsonl(split / "models/policy/samples.jsonl") == read_jsonl(colocated / "models/policy/samples.jsonl")
+    for metric in ("reward_raw", "kl", "policy_loss", "value_loss"):
+        assert [v for _, v in curve(split, "policy", metric)] == \
+            pytest.approx([v for _, v in curve(colocated, "policy", metric)], rel=1e-5, abs=1e-6), metric
