@@ -52,6 +52,9 @@ def test_a_preset_applies_keeping_comments_and_plans_as_fitting(tmp_path: Path, 
     proc = run("align.plan", "--params", params, *model)
     assert proc.returncode == 0, proc.stderr
     assert loaded.cluster.executor == ("slurm" if preset in MODELS else "auto")
+    if preset == "70b-h100x8.yaml":  # PPO split: the trainer nodes and the engine node planned apart
+        assert (loaded.policy.algorithm, loaded.cluster.policy.placement) == ("ppo", "split")
+        assert "policy trainers" in proc.stdout and "policy engines" in proc.stdout
 
 
 def test_the_cpu_demo_is_params_yaml_and_takes_a_gpu_preset_back(tmp_path: Path) -> None:
