@@ -20,7 +20,8 @@ classifier as its reward model. Its phases are timed by wrapping the trainer's `
 reference log-probs, advantages, the passes), as ours counts those log-probs in its update. Iteration boundaries:
 our loop's log call; TRL's `on_step_end` at every (epochs x samples / step batch)-th optimizer step.
 
-Held equal: fp32, sampling (`rl.temperature`, top-p 1, no top-k, `--new-tokens`, stop at eos), the whole rollout
+Held equal: the training precision (params.yaml's `training.precision` as the job resolves it - `auto`: bf16 on a
+CPU with AMX or AVX512-BF16 - and TRL's `bf16` to match), sampling (`rl.temperature`, top-p 1, no top-k, `--new-tokens`, stop at eos), the whole rollout
 in one generation call, k = `--group` samples per prompt, `--micro-batch` rows per forward/backward, `--step-batch`
 samples per optimizer step, epochs over each rollout (TRL: per_device_train_batch_size = micro batch,
 gradient_accumulation_steps = step batch / micro batch, steps_per_generation = samples / micro batch,
@@ -29,8 +30,8 @@ TRL's beta: GRPO's k3 term in the loss, RLOO's KL in the reward, on both sides),
 (`rl.loss_type`, or GRPO's own, dapo: TRL's loss_type of the same name), its std scaling (`rl.scale_rewards`) and
 ratio level (`rl.importance_sampling_level`), RLOO's one ratio per response (exp of the summed log-ratio), no
 advantage whitening in RLOO, `rl.mask_truncated_completions`, torch's plain AdamW, gradient clipping
-(`training.max_grad_norm`), gradient checkpointing as `cluster.policy` says (off by default) and no bf16 (TRL's
-defaults turn both on), no evaluation, no saving. Not equal, each method as its maintainer wrote it: our RM reads
+(`training.max_grad_norm`), gradient checkpointing as `cluster.policy` says (off by default; TRL's default turns
+it on), no evaluation, no saving. Not equal, each method as its maintainer wrote it: our RM reads
 every response under its prompt's RL-time and guard principles (SALMON's instructable RM: a few hundred tokens more
 per response, shared by a prompt's k responses and read once), TRL's reward model reads the chat alone; our stop
 penalty has no TRL counterpart (no cost); with `rl.vllm_is_correction` (on by default) our rollouts also return
@@ -71,6 +72,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from align.params import load_params  # noqa: E402
+from align.precision import training_precision  # noqa: E402
 from align.records import write_json  # noqa: E402
 from align.rl import loss_type  # noqa: E402
 from bench.common import absolute, run_worker  # noqa: E402
@@ -112,7 +114,7 @@ def trl_trainer(algorithm: str, spec: dict, scratch: Path, **parts: Any) -> Any:
         max_completion_length=spec["new_tokens"], temperature=rl.temperature, top_p=1.0, top_k=0,
         beta=rl.kl_coef, epsilon=rl.epsilon, epsilon_high=rl.epsilon_high,
         mask_truncated_completions=rl.mask_truncated_completions, learning_rate=rl.learning_rate, optim="adamw_torch",
-        weight_decay=0.0, max_grad_norm=training.max_grad_norm, bf16=False,
+        weight_decay=0.0, max_grad_norm=training.max_grad_norm, bf16=training_precision(training.precision) == "bf16",
         gradient_checkpointing=training.gradient_checkpointing, use_cpu=True,
         shuffle_dataset=False, eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1,
         disable_tqdm=True, seed=spec["seed"])

@@ -26,14 +26,16 @@ Ours generates through `--backend` (params.yaml's `generation.backend` by defaul
 the current adapter as params.yaml's `rl.rollout_adapter` says (merged into vLLM's weights, or a LoRA request);
 its engine starts before the warm-up iteration, so its start is not
 timed), TRL through HF `generate` as it always does: that difference is part of what is compared. Held equal:
-fp32 (params.yaml's `training.precision`), sampling (`rl.temperature`, top-p 1, no top-k, `--new-tokens`, stop
+the training precision (params.yaml's `training.precision` as the job resolves it - `auto`: bf16 on a CPU with AMX
+or AVX512-BF16 - and TRL's `bf16` to match), sampling (`rl.temperature`, top-p 1, no top-k, `--new-tokens`, stop
 at eos), the whole rollout in one generation call, `--micro-batch` rows per forward/backward, `--step-batch` samples
 per optimizer step (TRL: per_device_train_batch_size = micro batch, num_mini_batches = rollout / step batch; TRL
-counts its own optimizer steps, reported), epochs, clip ranges (`rl.epsilon`, `ppo.cliprange_value`), KL
-coefficient (`rl.kl_coef`), `ppo.gamma`/`lam`, `rl.learning_rate`, torch's plain AdamW, gradient checkpointing as
-`cluster.policy` says (off by default; TRL's default turns it on), no bf16 (TRL's default turns it on), no
-evaluation, no saving. Not equal: with `rl.vllm_is_correction` (on by default) our rollouts also return each
-sampled token's log-prob and our update weights each token by the truncated trainer/engine probability ratio;
+counts its own optimizer steps, reported: at the defaults both sides take 4 an iteration; at step batch 8 ours took
+2 and TRL still 4, its optimizer stepping at every micro-batch), epochs, clip ranges (`rl.epsilon`,
+`ppo.cliprange_value`), KL coefficient (`rl.kl_coef`), `ppo.gamma`/`lam`, `rl.learning_rate`, torch's plain AdamW,
+gradient checkpointing as `cluster.policy` says (off by default; TRL's default turns it on), no evaluation, no
+saving. Not equal: with `rl.vllm_is_correction` (on by default) our rollouts also return each sampled token's
+log-prob and our update weights each token by the truncated trainer/engine probability ratio;
 PPOTrainer has no such correction. Each
 side runs in its own subprocess (`--worker`), ours first then TRL, alternating with --repeats; peak RSS is the
 worker's and its children's (vLLM's engine process) summed resident memory, sampled every 0.2 s up to the end of
@@ -61,6 +63,7 @@ from typing import TYPE_CHECKING, Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from align.params import Engine, Params, Rl, TrainingRun, load_params, parse_params  # noqa: E402
+from align.precision import training_precision  # noqa: E402
 from align.records import write_json  # noqa: E402
 from bench.common import absolute, run_worker  # noqa: E402
 
@@ -313,7 +316,8 @@ def run_trl(spec: dict, scratch: Path, memory: TreeRss) -> dict:
         total_episodes=spec["rollout"] * spec["iterations"], local_rollout_forward_batch_size=spec["rollout"],
         response_length=spec["new_tokens"], temperature=rl.temperature, stop_token="eos", kl_coef=rl.kl_coef,
         cliprange=rl.epsilon, cliprange_value=params.ppo.cliprange_value, gamma=params.ppo.gamma,
-        lam=params.ppo.lam, learning_rate=rl.learning_rate, optim="adamw_torch", weight_decay=0.0, bf16=False,
+        lam=params.ppo.lam, learning_rate=rl.learning_rate, optim="adamw_torch", weight_decay=0.0,
+        bf16=training_precision(training.precision) == "bf16",
         gradient_checkpointing=training.gradient_checkpointing, use_cpu=True, num_sample_generations=0,
         eval_strategy="no", save_strategy="no", report_to=[], logging_steps=1, disable_tqdm=True, seed=spec["seed"])
     trainer = PPOTrainer(args=config, processing_class=tokenizer, model=policy, ref_model=None, reward_model=reward,

@@ -26,7 +26,8 @@ into [batch, P], then both remainders on top of its key/value cache, right-padde
 step's chosen and rejected rows into one [2 x batch, L] tensor: L x 2 x batch. The pad share is the part of those
 that is padding.
 
-Settings held equal: fp32; torch's plain AdamW (lr, betas 0.9/0.999, eps 1e-8, no weight decay), which is what
+Settings held equal: the training precision (params.yaml's `training.precision` as the job resolves it - `auto`:
+bf16 on a CPU with AMX or AVX512-BF16 - and TRL's `bf16` to match); torch's plain AdamW (lr, betas 0.9/0.999, eps 1e-8, no weight decay), which is what
 ours runs (TRL's default would be the fused one); a constant learning rate without warm-up; gradient clipping at
 params.yaml's max_grad_norm; no gradient checkpointing (TRL's default turns it on); no dropout; no margin or
 reward-centring term; no evaluation or saving during training. Our side keeps the rest of params.yaml's
@@ -59,6 +60,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from align.params import TrainingRun, load_params  # noqa: E402
+from align.precision import training_precision  # noqa: E402
 from align.records import write_json  # noqa: E402
 from bench.common import absolute, run_worker  # noqa: E402
 
@@ -185,7 +187,8 @@ def train_trl(spec: dict, scratch: Path) -> dict:
         output_dir=str(scratch / "trl"), per_device_train_batch_size=spec["batch"], gradient_accumulation_steps=1,
         max_steps=spec["steps"], learning_rate=training.learning_rate, lr_scheduler_type="constant", warmup_steps=0,
         optim="adamw_torch", weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-        max_grad_norm=training.max_grad_norm, use_cpu=True, bf16=False, gradient_checkpointing=False,
+        max_grad_norm=training.max_grad_norm, use_cpu=True, bf16=training.precision == "bf16",
+        gradient_checkpointing=False,
         disable_dropout=True, max_length=None, center_rewards_coefficient=None,
         logging_steps=1, eval_strategy="no", save_strategy="no", report_to=[], disable_tqdm=True, seed=spec["seed"])
     peft = lora_config(training, "SEQ_CLS")
@@ -251,11 +254,12 @@ def worker(name: str, spec_path: Path, result_path: Path) -> None:
 
 def training_config(args: argparse.Namespace, steps: int) -> TrainingRun:
     """params.yaml's `training` and `cluster.defaults` with the benchmark's batch (one micro-batch a step), learning
-    rate and LoRA rank, fp32, a constant rate without warm-up, and no intermediate checkpoint. Read once here and
+    rate and LoRA rank, its precision resolved here, a constant rate without warm-up, and no intermediate checkpoint. Read once here and
     handed to both workers."""
     params = load_params(ROOT / "params.yaml")
     training = params.training.model_copy(update={
-        "batch_size": args.batch, "learning_rate": args.lr, "lora_r": args.lora_r, "precision": "fp32",
+        "batch_size": args.batch, "learning_rate": args.lr, "lora_r": args.lora_r,
+        "precision": training_precision(params.training.precision),
         "lr_schedule": "constant", "warmup_ratio": 0.0})
     return TrainingRun.of(training, params.cluster.defaults.model_copy(update={
         "micro_batch_size": args.batch, "save_every_steps": steps + 1}), "defaults")
