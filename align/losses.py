@@ -121,7 +121,7 @@ def policy_terms(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages:
         kl_term = k3_kl(logprobs, ref_logprobs) * mask
         loss = loss + kl_coef * kl_term
         stats |= {"kl_term": kl_term.sum(), "kl_term_of": mask.sum()}
-    return loss, stats
+    return loss, {name: x.detach() for name, x in stats.items()}  # for the curves: no graph kept alive
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
