@@ -241,9 +241,17 @@ def post(store: Any, key: str, value: Any) -> None:
 
 
 def completion(fields: dict) -> Completion:
+    """A `Completion` from its posted fields (JSON made its tuples lists)."""
     from align.generation import Completion
 
     return Completion(**{**fields, "token_ids": tuple(fields["token_ids"]), "logprobs": tuple(fields["logprobs"])})
+
+
+def sampling(fields: dict) -> Sampling:
+    """A `Sampling` from its posted fields."""
+    from align.generation import Sampling
+
+    return Sampling(**{**fields, "stop": tuple(fields["stop"])})
 
 
 def take(store: Any, key: str) -> Any:
@@ -268,7 +276,7 @@ def serve(sft_dir: Path, engine_settings: Any, layout: Layout, engine: int, time
     rank 0's order and the prompts of the trainers it serves (in rank order, one vLLM call), and post their samples,
     until the order is stop. SLURM's signals are only recorded here: the trainers stop at their safe point and
     requeue the job, which ends this task."""
-    from align.generation import Generator, Sampling
+    from align.generation import Generator
     from align.weight_sync import Received
     from slurm import preemption
 
@@ -292,8 +300,8 @@ def serve(sft_dir: Path, engine_settings: Any, layout: Layout, engine: int, time
                     generator.receive_adapter(order.spec, order.scale, order.key)
                 asks = [take(store, f"ask/{n}/{r}") for r in served]
                 started = time.perf_counter()
-                answers = generator.generate_many([(a["texts"], Sampling(**{**a["sampling"], "stop": tuple(
-                    a["sampling"]["stop"])})) for a in asks], adapter=None if order.key is None else Received(order.key))
+                answers = generator.generate_many([(a["texts"], sampling(a["sampling"])) for a in asks],
+                                                  adapter=None if order.key is None else Received(order.key))
                 for r, answer in zip(served, answers):
                     post(store, f"answer/{n}/{r}", answer)
                 print(f"round {n}: {sum(len(a) for a in answers)} samples in {time.perf_counter() - started:.1f} s",
@@ -306,20 +314,10 @@ def serve(sft_dir: Path, engine_settings: Any, layout: Layout, engine: int, time
 
 def engine_devices(layout: Layout, local_rank: int) -> None:
     """An engine task's GPUs: its slice of `tensor_parallel_size` of the node's devices as SLURM named them (the
-    submission layer leaves CUDA_VISIBLE_DEVICES to the placement in a split job)."""
-    from slurm.submit import task_devices
+    submission layer gave each task one GPU, a trainer's share, and kept the node's list)."""
+    from slurm.submit import NODE_DEVICES, task_devices
 
     if layout.gpus_per_node:
-        os.environ["CUDA_VISIBLE_DEVICES"] = task_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank,
-                                                          layout.engines_per_node, layout.tensor_parallel_size)
-
-
-def trainer_environment(layout: Layout, local_rank: int) -> None:
-    """A split job's trainer task: the torch.distributed group is the trainers' alone (they come first, so their
-    ranks and MASTER_ADDR, the job's first node, stay), on one GPU of its own."""
-    from slurm.submit import task_devices
-
-    os.environ["WORLD_SIZE"] = str(layout.trainers)
-    if layout.gpus_per_node:
-        os.environ["CUDA_VISIBLE_DEVICES"] = task_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), local_rank,
-                                                          layout.tasks_per_node, 1)
+        node = os.environ.get(NODE_DEVICES, os.environ.get("CUDA_VISIBLE_DEVICES")) or None
+        os.environ["CUDA_VISIBLE_DEVICES"] = task_devices(node, local_rank, layout.engines_per_node,
+                                                          layout.tensor_parallel_size)

@@ -207,8 +207,6 @@ class Hardware:
     generation: GenerationSettings
     score_batch: int  # rows per forward pass of a frozen scorer
     shard_scorers: bool  # frozen scorers spread over the job's GPUs (ZeRO-3 over its ranks, else a device map)
-    split: bool = False  # the policy stage's rollout engines on nodes of their own (align/placement.py)
-    engine_nodes: int = 0
 
     @property
     def on_gpu(self) -> bool:
@@ -238,7 +236,7 @@ def hardware(res: Resources, key: str, one_task: bool, backend: str) -> Hardware
                                      res.offload == "cpu"),
                     GenerationSettings(backend == "vllm" or (backend == "auto" and installed), res.tensor_parallel_size,
                                        res.gpu_memory_utilization, res.kv_cache_gb, res.generate_batch_size),
-                    res.score_batch_size, res.shard_scorers, res.placement == "split", res.engine_nodes)
+                    res.score_batch_size, res.shard_scorers)
 
 
 # ------------------------------------------------------------------------------------ what each job's rows hold
@@ -503,29 +501,29 @@ def plan_policy(ctx: Context, s: Settings) -> list[Job]:
         return [Job("policy", hw, [[train_role(ctx, "dpo", t)], [merge_role(ctx)]])]
     layout = Layout.of(p.cluster.policy)
     layout.check(p.generation.backend, p.rl.rollout_adapter)  # before any figure: the nodes must split
-    if hw.split:
-        trainers = replace(hw, nodes=hw.nodes - hw.engine_nodes)
-        engines = replace(hw, nodes=hw.engine_nodes, ranks_per_node=layout.engines_per_node)
-        roles, merge = rl_trainer_roles(ctx, s, trainers)
+    if layout.split:
+        trainers = replace(hw, nodes=hw.nodes - layout.engine_nodes)
+        engines = replace(hw, nodes=layout.engine_nodes, ranks_per_node=layout.engines_per_node)
+        roles, held = rl_trainer_roles(ctx, s, trainers)
         engine = engine_role(ctx, s, engines, p.rl.max_query_tokens, p.rl.max_new_tokens, layout.engines_per_node,
                              gpus=hw.generation.tensor_parallel_size if hw.on_gpu else None)
-        return [Job("policy", trainers, [roles, merge], part="trainers"),
+        return [Job("policy", trainers, [roles, held + [merge_role(ctx)]], part="trainers"),
                 Job("policy", engines, [[engine]], part="engines")]
-    roles, merge = rl_trainer_roles(ctx, s, hw)
+    roles, held = rl_trainer_roles(ctx, s, hw)
     engine = engine_role(ctx, s, hw, p.rl.max_query_tokens, p.rl.max_new_tokens, hw.ranks_per_node,
                          gpus=max(1, hw.gpus_per_node // hw.ranks_per_node))  # over its rank's own GPUs
+    merge = held + [merge_role(ctx)]  # the engine closes before the merge
     if not (hw.on_gpu and hw.generation.use_vllm):
-        return [Job("policy", hw, [roles + [engine], merge])]  # the engine closes before the merge
+        return [Job("policy", hw, [roles + [engine], merge])]
     # on a GPU the engine sleeps between rollouts (align/placement.py LocalEngine): the update's activations have
     # its memory, its weights wait in host memory
-    held = merge[:-1]
     asleep = Role("vllm asleep", "weights on the host", Need(host=hw.ranks_per_node * ctx.shape.params *
                                                            ctx.inference_bytes(hw)))
     return [Job("policy", hw, [roles + [asleep], held + [engine], merge])]  # the update first: the table shows its rows
 
 
 def rl_trainer_roles(ctx: Context, s: Settings, hw: Hardware) -> tuple[list[Role], list[Role]]:
-    """(a trainer rank's roles while it trains, what it holds while rank 0 merges the adapter at the end)."""
+    """(a trainer rank's roles while it trains, the same held without their activations)."""
     p = ctx.params
     cfg = p.rl
     tokens = cfg.max_query_tokens + cfg.max_new_tokens
@@ -537,8 +535,7 @@ def rl_trainer_roles(ctx: Context, s: Settings, hw: Hardware) -> tuple[list[Role
     w, ranks = planned_bytes(p.training.precision, True) if hw.on_gpu else 4, hw.ranks_per_node
     roles.append(frozen_role(ctx, hw, "reward", Frozen(w, hw.score_batch, rm_tokens(p), head="reward",
                                                        ranks_per_node=ranks)))
-    loaded = [replace(r, need=Need(r.need.gpu, r.need.host)) for r in roles]  # held (activations: an upper bound)
-    return roles, loaded + [merge_role(ctx)]
+    return roles, [replace(r, need=Need(r.need.gpu, r.need.host)) for r in roles]  # activations: an upper bound
 
 
 def plan_evaluate(ctx: Context, s: Settings) -> list[Job]:

@@ -39,6 +39,7 @@ from slurm.watcher import GONE, SLURM_FAILED, SlurmJob
 
 STDERR_TAIL_LINES = 20
 COLLECTIVE_TIMEOUT = "ALIGN_COLLECTIVE_TIMEOUT_MIN"  # cluster.<stage>.collective_timeout_min, for init_distributed
+NODE_DEVICES = "ALIGN_NODE_DEVICES"  # CUDA_VISIBLE_DEVICES as SLURM set it, before a task took its own share
 # Rendezvous ports: below Linux's ephemeral range (32768-60999 unless net.ipv4.ip_local_port_range says otherwise),
 # where any outgoing connection on the node may hold the port the job is about to listen on. Not read from the node:
 # every task of a job must pick the same port without asking the others. The policy stage's split layout listens
@@ -75,6 +76,7 @@ class _Task:
         os.environ["MASTER_ADDR"] = node_address(os.environ["MASTER_ADDR"])
         os.environ["MASTER_PORT"] = str(master_port(submitit.JobEnvironment().job_id))
         if self.gpus_per_task:
+            os.environ[NODE_DEVICES] = os.environ.get("CUDA_VISIBLE_DEVICES", "")  # a task may re-slice them
             os.environ["CUDA_VISIBLE_DEVICES"] = task_devices(os.environ.get("CUDA_VISIBLE_DEVICES"), env.local_rank,
                                                               env.local_world_size, self.gpus_per_task)
         os.environ[COLLECTIVE_TIMEOUT] = str(self.collective_timeout_min)
@@ -387,8 +389,7 @@ def start(spec: JobSpec, cluster: Cluster) -> submitit.Job:
     folder = log_folder(cluster, spec.stage)
     executor = _make_executor(kind, folder, spec.stage, spec.resources)
     gpus, tasks = spec.resources.gpus_per_node, spec.resources.tasks
-    # a split policy job's tasks take their own devices: an engine task spans several (align/placement.py)
-    gpus_per_task = gpus // tasks if gpus and gpus % tasks == 0 and spec.resources.placement != "split" else 0
+    gpus_per_task = gpus // tasks if gpus and gpus % tasks == 0 else 0
     try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
         with _environ(**dict.fromkeys(DIST_VARS)):
             job = executor.submit(_Task(spec.fn, gpus_per_task, digest(spec.key),

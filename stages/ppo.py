@@ -61,7 +61,7 @@ from align.rl import (
     ALGORITHMS, adapt_kl_coef, check_settings, entropy, explained_variance, loss_type, masked_mean, token_rewards,
     whiten,
 )
-from align.placement import Layout, engine_devices, serve, trainer_environment
+from align.placement import Layout, engine_devices, serve
 from align.roles import RoleSpec, build_roles
 from align.rollout import Rollout, by_chunks, pack, policy_outputs, token_values
 from align.training import (
@@ -209,8 +209,8 @@ def job(args: PpoJob) -> str | None:
         return serve(args.roles.sft_dir, args.roles.engine, layout, index, args.roles.timeout_min)
     if role == "idle":
         return None
-    if layout.split:
-        trainer_environment(layout, local_rank)
+    if layout.split:  # the job's group is the trainers' alone: they come first, so their ranks and MASTER_ADDR stay
+        os.environ["WORLD_SIZE"] = str(layout.trainers)
     return PpoRecipe(args).run()
 
 

@@ -167,3 +167,20 @@ def test_two_engines_serve_two_trainers_as_two_colocated_ranks(tmp_path: Path,
     for metric in ("reward_raw", "kl", "policy_loss", "value_loss"):
         assert [v for _, v in curve(split, "policy", metric)] == \
             pytest.approx([v for _, v in curve(colocated, "policy", metric)], rel=1e-5, abs=1e-6), metric
+
+
+def test_an_engine_task_takes_its_slice_of_the_nodes_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The submission layer gives each task one GPU of the node's list and keeps the list (NODE_DEVICES): engine 1 of
+    a node of 4 at tensor parallelism 2 takes SLURM's third and fourth device, not its trainer-sized share."""
+    from align.placement import engine_devices
+    from slurm.submit import NODE_DEVICES
+
+    tp2 = layout(nodes=2, tasks_per_node=4, gpus_per_node=4, tensor_parallel_size=2)
+    monkeypatch.setenv(NODE_DEVICES, "4,5,6,7")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5")
+    engine_devices(tp2, local_rank=1)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "6,7"
+    monkeypatch.delenv(NODE_DEVICES)  # started by hand (tests.helpers.policy_tasks): the task's own list is the node's
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2,3")
+    engine_devices(tp2, local_rank=0)
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "0,1"
