@@ -1,7 +1,8 @@
 """Where a job's models and tensors live, decided in one place: the GPU of the task's local rank where CUDA is
 present (the submission layer starts one task per GPU and exports LOCAL_RANK), else the CPU. Inference models are
-loaded in the dtype their folder was saved in on a GPU and in float32 on a CPU, as vLLM does, so the hf backend,
-the scorer and vLLM see the same numbers.
+loaded in the dtype their folder was saved in on a GPU, and on a CPU in bfloat16 where the folder holds it and the
+processor multiplies it natively, else in float32 (`computed_dtype`); vLLM is given the same, so the hf backend,
+the scorers and vLLM see the same numbers.
 
 A frozen scorer too large for one GPU (`cluster.<stage>.shard_scorers`) is spread over the GPUs its one process
 sees, its layers split by accelerate's device map (`spread`): the jobs that score in one process (label_preferences,
@@ -51,10 +52,21 @@ def config_dtype(model: Path | str) -> str:
     return str(config.get("dtype") or config.get("torch_dtype") or "float32")
 
 
+def computed_dtype(saved: str, device: torch.device) -> str:
+    """The dtype an inference model saved in `saved` computes in on `device`: its own on a GPU; on a CPU bfloat16
+    where the processor multiplies it natively (~5x a float32 matmul on an AVX512-BF16 box), else float32 (a CPU
+    without those units, or float16: no CPU kernel of note)."""
+    from align.precision import native_bf16
+
+    if device.type == "cuda":
+        return saved
+    return "bfloat16" if saved == "bfloat16" and native_bf16(device)[0] else "float32"
+
+
 def inference_dtype(model: Path | str, device: torch.device) -> torch.dtype:
     import torch
 
-    return getattr(torch, config_dtype(model)) if device.type == "cuda" else torch.float32
+    return getattr(torch, computed_dtype(config_dtype(model), device))
 
 
 def load_causal_lm(model: Path | str, *, trust_remote_code: bool = False, shard: bool = False,

@@ -340,7 +340,8 @@ class Context:
         return planned_bytes(self.params.model.dtype, on_gpu=False)
 
     def inference_bytes(self, hw: Hardware) -> int:
-        """Inference loads a folder's dtype on a GPU and float32 on a CPU (align/devices.py, vLLM)."""
+        """Inference loads a folder's dtype on a GPU; on a CPU planned as float32, the larger of what it computes in
+        (bf16 only on a CPU with bf16 units: align/devices.py `computed_dtype`)."""
         return self.saved_bytes if hw.on_gpu else 4
 
 

@@ -4,9 +4,10 @@ elsewhere. It is resolved inside each job, not on the login node, whose CPU says
 
 `model.dtype: auto` is resolved once, by the import_model job, into the dtype every model folder is then saved in;
 `training.precision: auto` by each training or scoring job. Both are printed in the job's log the first time they
-are resolved and recorded in the manifest of every out written there (`recorded`). vLLM on a CPU still samples in
-float32 (align/generation.py says why). The memory plan, run on the login node, plans `auto` as bf16 on a GPU and as
-float32 on a CPU, the larger of the two a CPU node may resolve it to.
+are resolved and recorded in the manifest of every out written there (`recorded`). Inference (vLLM, the scorers)
+computes in the folder's dtype where the processor has it (align/devices.py `computed_dtype`). The memory plan, run
+on the login node, plans `auto` as bf16 on a GPU and as float32 on a CPU, the larger of the two a CPU node may
+resolve it to.
 """
 
 from __future__ import annotations

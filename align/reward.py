@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from align.assets import PreferencePrinciple
-from align.devices import job_device, placed
+from align.devices import inference_dtype, job_device, placed
 from align.errors import UserError
 from align.losses import bradley_terry
 from align.models import prompt_ids
@@ -392,14 +392,15 @@ class RewardScorer:
     holds 1/N of it), and then `score` is collective: every rank calls it as often as the others, each with rows of
     its own (possibly none); in a job of one process, over the GPUs it sees (`align.devices.placed`)."""
 
-    def __init__(self, base: Path | str, rm_dir: Path | str, *, batch_size: int = 8, precision: str = "fp32",
+    def __init__(self, base: Path | str, rm_dir: Path | str, *, batch_size: int = 8, precision: str | None = None,
                  shard: bool = False):
         from transformers import AutoTokenizer
 
         rm_dir = Path(rm_dir)
         self.tokenizer = AutoTokenizer.from_pretrained(base, trust_remote_code=False)  # the trunk: align/training.py
         self.ranks = shard and world_size() > 1
-        dtype = torch_dtype(precision)
+        # a training precision where one is given (the stage that trains against it), else as any scorer computes
+        dtype = torch_dtype(precision) if precision else inference_dtype(base, job_device())
         with partitioned(inference_config(dtype)) if self.ranks else contextlib.nullcontext():
             model = merged_reward_model(base, rm_dir / "adapter", dtype).eval()
         self.pad_id = model.config.pad_token_id

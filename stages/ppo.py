@@ -47,7 +47,7 @@ import torch
 from align import paths, runner
 from align.artifacts import input_refs
 from align.assets import PreferencePrinciple, load_jsonl, pick_principles
-from align.devices import config_dtype, job_device
+from align.devices import computed_dtype, config_dtype, job_device
 from align.errors import UserError
 from align.generation import Completion, Sampling, chat_prompt
 from align.intervals import bootstrap_ci
@@ -229,8 +229,7 @@ class PpoRecipe:
         self.training = job.roles.training
         self.algorithm = ALGORITHMS[job.algorithm]
         self.rank, self.world = init_distributed()
-        if job_device().type == "cuda" and self.training.precision == "auto":  # set: checked before the job
-            check_one_dtype(job.roles.sft_dir, training_precision("auto"))
+        check_one_dtype(job.roles.sft_dir, training_precision(self.training.precision), job_device())
         self.group = rl.group_size if self.algorithm.grouped else 1  # samples per prompt
         self.steps_per_iteration = rl.epochs * (rl.rollout_batch_size * self.group // rl.step_batch_size)
         self.roles = build_roles(job.roles, job.seed, self.rank, self.world,
@@ -541,16 +540,17 @@ def check_layout(params: Params) -> TrainingRun:
                           batch_size=rl.step_batch_size)
 
 
-def check_one_dtype(sft_dir: Path, precision: str) -> None:
-    """On a GPU rollouts sample in the SFT folder's dtype and the update computes log-probs in `precision` (as
-    resolved): the engine's log-probs the update corrects by need the one dtype. On a CPU both engines sample in
-    float32 whatever the folder holds (align/devices.py), so any precision goes. Checked before the job where the
-    precision is set, by the job itself where it is `auto`."""
-    sampled, trained = config_dtype(sft_dir), TRAINING_TO_DTYPE[precision]
+def check_one_dtype(sft_dir: Path, precision: str, device: torch.device) -> None:
+    """Rollouts sample in the dtype the SFT folder computes in on `device` (its own on a GPU; on a CPU bf16 where
+    the processor has it, else float32: align/devices.py `computed_dtype`) and the update computes log-probs in
+    `precision` (as resolved): the engine's log-probs the update corrects by need the one dtype. Checked in the job
+    (its device known), and before it for a GPU job whose precision is set."""
+    sampled = computed_dtype(config_dtype(sft_dir), device)
+    trained = TRAINING_TO_DTYPE[precision]
     if sampled != trained:
-        raise UserError(f"params.yaml: training.precision: {precision} but {sft_dir} holds {sampled} weights, which "
-                        f"rollouts sample in on a GPU: the policy loss's ratio needs one dtype (set model.dtype or "
-                        f"training.precision to match)")
+        raise UserError(f"params.yaml: training.precision: {precision} but rollouts sample {sft_dir} in {sampled} "
+                        f"here (the dtype it holds, as this device computes it): the policy loss's ratio needs one "
+                        f"dtype (set model.dtype or training.precision to match)")
 
 
 def prompt_pool(cfg: Rl, seed: int) -> list[dict]:
@@ -586,7 +586,7 @@ def build_job(params: Params) -> PpoJob:
     inputs = input_refs({"policy": SFT, "rm": RM, "prompts": PROMPTS, "sft_data": SFT_DATA,
                          "principles": COLLECTION, "guards": GUARDS, "system_messages": SYSTEM})
     if params.training.precision != "auto" and params.cluster.policy.gpus_per_node:
-        check_one_dtype(SFT / MODEL, params.training.precision)
+        check_one_dtype(SFT / MODEL, params.training.precision, torch.device("cuda"))
     pool, held_out = hold_out(prompt_pool(rl, params.seed), rl.eval_prompts, params.seed)
     subset = {"seed": params.seed, "training": params.training.model_dump(), "policy": params.policy.model_dump(),
               "rl": rl.model_dump(), "generation": params.generation.model_dump(),
