@@ -545,12 +545,13 @@ def check_one_dtype(sft_dir: Path, precision: str, device: torch.device) -> None
     the processor has it, else float32: align/devices.py `computed_dtype`) and the update computes log-probs in
     `precision` (as resolved): the engine's log-probs the update corrects by need the one dtype. Checked in the job
     (its device known), and before it for a GPU job whose precision is set."""
-    sampled = computed_dtype(config_dtype(sft_dir), device)
-    trained = TRAINING_TO_DTYPE[precision]
+    saved = config_dtype(sft_dir)
+    sampled, trained = computed_dtype(saved, device), TRAINING_TO_DTYPE[precision]
     if sampled != trained:
-        raise UserError(f"params.yaml: training.precision: {precision} but rollouts sample {sft_dir} in {sampled} "
-                        f"here (the dtype it holds, as this device computes it): the policy loss's ratio needs one "
-                        f"dtype (set model.dtype or training.precision to match)")
+        where = "on a GPU" if device.type == "cuda" else "on this CPU"
+        raise UserError(f"params.yaml: training.precision: {precision} but {sft_dir} holds {saved} weights, which "
+                        f"rollouts sample in {sampled} {where}: the policy loss's ratio needs one dtype (set "
+                        f"model.dtype or training.precision to match)")
 
 
 def prompt_pool(cfg: Rl, seed: int) -> list[dict]:

@@ -52,6 +52,7 @@ def make_project(cwd: Path, model: Path, *, pairs: list[tuple[str, str]] | None 
     raw = repo_params()
     raw["generation"].update(backend="hf")
     raw["cluster"].update(executor="local", log_dir=str(cwd / "logs"))
+    raw["cluster"]["policy"].pop("micro_batch_size")  # the repo's fits its rl.step_batch_size; a test's, from defaults
     merge_into(raw, {**groups, "cluster": {**groups.get("cluster", {}), "defaults": cluster_defaults or {}}})
     cwd.mkdir(parents=True, exist_ok=True)
     (cwd / "params.yaml").write_text(yaml.safe_dump(raw))

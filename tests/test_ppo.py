@@ -298,7 +298,7 @@ def test_ppo_bad_params_are_one_line_and_write_nothing(tmp_path: Path, tiny_mode
 
 
 def test_ppo_refuses_to_sample_in_one_dtype_and_train_in_another(tmp_path: Path, tiny_model: Path) -> None:
-    """On a GPU rollouts sample in the SFT folder's dtype (on a CPU in float32 whatever it holds: no check there)."""
+    """On a GPU rollouts sample in the SFT folder's dtype: refused before the job where the precision is set."""
     cwd = ppo_project(tmp_path, tiny_model, training={**DEFAULTS.training.model_dump(), "precision": "bf16"},
                       cluster={"policy": {"gpus_per_node": 1, "gpu_memory_gb": 80}})
     proc = stage(cwd, "policy")

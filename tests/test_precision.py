@@ -12,7 +12,10 @@ import torch
 
 from align import precision
 from align.artifacts import read_manifest
+from align.devices import computed_dtype
+from align.errors import UserError
 from align.training import deepspeed_config
+from stages.ppo import check_one_dtype
 from tests.helpers import FAST_EXECUTION, FAST_TRAINING, stage, training_run
 from tests.projects import make_project
 from tests.tiny import PAIRS
@@ -53,6 +56,26 @@ def test_a_setting_is_kept_whatever_the_processor(cpu_units) -> None:
     cpu_units()
     assert precision.training_precision("bf16") == "bf16" and precision.model_dtype("float16") == "float16"
     assert precision.recorded({"rl": {}}) == {}  # an out whose params hold neither records nothing
+
+
+@pytest.mark.parametrize("units, bf16_folder_computes", [({"avx512_bf16": True}, "bfloat16"), ({}, "float32")])
+def test_inference_computes_a_folder_in_its_dtype_where_the_processor_has_it(cpu_units, tmp_path: Path, units: dict,
+                                                                             bf16_folder_computes: str) -> None:
+    """The scorers, the hf backend and vLLM load a folder in `computed_dtype`; the policy stage's one-dtype check
+    reads the same on a CPU, in the job."""
+    cpu_units(**units)
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert computed_dtype("bfloat16", cpu) == bf16_folder_computes
+    assert computed_dtype("float32", cpu) == computed_dtype("float16", cpu) == "float32"
+    assert computed_dtype("float16", gpu) == "float16" and computed_dtype("bfloat16", gpu) == "bfloat16"
+    folder = tmp_path / "sft"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"dtype": "bfloat16"}))
+    trained = {"bfloat16": "bf16", "float32": "fp32"}[bf16_folder_computes]
+    check_one_dtype(folder, trained, cpu)
+    with pytest.raises(UserError, match=f"holds bfloat16 weights, which rollouts sample in {bf16_folder_computes} on "
+                                        f"this CPU"):
+        check_one_dtype(folder, {"bf16": "fp32", "fp32": "bf16"}[trained], cpu)
 
 
 def test_the_plan_counts_auto_as_bf16_on_a_gpu_and_float32_on_a_cpu() -> None:
