@@ -38,6 +38,7 @@ from typing import Any, Callable, Iterator
 
 from align import params
 from align.devices import computed_dtype, config_dtype, job_device, load_causal_lm
+from align.environ import environ
 from align.errors import UserError, first_line
 from align.models import padding_id, prompt_ids
 from align.prefix_cache import PrefixCache, shared_prefix
@@ -134,8 +135,8 @@ def in_process(on_cpu: bool, tensor_parallel_size: int) -> bool:
 def kept_random_state() -> Iterator[None]:
     """The job's random generators (python's, numpy's, torch's) as they were before: an engine in this process
     seeds them when it starts and draws from them while it generates (every request carries its own seed, so its
-    samples do not depend on them). A colocated rank then draws what a split trainer, with no engine beside it,
-    draws."""
+    samples do not depend on them). The job then draws after generating what it draws where the engine runs in
+    processes of its own (a GPU, tensor parallelism)."""
     import numpy as np
     import torch
 
@@ -150,30 +151,14 @@ def kept_random_state() -> Iterator[None]:
 
 def restore_process() -> None:
     """Undo what vLLM's engine core does to the process it starts in, once the engine runs in the job's own: it
-    freezes the garbage collector's heap (the engine's own objects included, which would then never be collected
-    after it closes) and caches the environment (a later engine would read this one's settings)."""
+    freezes the garbage collector's heap and caches the environment until it closes, so while it is open the job's
+    objects that die would not be collected and an engine opened beside it would read this one's settings."""
     import gc
 
     from vllm import envs
 
     gc.unfreeze()
     envs.disable_envs_cache()
-
-
-@contextlib.contextmanager
-def environment(**values: str) -> Iterator[None]:
-    """`values` set in os.environ for the block, then the environment as it was: what vLLM reads when an engine
-    starts (and what its processes inherit), for this engine only."""
-    before = {key: os.environ.get(key) for key in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in before.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def max_model_len(model: Path | str) -> int:
@@ -375,14 +360,14 @@ class _VLLM:
         self.model, self.merge_adapters = model, merge_adapters
         # merges read base weights from a node-local copy made once here, never from the shared filesystem again
         self.base = host_copy(Path(model)) if merge_adapters else Path(model)
-        env = {}
+        env: dict[str, str] = {}
         if current_platform.is_cpu() and settings.tensor_parallel_size > 1 and \
                 "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # for the workers this engine spawns only
             env["VLLM_CPU_OMP_THREADS_BIND"] = cpu_thread_bind(settings.tensor_parallel_size)
         self.in_process = in_process(current_platform.is_cpu(), settings.tensor_parallel_size)
         if self.in_process:
             env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-        with environment(**env), self._kept():
+        with environ(**env), self._kept():
             self.llm = LLM(**kwargs)
         if self.in_process:
             restore_process()

@@ -541,14 +541,14 @@ def rl_trainer_roles(ctx: Context, s: Settings, hw: Hardware) -> tuple[list[Role
 
 def plan_evaluate(ctx: Context, s: Settings) -> list[Job]:
     """One after another: each policy scored (log-likelihoods) and answering (the generation backend), the RM
-    (RewardScorer at its default fp32), the independent judge."""
+    (RewardScorer in its base folder's inference dtype, as the scorers), the independent judge."""
     hw, p = s.hardware["evaluate"], ctx.params
     w, b = ctx.inference_bytes(hw), hw.score_batch
     answer = p.evaluate.max_new_tokens
     phases = [
         [frozen_role(ctx, hw, "scorer", Frozen(w, b, instruction_tokens(p) + CHOICE_TOKENS, keep=CHOICE_TOKENS))],
         [engine_role(ctx, s, hw, instruction_tokens(p) + answer, answer)],  # a second turn after the first answer
-        [frozen_role(ctx, hw, "reward", Frozen(4, b, rm_tokens(p), head="reward"))],
+        [frozen_role(ctx, hw, "reward", Frozen(w, b, rm_tokens(p), head="reward"))],
         [frozen_role(ctx, hw, "judge", Frozen(ctx.judge_bytes if hw.on_gpu else 4, b, judge_tokens(p, answer)),
                      ctx.judge)],
     ]

@@ -22,16 +22,16 @@ import subprocess
 import sys
 import time
 import zlib
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import submitit
 import submitit.helpers
 from submitit.core.utils import FailedJobError, UncompletedJobError
 
 from align.artifacts import JOB_KEY, JOB_STARTED, digest
+from align.environ import environ
 from align.errors import UserError
 from align.params import Cluster, Resources
 from align.progress import latest_progress
@@ -347,22 +347,9 @@ def _failure(stage: str, job: submitit.Job, exc: Exception) -> JobFailed | UserE
 DIST_VARS = ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")
 
 
-@contextmanager
-def _environ(**values: str | None) -> Iterator[None]:
-    """Set (or, with None, unset) environment variables for the duration of the block."""
-    saved = {key: os.environ.get(key) for key in values}
-    try:
-        for key, value in values.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-        yield
-    finally:
-        for key, value in saved.items():
-            os.environ.pop(key, None) if value is None else os.environ.__setitem__(key, value)
-
-
 def _run_inline(spec: JobSpec) -> Any:
     """One rank in this process, its distributed variables set for the call only."""
-    with _environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
+    with environ(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1",
                   LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
                   **{JOB_STARTED: str(time.time()), JOB_KEY: digest(spec.key),
                      COLLECTIVE_TIMEOUT: str(spec.resources.collective_timeout_min)}):
@@ -391,7 +378,7 @@ def start(spec: JobSpec, cluster: Cluster) -> submitit.Job:
     gpus, tasks = spec.resources.gpus_per_node, spec.resources.tasks
     gpus_per_task = gpus // tasks if gpus and gpus % tasks == 0 else 0
     try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
-        with _environ(**dict.fromkeys(DIST_VARS)):
+        with environ(**dict.fromkeys(DIST_VARS)):
             job = executor.submit(_Task(spec.fn, gpus_per_task, digest(spec.key),
                                           spec.resources.collective_timeout_min))
     except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller
