@@ -10,6 +10,7 @@ again.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -20,8 +21,10 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -218,6 +221,23 @@ def _attach(state: dict, kind: str) -> submitit.Job | None:
     return job if _has_results(job) or _pid_alive(int(job_id)) else None
 
 
+@contextlib.contextmanager
+def _interruptible(kind: str) -> Iterator[None]:
+    """A local job's controller ends on SIGINT (submitit's cancel, `_cancel_stale`). A shell runs its background jobs
+    (`nohup dvc repro &`) with SIGINT ignored, which every process they start inherits: the controller would outlive
+    its cancel and later swap a stale out into place. While the job starts, SIGINT has a handler here, which a new
+    process gets as the default."""
+    restore = (kind == "local" and threading.current_thread() is threading.main_thread()
+               and signal.getsignal(signal.SIGINT) is signal.SIG_IGN)
+    if restore:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if restore:
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def _cancel_stale(state: dict) -> None:
     """A job submitted for other params or inputs must not finish later and swap a stale out into place."""
     if state.get("executor") == "slurm":
@@ -378,7 +398,7 @@ def start(spec: JobSpec, cluster: Cluster) -> submitit.Job:
     gpus, tasks = spec.resources.gpus_per_node, spec.resources.tasks
     gpus_per_task = gpus // tasks if gpus and gpus % tasks == 0 else 0
     try:  # jobs copy this environment: a MASTER_PORT left by an earlier job here may still be in use
-        with environ(**dict.fromkeys(DIST_VARS)):
+        with environ(**dict.fromkeys(DIST_VARS)), _interruptible(kind):
             job = executor.submit(_Task(spec.fn, gpus_per_task, digest(spec.key),
                                           spec.resources.collective_timeout_min))
     except FailedJobError as exc:  # sbatch refused: bad partition, account, limits, no controller

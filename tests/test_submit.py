@@ -135,9 +135,11 @@ def test_local_job_survives_the_submitter_and_is_re_attached(tmp_path: Path) -> 
 
 
 def test_a_changed_submission_is_not_re_attached(tmp_path: Path) -> None:
+    """Also where the first submitter ran as a shell's background job (`nohup dvc repro &`), with SIGINT ignored."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     first = subprocess.Popen([sys.executable, "-m", "tests.stage_sleep", "local", "logs", "30"], cwd=tmp_path,
-                             env=env, stderr=subprocess.PIPE, text=True)
+                             env=env, stderr=subprocess.PIPE, text=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     line = first.stderr.readline()
     assert "submitted local job" in line
     stale_pid = int(line.split("local job ")[1].split()[0])
