@@ -339,10 +339,13 @@ class Context:
         the import job's node may lack bf16 units)."""
         return planned_bytes(self.params.model.dtype, on_gpu=False)
 
-    def inference_bytes(self, hw: Hardware) -> int:
-        """Inference loads a folder's dtype on a GPU; on a CPU planned as float32, the larger of what it computes in
-        (bf16 only on a CPU with bf16 units: align/devices.py `computed_dtype`)."""
-        return self.saved_bytes if hw.on_gpu else 4
+    def inference_bytes(self, hw: Hardware, folder_bytes: int | None = None) -> int:
+        """Inference loads a folder's dtype (`folder_bytes`; the run's own folders by default) on a GPU; on a CPU
+        planned as float32, the larger of what it computes in (bf16 only on a CPU with bf16 units: align/devices.py
+        `computed_dtype`)."""
+        if not hw.on_gpu:
+            return 4
+        return self.saved_bytes if folder_bytes is None else folder_bytes
 
 
 def trained(ctx: Context, s: Settings, hw: Hardware, *, rank: int, rows: int, tokens: int, logit_tokens: int,
@@ -549,7 +552,7 @@ def plan_evaluate(ctx: Context, s: Settings) -> list[Job]:
         [frozen_role(ctx, hw, "scorer", Frozen(w, b, instruction_tokens(p) + CHOICE_TOKENS, keep=CHOICE_TOKENS))],
         [engine_role(ctx, s, hw, instruction_tokens(p) + answer, answer)],  # a second turn after the first answer
         [frozen_role(ctx, hw, "reward", Frozen(w, b, rm_tokens(p), head="reward"))],
-        [frozen_role(ctx, hw, "judge", Frozen(ctx.judge_bytes if hw.on_gpu else 4, b, judge_tokens(p, answer)),
+        [frozen_role(ctx, hw, "judge", Frozen(ctx.inference_bytes(hw, ctx.judge_bytes), b, judge_tokens(p, answer)),
                      ctx.judge)],
     ]
     return [Job("evaluate", hw, phases)]
