@@ -89,5 +89,14 @@ quiet_pip "${project[@]}"
 quiet_pip "${smollm[@]}"
 [ "$mode" = cuda ] || .venv/bin/pip uninstall -q -y "${strip[@]}" 2>/dev/null || true
 .venv/bin/python -c "import transformers, vllm, deepspeed, peft, submitit, dvc, pandas"
+# DeepSpeed's CPU backend compiles a shared-memory op in the first job that starts it (~25 s on 2 cores); compiled
+# here instead, once, into torch's extension cache (TORCH_EXTENSIONS_DIR, else ~/.cache/torch_extensions), with the
+# ninja of .venv that jobs use (align/training.py init_distributed).
+[ "$mode" = cuda ] || PATH="$PWD/.venv/bin:$PATH" DS_ACCELERATOR=cpu .venv/bin/python -c '
+import deepspeed.ops
+from deepspeed.accelerator import get_accelerator
+op = get_accelerator().create_op_builder("ShareMemCommBuilder")
+if op is not None and deepspeed.ops.__compatible_ops__.get(op.NAME, False):
+    op.load(verbose=False)' >/dev/null
 echo "$stamp" > .venv/.installed
 echo "install.sh: .venv ready (the project editable with its $mode and test extras, locked by constraints-$mode.txt)"

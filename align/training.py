@@ -120,6 +120,12 @@ def init_distributed() -> tuple[int, int]:
     cuda = torch.cuda.is_available()
     if not cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        # DeepSpeed's CPU backend builds its shared-memory op with the first ninja on PATH; install.sh built it with
+        # the one beside this interpreter. A system ninja (before 1.12) hashes the build command differently, so
+        # each switch between the two rebuilt the op (~25 s): a job or test run without the venv on PATH did.
+        own = str(Path(sys.executable).parent)
+        if os.environ.get("PATH", "").split(os.pathsep)[0] != own:
+            os.environ["PATH"] = os.pathsep.join([own, os.environ.get("PATH", "")])
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
