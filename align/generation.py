@@ -529,7 +529,7 @@ class _HF:
         self.batch_size = settings.generate_batch_size
         self.peft: Any = None  # PeftModel wrapping self.base once an adapter was asked for
         self.adapter: str | None = None  # content hash of the adapter loaded into self.peft
-        self.prefix = PrefixCache()  # keyed by (adapter, prefix tokens)
+        self.prefix = PrefixCache()  # its scope: the adapter
         self.reuse_prefix = True  # switch for tests/benchmarks: False = plain left padding
         eos = self.base.generation_config.eos_token_id
         eos = [eos] if isinstance(eos, int) else list(eos or [])
@@ -598,8 +598,7 @@ class _HF:
         if sampling.logprobs:  # the scores each step sampled from: logits after temperature and top-p
             kwargs.update(output_scores=True, return_dict_in_generate=True)
         if n:
-            kwargs["past_key_values"] = self.prefix.for_batch(model, (adapter, tuple(ids[0][:n])), ids[0][:n],
-                                                              len(ids))
+            kwargs["past_key_values"] = self.prefix.for_batch(model, ids[0][:n], len(ids), scope=adapter)
         out = model.generate(
             input_ids=torch.tensor(rows, device=self.device),
             attention_mask=torch.tensor(mask, device=self.device),

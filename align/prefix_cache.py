@@ -37,24 +37,44 @@ def suffix_block(ids: list[list[int]], n: int, pad_id: int) -> tuple[list[list[i
     return tokens, mask, positions
 
 
+def common_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:
+    """How many tokens `a` and `b` start with alike."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class PrefixCache:
-    """The keys and values of the last prefix run, under a key naming everything they depend on (the prefix's
-    tokens, and the adapter where one is swapped in)."""
+    """The keys and values of the last prefix run: its `tokens`, and what else they depend on (`scope`: the adapter
+    where one is swapped in). A prefix that starts like the last one reuses the part they share: the cache is cut
+    back to it and only the rest runs. Consecutive benchmark items after one few-shot preamble run the preamble
+    once; a pair judged in its second order reuses the instruction of its first."""
 
     def __init__(self) -> None:
-        self.key: Hashable = None
+        self.scope: Hashable = None
+        self.tokens: tuple[int, ...] = ()
         self.cache: Any = None
 
-    def for_batch(self, model: Any, key: Hashable, prefix: list[int], batch: int) -> Any:
+    def for_batch(self, model: Any, prefix: list[int], batch: int, scope: Hashable = None) -> Any:
         """A fresh cache holding `prefix` for `batch` rows (a forward pass appends to it in place)."""
         import torch
 
-        if self.cache is None or self.key != key:
-            ids = torch.tensor([prefix], device=model.device)
-            self.key, self.cache = key, model(input_ids=ids, use_cache=True, logits_to_keep=1).past_key_values
+        kept = common_length(self.tokens, prefix) if self.cache is not None and self.scope == scope else 0
+        if not kept:
+            self.cache = None
+        elif kept < len(self.tokens):
+            self.cache.crop(kept - len(self.tokens))  # a negative count: that many tokens off the end
+        if kept < len(prefix):
+            ids = torch.tensor([prefix[kept:]], device=model.device)
+            self.cache = model(input_ids=ids, past_key_values=self.cache, use_cache=True,
+                               logits_to_keep=1).past_key_values
+        self.scope, self.tokens = scope, tuple(prefix)
         cache = copy.deepcopy(self.cache)
         cache.batch_repeat_interleave(batch)
         return cache
 
     def clear(self) -> None:
-        self.key = self.cache = None
+        self.scope, self.tokens, self.cache = None, (), None

@@ -417,7 +417,7 @@ class RewardScorer:
         # over ranks, a forward pass on the trunk alone (a prefix) on one rank while another runs the whole model would
         # pair different modules' weight gathers: every row runs whole instead (the same rewards)
         self.reuse_prefix = not self.ranks
-        self.prefix = PrefixCache()  # keyed by the prefix's tokens
+        self.prefix = PrefixCache()
 
     @torch.inference_mode()
     def score(self, prompts: Sequence[str], responses: Sequence[str], guides: Sequence[Guide]) -> list[float]:
@@ -450,7 +450,7 @@ class RewardScorer:
         the rest left-padded on top, so every row's score is read at the last column."""
         n = shared_prefix(ids) if self.reuse_prefix else 0
         tokens, mask, positions = suffix_block(ids, n, self.pad_id)
-        cache = self.prefix.for_batch(self.trunk, tuple(ids[0][:n]), ids[0][:n], len(ids)) if n else None
+        cache = self.prefix.for_batch(self.trunk, ids[0][:n], len(ids)) if n else None
         tensors = {name: torch.tensor(x, device=self.device) for name, x in
                    (("input_ids", tokens), ("attention_mask", mask), ("position_ids", positions))}
         return self.model(**tensors, past_key_values=cache, use_cache=bool(n)).logits.squeeze(-1).float().tolist()

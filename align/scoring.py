@@ -45,7 +45,7 @@ class Scorer:
         self.batch_size = batch_size
         self.reuse_prefix = True  # switch for tests and benchmarks: False = every row computes its own prefix
         self.pad_id = padding_id(self.tokenizer)
-        self.prefix = PrefixCache()  # keyed by the prefix's tokens
+        self.prefix = PrefixCache()
 
     def token_id(self, text: str) -> int:
         return choice_token_id(self.tokenizer, text, f"{self.name}: a choice")
@@ -90,7 +90,7 @@ class Scorer:
         width = len(tokens[0])
         kwargs: dict[str, Any] = {}
         if n:
-            kwargs["past_key_values"] = self.prefix.for_batch(self.model, tuple(ids[0][:n]), ids[0][:n], len(ids))
+            kwargs["past_key_values"] = self.prefix.for_batch(self.model, ids[0][:n], len(ids))
         out = self.model(
             input_ids=torch.tensor(tokens, device=self.device),
             attention_mask=torch.tensor(mask, device=self.device),

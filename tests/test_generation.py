@@ -120,8 +120,8 @@ def test_prefix_reuse_matches_plain_left_padding(hf: gen.Generator, prompts: lis
         impl.reuse_prefix = True
         impl.prefix.clear()
         reused, reused_sampled = hf.generate(prompts, GREEDY), hf.generate(prompts, sampled)
-        key, cache = impl.prefix.key, impl.prefix.cache
-        assert cache.get_seq_length() == len(key[1]) >= len(hf.tokenizer(SYSTEM)["input_ids"])  # it was used
+        tokens, cache = impl.prefix.tokens, impl.prefix.cache
+        assert cache.get_seq_length() == len(tokens) >= len(hf.tokenizer(SYSTEM)["input_ids"])  # it was used
         impl.reuse_prefix = False
         impl.prefix.clear()
         plain, plain_sampled = hf.generate(prompts, GREEDY), hf.generate(prompts, sampled)

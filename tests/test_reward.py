@@ -308,7 +308,7 @@ def test_a_prompts_samples_are_scored_over_their_shared_prefix_as_each_alone(tmp
     responses = ["Paris.", "It is Paris, the capital.", "Lyon?", "Paris, on the Seine, since the tenth century.", "No"]
     rows = [(prompt, r, guide) for r in responses] + [(other, "Yes.", guide), (other, "Yes.", "Answer briefly.")]
     rm.score([prompt] * 2, responses[:2], [guide] * 2)  # one group alone: its prefix is the last one cached
-    assert rm.tokenizer.decode(list(rm.prefix.key)).endswith(f"Instruction:\n{prompt}\n\nResponse:\n")
+    assert rm.tokenizer.decode(list(rm.prefix.tokens)).endswith(f"Instruction:\n{prompt}\n\nResponse:\n")
     together = rm.score(*zip(*rows))  # a group of 5 in batches of 4 and 1, then 2 rows sharing the template head
     alone = [rm.score([p], [r], [g])[0] for p, r, g in rows]  # one row per forward pass: no prefix, no padding
     assert together == pytest.approx(alone, abs=1e-5) and len(set(together)) == len(rows)
