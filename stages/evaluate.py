@@ -223,12 +223,14 @@ def outcomes(diffs: list[float], margin: float, boot: Bootstrap, clusters: list[
 
 
 def rm_rewards(rm: RewardScorer, answers: dict[str, list[dict]], guide: list[str]) -> dict[str, list[float]]:
-    """Per policy: the RM's reward of each of its MT-Bench answers under `guide`, in `turns_of` order."""
-    rewards = {}
-    for policy, rows in answers.items():
-        turns = turns_of(rows)
-        rewards[policy] = rm.score([conversation(r, t) for r, t in turns], [r["answers"][t] for r, t in turns],
-                                   [guide] * len(turns))
+    """Per policy: the RM's reward of each of its MT-Bench answers under `guide`, in `turns_of` order. Every policy's
+    answers go in one call: the answers to a first turn share its question, which then runs once for all of them."""
+    turns = [(policy, r, t) for policy, rows in answers.items() for r, t in turns_of(rows)]
+    values = rm.score([conversation(r, t) for _, r, t in turns], [r["answers"][t] for _, r, t in turns],
+                      [guide] * len(turns))
+    rewards: dict[str, list[float]] = {policy: [] for policy in answers}
+    for (policy, _, _), value in zip(turns, values):
+        rewards[policy].append(value)
     return rewards
 
 

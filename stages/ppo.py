@@ -316,14 +316,15 @@ class PpoRecipe:
                  for p in prompts]
         guides = [self.guide(p, -1, i)[1] for p, i in zip(prompts, mine)]
         sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, seed=job.seed * 1_000_003 - 1)
+        outs = [engine.sample(texts, sampling, adapted) for adapted in (False, True)]  # the SFT policy, the trained one
+        # both answers to a prompt in one call, which runs their shared guide and prompt once; every rank scores, with
+        # rows or none: a reward model spread over the ranks (shard_scorers) is collective
+        raw = self.roles.reward.score([p["text"] for p in prompts] * 2, [o.text for o in outs[0] + outs[1]], guides * 2)
         scored = []
-        for adapted in (False, True):  # the SFT policy, then the trained one
-            outs = engine.sample(texts, sampling, adapted)
-            # every rank scores, with rows or none: a reward model spread over the ranks (shard_scorers) is collective
-            raw = self.roles.reward.score([p["text"] for p in prompts], [o.text for o in outs], guides)
-            finishes = [o.finish_reason for o in outs]
-            shaped = shaped_scores(raw, finishes, [len(o.token_ids) for o in outs], rl)
-            scored.append(list(zip(raw, shaped, [f == "length" for f in finishes])))
+        for half, own in zip((raw[:len(prompts)], raw[len(prompts):]), outs):
+            finishes = [o.finish_reason for o in own]
+            shaped = shaped_scores(half, finishes, [len(o.token_ids) for o in own], rl)
+            scored.append(list(zip(half, shaped, [f == "length" for f in finishes])))
         rows = list(zip(*scored))  # (SFT's, the policy's) per prompt
         gathered: list[list] = [[] for _ in range(self.world)]
         dist.all_gather_object(gathered, rows)

@@ -147,22 +147,29 @@ def hhh_accuracy(score: ScoreFn, items: list[ChoiceItem], guide: list[str]) -> d
             **{subset: {"acc": statistics.fmean(rs), "items": len(rs)} for subset, rs in sorted(right.items())}}
 
 
+def pair_rewards_of(score: ScoreFn, prompts: list[str], guides: list, firsts: list[str],
+                    seconds: list[str]) -> tuple[list[float], list[float]]:
+    """The rewards of both responses of each pair, in one call: the two share their guide and prompt, which the
+    scorer then runs once for both (the longer part of an RM prompt)."""
+    both = score(prompts * 2, firsts + seconds, guides * 2)
+    return both[:len(prompts)], both[len(prompts):]
+
+
 def evaluate(score: ScoreFn, held_out: list[dict], cases: list[dict], principles: dict[str, PreferencePrinciple],
              hhh: list[ChoiceItem], hhh_guide: list[str]) -> tuple[dict, list[dict]]:
     """Metrics and the per-judgement records of the held-out pairs, the negation cases and the HHH pairs, their
     rewards from `score` (`RewardScorer.score`, or it over the ranks)."""
     records = []
-    chosen = score([e["prompt"] for e in held_out], [e["chosen"] for e in held_out], [e["guide"] for e in held_out])
-    rejected = score([e["prompt"] for e in held_out], [e["rejected"] for e in held_out],
-                     [e["guide"] for e in held_out])
+    chosen, rejected = pair_rewards_of(score, [e["prompt"] for e in held_out], [e["guide"] for e in held_out],
+                                       [e["chosen"] for e in held_out], [e["rejected"] for e in held_out])
     for example, c, r in zip(held_out, chosen, rejected):
         records.append({"kind": "held_out", "id": example["id"], "shown": example["shown"], "chosen": c,
                         "rejected": r})
     margins = []  # per case: (margin for a over b under the principle, the same under its negation)
     for text_of in (lambda p: p.definition, lambda p: p.negation):
         guides = [[text_of(principles[c["principle"]])] for c in cases]
-        a = score([c["prompt"] for c in cases], [c["response_a"] for c in cases], guides)
-        b = score([c["prompt"] for c in cases], [c["response_b"] for c in cases], guides)
+        a, b = pair_rewards_of(score, [c["prompt"] for c in cases], guides, [c["response_a"] for c in cases],
+                               [c["response_b"] for c in cases])
         margins.append([x - y for x, y in zip(a, b)])
     flips, agrees = [], []
     for case, plain, negated in zip(cases, *margins):
