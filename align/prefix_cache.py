@@ -11,15 +11,23 @@ from typing import Any, Hashable
 MIN_SHARED_PREFIX = 8  # shorter common prefixes are not worth a separate forward pass
 
 
+def common_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:
+    """How many tokens `a` and `b` start with alike."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def shared_prefix(ids: list[list[int]], limit: int | None = None) -> int:
     """Tokens every row starts with, at most `limit` and leaving each row at least one token of its own; 0 for a
     single row or fewer than MIN_SHARED_PREFIX."""
     if len(ids) < 2:
         return 0
     limit = min(len(row) for row in ids) - 1 if limit is None else min(limit, min(len(row) for row in ids) - 1)
-    n = 0
-    while n < limit and all(row[n] == ids[0][n] for row in ids):
-        n += 1
+    n = min(limit, *(common_length(ids[0], row) for row in ids[1:]))
     return n if n >= MIN_SHARED_PREFIX else 0
 
 
@@ -35,16 +43,6 @@ def suffix_block(ids: list[list[int]], n: int, pad_id: int) -> tuple[list[list[i
         mask.append([1] * n + [0] * pad + [1] * (len(row) - n))
         positions.append([n] * pad + list(range(n, len(row))))
     return tokens, mask, positions
-
-
-def common_length(a: tuple[int, ...] | list[int], b: tuple[int, ...] | list[int]) -> int:
-    """How many tokens `a` and `b` start with alike."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class PrefixCache:

@@ -35,7 +35,7 @@ from align.losses import bradley_terry
 from align.models import prompt_ids
 from align.params import Subsets
 from align.precision import torch_dtype
-from align.prefix_cache import PrefixCache, shared_prefix, suffix_block
+from align.prefix_cache import PrefixCache, common_length, shared_prefix, suffix_block
 from align.progress import progress
 from align.sharding import Lockstep, inference_config, merge_lora, partitioned, world_size, zero3_inference
 from align.training import Batch, Batches, length_grouped_batches, recomputes, reward_trunk
@@ -305,11 +305,7 @@ def tokenize_examples(tokenizer: Any, template: str, examples: list[dict], max_p
 
 def shared_length(a: list[int], b: list[int]) -> int:
     """Tokens the two sides of a pair share at their start, leaving each at least one token of its own."""
-    limit = min(len(a), len(b)) - 1
-    n = 0
-    while n < limit and a[n] == b[n]:
-        n += 1
-    return n
+    return max(0, min(common_length(a, b), min(len(a), len(b)) - 1))
 
 
 def collate_pairs(examples: list[dict[str, list[int]]], pad_id: int) -> Batch:
