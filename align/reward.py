@@ -37,7 +37,7 @@ from align.params import Subsets
 from align.precision import torch_dtype
 from align.prefix_cache import PrefixCache, common_length, shared_prefix, suffix_block
 from align.progress import progress
-from align.sharding import Lockstep, inference_config, merge_lora, partitioned, world_size, zero3_inference
+from align.sharding import Lockstep, ScoreFn, inference_config, merge_lora, partitioned, world_size, zero3_inference
 from align.training import Batch, Batches, length_grouped_batches, recomputes, reward_trunk
 
 PLACEHOLDERS = ("principles", "instruction", "response")
@@ -379,6 +379,15 @@ def merged_reward_model(base: Path | str, adapter: Path, dtype: torch.dtype) -> 
     from peft import PeftModel
 
     return merge_lora(PeftModel.from_pretrained(reward_trunk(base, dtype), str(adapter)))
+
+
+def both_rewards(score: ScoreFn, prompts: list[str], guides: list, firsts: list[str],
+                 seconds: list[str]) -> tuple[list[float], list[float]]:
+    """The rewards of two responses to each prompt under its guide (`RewardScorer.score`, or it over the ranks), in
+    one call: the two share their guide and prompt, which the scorer then runs once for both (the longer part of an
+    RM prompt)."""
+    both = score(prompts * 2, firsts + seconds, guides * 2)
+    return both[:len(prompts)], both[len(prompts):]
 
 
 class RewardScorer:

@@ -57,6 +57,7 @@ from align.params import Engine, Params, Ppo, Rl, TrainingRun
 from align.paths import MODEL
 from align.precision import TRAINING_TO_DTYPE, training_precision
 from align.records import read_jsonl, unused_prompts, write_jsonl
+from align.reward import both_rewards
 from align.rl import (
     ALGORITHMS, adapt_kl_coef, check_settings, entropy, explained_variance, loss_type, masked_mean, token_rewards,
     whiten,
@@ -317,11 +318,11 @@ class PpoRecipe:
         guides = [self.guide(p, -1, i)[1] for p, i in zip(prompts, mine)]
         sampling = Sampling(rl.temperature, 1.0, rl.max_new_tokens, seed=job.seed * 1_000_003 - 1)
         outs = [engine.sample(texts, sampling, adapted) for adapted in (False, True)]  # the SFT policy, the trained one
-        # both answers to a prompt in one call, which runs their shared guide and prompt once; every rank scores, with
-        # rows or none: a reward model spread over the ranks (shard_scorers) is collective
-        raw = self.roles.reward.score([p["text"] for p in prompts] * 2, [o.text for o in outs[0] + outs[1]], guides * 2)
+        # every rank scores, with rows or none: a reward model spread over the ranks (shard_scorers) is collective
+        sft_texts, policy_texts = ([o.text for o in own] for own in outs)
+        raws = both_rewards(self.roles.reward.score, [p["text"] for p in prompts], guides, sft_texts, policy_texts)
         scored = []
-        for half, own in zip((raw[:len(prompts)], raw[len(prompts):]), outs):
+        for half, own in zip(raws, outs):
             finishes = [o.finish_reason for o in own]
             shaped = shaped_scores(half, finishes, [len(o.token_ids) for o in own], rl)
             scored.append(list(zip(half, shaped, [f == "length" for f in finishes])))

@@ -37,7 +37,7 @@ from align.paths import MODEL
 from align.records import write_json, write_jsonl
 from align.sharding import ScoreFn, rows_over_ranks
 from align.reward import (
-    CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardScorer, bt_loss, label_metrics, negation_cases, pair_batches,
+    CONFIG_FILE, PLACEHOLDERS, TEMPLATE_FILE, RewardScorer, both_rewards, bt_loss, label_metrics, negation_cases, pair_batches,
     preference_examples, principle_scales, read_preferences, split_pairs, tokenize_examples,
 )
 from align.training import (
@@ -147,20 +147,12 @@ def hhh_accuracy(score: ScoreFn, items: list[ChoiceItem], guide: list[str]) -> d
             **{subset: {"acc": statistics.fmean(rs), "items": len(rs)} for subset, rs in sorted(right.items())}}
 
 
-def pair_rewards_of(score: ScoreFn, prompts: list[str], guides: list, firsts: list[str],
-                    seconds: list[str]) -> tuple[list[float], list[float]]:
-    """The rewards of both responses of each pair, in one call: the two share their guide and prompt, which the
-    scorer then runs once for both (the longer part of an RM prompt)."""
-    both = score(prompts * 2, firsts + seconds, guides * 2)
-    return both[:len(prompts)], both[len(prompts):]
-
-
 def evaluate(score: ScoreFn, held_out: list[dict], cases: list[dict], principles: dict[str, PreferencePrinciple],
              hhh: list[ChoiceItem], hhh_guide: list[str]) -> tuple[dict, list[dict]]:
     """Metrics and the per-judgement records of the held-out pairs, the negation cases and the HHH pairs, their
     rewards from `score` (`RewardScorer.score`, or it over the ranks)."""
     records = []
-    chosen, rejected = pair_rewards_of(score, [e["prompt"] for e in held_out], [e["guide"] for e in held_out],
+    chosen, rejected = both_rewards(score, [e["prompt"] for e in held_out], [e["guide"] for e in held_out],
                                        [e["chosen"] for e in held_out], [e["rejected"] for e in held_out])
     for example, c, r in zip(held_out, chosen, rejected):
         records.append({"kind": "held_out", "id": example["id"], "shown": example["shown"], "chosen": c,
@@ -168,7 +160,7 @@ def evaluate(score: ScoreFn, held_out: list[dict], cases: list[dict], principles
     margins = []  # per case: (margin for a over b under the principle, the same under its negation)
     for text_of in (lambda p: p.definition, lambda p: p.negation):
         guides = [[text_of(principles[c["principle"]])] for c in cases]
-        a, b = pair_rewards_of(score, [c["prompt"] for c in cases], guides, [c["response_a"] for c in cases],
+        a, b = both_rewards(score, [c["prompt"] for c in cases], guides, [c["response_a"] for c in cases],
                                [c["response_b"] for c in cases])
         margins.append([x - y for x, y in zip(a, b)])
     flips, agrees = [], []
