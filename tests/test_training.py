@@ -7,8 +7,10 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -122,7 +124,10 @@ def test_one_process_trains_only_lora_and_adapter_round_trips(roomy_model: Path,
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.setenv(name, "")  # recorded, so that what init_distributed exports is removed after the test:
         monkeypatch.delenv(name)  # a later test's subprocess would inherit this process group's port, in use
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")  # as a job started without the venv on PATH
     assert init_distributed() == (0, 1)  # no environment: one process on a free local port
+    if not torch.cuda.is_available():  # DeepSpeed's CPU op builds with the ninja install.sh built it with
+        assert os.environ["PATH"].split(os.pathsep)[0] == str(Path(sys.executable).parent)
     model = lora_model(roomy_model, training, seed=0)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     engine = make_engine(model, training, world_size=1)
